@@ -1,0 +1,21 @@
+"""smelt: compile several deep-learning models together, on Apache TVM.
+
+Public API::
+
+    art = smelt.compile(["a.onnx", (torch_module, (example,))], target="cpu")
+    art.save("out/")
+    rt = smelt.load("out/")
+    y = rt.run("a", x=x)
+"""
+
+from .artifact import Artifact, Runtime, load
+from .backends import TargetOptions
+from .compiler import CompileOptions, CompileReport, compile, import_models
+from .errors import (ArtifactError, BackendError, FrontendError, InputError, PassError, SmeltError,
+                     UnsupportedOpsError)
+from .ir import Program
+from .passes import PipelineOptions
+
+__all__ = ["Artifact", "ArtifactError", "BackendError", "CompileOptions", "CompileReport", "FrontendError",
+           "InputError", "PassError", "PipelineOptions", "Program", "Runtime", "SmeltError", "TargetOptions",
+           "UnsupportedOpsError", "compile", "import_models", "load"]

@@ -1,0 +1,56 @@
+"""The backend interface every target plugin implements.
+
+A backend turns target options into a TVM target, supplies the ``schedule`` and
+``lower`` phases of the pipeline, checks its toolchain before any work starts,
+names the runtime device and writes generated source for ``--emit-source``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Protocol, runtime_checkable
+
+import tvm
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """What the user asked for: ``kind`` (backend name), ``arch`` (sm_90, gfx942, or a CPU
+    name such as ``skylake``), ``triple`` (CPU cross-compilation) and ``cuda_graph``."""
+
+    kind: str = "cpu"
+    arch: str | None = None
+    triple: str | None = None
+    cuda_graph: bool = True
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "arch": self.arch, "triple": self.triple, "cuda_graph": self.cuda_graph}
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A code generator for one kind of device."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    requirements: ClassVar[str]  # what must be installed, in words
+    device_type: ClassVar[str]  # tvm.runtime.device() name used to run artifacts
+
+    def target(self, opts: TargetOptions) -> tvm.target.Target:
+        """The TVM target (with its host) for ``opts``; raises BackendError on bad options."""
+
+    def check_toolchain(self, opts: TargetOptions) -> None:
+        """Raise BackendError saying what to install when code cannot be generated here."""
+
+    def schedule_passes(self, target: tvm.target.Target) -> list[tvm.transform.Pass]:
+        """Passes that give every PrimFunc a schedule (after tuned records were applied)."""
+
+    def lower_passes(self, target: tvm.target.Target) -> list[tvm.transform.Pass]:
+        """Relax dataflow lowering and VM finalization passes."""
+
+    def pass_config(self, opts: TargetOptions) -> dict:
+        """PassContext config entries for this backend."""
+
+    def emit_source(self, executable, out_dir: Path) -> list[Path]:
+        """Write generated source (CUDA C, LLVM IR, AMDGPU assembly) into ``out_dir``."""

@@ -1,0 +1,71 @@
+"""CPU backend: LLVM code for the host (x86-64 or aarch64) or a named CPU/triple.
+
+Uses TVM's generic CPU lowering. Without tuning records the kernels keep the
+default (unscheduled) loop nests.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import tvm
+from tvm.relax.backend.cpu_generic import pipeline as _cpu
+
+from ..errors import BackendError
+from .base import TargetOptions
+
+_TRIPLES = {"x86_64": "x86_64-linux-gnu", "amd64": "x86_64-linux-gnu",
+            "aarch64": "aarch64-linux-gnu", "arm64": "aarch64-linux-gnu"}
+
+
+def host_triple() -> str:
+    machine = platform.machine().lower()
+    if machine not in _TRIPLES:
+        raise BackendError(f"host CPU {machine!r} is not supported; supported: x86_64, aarch64")
+    return _TRIPLES[machine]
+
+
+def host_cpu() -> str:
+    return tvm.target.codegen.llvm_get_system_cpu()
+
+
+class CPUBackend:
+    name = "cpu"
+    description = "LLVM code for CPUs (x86-64, aarch64); the host CPU by default"
+    requirements = "nothing beyond TVM (its LLVM is built in)"
+    device_type = "cpu"
+
+    def target(self, opts: TargetOptions) -> tvm.target.Target:
+        triple = opts.triple or host_triple()
+        cpu = opts.arch or (host_cpu() if opts.triple is None else None)
+        spec = {"kind": "llvm", "mtriple": triple}
+        if cpu:
+            if not tvm.target.codegen.llvm_is_valid_cpu(cpu, triple):
+                raise BackendError(f"--arch {cpu!r} is not a CPU LLVM knows for {triple}")
+            spec["mcpu"] = cpu
+        try:
+            return tvm.target.Target(spec)
+        except Exception as e:
+            raise BackendError(f"bad CPU target {spec}: {e}") from None
+
+    def check_toolchain(self, opts: TargetOptions) -> None:
+        return None
+
+    def schedule_passes(self, target):
+        return []
+
+    def lower_passes(self, target):
+        return _cpu.dataflow_lower_passes(target) + _cpu.finalize_passes(target)
+
+    def pass_config(self, opts: TargetOptions) -> dict:
+        return {}
+
+    def emit_source(self, executable, out_dir: Path) -> list[Path]:
+        out = []
+        for i, m in enumerate(executable.mod.imports):
+            if m.kind == "llvm":
+                p = out_dir / f"kernels{'' if i == 0 else i}.ll"
+                p.write_text(m.inspect_source("ll"))
+                out.append(p)
+        return out

@@ -1,0 +1,180 @@
+"""``smelt.compile``: models in, one compiled multi-model artifact out.
+
+The flow is one way: frontends → Program → pipeline (canonicalize, merge,
+quantize, fuse, schedule, lower) → VM build → ``Artifact``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import tvm
+from tvm import relax
+
+from . import backends, frontend
+from .artifact import Artifact
+from .autotune import records_passes
+from .errors import BackendError, SmeltError
+from .ir import Program, summarize
+from .passes import PassManager, PipelineOptions, Step, build_pipeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Everything that shapes a compile besides the models (recorded in the manifest)."""
+
+    target: backends.TargetOptions = field(default_factory=backends.TargetOptions)
+    pipeline: PipelineOptions = field(default_factory=PipelineOptions)
+    tune_log_dir: str | None = "tune_logs"
+    verify_each: bool = False
+    dump_ir: str | None = None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["target"] = self.target.to_json()
+        return d
+
+
+@dataclass
+class CompileReport:
+    """What a compile did: the summary printed at its end."""
+
+    models: list[str]
+    ops_before: int = 0
+    ops_after: int = 0
+    ops_before_hist: dict = field(default_factory=dict)
+    ops_after_hist: dict = field(default_factory=dict)
+    flops: dict = field(default_factory=dict)
+    weights: int = 0
+    weight_bytes: int = 0
+    weight_bytes_offered: int = 0
+    phase_seconds: dict = field(default_factory=dict)
+    pass_seconds: list = field(default_factory=list)
+    kernels: int = 0
+    schedules: dict = field(default_factory=dict)
+    schedule_fallbacks: dict = field(default_factory=dict)
+    tuned_kernels: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+ModelSource = object  # path, ModelProto, ExportedProgram or (nn.Module, example_args)
+
+
+def _as_list(models) -> list:
+    if isinstance(models, (str, Path)) or isinstance(models, tuple) and len(models) == 2 and \
+            not isinstance(models[0], (str, Path)) and hasattr(models[0], "forward"):
+        return [models]
+    if hasattr(models, "graph") or type(models).__name__ in ("ExportedProgram", "ModelProto"):
+        return [models]
+    return list(models)
+
+
+def import_models(models, names: Sequence[str] | None = None, input_shapes: dict | None = None,
+                  dynamic_batch: bool = False) -> Program:
+    """Import every model into one Program. ``input_shapes`` maps ``input`` or ``model.input`` to a shape."""
+    sources = _as_list(models)
+    if names is not None and len(names) != len(sources):
+        raise SmeltError(f"{len(names)} names for {len(sources)} models")
+    imported = []
+    for i, src in enumerate(sources):
+        name = names[i] if names else None
+        shapes = _shapes_for(input_shapes, name)
+        imported.append(frontend.load(src, name=name, input_shapes=shapes, dynamic_batch=dynamic_batch))
+    return frontend.build_program(imported)
+
+
+def _shapes_for(input_shapes: dict | None, model: str | None) -> dict | None:
+    if not input_shapes:
+        return None
+    out = {}
+    for k, v in input_shapes.items():
+        m, dot, inp = k.rpartition(".")
+        if not dot:
+            out[k] = v
+        elif model is not None and m == model:
+            out[inp] = v
+    return out or None
+
+
+def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequence[str] | None = None,
+            input_shapes: dict | None = None, dynamic_batch: bool = False, options: CompileOptions | None = None,
+            on_step: Callable | None = None) -> Artifact:
+    """Compile ``models`` (paths, ModelProtos, ExportedPrograms or (module, example_args)) together.
+
+    Returns an in-memory ``Artifact``; ``art.save(dir)`` writes it, ``smelt.load(dir)`` runs it.
+    """
+    opts = options or CompileOptions()
+    if opts.target.kind != target or (arch and opts.target.arch != arch):
+        opts = CompileOptions(backends.TargetOptions(target, arch or opts.target.arch, opts.target.triple,
+                                                     opts.target.cuda_graph),
+                              opts.pipeline, opts.tune_log_dir, opts.verify_each, opts.dump_ir)
+    backend = backends.get(opts.target.kind)
+    tvm_target = backend.target(opts.target)
+    backend.check_toolchain(opts.target)
+
+    t0 = time.perf_counter()
+    program = import_models(models, names, input_shapes, dynamic_batch)
+    report = CompileReport(models=list(program.models))
+    report.phase_seconds["import"] = time.perf_counter() - t0
+    before = summarize(program.mod)
+    report.ops_before, report.ops_before_hist = before.num_ops, dict(before.ops)
+    report.weight_bytes_offered = program.weights.added_bytes
+
+    steps = build_pipeline(backend, tvm_target, opts.pipeline)
+    tuned = records_passes(tvm_target, opts.tune_log_dir)
+    if tuned:  # records first: default schedules only touch what they did not cover
+        first = next(i for i, s in enumerate(steps) if s.phase == "schedule") if any(
+            s.phase == "schedule" for s in steps) else next(i for i, s in enumerate(steps) if s.phase == "lower")
+        steps[first:first] = [Step("schedule", p) for p in tuned]
+
+    def after_phase(phase, mod):
+        if phase == "canonicalize":
+            s = summarize(mod, list(program.models))
+            report.ops_after, report.ops_after_hist = s.num_ops, dict(s.ops)
+            report.flops = {m: summarize(mod, [m]).flops for m in program.models}
+
+    manager = PassManager(steps, dump_ir=Path(opts.dump_ir) if opts.dump_ir else None,
+                          verify_each=opts.verify_each, on_step=on_step, after_phase=after_phase,
+                          config=backend.pass_config(opts.target))
+    mod = manager.run(program.bind(), tvm_target)
+    for step in manager.steps:
+        rep = getattr(step.pass_, "report", None)
+        if isinstance(rep, dict):
+            report.schedules.update(rep)
+            report.schedule_fallbacks.update(getattr(step.pass_, "fallbacks", {}))
+    report.tuned_kernels = sum(1 for v in report.schedules.values() if v == "tuned")
+    report.phase_seconds.update(manager.phase_seconds())
+    report.pass_seconds = [(t.name, round(t.seconds, 4)) for t in manager.timings]
+
+    lowered = Program.from_module(mod, program.models)
+    report.weights, report.weight_bytes = len(lowered.weights), lowered.weights.nbytes
+    mod = lowered.mod
+    report.kernels = sum(1 for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
+
+    t1 = time.perf_counter()
+    if on_step:
+        on_step(Step("build", _BuildMarker), len(steps) + 1, len(steps) + 1)
+    try:
+        with tvm.transform.PassContext(opt_level=3, config=backend.pass_config(opts.target)):
+            executable = relax.build(mod, tvm_target, relax_pipeline=None)
+    except SmeltError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise BackendError(f"code generation for {opts.target.kind} failed: {msg[-1] if msg else e}") from e
+    report.phase_seconds["build"] = time.perf_counter() - t1
+    return Artifact(executable, lowered.models, lowered.weights, backend.name, tvm_target, opts, report,
+                    [s.name for s in steps])
+
+
+@tvm.transform.module_pass(opt_level=0, name="BuildExecutable")
+def _BuildMarker(mod, _ctx):  # a name for the progress display of the build step
+    return mod

@@ -1,0 +1,175 @@
+"""The content-addressed weight store and the constant/parameter conversions around it.
+
+Requires: weights as numpy arrays (any dtype numpy or ml_dtypes knows).
+Guarantees: a tensor is keyed by the SHA-256 of its dtype, shape and bytes, so
+identical weights of different models are stored once; ``save``/``load`` write
+one raw ``weights.bin`` (64-byte aligned, memory-mappable) and return its index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+ALIGN = 64
+# Constants with fewer elements stay inline in the IR (scalars, small shape tensors).
+MIN_WEIGHT_ELEMENTS = 16
+
+
+def weight_key(array: np.ndarray) -> str:
+    """Content address of a tensor: SHA-256 over dtype, shape and bytes (hex, 32 chars)."""
+    h = hashlib.sha256()
+    h.update(f"{array.dtype.str}|{array.shape}|".encode())
+    h.update(np.ascontiguousarray(array).view(np.uint8).data)
+    return h.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    """Where one tensor lives in ``weights.bin``."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    def to_json(self) -> dict:
+        return {"dtype": self.dtype, "shape": list(self.shape), "offset": self.offset, "nbytes": self.nbytes}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "WeightEntry":
+        return cls(d["dtype"], tuple(d["shape"]), int(d["offset"]), int(d["nbytes"]))
+
+
+def _np_dtype(name: str) -> np.dtype:
+    try:
+        return np.dtype(name)
+    except TypeError:
+        import ml_dtypes  # bfloat16 and friends; shipped with TVM
+
+        return np.dtype(getattr(ml_dtypes, name))
+
+
+class WeightStore:
+    """Tensors keyed by content. ``add`` returns the key; adding the same bytes twice is free."""
+
+    def __init__(self):
+        self._arrays: dict[str, np.ndarray] = {}
+        self._tensors: dict[str, tvm.runtime.Tensor] = {}
+        self.added_bytes = 0  # bytes offered, duplicates included: shows what dedup saved
+
+    def add(self, array: np.ndarray) -> str:
+        array = np.ascontiguousarray(array)
+        key = weight_key(array)
+        self.added_bytes += array.nbytes
+        self._arrays.setdefault(key, array)
+        return key
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._arrays[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._arrays
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def keys(self):
+        return self._arrays.keys()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._arrays.values())
+
+    def tensor(self, key: str) -> tvm.runtime.Tensor:
+        """The tensor as a TVM CPU tensor, converted once and shared by every user."""
+        if key not in self._tensors:
+            self._tensors[key] = tvm.runtime.tensor(self._arrays[key])
+        return self._tensors[key]
+
+    def subset(self, keys) -> "WeightStore":
+        """A store holding only ``keys`` (what one artifact needs)."""
+        out = WeightStore()
+        for k in keys:
+            out._arrays[k] = self._arrays[k]
+        out.added_bytes = self.added_bytes
+        return out
+
+    def save(self, path: str | Path) -> dict[str, WeightEntry]:
+        """Write every tensor once into ``path``; return the index to record beside it."""
+        index: dict[str, WeightEntry] = {}
+        with open(path, "wb") as f:
+            offset = 0
+            for key in sorted(self._arrays):
+                a = self._arrays[key]
+                pad = (-offset) % ALIGN
+                f.write(b"\0" * pad)
+                offset += pad
+                f.write(a.view(np.uint8).data if a.nbytes else b"")
+                index[key] = WeightEntry(str(a.dtype), tuple(a.shape), offset, a.nbytes)
+                offset += a.nbytes
+            f.flush()
+            os.fsync(f.fileno())
+        return index
+
+    @classmethod
+    def load(cls, path: str | Path, index: dict[str, WeightEntry], mmap: bool = True) -> "WeightStore":
+        """Read tensors back (memory-mapped by default: nothing is copied until used)."""
+        store = cls()
+        raw = np.memmap(path, dtype=np.uint8, mode="r") if mmap else np.fromfile(path, dtype=np.uint8)
+        for key, e in index.items():
+            dt = _np_dtype(e.dtype)
+            store._arrays[key] = raw[e.offset : e.offset + e.nbytes].view(dt).reshape(e.shape)
+        store.added_bytes = store.nbytes
+        return store
+
+
+@relax.expr_functor.mutator
+class _ConstantLifter(relax.PyExprMutator):
+    """Replaces every tensor constant of at least ``min_elements`` by a fresh parameter."""
+
+    def __init__(self, min_elements: int):
+        super().__init__()
+        self.min_elements = min_elements
+        self.params: list[relax.Var] = []
+        self.data: list[tvm.runtime.Tensor] = []
+        self._by_handle: dict = {}
+
+    def visit_generic_const_(self, op) -> relax.Expr:
+        if not isinstance(op.value, tvm.runtime.Tensor):
+            return op  # dtype and other non-tensor constants of lowered code
+        shape = op.value.shape
+        if len(shape) == 0 or int(np.prod(shape)) < self.min_elements:
+            return op
+        handle = op.value  # TVM objects hash and compare by identity of the underlying tensor
+        var = self._by_handle.get(handle)
+        if var is None:
+            var = relax.Var(f"w{len(self.params)}", op.ty)
+            self._by_handle[handle] = var
+            self.params.append(var)
+            self.data.append(op.value)
+        return var
+
+
+def lift_constants(func: relax.Function, min_elements: int = MIN_WEIGHT_ELEMENTS) -> relax.Function:
+    """Turn large constants of ``func`` into trailing parameters.
+
+    The lifted tensors are recorded TVM's way: attribute ``params`` holds the data
+    of every parameter after the first ``num_input`` ones.
+    """
+    lifter = _ConstantLifter(min_elements)
+    body = lifter.visit_expr(func.body)
+    if not lifter.params:
+        return func
+    num_input = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else len(func.params)
+    old = list(func.attrs["params"]) if func.attrs and "params" in func.attrs else []
+    new = relax.Function(list(func.params) + lifter.params, body, func.ret_ty, func.is_pure,
+                         func.attrs, func.span)
+    new = new.with_attr("num_input", num_input)
+    return new.with_attr("params", old + lifter.data)

@@ -1,0 +1,13 @@
+"""Passes over the unified IR and the pipeline that orders them."""
+
+from .explain import Explainer
+from .fold_batch_norm import FoldBatchNorm
+from .fold_constant_layout import FoldConstantLayout
+from .lift_weights import LiftWeights
+from .manager import PassManager, PassTiming, Step
+from .pipeline import PHASES, PipelineOptions, build_pipeline, canonicalize_passes, fuse_passes
+from .remove_identity_ops import RemoveIdentityOps
+
+__all__ = ["Explainer", "FoldBatchNorm", "FoldConstantLayout", "LiftWeights", "PHASES", "PassManager",
+           "PassTiming", "PipelineOptions", "RemoveIdentityOps", "Step", "build_pipeline",
+           "canonicalize_passes", "fuse_passes"]

@@ -1,0 +1,66 @@
+"""Pipelines are data: a named list of passes split into phases.
+
+Phases, in order: ``canonicalize`` (clean up what importers produce), ``merge``
+(cross-model sharing), ``quantize``, ``fuse`` (legalize to TIR and fuse),
+``schedule`` (tuned records, then default schedules: backend), ``lower`` (lift
+weights, then the backend's dataflow lowering and VM finalization). The backend
+supplies ``schedule_passes`` and ``lower_passes``; everything else is shared, so
+no file has an ``if target == ...`` ladder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax
+
+from .fold_batch_norm import FoldBatchNorm
+from .fold_constant_layout import FoldConstantLayout
+from .lift_weights import LiftWeights
+from .manager import Step
+from .remove_identity_ops import RemoveIdentityOps
+
+PHASES = ("canonicalize", "merge", "quantize", "fuse", "schedule", "lower")
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Options that choose passes (recorded in the artifact manifest)."""
+
+    fold_batch_norm: bool = True
+    fuse: bool = True
+
+
+def canonicalize_passes(opts: PipelineOptions) -> list[tvm.transform.Pass]:
+    passes = [RemoveIdentityOps(), FoldConstantLayout]
+    if opts.fold_batch_norm:
+        passes.append(FoldBatchNorm())
+    # Whatever BatchNorm FoldBatchNorm could not take (non-constant statistics) is decomposed.
+    passes += [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
+               relax.transform.DeadCodeElimination()]
+    return passes
+
+
+def fuse_passes(opts: PipelineOptions) -> list[tvm.transform.Pass]:
+    passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+              relax.transform.FoldConstant()]
+    if opts.fuse:
+        passes += [relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    passes.append(relax.transform.DeadCodeElimination())
+    return passes
+
+
+def build_pipeline(backend, target: tvm.target.Target, opts: PipelineOptions | None = None,
+                   merge: list | None = None, quantize: list | None = None) -> list[Step]:
+    """The full pipeline for ``backend`` as a list of ``Step``s."""
+    opts = opts or PipelineOptions()
+    phases = {
+        "canonicalize": canonicalize_passes(opts),
+        "merge": list(merge or []),
+        "quantize": list(quantize or []),
+        "fuse": fuse_passes(opts),
+        "schedule": backend.schedule_passes(target),
+        "lower": [LiftWeights] + backend.lower_passes(target),
+    }
+    return [Step(phase, p) for phase in PHASES for p in phases[phase]]

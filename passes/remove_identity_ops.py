@@ -1,0 +1,67 @@
+"""RemoveIdentityOps: ops that do nothing at inference disappear.
+
+Requires: a Relax module. Guarantees: ``nn.dropout`` (inference is the identity; its
+mask output becomes unused), ``astype`` to the same dtype, ``reshape`` to the same
+static shape and ``permute_dims`` with the identity permutation are replaced by
+their input. Where: canonicalize phase (after import, before pattern passes).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, tirx
+
+from .explain import Explainer
+
+
+def _same_shape(a, b) -> bool:
+    if not (isinstance(a, relax.TensorType) and isinstance(b, relax.TensorType)):
+        return False
+    if a.shape is None or b.shape is None or not hasattr(a.shape, "values") or not hasattr(b.shape, "values"):
+        return False
+    va, vb = list(a.shape.values), list(b.shape.values)
+    return len(va) == len(vb) and all(
+        isinstance(x, tirx.IntImm) and isinstance(y, tirx.IntImm) and int(x.value) == int(y.value)
+        for x, y in zip(va, vb))
+
+
+@relax.expr_functor.mutator
+class _Remover(relax.PyExprMutator):
+    def __init__(self, mod, explain: Explainer):
+        super().__init__(mod)
+        self.explain = explain
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if not isinstance(call.op, tvm.ir.Op):
+            return call
+        name, x = call.op.name, call.args[0] if call.args else None
+        if name == "relax.nn.dropout":
+            self.explain.fired(call, "dropout is the identity at inference")
+            return relax.Tuple([x, x])
+        if name == "relax.astype" and str(x.ty.dtype) == str(call.attrs.dtype):
+            self.explain.fired(call, "cast to the same dtype")
+            return x
+        if name == "relax.reshape" and _same_shape(x.ty, call.ty):
+            self.explain.fired(call, "reshape to the same shape")
+            return x
+        if name == "relax.permute_dims" and call.attrs.axes is not None and \
+                [int(a) for a in call.attrs.axes] == list(range(len(call.attrs.axes))):
+            self.explain.fired(call, "identity permutation")
+            return x
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="RemoveIdentityOps")
+class RemoveIdentityOps:
+    """See the module docstring."""
+
+    def __init__(self, explain: Explainer | None = None):
+        self.explain = explain or Explainer("RemoveIdentityOps")
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        remover = _Remover(mod, self.explain)
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                remover.builder_.update_func(gv, remover.visit_expr(func))
+        return remover.builder_.get()
