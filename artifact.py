@@ -240,6 +240,15 @@ class Runtime:
         outs = _flatten(result)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
+    def time(self, model: str, number: int = 10, repeat: int = 5, **inputs) -> list[float]:
+        """Seconds per run (``repeat`` averages of ``number`` runs each), inputs and weights already
+        on the device, after one warm-up run: what a deployment pays per call."""
+        arrays = self.check_inputs(model, inputs)
+        args = [tvm.runtime.tensor(a, self.device) for a in arrays] + [self._weights[k] for k in self.models[model].weights]
+        self.vm[model](*args)
+        timer = self.vm.time_evaluator(model, self.device, number=number, repeat=repeat)
+        return [float(r) for r in timer(*args).results]
+
     def run_named(self, model: str, **inputs) -> dict[str, np.ndarray]:
         """Like ``run``, returning ``{output name: array}``."""
         outs = self.run(model, **inputs)

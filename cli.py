@@ -1,0 +1,306 @@
+"""The ``smelt`` command line: thin over the Python API (parse, validate, call, format)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .errors import SmeltError
+
+log = logging.getLogger("smelt")
+
+
+def _fail(ctx: click.Context, err: BaseException) -> None:
+    debug = ctx.find_root().obj.get("debug", False) if ctx.find_root().obj else False
+    if debug:
+        raise err
+    if isinstance(err, SmeltError):
+        click.echo(f"error: {err}", err=True)
+        ctx.exit(1)
+    click.echo(f"internal error: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+               f" (run with --debug for the traceback)", err=True)
+    ctx.exit(2)
+
+
+class _Group(click.Group):
+    """Turns every error into one line and a non-zero exit (tracebacks only with --debug)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as e:  # noqa: BLE001 - this is the one place that reports errors
+            _fail(ctx, e)
+
+
+@click.group(cls=_Group)
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="smelt")
+@click.pass_context
+def main(ctx, debug, verbose):
+    """smelt: compile several deep-learning models together on Apache TVM."""
+    ctx.obj = {"debug": debug}
+    level = logging.DEBUG if debug or verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _targets() -> list[str]:
+    from .backends import available
+
+    try:
+        return sorted(available())
+    except SmeltError:
+        return ["cpu", "cuda", "rocm"]
+
+
+def _parse_shape(value: str) -> tuple[str, list]:
+    name, eq, dims = value.partition("=")
+    if not eq or not dims:
+        raise click.BadParameter(f"{value!r}: expected NAME=D1,D2,… (e.g. input=1,3,224,224)")
+    out = []
+    for d in dims.split(","):
+        d = d.strip()
+        out.append(int(d) if d.isdigit() else d)
+    return name, out
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-t", "--target", default="cpu", show_default=True, type=click.Choice(_targets()),
+              help="Backend to generate code for.")
+@click.option("--arch", help="sm_XX for cuda, gfxNNN for rocm, an LLVM CPU name for cpu (default: host/local GPU).")
+@click.option("--triple", help="LLVM target triple for the CPU code (cross-compilation).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Artifact folder to write.")
+@click.option("--name", "names", multiple=True, help="Model names, one per model, in order (default: file stems).")
+@click.option("--input-shape", "shapes", multiple=True, metavar="[MODEL.]INPUT=D1,D2,…",
+              help="Override an input shape; a dimension may be a name to keep it symbolic.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--emit-source", is_flag=True, help="Also write the generated source (CUDA C, LLVM IR, AMDGPU asm).")
+@click.option("--dump-ir", type=click.Path(file_okay=False), help="Write the IR after every pass into this folder.")
+@click.option("--verify-each", is_flag=True, help="Check well-formedness after every pass.")
+@click.option("--no-cuda-graph", is_flag=True, help="Do not capture CUDA graphs.")
+@click.option("--no-fold-batch-norm", is_flag=True, help="Keep BatchNorm as its own ops.")
+@click.option("--tune-log-dir", default="tune_logs", show_default=True, type=click.Path(file_okay=False),
+              help="Where tuning records are looked up.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("--json", "as_json", is_flag=True, help="Print the compile report as JSON.")
+def compile(models, target, arch, triple, output, names, shapes, force, emit_source, dump_ir, verify_each,
+            no_cuda_graph, no_fold_batch_norm, tune_log_dir, quiet, as_json):
+    """Compile MODELS (.onnx, .pt2) together into one artifact folder."""
+    from . import CompileOptions, PipelineOptions, TargetOptions
+    from . import compile as compile_models
+
+    if Path(output).exists() and not force:
+        raise click.UsageError(f"{output} exists; pass --force to replace it")
+    if names and len(names) != len(models):
+        raise click.BadParameter(f"{len(names)} --name values for {len(models)} models", param_hint="--name")
+    opts = CompileOptions(TargetOptions(target, arch, triple, not no_cuda_graph),
+                          PipelineOptions(fold_batch_norm=not no_fold_batch_norm), tune_log_dir, verify_each, dump_ir)
+    input_shapes = dict(_parse_shape(s) for s in shapes)
+    t0 = time.perf_counter()
+    show_bar = not quiet and not as_json and sys.stderr.isatty()
+    bar = click.progressbar(length=1, label="compiling", file=sys.stderr, show_pos=True) if show_bar else None
+
+    def on_step(step, i, n):
+        if bar is not None:
+            bar.length = n
+            bar.label = f"{step.phase:>12}: {step.name:<24}"
+            bar.update(i - bar.pos)
+
+    try:
+        art = compile_models(list(models), target, arch=arch, names=list(names) or None,
+                             input_shapes=input_shapes or None, options=opts, on_step=on_step)
+    finally:
+        if bar is not None:
+            bar.render_finish()
+    path = art.save(output, force=force, emit_source=emit_source)
+    total = time.perf_counter() - t0
+    if as_json:
+        click.echo(json.dumps({"output": str(path), "seconds": round(total, 3), "manifest": _manifest(path)}, indent=1))
+    elif not quiet:
+        click.echo(format_compile_summary(art, path, total))
+
+
+def _manifest(path: Path) -> dict:
+    return json.loads((Path(path) / "manifest.json").read_text())
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def format_compile_summary(art, path: Path, total: float) -> str:
+    r = art.report
+    m = _manifest(path)
+    lines = [f"smelt compile: {len(art.models)} model(s) -> {path} ({art.backend}, {_target_str(m)})"]
+    rows = [("model", "inputs", "outputs", "GFLOP")]
+    for name, info in art.models.items():
+        rows.append((name, "; ".join(map(str, info.inputs)), "; ".join(map(str, info.outputs)),
+                     f"{r.flops.get(name, 0) / 1e9:.3f}"))
+    lines += _table(rows, indent=2)
+    removed = sorted(set(r.ops_before_hist) - set(r.ops_after_hist))
+    lines.append(f"  ops: {r.ops_before} -> {r.ops_after} after canonicalization"
+                 + (f" (gone: {', '.join(f'{o} x{r.ops_before_hist[o]}' for o in removed)})" if removed else ""))
+    saved = r.weight_bytes_offered - r.weight_bytes
+    lines.append(f"  weights: {r.weights} tensors, {_mb(r.weight_bytes)}"
+                 + (f" ({_mb(saved)} stored once instead of twice or more)" if saved > 0 else ""))
+    sched = {}
+    for rule in r.schedules.values():
+        sched[rule] = sched.get(rule, 0) + 1
+    lines.append(f"  kernels: {r.kernels}" + (f" (schedules: {', '.join(f'{k} {v}' for k, v in sorted(sched.items()))})"
+                                             if sched else "") + (f"; {len(r.schedule_fallbacks)} fell back"
+                                                                  if r.schedule_fallbacks else ""))
+    files = m.get("files", {})
+    lines.append(f"  artifact: {_mb(_dir_size(path))} ("
+                 + ", ".join(f"{f} {_mb((Path(path) / f).stat().st_size)}" for f in files if "/" not in f) + ")")
+    lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in r.phase_seconds.items()) + f"; total {total:.2f}s")
+    return "\n".join(lines)
+
+
+def _target_str(m: dict) -> str:
+    t = m.get("target", {})
+    return " ".join(str(t[k]) for k in ("arch", "mcpu", "mtriple") if k in t) or m.get("backend", "")
+
+
+def _table(rows, indent=0) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return [" " * indent + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("-m", "--model", help="Model to run (default: the only one).")
+@click.option("-i", "--input", "inputs", multiple=True, metavar="NAME=FILE.npy", help="An input array.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write outputs (.npy for one, .npz for all).")
+@click.option("--device", "device_id", default=0, show_default=True, help="Device index.")
+def run(artifact, model, inputs, output, device_id):
+    """Run one model of a compiled ARTIFACT on .npy inputs."""
+    import numpy as np
+
+    from . import load
+
+    rt = load(artifact, device_id)
+    if model is None:
+        if len(rt.models) != 1:
+            raise click.UsageError(f"the artifact holds {len(rt.models)} models ({', '.join(rt.models)}); pass --model")
+        model = next(iter(rt.models))
+    feeds = {}
+    for item in inputs:
+        name, eq, file = item.partition("=")
+        if not eq:
+            raise click.BadParameter(f"{item!r}: expected NAME=FILE.npy", param_hint="--input")
+        try:
+            feeds[name] = np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise click.BadParameter(f"{file}: cannot read a .npy array ({e})", param_hint="--input") from None
+    outs = rt.run_named(model, **feeds)
+    if output:
+        if output.endswith(".npz"):
+            np.savez(output, **outs)
+        elif len(outs) == 1:
+            np.save(output, next(iter(outs.values())))
+        else:
+            raise click.BadParameter(f"model {model!r} has {len(outs)} outputs; write them to a .npz file",
+                                     param_hint="--output")
+    for name, a in outs.items():
+        click.echo(f"{name}: {a.dtype}{list(a.shape)} min {a.min():.4g} max {a.max():.4g} mean {a.mean():.4g}")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(paths, as_json):
+    """Describe model files (.onnx, .pt2) or compiled artifact folders."""
+    docs = [_inspect_artifact(Path(p)) if Path(p).is_dir() else _inspect_model(Path(p)) for p in paths]
+    if as_json:
+        click.echo(json.dumps(docs if len(docs) > 1 else docs[0], indent=1))
+        return
+    for d in docs:
+        click.echo("\n".join(_format_inspect(d)))
+
+
+def _inspect_model(path: Path) -> dict:
+    from . import frontend
+    from .ir import summarize
+
+    m = frontend.load(path)
+    program = frontend.build_program([m])
+    (name, info), = program.models.items()
+    s = summarize(program.mod, [name], program.weights, info.weights)
+    return {"kind": "model", "path": str(path), "models": {name: {
+        "inputs": [str(t) for t in info.inputs], "outputs": [str(t) for t in info.outputs],
+        "params": s.params, "param_bytes": s.param_bytes, "flops": s.flops, "flops_per_unit_batch": s.symbolic,
+        "ops": dict(s.ops.most_common())}}}
+
+
+def _inspect_artifact(path: Path) -> dict:
+    from .artifact import read_manifest, verify
+    from .errors import ArtifactError
+
+    m = read_manifest(path)
+    try:
+        verify(path, m)
+        status = "ok"
+    except ArtifactError as e:
+        status = f"FAILED: {e}"
+    return {"kind": "artifact", "path": str(path), "backend": m["backend"], "target": m["target"],
+            "smelt": m.get("smelt"), "tvm": m.get("tvm"), "passes": m.get("passes", []),
+            "models": {n: {"inputs": [_spec(t) for t in mi["inputs"]], "outputs": [_spec(t) for t in mi["outputs"]],
+                           "weights": len(mi["weights"])} for n, mi in m["models"].items()},
+            "files": m.get("files", {}), "verified": status,
+            "weights": {"tensors": len(m.get("weights", {})),
+                        "bytes": sum(w["nbytes"] for w in m.get("weights", {}).values())}}
+
+
+def _spec(t: dict) -> str:
+    return f"{t['name']}: {t['dtype']}[{', '.join(map(str, t['shape']))}]"
+
+
+def _format_inspect(d: dict) -> list[str]:
+    if d["kind"] == "model":
+        lines = [f"{d['path']}:"]
+        for name, m in d["models"].items():
+            lines.append(f"  model {name}")
+            lines.append(f"    inputs:  {'; '.join(m['inputs'])}")
+            lines.append(f"    outputs: {'; '.join(m['outputs'])}")
+            per = " per unit of each symbolic dim" if m["flops_per_unit_batch"] else ""
+            lines.append(f"    parameters: {m['params']:,} ({_mb(m['param_bytes'])}); FLOPs: {m['flops'] / 1e9:.3f} G{per}")
+            lines.append("    ops: " + ", ".join(f"{k} {v}" for k, v in m["ops"].items()))
+        return lines
+    lines = [f"{d['path']}: smelt artifact for {d['backend']} ({_target_str(d)}), smelt {d['smelt']}, TVM {d['tvm']}",
+             f"  integrity: {d['verified']}"]
+    for name, m in d["models"].items():
+        lines.append(f"  model {name}: inputs {'; '.join(m['inputs'])} -> outputs {'; '.join(m['outputs'])}"
+                     f" ({m['weights']} weights)")
+    lines.append(f"  weights: {d['weights']['tensors']} tensors, {_mb(d['weights']['bytes'])}")
+    lines.append(f"  passes: {', '.join(d['passes'])}")
+    lines.append("  files: " + ", ".join(f"{f} sha256:{h[:12]}" for f, h in d["files"].items()))
+    return lines
+
+
+@main.command()
+def targets():
+    """List the registered backends and what each needs."""
+    from .backends import available, get
+
+    for name in sorted(available()):
+        try:
+            b = get(name)
+            click.echo(f"{name:<6} {b.description}\n       needs: {b.requirements}")
+        except SmeltError as e:
+            click.echo(f"{name:<6} (cannot load: {e})")
+
+
+if __name__ == "__main__":
+    main()
