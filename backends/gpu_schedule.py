@@ -1,11 +1,14 @@
 """ApplyDefaultSchedules: dlight's default GPU schedules, one rule at a time, crash-safe.
 
-Requires: legalized, fused PrimFuncs and a GPU target in scope.
+Requires: legalized, fused PrimFuncs and a GPU target in scope (or on the function's
+``target`` attribute).
 Guarantees: every PrimFunc not already scheduled (tuned records come first) gets
 the first dlight rule that applies; a rule that raises on a function is logged
 with the reason and the next rule is tried, so one bad kernel (seen on the H200:
 dlight's Matmul rule asserting on MobileNetV3 at batch 32) costs that kernel its
-fast schedule, not the whole compile. ``report`` maps function → rule used.
+fast schedule, not the whole compile. ``report`` maps function → rule used (or
+``tuned``); ``fallbacks`` maps function → the rules that raised, with their reasons.
+A function no rule schedules raises ``BackendError``.
 Where: schedule phase of the CUDA and ROCm backends.
 
 TVM's ``dl.ApplyDefaultSchedule`` stops at the first exception, hence this loop.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import logging
 
 import tvm
-from tvm import tirx
+from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
 from ..errors import BackendError
@@ -24,13 +27,19 @@ from ..errors import BackendError
 log = logging.getLogger(__name__)
 
 
-def default_rules():
+def default_rules() -> list:
+    """dlight's GPU rules in TVM's order: the most specific first, ``Fallback`` last."""
     return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+
+
+def _reason(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[-1]}" if lines else type(e).__name__
 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyDefaultSchedules")
 class ApplyDefaultSchedules:
-    """See the module docstring."""
+    """See the module docstring. ``rules`` defaults to ``default_rules()``."""
 
     def __init__(self, rules=None):
         self.rules = list(rules) if rules is not None else default_rules()
@@ -38,32 +47,37 @@ class ApplyDefaultSchedules:
         self.fallbacks: dict[str, str] = {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        target = tvm.target.Target.current(allow_none=False)
         updated = {}
         for gv, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc):
                 continue
+            name = gv.name_hint
             if func.attrs is not None and int(func.attrs.get("tirx.is_scheduled", 0)) == 1:
-                self.report[gv.name_hint] = "tuned"
+                self.report[name] = "tuned"
                 continue
-            sch = None
+            target = func.attrs.get("target") if func.attrs is not None else None
+            target = target or tvm.target.Target.current(allow_none=False)
+            sch, failures = None, []
             for rule in self.rules:
+                rule_name = type(rule).__name__
                 try:
                     space = rule.apply(func, target, False)
                 except Exception as e:  # dlight rules assert on shapes they do not expect
-                    reason = str(e).strip().splitlines()
-                    reason = reason[-1] if reason else type(e).__name__
-                    self.fallbacks[gv.name_hint] = f"{type(rule).__name__}: {reason}"
+                    failures.append(f"{rule_name}: {_reason(e)}")
                     log.warning("schedule rule %s failed on %s (%s); trying the next rule",
-                                type(rule).__name__, gv.name_hint, reason)
+                                rule_name, name, _reason(e))
                     continue
                 if space is None:
                     continue
-                sch = space[0] if isinstance(space, list) else space
-                self.report[gv.name_hint] = type(rule).__name__
+                sch = space if isinstance(space, s_tir.Schedule) else space[0]
+                self.report[name] = rule_name
                 break
+            if failures:
+                self.fallbacks[name] = "; ".join(failures)
             if sch is None:
-                raise BackendError(f"no default GPU schedule applies to kernel {gv.name_hint}")
+                tried = ", ".join(type(r).__name__ for r in self.rules)
+                why = f" (failures: {'; '.join(failures)})" if failures else ""
+                raise BackendError(f"no default GPU schedule applies to kernel {name}; tried {tried}{why}")
             updated[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
         for gv, func in updated.items():
             mod[gv] = func

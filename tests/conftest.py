@@ -43,14 +43,9 @@ def rng():
     return np.random.default_rng(0)
 
 
-def ort_run(model, feeds: dict) -> list[np.ndarray]:
-    """Reference outputs from onnxruntime (CPU) for an ``onnx.ModelProto``."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
-
-
 @pytest.fixture
 def onnx_reference():
-    return ort_run
+    """onnxruntime (CPU) outputs for an ``onnx.ModelProto``: ``onnx_reference(model, feeds)``."""
+    from smelt.examples.reference import ort_outputs
+
+    return ort_outputs
