@@ -52,13 +52,8 @@ class Backend(Protocol):
     def pass_config(self, opts: TargetOptions) -> dict:
         """PassContext config entries for this backend."""
 
-    def emit_source(self, executable, out_dir: Path, target: tvm.target.Target | None = None) -> list[Path]:
-        """Write generated source (CUDA C, LLVM IR, AMDGPU assembly) into ``out_dir``.
-
-        ``target`` is the target the executable was built for; GPU backends use it to
-        also write what needs the architecture (PTX for the CUDA ``arch``). Callers
-        pass it when they have it; backends must work without it.
-        """
+    def emit_source(self, executable, out_dir: Path) -> list[Path]:
+        """Write generated source (CUDA C, LLVM IR, AMDGPU assembly) into ``out_dir``."""
 
 
 def module_tree(mod) -> list:

@@ -6,10 +6,16 @@ static-shape regions (TVM's RewriteCUDAGraph decides where that is legal).
 Where the code is compiled: TVM 0.27 turns the generated CUDA C into a cubin at
 build time only when its CUDA runtime is loaded (a machine with a driver). Without
 one the module keeps the CUDA C and the GPU machine compiles it when the artifact
-is loaded. Either way the compiler is TVM's ``tvm_callback_cuda_compile``; smelt
-replaces it (``_compile_cuda``) so that nvcc is used when NVRTC's Python bindings
-(``cuda-bindings``) are missing: TVM's own callback insists on NVRTC and fails with
-"the cuda-bindings package is not available" even with nvcc on PATH.
+is loaded. Both go through TVM's ``tvm_callback_cuda_compile``, which has two
+faults this module works around, in one place:
+
+- it compiles for the *current* target's arch, and no target is current while
+  ``relax.build`` generates code or an artifact loads, so it compiles for the local
+  GPU whatever ``--arch`` said. smelt's ``tvm_callback_cuda_postproc`` writes the arch
+  into the first line of the CUDA C (``// smelt-cuda-arch: sm_90``) and smelt's compile
+  callback reads it back, so the arch travels with the code;
+- it insists on NVRTC and fails with "the cuda-bindings package is not available"
+  even with nvcc on PATH; smelt's callback uses nvcc when NVRTC is missing.
 """
 
 from __future__ import annotations
@@ -84,8 +90,8 @@ class CUDABackend:
     def pass_config(self, opts: TargetOptions) -> dict:
         return {"relax.backend.use_cuda_graph": bool(opts.cuda_graph)}
 
-    def emit_source(self, executable, out_dir: Path, target: tvm.target.Target | None = None) -> list[Path]:
-        """``kernels.cu`` (CUDA C), with ``target`` also ``kernels.ptx`` for its arch, and ``host.ll``."""
+    def emit_source(self, executable, out_dir: Path) -> list[Path]:
+        """``kernels.cu`` (CUDA C), ``kernels.ptx`` (PTX for the arch it was built for) and ``host.ll``."""
         out = []
         kernels = [m for m in module_tree(executable.mod) if m.kind == "cuda"]
         for i, m in enumerate(kernels):
@@ -96,9 +102,12 @@ class CUDABackend:
                 continue
             (out_dir / f"{stem}.cu").write_text(code)
             out.append(out_dir / f"{stem}.cu")
-            if target is not None:
-                (out_dir / f"{stem}.ptx").write_bytes(compile_ptx(code, target))
-                out.append(out_dir / f"{stem}.ptx")
+            arch = code_arch(code)
+            if arch is None:
+                log.warning("CUDA module %d does not say which arch it was built for; no PTX written", i)
+                continue
+            (out_dir / f"{stem}.ptx").write_bytes(compile_cuda(code, "ptx"))
+            out.append(out_dir / f"{stem}.ptx")
         for m in module_tree(executable.mod):
             if m.kind == "llvm":
                 (out_dir / "host.ll").write_text(m.inspect_source("ll"))
@@ -107,16 +116,35 @@ class CUDABackend:
         return out
 
 
-def compile_ptx(code: str, target: tvm.target.Target) -> bytes:
-    """PTX for ``target``'s arch from generated CUDA C (nvcc, or NVRTC without nvcc)."""
-    arch = str(target.attrs["arch"])
-    compiler = "nvcc" if shutil.which("nvcc") else "nvrtc"
+_MARKER = "// smelt-cuda-arch: "
+
+
+def code_arch(code: str) -> str | None:
+    """The arch smelt's postproc wrote into generated CUDA C, or None."""
+    first = code.lstrip("\n").split("\n", 1)[0]
+    return first[len(_MARKER):].strip() if first.startswith(_MARKER) else None
+
+
+def compile_cuda(code: str, fmt: str, compiler: str | None = None) -> bytes:
+    """Compile generated CUDA C to ``fmt`` (ptx, cubin, fatbin) for the arch it names.
+
+    ``compiler`` is nvcc or nvrtc; by default nvcc for PTX (it ships with the toolkit)
+    and NVRTC for binaries when installed. Raises BackendError with the compiler's message.
+    """
+    compiler = compiler or ("nvcc" if fmt == "ptx" and shutil.which("nvcc") else
+                            "nvrtc" if _has_nvrtc() else "nvcc")
+    arch = code_arch(code)
+    # TVM's wrappers also read the compute version from the current target (nvcc's
+    # even with an explicit arch), and none is current here.
+    scope = tvm.target.Target({"kind": "cuda", "arch": arch, **_LIMITS}) if arch else None
     try:
-        with target:  # TVM's nvcc wrapper reads the compute version from the current target
-            return bytes(_nvcc.compile_cuda(code, target_format="ptx", arch=arch, compiler=compiler))
+        if scope is None:
+            return bytes(_nvcc.compile_cuda(code, target_format=fmt, compiler=compiler))
+        with scope:
+            return bytes(_nvcc.compile_cuda(code, target_format=fmt, arch=arch, compiler=compiler))
     except RuntimeError as e:
-        detail = str(e).rpartition("Compilation error:")[2].strip().splitlines()
-        raise BackendError(f"{compiler} could not compile the generated CUDA C for {arch}: "
+        detail = [line for line in str(e).rpartition("Compilation error:")[2].strip().splitlines() if line]
+        raise BackendError(f"{compiler} could not compile the generated CUDA C for {arch or 'the local GPU'}: "
                            f"{' | '.join(detail[-5:]) or e}") from None
 
 
@@ -136,16 +164,28 @@ def _nvcc_archs(nvcc: str) -> tuple[str, ...]:
     return tuple(sorted(set(re.findall(r"\bsm_\d+\b", out)), key=lambda a: int(a[3:])))
 
 
-def _compile_cuda(code: str) -> bytes:
-    """smelt's ``tvm_callback_cuda_compile``: NVRTC when installed, else nvcc.
+def _postproc(code: str, target) -> str:
+    """smelt's ``tvm_callback_cuda_postproc``: record the target arch in the code's first line."""
+    if _previous_postproc is not None:
+        code = _previous_postproc(code, target)
+    arch = target.attrs.get("arch") if target is not None else None
+    return f"{_MARKER}{arch}\n{code}" if arch and code_arch(code) is None else code
+
+
+def _compile_callback(code: str) -> bytes:
+    """smelt's ``tvm_callback_cuda_compile``: the arch the code names; NVRTC when installed, else nvcc.
 
     TVM's debug variable ``TVM_CUDA_COMPILE_MODE`` (nvrtc or nvcc) still decides when set.
     """
-    compiler = os.environ.get("TVM_CUDA_COMPILE_MODE", "").lower() or ("nvrtc" if _has_nvrtc() else "nvcc")
-    if compiler == "nvcc" and "TVM_CUDA_COMPILE_MODE" not in os.environ:
+    compiler = os.environ.get("TVM_CUDA_COMPILE_MODE", "").lower() or None
+    if compiler is None and not _has_nvrtc():
         _log_nvcc_once()
-    fmt = "cubin" if compiler == "nvrtc" else "fatbin"
-    return _nvcc.compile_cuda(code, target_format=fmt, compiler=compiler)
+        compiler = "nvcc"
+    compiler = compiler or "nvrtc"
+    try:
+        return compile_cuda(code, "cubin" if compiler == "nvrtc" else "fatbin", compiler)
+    except BackendError as e:
+        raise RuntimeError(str(e)) from None  # crosses the FFI boundary; compiler.py wraps it again
 
 
 @functools.lru_cache(maxsize=1)
@@ -153,7 +193,10 @@ def _log_nvcc_once() -> None:
     log.info("NVRTC (pip package cuda-bindings) is not installed; compiling CUDA kernels with nvcc")
 
 
-tvm_ffi.register_global_func("tvm_callback_cuda_compile", _compile_cuda, override=True)
+# A postproc someone registered before us still runs first (ours is idempotent).
+_previous_postproc = tvm_ffi.get_global_func("tvm_callback_cuda_postproc", allow_missing=True)
+tvm_ffi.register_global_func("tvm_callback_cuda_postproc", _postproc, override=True)
+tvm_ffi.register_global_func("tvm_callback_cuda_compile", _compile_callback, override=True)
 
 
 def _local_arch() -> str:

@@ -21,6 +21,8 @@ _BUILTIN = {
     "rocm": "smelt.backends.rocm:ROCmBackend",
 }
 _loaded: dict[str, Backend] = {}
+_MEMBERS = tuple(Backend.__annotations__) + tuple(
+    n for n, v in vars(Backend).items() if callable(v) and not n.startswith("_"))
 
 
 def available() -> dict[str, str]:
@@ -50,6 +52,8 @@ def get(name: str) -> Backend:
         raise BackendError(f"backend {name!r} ({known[name]}) cannot be loaded: {e}") from None
     backend = cls()
     if not isinstance(backend, Backend):
-        raise BackendError(f"backend {name!r} ({known[name]}) does not implement smelt's Backend interface")
+        missing = [m for m in _MEMBERS if not hasattr(backend, m)]
+        raise BackendError(f"backend {name!r} ({known[name]}) does not implement smelt's Backend interface: "
+                           f"missing {', '.join(missing)}")
     _loaded[name] = backend
     return backend

@@ -3,7 +3,7 @@
 One process, one run: compiles each model with smelt for the local GPU (fp32, no
 tuning records), checks its output against torch eager on the GPU, and prints the
 median latency of smelt, torch eager and torch.compile side by side.
-Usage: python bench/gpu_e2e.py [--batch 1] [--json out.json]
+Usage: python bench/gpu_e2e.py [--models resnet50:1,bert:1,mobilenetv3:32] [--json out.json]
 """
 
 from __future__ import annotations
@@ -71,17 +71,21 @@ def bench(name: str, module: torch.nn.Module, x: torch.Tensor, out_dir: Path) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--models", default="resnet50,bert")
+    ap.add_argument("--models", default="resnet50:1,bert:1",
+                    help="comma-separated MODEL:BATCH, MODEL in resnet50, bert, mobilenetv3")
     ap.add_argument("--json")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for m in args.models.split(","):
+        for item in args.models.split(","):
+            m, _, batch = item.partition(":")
+            batch = int(batch or 1)
             if m == "resnet50":
-                module, x = torch_models.resnet50(), torch.randn(args.batch, 3, 224, 224)
+                module, x = torch_models.resnet50(), torch.randn(batch, 3, 224, 224)
+            elif m == "mobilenetv3":
+                module, x = torch_models.mobilenet_v3_large(), torch.randn(batch, 3, 224, 224)
             else:
-                module, x = torch_models.bert_base(), torch.randn(args.batch, 128, 768)
+                module, x = torch_models.bert_base(), torch.randn(batch, 128, 768)
             r = bench(m, module, x, Path(tmp))
             rows.append(r)
             print(json.dumps(r), flush=True)

@@ -65,3 +65,12 @@ def resnet50() -> nn.Module:
 def bert_base(layers: int = 12) -> nn.Module:
     torch.manual_seed(0)
     return BertEncoder(layers).eval()
+
+
+def mobilenet_v3_large() -> nn.Module:
+    torch.manual_seed(0)
+    try:
+        from torchvision.models import mobilenet_v3_large as tv_mnv3
+    except ImportError:
+        raise RuntimeError("MobileNetV3 needs torchvision") from None
+    return tv_mnv3().eval()

@@ -6,7 +6,10 @@ so two calls with the same arguments give byte-identical models.
 
 The architectures follow the classic papers closely enough to have the same
 op mix and weight sizes (ResNet-50: 25.5 M parameters, 4.1 GFLOP at 224²),
-which is what the compiler's passes and benchmarks care about.
+which is what the compiler's passes and benchmarks care about. BatchNorm scales
+(gamma / sqrt(var)) average about 1 and the last BatchNorm of each residual branch
+is scaled by ``RESIDUAL_GAMMA``, so outputs stay O(1..100) at any depth and size
+(ResNet-101 at 224²: |logits| < 50), which keeps numerical comparisons meaningful.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
+# The last BatchNorm of each residual branch scales by about this much, so activations
+# stay O(1..100) however deep the network is (as with zero-init residual gammas in training).
+RESIDUAL_GAMMA = 0.2
 
 
 class GraphBuilder:
@@ -58,16 +64,17 @@ class GraphBuilder:
         return self.op("Conv", inputs, kernel_shape=[k, k], strides=[stride, stride],
                        pads=[p, p, p, p], group=groups)
 
-    def bn(self, x: str, c: int) -> str:
+    def bn(self, x: str, c: int, gamma_scale: float = 1.0) -> str:
         r = self.rng
-        gamma = self.const((r.random(c) * 0.5 + 0.75).astype(np.float32), "bn_gamma")
+        gamma = self.const(((r.random(c) * 0.5 + 0.6) * gamma_scale).astype(np.float32), "bn_gamma")
         beta = self.const((r.standard_normal(c) * 0.1).astype(np.float32), "bn_beta")
         mean = self.const((r.standard_normal(c) * 0.1).astype(np.float32), "bn_mean")
         var = self.const((r.random(c) * 0.5 + 0.5).astype(np.float32), "bn_var")
         return self.op("BatchNormalization", [x, gamma, beta, mean, var], epsilon=1e-5)
 
-    def conv_bn(self, x, cin, cout, k, stride=1, groups=1, act: str | None = "Relu") -> str:
-        y = self.bn(self.conv(x, cin, cout, k, stride, groups), cout)
+    def conv_bn(self, x, cin, cout, k, stride=1, groups=1, act: str | None = "Relu",
+                gamma_scale: float = 1.0) -> str:
+        y = self.bn(self.conv(x, cin, cout, k, stride, groups), cout, gamma_scale)
         if act == "Relu":
             y = self.op("Relu", [y])
         elif act == "HardSwish":
@@ -118,10 +125,10 @@ def resnet(depth: int = 50, batch: int | str = 1, size: int = 224, classes: int 
             if bottleneck:
                 y = g.conv_bn(x, cin, mid, 1)
                 y = g.conv_bn(y, mid, mid, 3, stride)
-                y = g.conv_bn(y, mid, cout, 1, act=None)
+                y = g.conv_bn(y, mid, cout, 1, act=None, gamma_scale=RESIDUAL_GAMMA)
             else:
                 y = g.conv_bn(x, cin, mid, 3, stride)
-                y = g.conv_bn(y, mid, cout, 3, act=None)
+                y = g.conv_bn(y, mid, cout, 3, act=None, gamma_scale=RESIDUAL_GAMMA)
             short = x if (stride == 1 and cin == cout) else g.conv_bn(x, cin, cout, 1, stride, act=None)
             x = g.op("Relu", [g.op("Add", [y, short])])
             cin = cout
@@ -149,8 +156,9 @@ def mobilenet(batch: int | str = 1, size: int = 224, classes: int = 1000, width:
         hidden, cout = cin * exp, c(out)
         y = g.conv_bn(x, cin, hidden, 1, act=act) if exp != 1 else x
         y = g.conv_bn(y, hidden, hidden, 3, stride, groups=hidden, act=act)
-        y = g.conv_bn(y, hidden, cout, 1, act=None)
-        x = g.op("Add", [x, y]) if (stride == 1 and cin == cout) else y
+        residual = stride == 1 and cin == cout
+        y = g.conv_bn(y, hidden, cout, 1, act=None, gamma_scale=RESIDUAL_GAMMA if residual else 1.0)
+        x = g.op("Add", [x, y]) if residual else y
         cin = cout
     x = g.conv_bn(x, cin, c(960), 1, act="HardSwish")
     x = g.op("Flatten", [g.op("GlobalAveragePool", [x])], axis=1)
@@ -201,3 +209,23 @@ def mlp(batch: int | str = 1, dims=(64, 256, 256, 10), seed: int = 0) -> onnx.Mo
     inp = helper.make_tensor_value_info("features", TensorProto.FLOAT, [batch, dims[0]])
     out = helper.make_tensor_value_info("scores", TensorProto.FLOAT, [batch, dims[-1]])
     return g.model([inp], [out])
+
+
+def embedding_classifier(batch: int | str = 1, seq: int = 16, vocab: int = 1000, dim: int = 64,
+                         classes: int = 10, seed: int = 0) -> onnx.ModelProto:
+    """Token ids (int64) → embedding lookup (Gather) → mean over the sequence → MLP.
+
+    Two outputs: ``pooled`` (the mean embedding, [batch, dim]) and ``logits``.
+    """
+    g = GraphBuilder("embedding_classifier", seed)
+    table = g.weight((vocab, dim), scale=1.0, prefix="embedding")
+    x = g.op("Gather", [table, "tokens"], axis=0)
+    g.op("ReduceMean", [x], axes=[1], keepdims=0)  # opset 17: axes is an attribute
+    g.nodes[-1].output[0] = pooled = "pooled"
+    h = g.op("Relu", [g.linear(pooled, dim, dim)])
+    g.linear(h, dim, classes)
+    g.nodes[-1].output[0] = "logits"
+    inp = helper.make_tensor_value_info("tokens", TensorProto.INT64, [batch, seq])
+    outs = [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, [batch, dim]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])]
+    return g.model([inp], outs)

@@ -53,7 +53,10 @@ def _first_line(e: BaseException) -> str:
 
 def _last_line(e: BaseException) -> str:
     lines = [s for s in str(e).strip().splitlines() if s.strip()]
-    return lines[-1].strip() if lines else type(e).__name__
+    if not lines:
+        return type(e).__name__
+    # TVM's op errors start with the whole repr of the op ("In ir.Op(span=None, ..., name="relax.add", ...), ").
+    return re.sub(r'In ir\.Op\(.*?name="([\w.]+)".*?support_level=\d+\), ', r"In \1: ", lines[-1].strip())
 
 
 # -- reading ------------------------------------------------------------------
@@ -63,8 +66,9 @@ def read_onnx(source: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, st
         origin = f"<onnx:{source.graph.name or 'model'}>"
         external = [t.name for t in source.graph.initializer if external_data_helper.uses_external_data(t)]
         if external:
-            raise FrontendError(f"{origin}: initializer {external[0]!r} (and {len(external) - 1} more) keeps its "
-                                f"data in an external file that was not loaded; pass the .onnx path instead")
+            more = f" and {len(external) - 1} more" if len(external) > 1 else ""
+            raise FrontendError(f"{origin}: initializer {external[0]!r}{more} keep data in an external file that "
+                                f"was not loaded; pass the .onnx path instead")
         return source, origin
     path = Path(source)
     if path.is_dir():
@@ -106,11 +110,12 @@ def check_supported(model: onnx.ModelProto, origin: str) -> None:
     """Raise one error naming every op type without a converter (not just the first)."""
     known = set(_tvm_onnx._get_convert_map()) | {"If", "Constant"}
     missing: dict[str, list[str]] = {}
-    for i, node in enumerate(_all_nodes(model.graph)):
+    for i, node in enumerate(_all_nodes(model.graph)):  # i: a last resort for nodes with no name, no output
         default = node.domain in _DEFAULT_DOMAINS
         if not default or node.op_type not in known:
             op = node.op_type if default else f"{node.domain}.{node.op_type}"
-            missing.setdefault(op, []).append(node.name or f"#{i}")
+            unnamed = f"<unnamed: output {node.output[0] if node.output else i}>"
+            missing.setdefault(op, []).append(node.name or unnamed)
     if missing:
         raise UnsupportedOpsError(origin, missing, default_opset(model))
 
@@ -160,14 +165,15 @@ def choose_opset(model: onnx.ModelProto, requested: int | None = None) -> tuple[
         return requested, "" if requested == have else "requested"
     if have > MAX_OPSET:
         return MAX_OPSET, f"TVM's importer knows opsets up to {MAX_OPSET}"
-    if have < MIN_OPSET:
-        return MIN_OPSET, f"TVM's importer knows opsets from {MIN_OPSET}"
-    stale = stale_ops(model, have)
+    target, why = max(have, MIN_OPSET), []
+    if target != have:
+        why.append(f"TVM's importer knows opsets from {MIN_OPSET}")
+    stale = stale_ops(model, target)
     if stale:
         target = max(stale.values())
-        ops = ", ".join(f"{op} (from opset {v})" for op, v in stale.items())
-        return target, f"TVM's converters for {ops} implement a later schema"
-    return have, ""
+        why.append(f"TVM's converters for {', '.join(f'{op} (from opset {v})' for op, v in stale.items())} "
+                   f"implement a later schema")
+    return target, "; ".join(why)
 
 
 def _convert_opset(model: onnx.ModelProto, origin: str, requested: int | None) -> onnx.ModelProto:
@@ -281,7 +287,8 @@ def _shape_str(x) -> str:
     s = getattr(x, "ty", None)
     if isinstance(s, relax.TensorType):
         if s.shape is not None and hasattr(s.shape, "values"):
-            return f"{s.dtype}[{', '.join(str(d) for d in s.shape.values)}]"
+            dims = (str(d.value) if isinstance(d, tirx.IntImm) else str(d) for d in s.shape.values)
+            return f"{s.dtype}[{', '.join(dims)}]"
         return f"{s.dtype}[rank {s.ndim}]"
     return type(s).__name__ if s is not None else type(x).__name__
 

@@ -2,12 +2,14 @@
 saved ``.pt2`` file becomes one model of a ``Program``.
 
 Requires: torch (the ``torch`` extra). Guarantees: the module is exported in eval
-mode with ``torch.export``; its input names are ``forward()``'s argument names;
-``dynamic_batch=True`` marks dim 0 of every tensor input as one dynamic size named
-``batch`` (``torch.export.Dim``; a batch-1 example is repeated to batch 2 first,
-since torch specializes sizes 0 and 1); a failed export reports torch's reason, the
-line of ``forward`` that caused it and a hint; a ``.pt2`` file that is not a
-``torch.export.save`` archive is named as such before torch reads it; the
+mode with ``torch.export``; input names are ``forward()``'s argument names, output
+names follow what it returns (``output``; ``output0``, ``output1``… for a tuple; the
+keys of a dict); ``dynamic_batch=True`` marks dim 0 of every tensor input as one
+dynamic size named ``batch`` (``torch.export.Dim``; a batch-1 example is repeated to
+batch 2 first, since torch specializes sizes 0 and 1); examples are checked against
+``forward()``'s signature and must be tensors; a failed export reports torch's
+reason, the line of ``forward`` that caused it and a hint; a ``.pt2`` file that is
+not a ``torch.export.save`` archive is named as such before torch reads it; the
 ExportedProgram is converted by TVM's frontend with parameters kept as inputs,
 buffers and constants lifted into the weight store by the Program.
 """
@@ -76,16 +78,28 @@ def _export_failure(module, e: Exception, dynamic_batch: bool) -> FrontendError:
     return FrontendError(f"torch.export failed for {type(module).__name__}: {reason}{where}\n{hint}")
 
 
-def _check_arity(module, example_args: tuple) -> None:
+def _check_examples(torch, module, example_args: tuple) -> None:
+    """One example per forward() argument, and every example a tensor (or a tuple/list/dict of them)."""
     try:
         sig = inspect.signature(module.forward)
     except (TypeError, ValueError):  # a builtin or C++ forward: let torch.export judge
-        return
-    try:
-        sig.bind(*example_args)
-    except TypeError as e:
-        raise FrontendError(f"{type(module).__name__}.forward{sig} does not take the {len(example_args)} example "
-                            f"input(s) given: {e}; pass (module, (x, ...)) with one example per argument") from None
+        sig = None
+    if sig is not None:
+        try:
+            sig.bind(*example_args)
+        except TypeError as e:
+            raise FrontendError(f"{type(module).__name__}.forward{sig} does not take the {len(example_args)} "
+                                f"example input(s) given: {e}; pass (module, (x, ...)) with one example per "
+                                f"argument") from None
+    names = list(sig.parameters) if sig is not None else []
+    for i, a in enumerate(example_args):
+        if not isinstance(a, (torch.Tensor, tuple, list, dict)):
+            # torch.export bakes such a value into the graph but keeps a placeholder for it,
+            # which TVM's frontend then fails on ("'float' object has no attribute 'shape'").
+            arg = repr(names[i]) if i < len(names) and not names[i].startswith("*") else f"#{i}"
+            raise FrontendError(f"{type(module).__name__}.forward: example input {arg} is a {type(a).__name__} "
+                                f"({a!r}); smelt compiles tensor inputs only: pass it as a tensor, or wrap the "
+                                f"module so that forward() takes only tensors and fixes this value")
 
 
 def _batch_examples(torch, example_args: tuple) -> tuple[tuple, tuple]:
@@ -114,7 +128,7 @@ def export(module, example_args, dynamic_batch: bool = False):
         example_args = tuple(example_args)
     elif not isinstance(example_args, tuple):
         example_args = (example_args,)
-    _check_arity(module, example_args)
+    _check_examples(torch, module, example_args)
     dynamic_shapes = None
     if dynamic_batch:
         example_args, dynamic_shapes = _batch_examples(torch, example_args)
@@ -170,6 +184,44 @@ def _name_batch(func: relax.Function, n_in: int) -> relax.Function:
     return func
 
 
+def _dtype_hint(ep) -> str:
+    """TVM 0.27's torch frontend hard-codes ``out_dtype="float32"`` for matmul, linear and conv, so
+    float16/bfloat16 graphs fail with a dtype mismatch; say so instead of leaving the user guessing."""
+    dtypes = {str(getattr(n.meta.get("val"), "dtype", "")) for n in ep.graph.nodes if n.op == "placeholder"}
+    low = sorted(d.removeprefix("torch.") for d in dtypes & {"torch.float16", "torch.bfloat16"})
+    if not low:
+        return ""
+    return (f"\nhint: the model is {'/'.join(low)}; TVM's torch frontend computes matmul, linear and conv "
+            f"in float32 only: export the model in float32 (model.float())")
+
+
+def _output_names(ep, n: int) -> list[str]:
+    """Names from the structure forward() returns: ``output`` for one tensor, ``output0``,
+    ``output1``… for a tuple, dict keys for a dict (``b.0`` for ``{"b": (t, u)}["b"][0]``).
+
+    torch's own output names are graph node names (``linear_2``, ``add``), which say nothing
+    to a user and repeat when forward returns one tensor twice."""
+    from torch.utils import _pytree as pytree
+
+    default = ["output"] if n == 1 else [f"output{i}" for i in range(n)]
+    spec = getattr(getattr(ep, "call_spec", None), "out_spec", None)
+    if spec is None or spec.num_leaves != n:
+        return default
+    names = []
+    for path, _ in pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(n)), spec))[0]:
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        if not parts:
+            names.append("output")
+        elif isinstance(path[0], pytree.SequenceKey):
+            names.append(".".join([f"output{parts[0]}"] + parts[1:]))
+        else:
+            names.append(".".join(parts))
+    if len(set(names)) != n:
+        log.info("output names %s are not unique; using %s", names, default)
+        return default
+    return names
+
+
 def import_exported(ep, name: str, source: str, dynamic_batch: bool = False) -> ImportedModel:
     """Convert an ``ExportedProgram``."""
     from tvm.relax.frontend.torch import from_exported_program
@@ -178,7 +230,8 @@ def import_exported(ep, name: str, source: str, dynamic_batch: bool = False) -> 
         mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True)
     except Exception as e:
         msg = str(e).strip().splitlines()
-        raise FrontendError(f"{source}: TVM's torch frontend failed: {msg[-1] if msg else type(e).__name__}") from None
+        raise FrontendError(f"{source}: TVM's torch frontend failed: {msg[-1] if msg else type(e).__name__}"
+                            f"{_dtype_hint(ep)}") from None
     func = mod["main"]
     sig = ep.graph_signature
     user_inputs = list(sig.user_inputs)
@@ -189,7 +242,7 @@ def import_exported(ep, name: str, source: str, dynamic_batch: bool = False) -> 
     if dynamic_batch and specs and all(s.shape and isinstance(s.shape[0], int) for s in specs):
         log.warning("%s: dynamic_batch ignored: this ExportedProgram fixes the batch (%s); export it with "
                     "dynamic_shapes to make dim 0 dynamic", source, ", ".join(map(str, specs)))
-    outputs = [f"output{i}" if n is None else str(n) for i, n in enumerate(sig.user_outputs)]
+    outputs = _output_names(ep, len(sig.user_outputs))
     return ImportedModel(name, func, specs, outputs, source)
 
 

@@ -3,10 +3,12 @@
 Requires: one Relax function per model, whose first ``num_input`` parameters are
 the model's inputs and whose remaining parameters are weights.
 Guarantees: every model is a function of one ``IRModule`` named after the model;
-weights live once in a content-addressed ``WeightStore`` and each model records
-the keys of its weight parameters in order; ``bind()`` gives the module with
-weights as constants (what passes work on), ``Program.from_module`` takes such a
-module back after the weights were lifted again; ``save``/``load`` round-trip.
+weights of at least ``MIN_WEIGHT_ELEMENTS`` elements live once in a content-addressed
+``WeightStore`` and each model records the keys of its weight parameters in order;
+smaller tensors (scalars, small biases) are inline constants. ``bind()`` gives the
+module with weights as constants (what passes work on), ``Program.from_module``
+takes such a module back by lifting them again (``from_module(bind())`` is the
+identity); ``save``/``load`` and ``script()``/``tvm.script.from_source`` round-trip.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import tvm
 from tvm import relax, tirx
 
 from ..errors import SmeltError
-from .weights import WeightEntry, WeightStore, lift_constants
+from .weights import WeightEntry, WeightStore, lift_constants, stays_inline
 
 Dim = int | str
 
@@ -127,6 +129,12 @@ class Program:
         data = list(func.attrs["params"]) if func.attrs is not None and "params" in func.attrs else []
         if len(data) != len(func.params) - n_in:
             raise SmeltError(f"model {name!r}: {len(func.params) - n_in} weight parameters but {len(data)} values")
+        # Small weights become inline constants, as lift_constants leaves them after lowering,
+        # so that bind() followed by from_module() gives this function back unchanged.
+        small = {p: relax.const(t) for p, t in zip(func.params[n_in:], data) if stays_inline(t.shape)}
+        if small:
+            func = func.bind_params(small).with_attr("num_input", n_in)
+            data = [t for t in data if not stays_inline(t.shape)]
         keys = [self.weights.add(t.numpy()) for t in data]
         func = func.without_attr("params").with_attr("num_input", n_in).with_attr("global_symbol", name)
         self.mod[name] = func
@@ -163,8 +171,12 @@ class Program:
         return cls(mod, new_models, store)
 
     def script(self) -> str:
-        """TVMScript of the whole module (weights shown as parameters)."""
-        return self.mod.script(show_meta=False)
+        """TVMScript of the whole module that parses back (``tvm.script.from_source``).
+
+        Weights are parameters; the few small constants left inline (fewer than
+        ``MIN_WEIGHT_ELEMENTS``) are printed in the metadata section at the end.
+        """
+        return self.mod.script(show_meta=True)
 
     def __repr__(self) -> str:
         return f"Program({', '.join(self.models)}; {len(self.weights)} weights, {self.weights.nbytes / 1e6:.1f} MB)"

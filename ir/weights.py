@@ -130,6 +130,21 @@ class WeightStore:
         return store
 
 
+def stays_inline(shape, min_elements: int = MIN_WEIGHT_ELEMENTS) -> bool:
+    """Whether a tensor of ``shape`` is an inline constant rather than a stored weight."""
+    return len(shape) == 0 or int(np.prod(shape, dtype=np.int64)) < min_elements
+
+
+def exact_const(array: np.ndarray) -> tvm.ir.Constant:
+    """A Relax constant of exactly ``array``'s shape and dtype.
+
+    Use this, not ``relax.const(array)``: that one narrows int64 to int32 and float64
+    to float32 (its documented default), which silently changes types and values.
+    Unlike ``np.ascontiguousarray`` this keeps a 0-d array 0-d.
+    """
+    return relax.const(tvm.runtime.tensor(np.array(array, order="C")))
+
+
 @relax.expr_functor.mutator
 class _ConstantLifter(relax.PyExprMutator):
     """Replaces every tensor constant of at least ``min_elements`` by a fresh parameter."""
@@ -144,8 +159,7 @@ class _ConstantLifter(relax.PyExprMutator):
     def visit_generic_const_(self, op) -> relax.Expr:
         if not isinstance(op.value, tvm.runtime.Tensor):
             return op  # dtype and other non-tensor constants of lowered code
-        shape = op.value.shape
-        if len(shape) == 0 or int(np.prod(shape)) < self.min_elements:
+        if stays_inline(op.value.shape, self.min_elements):
             return op
         handle = op.value  # TVM objects hash and compare by identity of the underlying tensor
         var = self._by_handle.get(handle)

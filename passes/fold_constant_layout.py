@@ -3,8 +3,10 @@
 Requires: a Relax module with weights bound as constants.
 Guarantees: ``reshape``, ``permute_dims``, ``expand_dims``, ``squeeze``, ``astype``
 and ``add/subtract/multiply/divide`` whose operands are all constants (with static
-shapes) are replaced by their value, so patterns see constants (``permute_dims(W)``
-of a torch Linear becomes the transposed weight; ``reshape(bias)`` a constant).
+shapes) are replaced by their value, of the call's exact shape and dtype (0-d stays
+0-d, int64 stays int64), so patterns see constants (``permute_dims(W)`` of a torch
+Linear becomes the transposed weight; ``reshape(bias)`` a constant). Binary ops fold
+for float dtypes, and for integers except ``divide`` (TVM truncates, numpy does not).
 Where: canonicalize phase, before FoldBatchNorm.
 
 TVM's ``FoldConstant`` does this too but compiles and runs one kernel per call
@@ -16,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax, tirx
+
+from ..ir.weights import _np_dtype, exact_const
 
 _BINARY = {"relax.add": np.add, "relax.subtract": np.subtract,
            "relax.multiply": np.multiply, "relax.divide": np.divide}
@@ -44,13 +48,18 @@ def _eval(call: relax.Call, args: list[np.ndarray]) -> np.ndarray | None:
         axis = call.attrs.axis
         return np.squeeze(args[0], None if axis is None else tuple(int(a) for a in axis))
     if name == "relax.astype":
-        from ..ir.weights import _np_dtype
-
         return args[0].astype(_np_dtype(str(call.attrs.dtype)))
     if name in _BINARY and len(args) == 2 and args[0].dtype == args[1].dtype:
-        out = _BINARY[name](args[0], args[1])
-        return out.astype(args[0].dtype) if np.issubdtype(args[0].dtype, np.floating) else None
+        dtype = args[0].dtype
+        if _is_float(dtype) or np.issubdtype(dtype, np.integer) and name != "relax.divide":
+            # Integers wrap like TVM's; integer divide is left to TVM (trunc vs numpy's true divide).
+            with np.errstate(all="ignore"):
+                return np.asarray(_BINARY[name](args[0], args[1])).astype(dtype)
     return None
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or dtype.name.startswith(("bfloat", "float8"))
 
 
 @relax.expr_functor.mutator
@@ -75,7 +84,7 @@ class _Folder(relax.PyExprMutator):
         if value is None:
             return call
         self.folded += 1
-        return relax.const(np.ascontiguousarray(value))
+        return exact_const(value)
 
 
 @tvm.transform.module_pass(opt_level=0, name="FoldConstantLayout")

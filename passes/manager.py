@@ -1,9 +1,15 @@
 """The pass manager: runs a pipeline of named passes with timing, IR dumps and checks.
 
 Guarantees: each pass's wall time is recorded; with ``dump_ir`` the module is
-written as TVMScript to ``NN-<pass>.py`` after every pass (``00-input.py`` first);
-with ``verify_each`` every pass is followed by ``relax.analysis.well_formed``; a
-failing or ill-forming pass raises ``PassError`` naming it and the passes before it.
+written as TVMScript to ``NN-<pass>.py`` after every pass (``00-input.py`` first),
+tensor constants shown as extra parameters so that the file parses back with
+``tvm.script.from_source``; with ``verify_each`` every pass is followed by
+``relax.analysis.well_formed``; a failing or ill-forming pass raises ``PassError``
+naming it and the passes before it.
+
+Known TVM 0.27 limit: between ``CallTIRRewrite`` and ``LowerAllocTensor`` TVM prints
+``R.builtin.alloc_tensor(..., ty_args=...)``, which its own parser rejects, so those
+dumps (lower phase) do not parse back; ``tests/passes/test_manager.py`` shows it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import tvm
 from tvm import relax
 
 from ..errors import PassError, SmeltError
+from ..ir.weights import lift_constants
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,8 @@ class Step:
 
 @dataclass
 class PassTiming:
+    """Wall time of one pass of one run."""
+
     phase: str
     name: str
     seconds: float
@@ -54,6 +63,8 @@ class PassManager:
     timings: list[PassTiming] = field(default_factory=list)
 
     def run(self, mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.IRModule:
+        """Run every step on ``mod``; ``timings`` then holds this run's pass times."""
+        self.timings = []
         if self.dump_ir:
             self.dump_ir.mkdir(parents=True, exist_ok=True)
             _dump(self.dump_ir / "00-input.py", mod)
@@ -72,8 +83,7 @@ class PassManager:
                 except SmeltError:
                     raise
                 except Exception as e:
-                    msg = str(e).strip().splitlines()
-                    raise PassError(f"pass {step.name} ({step.phase}) failed: {msg[-1] if msg else type(e).__name__}"
+                    raise PassError(f"pass {step.name} ({step.phase}) failed: {_headline(e)}"
                                     f"; passes before it: {', '.join(done) or 'none'}") from e
                 dt = time.perf_counter() - t0
                 self.timings.append(PassTiming(step.phase, step.name, dt))
@@ -82,10 +92,8 @@ class PassManager:
                     try:
                         relax.analysis.well_formed(mod)
                     except Exception as e:
-                        first = str(e).strip().splitlines()
                         raise PassError(f"pass {step.name} ({step.phase}) left the module ill-formed: "
-                                        f"{first[-1] if first else e}; passes before it: "
-                                        f"{', '.join(done) or 'none'}") from None
+                                        f"{_headline(e, with_type=False)}; passes before it: {', '.join(done) or 'none'}") from None
                 done.append(step.name)
                 if self.dump_ir:
                     _dump(self.dump_ir / f"{i:02d}-{step.name}.py", mod)
@@ -101,5 +109,31 @@ class PassManager:
         return out
 
 
+def _headline(e: Exception, with_type: bool = True) -> str:
+    """The first line of an error that says something: TVM appends remarks such as
+    "# Metadata omitted. ..." to its messages, and Python's first line is the point."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        return type(e).__name__
+    return f"{type(e).__name__}: {lines[0]}" if with_type else lines[0]
+
+
+_DUMP_HEADER = ("# Tensor constants are shown as extra trailing parameters w<i> (values not dumped),\n"
+                "# so that this file parses back with tvm.script.from_source.\n")
+
+
 def _dump(path: Path, mod: tvm.IRModule) -> None:
-    path.write_text(mod.script(show_meta=False))
+    """Write ``mod`` as TVMScript that parses back.
+
+    ``show_meta=False`` alone would print ``metadata[...]`` references that do not
+    parse, and ``show_meta=True`` would write every weight into every dump.
+    """
+    shown = tvm.IRModule({}, attrs=mod.attrs)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            func = lift_constants(func, min_elements=0)
+            if func.attrs is not None and "params" in func.attrs:
+                func = func.without_attr("params")
+        shown[gv] = func
+    path.write_text(_DUMP_HEADER + shown.script(show_meta=False))

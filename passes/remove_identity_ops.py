@@ -2,27 +2,35 @@
 
 Requires: a Relax module. Guarantees: ``nn.dropout`` (inference is the identity; its
 mask output becomes unused), ``astype`` to the same dtype, ``reshape`` to the same
-static shape and ``permute_dims`` with the identity permutation are replaced by
-their input. Where: canonicalize phase (after import, before pattern passes).
+shape (static, or the same symbolic dims) and ``permute_dims`` with the identity
+permutation are replaced by their input.
+Where: canonicalize phase (after import, before pattern passes).
 """
 
 from __future__ import annotations
 
 import tvm
-from tvm import relax, tirx
+import tvm_ffi
+from tvm import relax
 
 from .explain import Explainer
 
 
 def _same_shape(a, b) -> bool:
+    """Both tensors of one known shape (static, or the same symbolic dims)."""
     if not (isinstance(a, relax.TensorType) and isinstance(b, relax.TensorType)):
         return False
     if a.shape is None or b.shape is None or not hasattr(a.shape, "values") or not hasattr(b.shape, "values"):
         return False
     va, vb = list(a.shape.values), list(b.shape.values)
-    return len(va) == len(vb) and all(
-        isinstance(x, tirx.IntImm) and isinstance(y, tirx.IntImm) and int(x.value) == int(y.value)
-        for x, y in zip(va, vb))
+    return len(va) == len(vb) and all(tvm_ffi.structural_equal(x, y) for x, y in zip(va, vb))
+
+
+def _identity_permutation(call: relax.Call) -> bool:
+    axes = call.attrs.axes
+    if axes is None:  # reverses the axes: the identity for rank 0 and 1
+        return 0 <= call.args[0].ty.ndim <= 1
+    return [int(a) for a in axes] == list(range(len(axes)))
 
 
 @relax.expr_functor.mutator
@@ -45,8 +53,7 @@ class _Remover(relax.PyExprMutator):
         if name == "relax.reshape" and _same_shape(x.ty, call.ty):
             self.explain.fired(call, "reshape to the same shape")
             return x
-        if name == "relax.permute_dims" and call.attrs.axes is not None and \
-                [int(a) for a in call.attrs.axes] == list(range(len(call.attrs.axes))):
+        if name == "relax.permute_dims" and _identity_permutation(call):
             self.explain.fired(call, "identity permutation")
             return x
         return call

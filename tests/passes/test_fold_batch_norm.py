@@ -146,6 +146,37 @@ def case_matmul(rng):
     return Before, Expected, ["FoldBatchNorm: rewrote nn.batch_norm: folded into matmul and its bias"]
 
 
+def case_matmul_float64(rng):
+    """float64 stays float64 (``relax.const(array)`` would narrow the folded weight to float32)."""
+    w, (g, b, m, v) = _randn(rng, 8, 6).astype(np.float64), (a.astype(np.float64) for a in _stats(rng, 6))
+    s, shift = _scale_shift(g, b, m, v)
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((2, 8), "float64")):
+            with R.dataflow():
+                lv = R.matmul(x, R.const(w, "float64"))
+                lv1 = R.nn.batch_norm(lv, R.const(g, "float64"), R.const(b, "float64"), R.const(m, "float64"),
+                                      R.const(v, "float64"), axis=1,
+                                      epsilon=EPS, training=False)
+                gv = lv1[0]
+                R.output(gv)
+            return gv
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((2, 8), "float64")):
+            with R.dataflow():
+                lv = R.matmul(x, R.const(w * s.reshape(1, -1), "float64"))
+                gv = R.add(lv, R.const(shift.reshape(1, -1), "float64"))
+                R.output(gv)
+            return gv
+
+    return Before, Expected, ["FoldBatchNorm: rewrote nn.batch_norm: folded into matmul"]
+
+
 def case_bn_alone(rng):
     g, b, m, v = _stats(rng, 4)
     s, shift = _scale_shift(g, b, m, v)
@@ -421,7 +452,8 @@ def case_conv_output_shared(rng):
         "FoldBatchNorm: rewrote nn.batch_norm: no conv/matmul folded into: one multiply and one add"]
 
 
-CASES = [case_conv2d, case_conv2d_bias_right, case_conv2d_bias_left, case_matmul, case_bn_alone,
+CASES = [case_conv2d, case_conv2d_bias_right, case_conv2d_bias_left, case_matmul, case_matmul_float64,
+         case_bn_alone,
          case_nhwc_ohwi, case_nhwc_hwio, case_grouped, case_depthwise, case_conv2d_transpose,
          case_axis_mismatch, case_matmul_axis_mismatch, case_bias_not_per_channel, case_conv_output_shared]
 IDS = [c.__name__.removeprefix("case_") for c in CASES]
@@ -440,8 +472,8 @@ def test_structure(case, rng):
 def test_numbers_unchanged(case, rng, run):
     before, _, _ = case(rng)
     after = FoldBatchNorm()(before)
-    shape = [int(d) for d in before["main"].params[0].ty.shape]
-    x = rng.standard_normal(shape).astype(F32)
+    ty = before["main"].params[0].ty
+    x = rng.standard_normal([int(d) for d in ty.shape]).astype(str(ty.dtype))
     ref, got = run(before, x), run(after, x)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
@@ -462,3 +494,48 @@ def test_training_mode_left_alone(rng):
     explain = Explainer("FoldBatchNorm")
     tvm.ir.assert_structural_equal(FoldBatchNorm(explain)(Before), Before)
     assert explain.lines() == ["FoldBatchNorm: left nn.batch_norm: BatchNorm in training mode"]
+
+
+# -- end to end through smelt.compile ------------------------------------------------------
+
+def _compile_and_run(model, tmp_path, x):
+    import smelt
+
+    art = smelt.compile(model)
+    rt = smelt.load(art.save(tmp_path / "art"))
+    (name,) = art.models
+    return art, rt.run(name, input=x)
+
+
+def test_resnet18_has_no_batch_norm_left(tmp_path, rng, onnx_reference):
+    """Every BatchNorm of ResNet-18 disappears into its conv: one bias add per conv, no decomposition."""
+    from smelt.examples import zoo
+
+    model = zoo.resnet(18, size=32)
+    x = rng.standard_normal((1, 3, 32, 32)).astype(F32)
+    art, got = _compile_and_run(model, tmp_path, x)
+    before, after = art.report.ops_before_hist, art.report.ops_after_hist
+    assert before["nn.batch_norm"] == before["nn.conv2d"] == 20
+    assert "nn.batch_norm" not in after
+    assert not {"subtract", "divide", "sqrt", "rsqrt", "multiply"} & set(after), after
+    # adds after = one bias per conv + the residual adds and the classifier's bias already there
+    assert after["add"] <= after["nn.conv2d"] + before["add"], (before, after)
+    (ref,) = onnx_reference(model, {"input": x})
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_conv_with_bias_then_bn_from_onnx(tmp_path, rng, onnx_reference):
+    """ONNX Conv with a bias input, then BatchNorm: the importer's add(conv, reshape(b)) is folded too."""
+    from onnx import TensorProto, helper
+
+    from smelt.examples.zoo import GraphBuilder, _image_input
+
+    g = GraphBuilder("conv_bias_bn", seed=1)
+    g.op("Relu", [g.bn(g.conv("input", 3, 8, 3, bias=True), 8)])
+    g.nodes[-1].output[0] = "out"
+    model = g.model([_image_input(1, 16)], [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 16, 16])])
+    x = rng.standard_normal((1, 3, 16, 16)).astype(F32)
+    art, got = _compile_and_run(model, tmp_path, x)
+    assert art.report.ops_after_hist == {"nn.conv2d": 1, "add": 1, "nn.relu": 1}
+    (ref,) = onnx_reference(model, {"input": x})
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

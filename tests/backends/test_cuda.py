@@ -1,0 +1,165 @@
+"""CUDA backend, compile only: builds without a GPU, emits CUDA C and PTX for the arch, errors name fixes.
+
+Needs nvcc (skips without it), not a GPU. What runs on a GPU is in test_gpu_numerics.py.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+
+import pytest
+
+import smelt
+from smelt.backends import TargetOptions, get
+from smelt.backends import cuda as cuda_backend
+from smelt.compiler import CompileOptions
+from smelt.errors import BackendError
+from smelt.examples import zoo
+
+pytestmark = pytest.mark.usefixtures("requires_cuda_compiler")
+
+KERNEL = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(')
+
+
+def cubin_sm(blob: bytes) -> int:
+    """The SM number in the first CUDA ELF inside a cubin or fatbin (e_flags; CUDA 12.8+ moved it up a byte)."""
+    at = blob.find(b"\x7fELF")
+    assert at >= 0, "no ELF image in the CUDA binary"
+    assert blob[at + 7] in (0x33, 0x41), "not a CUDA ELF (OS/ABI)"
+    flags = struct.unpack_from("<I", blob, at + 0x30)[0]
+    return (flags >> 8) & 0xFF if blob[at + 7] == 0x41 else flags & 0xFF
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory):
+    """ResNet-18 at 32×32 built for sm_90 and saved with its source."""
+    art = smelt.compile([zoo.resnet(18, size=32)], target="cuda", arch="sm_90")
+    path = art.save(tmp_path_factory.mktemp("cuda") / "resnet18", emit_source=True)
+    return art, path
+
+
+def test_resnet_builds_for_sm90_without_a_gpu(resnet):
+    art, path = resnet
+    assert art.backend == "cuda" and str(art.target.attrs["arch"]) == "sm_90"
+    assert art.target.host is not None and art.target.host.kind.name == "llvm"
+    assert art.report.kernels > 10 and not art.report.schedule_fallbacks
+    manifest = smelt.artifact.read_manifest(path)
+    assert manifest["target"]["arch"] == "sm_90" and manifest["backend"] == "cuda"
+    # The library holds the host code and the kernels (CUDA C, JIT-compiled on the GPU machine).
+    lib = (path / "model.so").read_bytes()
+    assert lib[:4] == b"\x7fELF"
+    assert b"// smelt-cuda-arch: sm_90" in lib and b"fused_conv2d" in lib
+    assert set(manifest["files"]) == {"model.so", "weights.bin", "source/kernels.cu", "source/kernels.ptx",
+                                      "source/host.ll"}
+
+
+def test_emitted_cuda_c_and_ptx_target_the_arch(resnet):
+    art, path = resnet
+    cu = (path / "source" / "kernels.cu").read_text()
+    ptx = (path / "source" / "kernels.ptx").read_text()
+    assert cu.startswith("// smelt-cuda-arch: sm_90\n") and "__global__" in cu
+    assert re.search(r"^\.target sm_90$", ptx, re.M), "PTX not generated for sm_90"
+    kernels = set(KERNEL.findall(cu))
+    entries = set(re.findall(r"^\.visible \.entry (\w+)\(", ptx, re.M))
+    assert kernels and kernels == entries
+    # Every scheduled kernel of the report is in the CUDA C (one __global__ each, "_kernel" suffix).
+    assert {f"{k}_kernel" for k in art.report.schedules} <= kernels
+    assert "target triple" in (path / "source" / "host.ll").read_text()
+
+
+def test_transformer_encoder_builds_and_saves(tmp_path):
+    art = smelt.compile([zoo.transformer_encoder()], target="cuda", arch="sm_80")
+    path = art.save(tmp_path / "enc")
+    assert {p.name for p in path.iterdir()} == {"model.so", "weights.bin", "manifest.json"}
+    assert b"// smelt-cuda-arch: sm_80" in (path / "model.so").read_bytes()
+    # softmax and layer norm are reductions: dlight's reduction rules, not the fallback, take them
+    assert {"Reduction", "GeneralReduction"} & set(art.report.schedules.values())
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_kernels_compile_to_a_cubin_for_the_arch_they_name(arch):
+    """The compile callback the GPU machine runs (at build or at load) builds for the arch in the code,
+    not for the local GPU: TVM's own callback has no target in scope there."""
+    art = smelt.compile([zoo.mlp()], target="cuda", arch=arch)
+    (cuda_mod,) = [m for m in smelt.backends.base.module_tree(art.executable.mod) if m.kind == "cuda"]
+    code = cuda_mod.inspect_source("cuda")
+    assert cuda_backend.code_arch(code) == arch
+    blob = cuda_backend._compile_callback(code)
+    assert cubin_sm(blob) == int(arch[3:])
+
+
+def test_symptoms_of_tvms_own_compile_callback(monkeypatch):
+    """Why smelt replaces ``tvm_callback_cuda_compile``: TVM's insists on NVRTC, and with nvcc it compiles
+    for the current target or the local GPU, and neither exists while code is generated or loaded."""
+    import tvm
+    from tvm.support import nvcc
+
+    art = smelt.compile([zoo.mlp()], target="cuda", arch="sm_80")
+    (cuda_mod,) = [m for m in smelt.backends.base.module_tree(art.executable.mod) if m.kind == "cuda"]
+    code = cuda_mod.inspect_source("cuda")
+    if not cuda_backend._has_nvrtc():
+        with pytest.raises(Exception, match="cuda-bindings"):
+            nvcc.tvm_callback_cuda_compile(code)
+    monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "nvcc")
+    if tvm.cuda(0).exist:
+        local = int(tvm.cuda(0).compute_version.replace(".", ""))
+        assert cubin_sm(bytes(nvcc.tvm_callback_cuda_compile(code))) == local  # not the 80 asked for
+    else:
+        with pytest.raises(Exception, match="No CUDA architecture was specified or GPU detected"):
+            nvcc.tvm_callback_cuda_compile(code)
+    assert cubin_sm(cuda_backend._compile_callback(code)) == 80
+
+
+def test_cuda_graph_captures_static_shapes():
+    art = smelt.compile([zoo.mlp()], target="cuda", arch="sm_90")
+    text = art.executable.as_text()
+    assert "vm.builtin.cuda_graph.run_or_capture" in text and "vm.builtin.cuda_graph.get_cached_alloc" in text
+
+
+def test_cuda_graph_off_when_asked():
+    opts = CompileOptions(TargetOptions("cuda", "sm_90", cuda_graph=False))
+    art = smelt.compile([zoo.mlp()], target="cuda", options=opts)
+    assert "cuda_graph" not in art.executable.as_text()
+
+
+def test_no_cuda_graph_for_symbolic_batch():
+    art = smelt.compile([zoo.mlp(batch="N")], target="cuda", arch="sm_90")
+    assert art.models["mlp"].inputs[0].shape[0] == "N"
+    assert "cuda_graph" not in art.executable.as_text()
+
+
+@pytest.mark.parametrize("arch", ["sm90", "90", "compute_90", "gfx942", "sm_9"])
+def test_bad_arch_lists_valid_forms(arch):
+    with pytest.raises(BackendError, match=r"not a CUDA architecture; expected sm_XX.*sm_90a"):
+        smelt.compile([zoo.mlp()], target="cuda", arch=arch)
+
+
+def test_arch_nvcc_cannot_build_lists_what_it_can():
+    with pytest.raises(BackendError, match=r"'sm_20' is not supported by .*nvcc; it builds for .*sm_90"):
+        smelt.compile([zoo.mlp()], target="cuda", arch="sm_20")
+
+
+def test_no_arch_without_gpu_asks_for_one():
+    import tvm
+
+    if tvm.cuda(0).exist:
+        pytest.skip("a GPU is present: its arch is the default")
+    with pytest.raises(BackendError, match=r"needs --arch when no GPU is present; expected sm_XX"):
+        smelt.compile([zoo.mlp()], target="cuda")
+
+
+def test_missing_compiler_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(cuda_backend.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cuda_backend, "_has_nvrtc", lambda: False)
+    with pytest.raises(BackendError, match=r"needs a CUDA compiler: nvcc on PATH .*CUDA toolkit.*cuda-bindings"):
+        smelt.compile([zoo.mlp()], target="cuda", arch="sm_90")
+
+
+def test_unknown_target_lists_known_ones():
+    with pytest.raises(BackendError, match=r"unknown target 'tpu'; known targets: cpu, cuda, .*rocm"):
+        smelt.compile([zoo.mlp()], target="tpu")
+
+
+def test_backend_implements_the_protocol():
+    assert isinstance(get("cuda"), smelt.backends.Backend)

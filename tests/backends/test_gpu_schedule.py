@@ -1,0 +1,90 @@
+"""ApplyDefaultSchedules: a rule that raises costs one kernel its rule, not the compile; reasons are kept."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import tvm
+from tvm import relax
+from tvm.s_tir import dlight as dl
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+from smelt.backends.gpu_schedule import ApplyDefaultSchedules
+from smelt.errors import BackendError
+
+TARGET = tvm.target.Target({"kind": "cuda", "arch": "sm_90", "max_shared_memory_per_block": 49152,
+                            "max_threads_per_block": 1024, "thread_warp_size": 32})
+
+
+@I.ir_module
+class Matmul:
+    @R.function
+    def main(x: R.Tensor((32, 64), "float32"), w: R.Tensor((64, 128), "float32")) -> R.Tensor((32, 128), "float32"):
+        with R.dataflow():
+            y = R.matmul(x, w)
+            R.output(y)
+        return y
+
+
+class Exploding:
+    """A dlight-style rule that asserts, as dlight's Matmul did on MobileNetV3 at batch 32."""
+
+    def apply(self, func, target, tunable):
+        raise AssertionError("unexpected reduction layout\nblock: matmul")
+
+
+class NeverApplies:
+    def apply(self, func, target, tunable):
+        return None
+
+
+def prim_funcs() -> tvm.IRModule:
+    """The legalized matmul as a module of PrimFuncs alone."""
+    legal = relax.transform.LegalizeOps()(Matmul)
+    return tvm.IRModule({gv: f for gv, f in legal.functions_items() if isinstance(f, tvm.tirx.PrimFunc)})
+
+
+def run(pass_, mod):
+    with TARGET:
+        return pass_(mod)
+
+
+def test_rule_that_raises_falls_through_to_the_next(caplog):
+    apply = ApplyDefaultSchedules([Exploding(), NeverApplies(), dl.gpu.Matmul(), dl.gpu.Fallback()])
+    with caplog.at_level(logging.WARNING, logger="smelt.backends.gpu_schedule"):
+        mod = run(apply, prim_funcs())
+    assert apply.report == {"matmul": "Matmul"}
+    assert apply.fallbacks == {"matmul": "Exploding: AssertionError: block: matmul"}
+    assert "schedule rule Exploding failed on matmul (AssertionError: block: matmul)" in caplog.text
+    func = mod["matmul"]
+    assert func.attrs["tirx.is_scheduled"]
+    assert "threadIdx" in func.script()
+    # Scheduled for real: the CUDA code generator refuses unbound loops.
+    lib = tvm.compile(tvm.IRModule({"matmul": func.with_attr("global_symbol", "matmul")}), target=TARGET)
+    assert "__global__" in lib.mod.imports[0].inspect_source("cuda")
+
+
+def test_default_rules_schedule_the_matmul():
+    apply = ApplyDefaultSchedules()
+    run(apply, prim_funcs())
+    assert apply.report == {"matmul": "Matmul"} and apply.fallbacks == {}
+
+
+def test_tuned_functions_are_left_alone():
+    mod = prim_funcs()
+    mod["matmul"] = mod["matmul"].with_attr("tirx.is_scheduled", True)
+    apply = ApplyDefaultSchedules([Exploding()])
+    out = run(apply, mod)
+    assert apply.report == {"matmul": "tuned"} and apply.fallbacks == {}
+    tvm.ir.assert_structural_equal(out["matmul"], mod["matmul"])
+
+
+def test_no_rule_left_is_an_error_naming_kernel_and_reasons():
+    apply = ApplyDefaultSchedules([Exploding(), NeverApplies()])
+    # A BackendError raised inside a pass reaches us as RuntimeError (the FFI boundary keeps only
+    # the message) unless smelt.errors registers its types with tvm_ffi.register_error.
+    with pytest.raises((BackendError, RuntimeError), match=r"no default GPU schedule applies to kernel matmul; tried Exploding, "
+                                           r"NeverApplies \(failures: Exploding: AssertionError: block: matmul\)"):
+        run(apply, prim_funcs())
