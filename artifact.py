@@ -195,7 +195,7 @@ class Runtime:
         index = {k: WeightEntry.from_json(v) for k, v in self.manifest["weights"].items()}
         store = WeightStore.load(self.path / WEIGHTS, index)
         try:
-            lib = tvm.runtime.load_module(str(self.path / LIBRARY))
+            lib = tvm.runtime.load_module(str(_library_by_content(self.path / LIBRARY, self.manifest["files"][LIBRARY])))
         except Exception as e:
             raise ArtifactError(f"{self.path / LIBRARY}: cannot be loaded ({e})") from None
         self.vm = relax.VirtualMachine(lib, self.device)
@@ -254,6 +254,22 @@ class Runtime:
         outs = self.run(model, **inputs)
         outs = outs if isinstance(outs, tuple) else (outs,)
         return {spec.name: o for spec, o in zip(self.models[model].outputs, outs)}
+
+
+def _library_by_content(lib: Path, digest: str) -> Path:
+    """A path named by the library's hash. ``dlopen`` caches by path, so loading a folder that
+    was re-saved in the same process would otherwise run the old code."""
+    cache = Path(tempfile.gettempdir()) / f"smelt-libs-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    cache.mkdir(exist_ok=True)
+    dest = cache / f"{digest[:24]}.so"
+    if not dest.exists():
+        tmp = cache / f".{digest[:24]}.{os.getpid()}.so"
+        try:
+            os.link(lib, tmp)
+        except OSError:
+            shutil.copyfile(lib, tmp)
+        os.replace(tmp, dest)
+    return dest
 
 
 def _flatten(result) -> list[np.ndarray]:

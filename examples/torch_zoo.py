@@ -77,6 +77,28 @@ def resnet(batch: int = 2, size: int = 32, width: int = 16, classes: int = 10, s
     return model.eval(), (torch.randn(batch, 3, size, size),)
 
 
+class SmallCNN(nn.Module):
+    """Two conv+BN+ReLU stages and a classifier: the smallest CNN worth compiling."""
+
+    def __init__(self, width: int = 8, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, 1, 1), nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, image):
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(image), 1), 1))
+
+
+def small_cnn(batch: int = 1, size: int = 16, width: int = 8, classes: int = 10, seed: int = 0):
+    """A two-stage conv+BatchNorm CNN (what ``examples/demo.py`` exports to a .pt2); input ``image``."""
+    torch.manual_seed(seed)
+    model = SmallCNN(width, classes)
+    _warm_batch_norm(model, lambda: (torch.randn(8, 3, size, size) * 2 + 0.5,))
+    return model.eval(), (torch.randn(batch, 3, size, size),)
+
+
 class EncoderLayer(nn.Module):
     """Post-LayerNorm transformer encoder layer: multi-head self-attention, GELU feed-forward."""
 
@@ -164,6 +186,7 @@ def two_outputs(batch: int = 3, d_in: int = 12, d_ctx: int = 4, hidden: int = 32
     return model, (torch.randn(batch, d_in), torch.randn(batch, d_ctx))
 
 
-BUILDERS = {"resnet": resnet, "transformer": transformer, "mlp": mlp, "two_outputs": two_outputs}
+BUILDERS = {"resnet": resnet, "small_cnn": small_cnn, "transformer": transformer, "mlp": mlp,
+            "two_outputs": two_outputs}
 
-__all__ = ["BUILDERS", "mlp", "resnet", "transformer", "two_outputs"]
+__all__ = ["BUILDERS", "mlp", "resnet", "small_cnn", "transformer", "two_outputs"]

@@ -135,9 +135,18 @@ def _since(op_type: str, opset: int) -> int | None:
         return None
 
 
-# TVM converters whose version label is not the schema they read: Upsample's "_impl_v9"
-# reads Upsample-7's ``scales`` attribute (Upsample-9 moved it to an input).
-_MISLABELED = {"Upsample"}
+def _upsample_needs_resize(nodes: list[onnx.NodeProto]) -> bool:
+    """Whether to let the version converter turn Upsample into Resize.
+
+    TVM's Upsample converter reads only Upsample-7's ``scales`` attribute (it fails on
+    Upsample-9's input) and rounds nearest-neighbour coordinates half-to-even where
+    ONNX floors them (wrong pixels). Resize from the version converter is right for
+    ``nearest``; for ``linear`` the converter drops the asymmetric coordinate mode,
+    while TVM's Upsample is right, so a model with a linear Upsample is left alone.
+    """
+    modes = {next((a.s for a in n.attribute if a.name == "mode"), b"nearest").decode()
+             for n in nodes if n.op_type == "Upsample"}
+    return modes == {"nearest"}
 
 
 def stale_ops(model: onnx.ModelProto, opset: int) -> dict[str, int]:
@@ -147,11 +156,14 @@ def stale_ops(model: onnx.ModelProto, opset: int) -> dict[str, int]:
     inputs and attributes (Slice-9 read as Slice-13 fails; Resize-10 read as
     Resize-18 fails). Maps op type to the opset of that oldest converter.
     """
+    nodes = [n for n in _all_nodes(model.graph) if n.domain in _DEFAULT_DOMAINS]
     out = {}
-    for op in sorted({n.op_type for n in _all_nodes(model.graph) if n.domain in _DEFAULT_DOMAINS} - _MISLABELED):
+    for op in sorted({n.op_type for n in nodes} - {"Upsample"}):
         versions = _converter_versions(op)
         if versions and versions[0] > opset and _since(op, opset) != _since(op, versions[0]):
             out[op] = versions[0]
+    if _upsample_needs_resize(nodes):
+        out["Upsample"] = _converter_versions("Resize")[0]
     return out
 
 
@@ -376,7 +388,12 @@ class _Importer(_tvm_onnx.ONNXGraphImporter):
 
 def import_onnx(source, name: str | None = None, input_shapes: dict | None = None,
                 opset: int | None = None) -> ImportedModel:
-    """Convert an ONNX model. ``input_shapes`` overrides input shapes by name (a dim may be a str)."""
+    """Convert an ONNX model (a path or ``ModelProto``) into one ``ImportedModel``.
+
+    ``input_shapes`` overrides input shapes by input name: a list with an int or a
+    name (a symbolic dim) per dim. ``opset`` forces the opset to convert to.
+    Raises ``FrontendError`` (``UnsupportedOpsError`` for missing converters).
+    """
     model, origin = read_onnx(source)
     if model.functions:
         log.info("%s: inlining %d local function(s)", origin, len(model.functions))
@@ -388,6 +405,8 @@ def import_onnx(source, name: str | None = None, input_shapes: dict | None = Non
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         raise FrontendError(f"{origin}: invalid ONNX model: {_first_line(e)}") from None
+    except Exception as e:  # e.g. ValueError for protos over 2 GB: TVM's importer still can take them
+        log.warning("%s: onnx's checker could not run (%s); importing unchecked", origin, _first_line(e))
     check_supported(model, origin)
     model = _convert_opset(model, origin, opset)
     specs, shapes, dtypes = input_specs(model, origin, input_shapes)

@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import tvm
 from tvm import relax, tirx
 
@@ -157,7 +157,8 @@ class Program:
         return mod
 
     @classmethod
-    def from_module(cls, mod: tvm.IRModule, models: dict[str, ModelInfo], store: WeightStore | None = None) -> "Program":
+    def from_module(cls, mod: tvm.IRModule, models: dict[str, ModelInfo],
+                    store: WeightStore | None = None) -> "Program":
         """Lift the large constants of each model function of ``mod`` into a new weight store."""
         store = store if store is not None else WeightStore()
         new_models = {}
@@ -187,15 +188,19 @@ class Program:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        index = self.weights.save(tmp / "weights.bin")
-        doc = {
-            "format": self.FORMAT,
-            "models": [m.to_json() for m in self.models.values()],
-            "weights": {k: e.to_json() for k, e in index.items()},
-            "ir": tvm.ir.save_json(self.mod),
-        }
-        (tmp / "program.json").write_text(json.dumps(doc))
-        replace_dir(tmp, path)
+        try:
+            index = self.weights.save(tmp / "weights.bin")
+            doc = {
+                "format": self.FORMAT,
+                "models": [m.to_json() for m in self.models.values()],
+                "weights": {k: e.to_json() for k, e in index.items()},
+                "ir": tvm.ir.save_json(self.mod),
+            }
+            (tmp / "program.json").write_text(json.dumps(doc))
+            replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path) -> "Program":
@@ -224,8 +229,6 @@ def replace_dir(tmp: Path, dest: Path) -> None:
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         os.rename(dest, old)
         os.rename(tmp, dest)
-        import shutil
-
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, dest)

@@ -65,7 +65,7 @@ class WeightStore:
         self.added_bytes = 0  # bytes offered, duplicates included: shows what dedup saved
 
     def add(self, array: np.ndarray) -> str:
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")  # not ascontiguousarray: that makes 0-d arrays 1-d
         key = weight_key(array)
         self.added_bytes += array.nbytes
         self._arrays.setdefault(key, array)
@@ -111,7 +111,7 @@ class WeightStore:
                 pad = (-offset) % ALIGN
                 f.write(b"\0" * pad)
                 offset += pad
-                f.write(a.view(np.uint8).data if a.nbytes else b"")
+                f.write(a.reshape(-1).view(np.uint8).data if a.nbytes else b"")  # reshape: 0-d views fail
                 index[key] = WeightEntry(str(a.dtype), tuple(a.shape), offset, a.nbytes)
                 offset += a.nbytes
             f.flush()
@@ -122,7 +122,10 @@ class WeightStore:
     def load(cls, path: str | Path, index: dict[str, WeightEntry], mmap: bool = True) -> "WeightStore":
         """Read tensors back (memory-mapped by default: nothing is copied until used)."""
         store = cls()
-        raw = np.memmap(path, dtype=np.uint8, mode="r") if mmap else np.fromfile(path, dtype=np.uint8)
+        if os.path.getsize(path) == 0:  # no weights at all: np.memmap refuses an empty file
+            raw = np.empty(0, dtype=np.uint8)
+        else:
+            raw = np.memmap(path, dtype=np.uint8, mode="r") if mmap else np.fromfile(path, dtype=np.uint8)
         for key, e in index.items():
             dt = _np_dtype(e.dtype)
             store._arrays[key] = raw[e.offset : e.offset + e.nbytes].view(dt).reshape(e.shape)

@@ -22,14 +22,23 @@ class Explainer:
 
     pass_name: str
     records: list[tuple[bool, str, str]] = field(default_factory=list)
+    # (expr, fired, why) already recorded: TVM's rewrite_call matches again until nothing
+    # changes, which would repeat a "left" record for the same node on every round.
+    _seen: set = field(default_factory=set, repr=False)
+
+    def _record(self, fired: bool, expr, why: str) -> None:
+        key = (expr, fired, why)
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        self.records.append((fired, _where(expr), why))
+        log.debug("%s: %s %s: %s", self.pass_name, "rewrote" if fired else "left", _where(expr), why)
 
     def fired(self, expr, why: str) -> None:
-        self.records.append((True, _where(expr), why))
-        log.debug("%s: rewrote %s: %s", self.pass_name, _where(expr), why)
+        self._record(True, expr, why)
 
     def skip(self, expr, why: str) -> None:
-        self.records.append((False, _where(expr), why))
-        log.debug("%s: left %s: %s", self.pass_name, _where(expr), why)
+        self._record(False, expr, why)
 
     @property
     def num_fired(self) -> int:

@@ -93,7 +93,8 @@ class PassManager:
                         relax.analysis.well_formed(mod)
                     except Exception as e:
                         raise PassError(f"pass {step.name} ({step.phase}) left the module ill-formed: "
-                                        f"{_headline(e, with_type=False)}; passes before it: {', '.join(done) or 'none'}") from None
+                                        f"{_headline(e, with_type=False)}; "
+                                        f"passes before it: {', '.join(done) or 'none'}") from None
                 done.append(step.name)
                 if self.dump_ir:
                     _dump(self.dump_ir / f"{i:02d}-{step.name}.py", mod)
@@ -103,6 +104,7 @@ class PassManager:
         return mod
 
     def phase_seconds(self) -> dict[str, float]:
+        """Seconds per phase of the last run."""
         out: dict[str, float] = {}
         for t in self.timings:
             out[t.phase] = out.get(t.phase, 0.0) + t.seconds

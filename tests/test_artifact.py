@@ -159,3 +159,29 @@ def test_onnx_model_roundtrips_through_file(tmp_path, rng):
     onnx.save(m, tmp_path / "m.onnx")
     art = smelt.compile([str(tmp_path / "m.onnx")], target="cpu")
     assert list(art.models) == ["m"]
+
+
+def _unary(op: str) -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node(op, ["x"], ["y"], name=op.lower())], op,
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_resaved_artifact_runs_new_code_in_same_process(tmp_path):
+    x = np.array([-1, 2, -3, 4], np.float32)
+    out = tmp_path / "same"
+    smelt.compile([_unary("Relu")], names=["f"]).save(out)
+    np.testing.assert_array_equal(smelt.load(out).run("f", x=x), np.maximum(x, 0))
+    smelt.compile([_unary("Neg")], names=["f"]).save(out, force=True)
+    np.testing.assert_array_equal(smelt.load(out).run("f", x=x), -x)
+
+
+def test_input_shape_keys(tmp_path):
+    m = zoo.mlp(batch="B")
+    art = smelt.compile([m, m], names=["a", "b"], input_shapes={"a.features": [4, 64]})
+    assert art.models["a"].inputs[0].shape == (4, 64) and art.models["b"].inputs[0].shape == ("B", 64)
+    with pytest.raises(smelt.SmeltError, match="no model has such an input"):
+        smelt.compile([m], names=["a"], input_shapes={"nope": [1, 64]})

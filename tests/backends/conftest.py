@@ -2,7 +2,8 @@
 
 ``requires_cuda_compiler``: nvcc on PATH (what builds and checks PTX here).
 ``requires_rocm_toolchain``: ld.lld and the ROCm device libraries.
-Use them as ``pytestmark = pytest.mark.usefixtures("requires_rocm_toolchain")``.
+Use them as ``pytestmark = pytest.mark.usefixtures("requires_rocm_toolchain")``, or name them as
+parameters of module-scoped fixtures that build (those are set up before a test's own marks).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import shutil
 import pytest
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def requires_cuda_compiler():
     if shutil.which("nvcc") is None:
         pytest.skip("needs nvcc on PATH (CUDA toolkit) to build CUDA code")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def requires_rocm_toolchain():
     from smelt.errors import BackendError
     from smelt.backends import get

@@ -58,3 +58,33 @@ def test_symbolic_batch_runs_at_several_batches(tmp_path, rng):
     for batch in (1, 3, 2):
         x = rng.standard_normal((batch, 32, 128)).astype("float32")
         check(rt.run(name, hidden=x), ort_outputs(model, {"hidden": x})[0], rtol=2e-3, scale_atol=2e-3)
+
+
+def test_artifact_built_without_a_gpu_compiles_when_loaded(tmp_path, rng, monkeypatch):
+    """What a build machine without a GPU writes (the CUDA C, forced here through TVM's
+    TVM_COMPILE_FORCE_FALLBACK) is compiled when loaded, for the arch it names."""
+    model = zoo.transformer_encoder(layers=1)
+    arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+    monkeypatch.setenv("TVM_COMPILE_FORCE_FALLBACK", "1")
+    art = smelt.compile([model], target="cuda", arch=arch)
+    path = art.save(tmp_path / "art")
+    monkeypatch.delenv("TVM_COMPILE_FORCE_FALLBACK")
+    assert f"// smelt-cuda-arch: {arch}".encode() in (path / "model.so").read_bytes()
+    rt = smelt.load(path)
+    (name,) = rt.models
+    for _ in range(2):
+        x = rng.standard_normal((1, 32, 128)).astype("float32")
+        check(rt.run(name, hidden=x), ort_outputs(model, {"hidden": x})[0],
+              rtol=2e-3, scale_atol=2e-3)
+
+
+def test_kernels_built_with_nvcc_when_nvrtc_is_missing(tmp_path, rng, monkeypatch):
+    from smelt.backends import cuda as cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "_has_nvrtc", lambda: False)
+    model = zoo.transformer_encoder(layers=1)
+    _, rt = build_and_load(model, tmp_path)
+    assert b"\x50\xed\x55\xba" in (tmp_path / "art" / "model.so").read_bytes()  # nvcc's fatbin magic
+    (name,) = rt.models
+    x = rng.standard_normal((1, 32, 128)).astype("float32")
+    check(rt.run(name, hidden=x), ort_outputs(model, {"hidden": x})[0], rtol=2e-3, scale_atol=2e-3)

@@ -18,14 +18,13 @@ from smelt.examples import zoo
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
+def encoder(requires_rocm_toolchain, tmp_path_factory):
     """A one-layer transformer encoder built for gfx942 and saved with its source."""
     art = smelt.compile([zoo.transformer_encoder(layers=1)], target="rocm", arch="gfx942")
     path = art.save(tmp_path_factory.mktemp("rocm") / "enc", emit_source=True)
     return art, path
 
 
-@pytest.mark.usefixtures("requires_rocm_toolchain")
 def test_encoder_builds_hsaco_for_gfx942(encoder):
     art, path = encoder
     assert art.backend == "rocm" and str(art.target.attrs["mcpu"]) == "gfx942"
@@ -36,7 +35,6 @@ def test_encoder_builds_hsaco_for_gfx942(encoder):
     assert {"source/kernels.s", "source/kernels.ll", "source/host.ll"} <= files
 
 
-@pytest.mark.usefixtures("requires_rocm_toolchain")
 def test_emitted_assembly_targets_the_arch(encoder):
     art, path = encoder
     asm = (path / "source" / "kernels.s").read_text()

@@ -51,3 +51,16 @@ def test_store_dedups_by_content_and_round_trips(tmp_path, rng):
     for k in (k1, k3, k4):
         np.testing.assert_array_equal(loaded[k], store[k])
         assert loaded[k].dtype == store[k].dtype and loaded[k].shape == store[k].shape
+
+
+def test_empty_and_scalar_stores_round_trip(tmp_path):
+    """A model without weights writes an empty weights.bin, which np.memmap cannot map."""
+    empty = WeightStore()
+    index = empty.save(tmp_path / "empty.bin")
+    assert index == {} and (tmp_path / "empty.bin").stat().st_size == 0
+    assert len(WeightStore.load(tmp_path / "empty.bin", index)) == 0
+
+    store = WeightStore()
+    k = store.add(np.array(2.5, dtype="float32"))
+    loaded = WeightStore.load(tmp_path / "scalar.bin", store.save(tmp_path / "scalar.bin"))
+    assert loaded[k].shape == () and float(loaded[k]) == 2.5

@@ -12,6 +12,7 @@ import tvm
 from tvm.script import ir as I
 from tvm.script import relax as R
 
+from smelt.ir import summarize
 from smelt.passes import Explainer, FoldBatchNorm
 
 F32 = np.float32
@@ -539,3 +540,39 @@ def test_conv_with_bias_then_bn_from_onnx(tmp_path, rng, onnx_reference):
     assert art.report.ops_after_hist == {"nn.conv2d": 1, "add": 1, "nn.relu": 1}
     (ref,) = onnx_reference(model, {"input": x})
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_several_batch_norms_explained_once_each(rng, run):
+    """rewrite_call matches until nothing changes; each BatchNorm is still explained once."""
+    w1, w2, w3 = _randn(rng, 4, 3, 3, 3), _randn(rng, 4, 4, 3, 3), _randn(rng, 4, 4, 3, 3)
+    s1, s2, s3 = _stats(rng, 4), _stats(rng, 4), _stats(rng, 4)
+
+    def bn(x, s):
+        return R.nn.batch_norm(x, *(R.const(a) for a in s), axis=1, epsilon=EPS, training=False)
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 3, 8, 8), "float32")):
+            with R.dataflow():
+                lv = R.nn.conv2d(x, R.const(w1), padding=1)
+                lv1 = bn(lv, s1)[0]
+                lv2 = R.nn.conv2d(lv1, R.const(w2), padding=1)
+                lv3 = bn(lv2, s2)[0]  # lv2 is also used below: not folded
+                lv4 = R.nn.conv2d(R.nn.relu(lv2), R.const(w3), padding=1)
+                lv5 = bn(lv4, s3)[0]
+                gv = R.add(lv3, lv5)
+                R.output(gv)
+            return gv
+
+    explain = Explainer("FoldBatchNorm")
+    after = FoldBatchNorm(explain)(Before)
+    assert explain.lines() == [
+        "FoldBatchNorm: rewrote nn.batch_norm: folded into nn.conv2d",
+        "FoldBatchNorm: left nn.batch_norm: the value before it has other users: folding would compute it twice",
+        "FoldBatchNorm: rewrote nn.batch_norm: folded into nn.conv2d",
+        "FoldBatchNorm: rewrote nn.batch_norm: no conv/matmul folded into: one multiply and one add"]
+    assert dict(summarize(after).ops) == {"nn.conv2d": 3, "add": 4, "multiply": 1, "nn.relu": 1}
+    x = rng.standard_normal((1, 3, 8, 8)).astype(F32)
+    ref = run(Before, x)
+    np.testing.assert_allclose(run(after, x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
