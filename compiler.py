@@ -72,7 +72,8 @@ def _as_list(models) -> list:
     if isinstance(models, (str, Path)) or isinstance(models, tuple) and len(models) == 2 and \
             not isinstance(models[0], (str, Path)) and hasattr(models[0], "forward"):
         return [models]
-    if hasattr(models, "graph") or type(models).__name__ in ("ExportedProgram", "ModelProto"):
+    if hasattr(models, "graph") or hasattr(models, "forward") or \
+            type(models).__name__ in ("ExportedProgram", "ModelProto"):
         return [models]
     return list(models)
 

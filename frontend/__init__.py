@@ -28,7 +28,7 @@ def load(source, name: str | None = None, input_shapes: dict | None = None,
         if path.suffix == ".pt2":
             from .from_torch import import_torch
 
-            return import_torch(path, name=name)
+            return import_torch(path, name=name, dynamic_batch=dynamic_batch)
         from .from_onnx import import_onnx
 
         return import_onnx(path, name=name, input_shapes=input_shapes)
@@ -40,10 +40,10 @@ def load(source, name: str | None = None, input_shapes: dict | None = None,
         from .from_torch import import_torch
 
         return import_torch(source[0], source[1], name=name, dynamic_batch=dynamic_batch)
-    if type(source).__name__ == "ExportedProgram":
+    if type(source).__name__ == "ExportedProgram" or hasattr(source, "forward"):
         from .from_torch import import_torch
 
-        return import_torch(source, name=name)
+        return import_torch(source, name=name, dynamic_batch=dynamic_batch)
     raise FrontendError(f"cannot import a {type(source).__name__}: smelt takes {ACCEPTED}")
 
 

@@ -43,7 +43,9 @@ def canonicalize_passes(opts: PipelineOptions) -> list[tvm.transform.Pass]:
 
 
 def fuse_passes(opts: PipelineOptions) -> list[tvm.transform.Pass]:
-    passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+    # TVM's library dispatch picks sort/scan/sampling kernels for the target in scope.
+    passes = [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
+              relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
               relax.transform.FoldConstant()]
     if opts.fuse:
         passes += [relax.transform.FuseOps(), relax.transform.FuseTIR()]

@@ -371,9 +371,6 @@ def test_cumsum_reverse_imports_as_flip():
     assert {"relax.flip", "relax.cumsum"} <= ops and "relax.call_tir" not in ops
 
 
-@pytest.mark.xfail(strict=True, raises=smelt.BackendError,
-                   reason="passes/pipeline.py: the fuse phase lacks TVM's DispatchSortScan, so cumsum/topk/"
-                          "sort reach VM codegen unlowered ('code generation for cpu failed: R.cumsum(...)')")
 def test_cumsum_reverse_matches(tmp_path_factory):
     m = _cumsum_reverse_model()
     _, rt = _compile_load(tmp_path_factory, [m], ["cumsum"])

@@ -346,9 +346,6 @@ def test_module_without_example_inputs():
         smelt.compile([module], target="cpu")
 
 
-@pytest.mark.xfail(raises=TypeError, strict=True,
-                   reason="compiler._as_list calls list() on a bare nn.Module (TypeError, or an nn.Sequential's "
-                          "layers); it should raise FrontendError asking for (module, example_inputs)")
 def test_bare_module_without_a_list():
     module, _ = torch_zoo.mlp()
     with pytest.raises(smelt.FrontendError, match="example"):
