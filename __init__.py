@@ -8,14 +8,24 @@ Public API::
     y = rt.run("a", x=x)
 """
 
-from .artifact import Artifact, Runtime, load
-from .backends import TargetOptions
-from .compiler import CompileOptions, CompileReport, compile, import_models
-from .errors import (ArtifactError, BackendError, FrontendError, InputError, PassError, SmeltError,
-                     UnsupportedOpsError)
-from .ir import Program
-from .passes import PipelineOptions
+import sys as _sys
 
-__all__ = ["Artifact", "ArtifactError", "BackendError", "CompileOptions", "CompileReport", "FrontendError",
-           "InputError", "PassError", "PipelineOptions", "Program", "Runtime", "SmeltError", "TargetOptions",
-           "UnsupportedOpsError", "compile", "import_models", "load"]
+if __name__ != "smelt":
+    # Imported by file path, not as the package (pytest sets up the repository root as a
+    # package when it collects tests/): stand for smelt itself so that no module of smelt
+    # is loaded twice (twice-loaded error classes would no longer match).
+    import importlib as _importlib
+
+    _sys.modules[__name__] = _importlib.import_module("smelt")
+else:
+    from .artifact import Artifact, Runtime, load
+    from .backends import TargetOptions
+    from .compiler import CompileOptions, CompileReport, compile, import_models
+    from .errors import (ArtifactError, BackendError, FrontendError, InputError, PassError, SmeltError,
+                         UnsupportedOpsError)
+    from .ir import Program
+    from .passes import PipelineOptions
+
+    __all__ = ["Artifact", "ArtifactError", "BackendError", "CompileOptions", "CompileReport", "FrontendError",
+               "InputError", "PassError", "PipelineOptions", "Program", "Runtime", "SmeltError", "TargetOptions",
+               "UnsupportedOpsError", "compile", "import_models", "load"]

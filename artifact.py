@@ -166,7 +166,8 @@ def _device_for(manifest: dict, path: Path, device_id: int):
     if backend == "cuda":
         want = str(target.get("arch", ""))
         have = "sm_" + dev.compute_version.replace(".", "")
-        if want and want != have:
+        # sm_90a/sm_90f code runs on an sm_90 GPU: compare the compute capability only.
+        if want and want.rstrip("af") != have:
             raise ArtifactError(f"{path}: built for {want}, this GPU is {have}; recompile with --arch {have}")
     if backend == "cpu":
         machine = manifest.get("host", {}).get("machine")

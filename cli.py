@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .errors import SmeltError
+from .errors import SmeltError, error_line
 
 log = logging.getLogger("smelt")
 
@@ -22,8 +22,7 @@ def _fail(ctx: click.Context, err: BaseException) -> None:
     if isinstance(err, SmeltError):
         click.echo(f"error: {err}", err=True)
         ctx.exit(1)
-    click.echo(f"internal error: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
-               f" (run with --debug for the traceback)", err=True)
+    click.echo(f"internal error: {error_line(err, with_type=True)} (run with --debug for the traceback)", err=True)
     ctx.exit(2)
 
 

@@ -18,7 +18,7 @@ from tvm import relax
 from . import backends, frontend
 from .artifact import Artifact
 from .autotune import records_passes
-from .errors import BackendError, SmeltError
+from .errors import BackendError, SmeltError, error_line
 from .ir import Program, summarize
 from .passes import PassManager, PipelineOptions, Step, build_pipeline
 
@@ -197,13 +197,12 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     if on_step:
         on_step(Step("build", _BuildMarker), len(steps) + 1, len(steps) + 1)
     try:
-        with tvm.transform.PassContext(opt_level=3, config=backend.pass_config(opts.target)):
+        with tvm.transform.PassContext(opt_level=3, config=backend.pass_config(opts.target)), tvm_target:
             executable = relax.build(mod, tvm_target, relax_pipeline=None)
     except SmeltError:
         raise
     except Exception as e:
-        msg = str(e).strip().splitlines()
-        raise BackendError(f"code generation for {opts.target.kind} failed: {msg[-1] if msg else e}") from e
+        raise BackendError(f"code generation for {opts.target.kind} failed: {error_line(e, last=True)}") from e
     report.phase_seconds["build"] = time.perf_counter() - t1
     return Artifact(executable, lowered.models, lowered.weights, backend.name, tvm_target, opts, report,
                     [s.name for s in steps])

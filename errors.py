@@ -41,3 +41,31 @@ class ArtifactError(SmeltError):
 
 class InputError(SmeltError):
     """Inputs given to a compiled model do not match its signature."""
+
+
+def error_line(e: BaseException, last: bool = False, with_type: bool = False) -> str:
+    """One informative line of an exception's message, for one-line reports.
+
+    Python errors put the point first; TVM errors often put it last, after context,
+    and append remarks such as ``# Metadata omitted``, which are skipped.
+    """
+    lines = [ln.strip() for ln in str(e).strip().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        return type(e).__name__
+    line = lines[-1] if last else lines[0]
+    return f"{type(e).__name__}: {line}" if with_type else line
+
+
+def _register_with_tvm() -> None:
+    """Let smelt's errors cross TVM's FFI (a pass raising BackendError inside TVM's pass
+    infrastructure comes back as BackendError, not as a generic RuntimeError)."""
+    try:
+        import tvm_ffi
+    except ImportError:  # pragma: no cover - TVM is a hard dependency
+        return
+    for cls in (SmeltError, FrontendError, UnsupportedOpsError, PassError, BackendError, ArtifactError, InputError):
+        tvm_ffi.register_error(f"smelt.{cls.__name__}", cls)
+
+
+_register_with_tvm()

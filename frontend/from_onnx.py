@@ -29,7 +29,7 @@ from onnx import external_data_helper
 from tvm import relax, tirx, topi
 from tvm.relax.frontend.onnx import onnx_frontend as _tvm_onnx
 
-from ..errors import FrontendError, UnsupportedOpsError
+from ..errors import FrontendError, UnsupportedOpsError, error_line
 from ..ir import TensorSpec
 from .common import ImportedModel
 
@@ -47,16 +47,12 @@ _DTYPES = {
 
 
 def _first_line(e: BaseException) -> str:
-    lines = [s for s in str(e).strip().splitlines() if s.strip()]
-    return lines[0].strip() if lines else type(e).__name__
+    return error_line(e)
 
 
 def _last_line(e: BaseException) -> str:
-    lines = [s for s in str(e).strip().splitlines() if s.strip()]
-    if not lines:
-        return type(e).__name__
     # TVM's op errors start with the whole repr of the op ("In ir.Op(span=None, ..., name="relax.add", ...), ").
-    return re.sub(r'In ir\.Op\(.*?name="([\w.]+)".*?support_level=\d+\), ', r"In \1: ", lines[-1].strip())
+    return re.sub(r'In ir\.Op\(.*?name="([\w.]+)".*?support_level=\d+\), ', r"In \1: ", error_line(e, last=True))
 
 
 # -- reading ------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tvm import relax, tirx
 
-from ..errors import FrontendError
+from ..errors import FrontendError, error_line
 from ..ir import tensor_specs
 from .common import ImportedModel
 
@@ -229,8 +229,7 @@ def import_exported(ep, name: str, source: str, dynamic_batch: bool = False) -> 
     try:
         mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True)
     except Exception as e:
-        msg = str(e).strip().splitlines()
-        raise FrontendError(f"{source}: TVM's torch frontend failed: {msg[-1] if msg else type(e).__name__}"
+        raise FrontendError(f"{source}: TVM's torch frontend failed: {error_line(e, last=True)}"
                             f"{_dtype_hint(ep)}") from None
     func = mod["main"]
     sig = ep.graph_signature

@@ -2,7 +2,7 @@
 
 from .program import ModelInfo, Program, TensorSpec, tensor_specs, valid_model_name
 from .summary import Summary, summarize
-from .weights import WeightStore, exact_const, lift_constants, weight_key
+from .weights import WeightStore, lift_constants, weight_key
 
-__all__ = ["ModelInfo", "Program", "Summary", "TensorSpec", "WeightStore", "exact_const", "lift_constants",
+__all__ = ["ModelInfo", "Program", "Summary", "TensorSpec", "WeightStore", "lift_constants",
            "summarize", "tensor_specs", "valid_model_name", "weight_key"]

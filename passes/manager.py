@@ -23,7 +23,7 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
-from ..errors import PassError, SmeltError
+from ..errors import PassError, SmeltError, error_line
 from ..ir.weights import lift_constants
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class PassManager:
                 except SmeltError:
                     raise
                 except Exception as e:
-                    raise PassError(f"pass {step.name} ({step.phase}) failed: {_headline(e)}"
+                    raise PassError(f"pass {step.name} ({step.phase}) failed: {error_line(e, with_type=True)}"
                                     f"; passes before it: {', '.join(done) or 'none'}") from e
                 dt = time.perf_counter() - t0
                 self.timings.append(PassTiming(step.phase, step.name, dt))
@@ -93,7 +93,7 @@ class PassManager:
                         relax.analysis.well_formed(mod)
                     except Exception as e:
                         raise PassError(f"pass {step.name} ({step.phase}) left the module ill-formed: "
-                                        f"{_headline(e, with_type=False)}; "
+                                        f"{error_line(e)}; "
                                         f"passes before it: {', '.join(done) or 'none'}") from None
                 done.append(step.name)
                 if self.dump_ir:
@@ -109,16 +109,6 @@ class PassManager:
         for t in self.timings:
             out[t.phase] = out.get(t.phase, 0.0) + t.seconds
         return out
-
-
-def _headline(e: Exception, with_type: bool = True) -> str:
-    """The first line of an error that says something: TVM appends remarks such as
-    "# Metadata omitted. ..." to its messages, and Python's first line is the point."""
-    lines = [ln.strip() for ln in str(e).strip().splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not lines:
-        return type(e).__name__
-    return f"{type(e).__name__}: {lines[0]}" if with_type else lines[0]
 
 
 _DUMP_HEADER = ("# Tensor constants are shown as extra trailing parameters w<i> (values not dumped),\n"

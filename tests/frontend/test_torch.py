@@ -342,7 +342,7 @@ def test_module_without_example_inputs():
     module, _ = torch_zoo.mlp()
     with pytest.raises(smelt.FrontendError, match="needs example inputs"):
         smelt.compile([(module, None)], target="cpu")
-    with pytest.raises(smelt.FrontendError, match="example_inputs"):
+    with pytest.raises(smelt.FrontendError, match="needs example inputs"):
         smelt.compile([module], target="cpu")
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from tvm import relax
 
-from smelt.ir import WeightStore, exact_const, weight_key
-from smelt.ir.weights import stays_inline
+from smelt.ir import WeightStore, weight_key
+from smelt.ir.weights import exact_const, stays_inline
 
 
 def test_relax_const_narrows_and_exact_const_does_not():
