@@ -88,10 +88,11 @@ def _parse_shape(value: str) -> tuple[str, list]:
 @click.option("--no-fold-batch-norm", is_flag=True, help="Keep BatchNorm as its own ops.")
 @click.option("--tune-log-dir", default="tune_logs", show_default=True, type=click.Path(file_okay=False),
               help="Where tuning records are looked up.")
+@click.option("--explain", is_flag=True, help="Print why each rewrite fired or did not.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the compile report as JSON.")
 def compile(models, target, arch, triple, output, names, shapes, force, emit_source, dump_ir, verify_each,
-            no_cuda_graph, no_fold_batch_norm, tune_log_dir, quiet, as_json):
+            no_cuda_graph, no_fold_batch_norm, tune_log_dir, explain, quiet, as_json):
     """Compile MODELS (.onnx, .pt2) together into one artifact folder."""
     from . import CompileOptions, PipelineOptions, TargetOptions
     from . import compile as compile_models
@@ -125,6 +126,19 @@ def compile(models, target, arch, triple, output, names, shapes, force, emit_sou
         click.echo(json.dumps({"output": str(path), "seconds": round(total, 3), "manifest": _manifest(path)}, indent=1))
     elif not quiet:
         click.echo(format_compile_summary(art, path, total))
+        if explain:
+            click.echo("\n".join(format_explanations(art.report.explanations)))
+
+
+def format_explanations(lines: list[str]) -> list[str]:
+    """Identical records once, with their count, in first-seen order."""
+    from collections import Counter
+
+    counts = Counter(lines)
+    out = ["why rewrites fired or not:"] if counts else ["no pattern pass had anything to say"]
+    for line in dict.fromkeys(lines):
+        out.append(f"  {line}" + (f" (x{counts[line]})" if counts[line] > 1 else ""))
+    return out
 
 
 def _manifest(path: Path) -> dict:

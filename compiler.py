@@ -20,7 +20,7 @@ from .artifact import Artifact
 from .autotune import records_passes
 from .errors import BackendError, SmeltError, error_line
 from .ir import Program, summarize
-from .passes import PassManager, PipelineOptions, Step, build_pipeline
+from .passes import Explainer, PassManager, PipelineOptions, Step, build_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class CompileReport:
     schedules: dict = field(default_factory=dict)
     schedule_fallbacks: dict = field(default_factory=dict)
     tuned_kernels: int = 0
+    explanations: list = field(default_factory=list)  # why rewrites fired or not (--explain)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -183,6 +184,9 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
         if isinstance(rep, dict):
             report.schedules.update(rep)
             report.schedule_fallbacks.update(getattr(step.pass_, "fallbacks", {}))
+        explain = getattr(step.pass_, "explain", None)
+        if isinstance(explain, Explainer):
+            report.explanations += explain.lines()
     report.tuned_kernels = sum(1 for v in report.schedules.values() if v == "tuned")
     report.phase_seconds.update(manager.phase_seconds())
     report.pass_seconds = [(t.name, round(t.seconds, 4)) for t in manager.timings]

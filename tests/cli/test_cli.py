@@ -119,3 +119,9 @@ def test_tampered_artifact(artifact, tmp_path):
 def test_debug_shows_traceback(tmp_path):
     r = invoke("--debug", "compile", tmp_path / "nope.onnx", "-o", tmp_path / "o")
     assert r.exit_code != 0 and r.exception is not None
+
+
+def test_explain_says_why(models, tmp_path):
+    r = invoke("compile", models / "cnn.onnx", "-o", tmp_path / "o", "--explain")
+    assert r.exit_code == 0, r.output
+    assert "FoldBatchNorm: rewrote nn.batch_norm: folded into nn.conv2d (x20)" in r.output
