@@ -157,10 +157,10 @@ def format_compile_summary(art, path: Path, total: float) -> str:
     r = art.report
     m = _manifest(path)
     lines = [f"smelt compile: {len(art.models)} model(s) -> {path} ({art.backend}, {_target_str(m)})"]
-    rows = [("model", "inputs", "outputs", "GFLOP")]
+    rows = [("model", "inputs", "outputs", "FLOPs")]
     for name, info in art.models.items():
         rows.append((name, "; ".join(map(str, info.inputs)), "; ".join(map(str, info.outputs)),
-                     f"{r.flops.get(name, 0) / 1e9:.3f}"))
+                     _flops(r.flops.get(name, 0))))
     lines += _table(rows, indent=2)
     removed = sorted(set(r.ops_before_hist) - set(r.ops_after_hist))
     lines.append(f"  ops: {r.ops_before} -> {r.ops_after} after canonicalization"
@@ -179,6 +179,13 @@ def format_compile_summary(art, path: Path, total: float) -> str:
                  + ", ".join(f"{f} {_mb((Path(path) / f).stat().st_size)}" for f in files if "/" not in f) + ")")
     lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in r.phase_seconds.items()) + f"; total {total:.2f}s")
     return "\n".join(lines)
+
+
+def _flops(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
 
 
 def _target_str(m: dict) -> str:
@@ -288,7 +295,7 @@ def _format_inspect(d: dict) -> list[str]:
             lines.append(f"    inputs:  {'; '.join(m['inputs'])}")
             lines.append(f"    outputs: {'; '.join(m['outputs'])}")
             per = " per unit of each symbolic dim" if m["flops_per_unit_batch"] else ""
-            lines.append(f"    parameters: {m['params']:,} ({_mb(m['param_bytes'])}); FLOPs: {m['flops'] / 1e9:.3f} G{per}")
+            lines.append(f"    parameters: {m['params']:,} ({_mb(m['param_bytes'])}); FLOPs: {_flops(m['flops'])}{per}")
             lines.append("    ops: " + ", ".join(f"{k} {v}" for k, v in m["ops"].items()))
         return lines
     lines = [f"{d['path']}: smelt artifact for {d['backend']} ({_target_str(d)}), smelt {d['smelt']}, TVM {d['tvm']}",

@@ -59,7 +59,9 @@ def _reference(path: Path, feeds: dict) -> list[np.ndarray] | None:
         return sess.run(None, feeds)
     import torch
 
-    ep = torch.export.load(str(path))
+    from ..frontend.from_torch import load_pt2
+
+    ep = load_pt2(path)
     out = ep.module()(*[torch.from_numpy(v) for v in feeds.values()])
     return [o.detach().numpy() for o in (out if isinstance(out, (tuple, list)) else [out])]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -159,7 +160,10 @@ def load_pt2(path: str | Path):
         kind = "a torch.save file" if any(n.endswith("data.pkl") for n in names) else "a zip file"
         raise FrontendError(f"{path}: {kind}, not a torch.export archive; {_HINT_PT2}")
     try:
-        return torch.export.load(str(path))
+        with warnings.catch_warnings():
+            # torch's own deprecation notices about its pytree internals; nothing a user can act on
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.export.load(str(path))
     except Exception as e:
         raise FrontendError(f"{path}: not a readable torch.export .pt2 file ({type(e).__name__}: {e})") from None
 
