@@ -84,7 +84,9 @@ class Artifact:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:
-            self.executable.export_library(str(tmp / LIBRARY))
+            from .backends.base import host_linker_options
+
+            self.executable.export_library(str(tmp / LIBRARY), **host_linker_options(self.target))
             index = self.weights.save(tmp / WEIGHTS)
             files = [LIBRARY, WEIGHTS]
             if emit_source:

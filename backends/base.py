@@ -66,3 +66,33 @@ def module_tree(mod) -> list:
         out.append(m)
         stack.extend(reversed(list(m.imports)))
     return out
+
+
+def _triple_arch(triple: str) -> str:
+    return triple.split("-")[0].replace("amd64", "x86_64").replace("arm64", "aarch64")
+
+
+def host_linker_options(target: tvm.target.Target) -> dict:
+    """``export_library`` options for the host code of ``target``: the system compiler for this
+    machine's architecture, ``<triple>-g++`` for another one (cross-compilation).
+
+    Raises BackendError naming the package to install when no cross linker is found.
+    """
+    import platform
+    import shutil
+
+    from ..errors import BackendError
+
+    host = target.host if target.host is not None else target
+    triple = str(host.attrs.get("mtriple", "")) if host.kind.name == "llvm" else ""
+    here = _triple_arch(platform.machine().lower())
+    if not triple or _triple_arch(triple) == here:
+        return {}
+    arch = _triple_arch(triple)
+    for cxx in (f"{triple}-g++", f"{arch}-linux-gnu-g++"):
+        if shutil.which(cxx):
+            from tvm.support import cc
+
+            return {"fcompile": cc.cross_compiler(cxx)}
+    raise BackendError(f"linking code for {triple} on this {here} machine needs a cross linker "
+                       f"({arch}-linux-gnu-g++): apt-get install g++-{arch}-linux-gnu")

@@ -13,7 +13,7 @@ import tvm
 from tvm.relax.backend.cpu_generic import pipeline as _cpu
 
 from ..errors import BackendError
-from .base import TargetOptions
+from .base import TargetOptions, host_linker_options
 
 _TRIPLES = {"x86_64": "x86_64-linux-gnu", "amd64": "x86_64-linux-gnu",
             "aarch64": "aarch64-linux-gnu", "arm64": "aarch64-linux-gnu"}
@@ -50,7 +50,8 @@ class CPUBackend:
             raise BackendError(f"bad CPU target {spec}: {e}") from None
 
     def check_toolchain(self, opts: TargetOptions) -> None:
-        return None
+        """Cross-compiling needs a linker for the triple: fail before any work, not at save."""
+        host_linker_options(self.target(opts))
 
     def schedule_passes(self, target):
         return []
