@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import tvm
@@ -19,8 +19,9 @@ from . import backends, frontend
 from .artifact import Artifact
 from .autotune import records_passes
 from .errors import BackendError, SmeltError, error_line
-from .ir import Program, summarize
-from .passes import Explainer, PassManager, PipelineOptions, Step, build_pipeline
+from .ir import ModelInfo, Program, TensorSpec, summarize
+from .passes import (MERGED, Explainer, MergeCommonStems, MergeOptions, PassManager, PipelineOptions, Step,
+                     build_pipeline, resolve_shared_inputs)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class CompileOptions:
     tune_log_dir: str | None = "tune_logs"
     verify_each: bool = False
     dump_ir: str | None = None
+    merge: MergeOptions = field(default_factory=MergeOptions)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -61,6 +63,7 @@ class CompileReport:
     schedule_fallbacks: dict = field(default_factory=dict)
     tuned_kernels: int = 0
     explanations: list = field(default_factory=list)  # why rewrites fired or not (--explain)
+    merge: dict = field(default_factory=dict)  # what MergeCommonStems/FuseHorizontal shared
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -140,13 +143,22 @@ def _shapes_for(input_shapes: dict | None, model: str | None, src, used: set) ->
 
 
 def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequence[str] | None = None,
-            input_shapes: dict | None = None, dynamic_batch: bool = False, options: CompileOptions | None = None,
-            on_step: Callable | None = None) -> Artifact:
+            input_shapes: dict | None = None, dynamic_batch: bool = False, merge: bool | None = None,
+            share_inputs: bool | None = None, share_input: dict | None = None,
+            options: CompileOptions | None = None, on_step: Callable | None = None) -> Artifact:
     """Compile ``models`` (paths, ModelProtos, ExportedPrograms or (module, example_args)) together.
 
+    ``merge=True`` adds the ``__all__`` entry that runs every model at once, computing shared
+    stems once and fusing same-shaped layers; ``share_inputs=True`` shares inputs of equal
+    name, shape and dtype; ``share_input={"b.x": "a.x"}`` shares named ones.
     Returns an in-memory ``Artifact``; ``art.save(dir)`` writes it, ``smelt.load(dir)`` runs it.
     """
     opts = options or CompileOptions()
+    if merge is not None or share_inputs is not None or share_input:
+        m = opts.merge
+        opts = replace(opts, merge=MergeOptions(
+            m.enabled if merge is None else bool(merge), m.share_inputs if share_inputs is None else bool(share_inputs),
+            m.share + tuple((share_input or {}).items()), m.horizontal))
     if opts.target.kind != target or (arch and opts.target.arch != arch):
         opts = CompileOptions(backends.TargetOptions(target, arch or opts.target.arch, opts.target.triple,
                                                      opts.target.cuda_graph),
@@ -162,7 +174,8 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     before = summarize(program.mod)
     report.ops_before, report.ops_before_hist = before.num_ops, dict(before.ops)
 
-    steps = build_pipeline(backend, tvm_target, opts.pipeline)
+    merge_passes = _merge_passes(program, opts.merge)
+    steps = build_pipeline(backend, tvm_target, opts.pipeline, merge=merge_passes)
     tuned = records_passes(tvm_target, opts.tune_log_dir)
     if tuned:  # records first: default schedules only touch what they did not cover
         first = next(i for i, s in enumerate(steps) if s.phase == "schedule") if any(
@@ -174,6 +187,10 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
             s = summarize(mod, list(program.models))
             report.ops_after, report.ops_after_hist = s.num_ops, dict(s.ops)
             report.flops = {m: summarize(mod, [m]).flops for m in program.models}
+        if phase == "merge" and any(gv.name_hint == MERGED for gv in mod.get_global_vars()):
+            program.models[MERGED] = _merged_info(mod, program.models)
+            stems = merge_passes[0]
+            report.merge = stems.report.to_json()
 
     manager = PassManager(steps, dump_ir=Path(opts.dump_ir) if opts.dump_ir else None,
                           verify_each=opts.verify_each, on_step=on_step, after_phase=after_phase,
@@ -210,6 +227,39 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     report.phase_seconds["build"] = time.perf_counter() - t1
     return Artifact(executable, lowered.models, lowered.weights, backend.name, tvm_target, opts, report,
                     [s.name for s in steps])
+
+
+def _merge_passes(program: Program, opts: MergeOptions) -> list:
+    if not opts.enabled:
+        return []
+    if len(program.models) < 2:
+        log.info("--merge with one model: nothing to merge")
+        return []
+    shared = resolve_shared_inputs(program.models, opts.share_inputs, opts.share)
+    passes = [MergeCommonStems({m: [t.name for t in info.inputs] for m, info in program.models.items()}, shared)]
+    if opts.horizontal:
+        from . import passes as _passes
+
+        if hasattr(_passes, "FuseHorizontal"):
+            passes.append(_passes.FuseHorizontal())
+    return passes
+
+
+def _merged_info(mod: tvm.IRModule, models: dict) -> ModelInfo:
+    """Signature of ``__all__``: its parameters (named ``model.input``) and every model's outputs."""
+    import json
+
+    meta = json.loads(str(mod[MERGED].attrs["smelt.merge"]))
+    first_key = {}
+    for key, param in meta["inputs"].items():
+        first_key.setdefault(param, key)
+    specs = {f"{m}.{t.name}": t for m, info in models.items() for t in info.inputs}
+    inputs = []
+    for p in mod[MERGED].params:
+        spec = specs[first_key[p.name]]
+        inputs.append(TensorSpec(first_key[p.name], spec.shape, spec.dtype))
+    outputs = [TensorSpec(f"{m}.{t.name}", t.shape, t.dtype) for m, info in models.items() for t in info.outputs]
+    return ModelInfo(MERGED, inputs, outputs, "merged: " + ", ".join(models), [])
 
 
 @tvm.transform.module_pass(opt_level=0, name="BuildExecutable")

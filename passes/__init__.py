@@ -5,9 +5,10 @@ from .fold_batch_norm import FoldBatchNorm
 from .fold_constant_layout import FoldConstantLayout
 from .lift_weights import LiftWeights
 from .manager import PassManager, PassTiming, Step
-from .pipeline import PHASES, PipelineOptions, build_pipeline, canonicalize_passes, fuse_passes
+from .merge_common_stems import MERGED, MergeCommonStems, MergeReport, resolve_shared_inputs
+from .pipeline import PHASES, MergeOptions, PipelineOptions, build_pipeline, canonicalize_passes, fuse_passes
 from .remove_identity_ops import RemoveIdentityOps
 
 __all__ = ["Explainer", "FoldBatchNorm", "FoldConstantLayout", "LiftWeights", "PHASES", "PassManager",
-           "PassTiming", "PipelineOptions", "RemoveIdentityOps", "Step", "build_pipeline",
-           "canonicalize_passes", "fuse_passes"]
+           "MERGED", "MergeCommonStems", "MergeOptions", "MergeReport", "PassTiming", "PipelineOptions", "RemoveIdentityOps", "Step", "build_pipeline",
+           "canonicalize_passes", "fuse_passes", "resolve_shared_inputs"]

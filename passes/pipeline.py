@@ -25,6 +25,21 @@ PHASES = ("canonicalize", "merge", "quantize", "fuse", "schedule", "lower")
 
 
 @dataclass(frozen=True)
+class MergeOptions:
+    """How models compiled together share work (issue: merge models).
+
+    ``enabled`` adds the ``__all__`` entry running every model; ``share_inputs`` shares
+    inputs of equal name, shape and dtype; ``share`` lists explicit ``("a.x", "b.x")``
+    pairs; ``horizontal`` fuses same-shaped layers of different models into one wider op.
+    """
+
+    enabled: bool = False
+    share_inputs: bool = False
+    share: tuple[tuple[str, str], ...] = ()
+    horizontal: bool = True
+
+
+@dataclass(frozen=True)
 class PipelineOptions:
     """Options that choose passes (recorded in the artifact manifest)."""
 
