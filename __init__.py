@@ -20,12 +20,12 @@ if __name__ != "smelt":
 else:
     from .artifact import Artifact, Runtime, load
     from .backends import TargetOptions
-    from .compiler import CompileOptions, CompileReport, compile, import_models
+    from .compiler import CompileOptions, CompileReport, MergeAnalysis, analyze_merge, compile, import_models
     from .errors import (ArtifactError, BackendError, FrontendError, InputError, PassError, SmeltError,
                          UnsupportedOpsError)
     from .ir import Program
     from .passes import PipelineOptions
 
-    __all__ = ["Artifact", "ArtifactError", "BackendError", "CompileOptions", "CompileReport", "FrontendError",
+    __all__ = ["MergeAnalysis", "analyze_merge", "Artifact", "ArtifactError", "BackendError", "CompileOptions", "CompileReport", "FrontendError",
                "InputError", "PassError", "PipelineOptions", "Program", "Runtime", "SmeltError", "TargetOptions",
                "UnsupportedOpsError", "compile", "import_models", "load"]

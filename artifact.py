@@ -23,7 +23,7 @@ import tvm
 from tvm import relax
 
 from .errors import ArtifactError, InputError
-from .ir import ModelInfo, TensorSpec, WeightStore
+from .ir import MERGED, ModelInfo, TensorSpec, WeightStore
 from .ir.program import replace_dir
 from .ir.weights import WeightEntry
 
@@ -251,6 +251,22 @@ class Runtime:
         self.vm[model](*args)
         timer = self.vm.time_evaluator(model, self.device, number=number, repeat=repeat)
         return [float(r) for r in timer(*args).results]
+
+    def run_all(self, **inputs) -> dict[str, np.ndarray | tuple]:
+        """Run every model at once through the merged entry (``merge=True``); inputs are named
+        ``model.input`` (a shared input by its first model's name). Returns ``{model: outputs}``."""
+        if MERGED not in self.models:
+            raise InputError(f"{self.path} has no merged entry; compile the models with --merge")
+        outs = self.run(MERGED, **inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        result, i = {}, 0
+        for name, info in self.models.items():
+            if name == MERGED:
+                continue
+            n = len(info.outputs)
+            result[name] = outs[i] if n == 1 else tuple(outs[i:i + n])
+            i += n
+        return result
 
     def run_named(self, model: str, **inputs) -> dict[str, np.ndarray]:
         """Like ``run``, returning ``{output name: array}``."""

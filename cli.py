@@ -88,21 +88,32 @@ def _parse_shape(value: str) -> tuple[str, list]:
 @click.option("--no-fold-batch-norm", is_flag=True, help="Keep BatchNorm as its own ops.")
 @click.option("--tune-log-dir", default="tune_logs", show_default=True, type=click.Path(file_okay=False),
               help="Where tuning records are looked up.")
+@click.option("--merge", is_flag=True, help="Add the __all__ entry: shared stems computed once, same-shaped "
+              "layers of different models fused.")
+@click.option("--share-inputs", is_flag=True, help="With --merge: inputs of equal name, shape and dtype are one input.")
+@click.option("--share-input", "share_pairs", multiple=True, metavar="A.X=B.Y",
+              help="With --merge: model A's input X and model B's input Y are one input.")
+@click.option("--no-horizontal", is_flag=True, help="With --merge: do not fuse layers of different models.")
 @click.option("--explain", is_flag=True, help="Print why each rewrite fired or did not.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the compile report as JSON.")
 def compile(models, target, arch, triple, output, names, shapes, force, emit_source, dump_ir, verify_each,
-            no_cuda_graph, no_fold_batch_norm, tune_log_dir, explain, quiet, as_json):
+            no_cuda_graph, no_fold_batch_norm, tune_log_dir, merge, share_inputs, share_pairs, no_horizontal,
+            explain, quiet, as_json):
     """Compile MODELS (.onnx, .pt2) together into one artifact folder."""
     from . import CompileOptions, PipelineOptions, TargetOptions
+    from .passes import MergeOptions
     from . import compile as compile_models
 
     if Path(output).exists() and not force:
         raise click.UsageError(f"{output} exists; pass --force to replace it")
     if names and len(names) != len(models):
         raise click.BadParameter(f"{len(names)} --name values for {len(models)} models", param_hint="--name")
+    if (share_inputs or share_pairs or no_horizontal) and not merge:
+        raise click.UsageError("--share-inputs, --share-input and --no-horizontal go with --merge")
     opts = CompileOptions(TargetOptions(target, arch, triple, not no_cuda_graph),
-                          PipelineOptions(fold_batch_norm=not no_fold_batch_norm), tune_log_dir, verify_each, dump_ir)
+                          PipelineOptions(fold_batch_norm=not no_fold_batch_norm), tune_log_dir, verify_each, dump_ir,
+                          MergeOptions(merge, share_inputs, _share_pairs(share_pairs), not no_horizontal))
     input_shapes = dict(_parse_shape(s) for s in shapes)
     t0 = time.perf_counter()
     show_bar = not quiet and not as_json and sys.stderr.isatty()
@@ -139,6 +150,17 @@ def format_explanations(lines: list[str]) -> list[str]:
     for line in dict.fromkeys(lines):
         out.append(f"  {line}" + (f" (x{counts[line]})" if counts[line] > 1 else ""))
     return out
+
+
+def _share_pairs(values) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for v in values:
+        a, eq, b = v.partition("=")
+        if not eq or "." not in a or "." not in b:
+            raise click.BadParameter(f"{v!r}: expected MODEL.INPUT=MODEL.INPUT (e.g. a.x=b.x)",
+                                     param_hint="--share-input")
+        pairs.append((a.strip(), b.strip()))
+    return tuple(pairs)
 
 
 def _manifest(path: Path) -> dict:
@@ -239,15 +261,68 @@ def run(artifact, model, inputs, output, device_id):
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--merge", is_flag=True, help="Say what compiling these models together would share.")
+@click.option("--share-inputs", is_flag=True, help="With --merge: share inputs of equal name, shape and dtype.")
+@click.option("--share-input", "share_pairs", multiple=True, metavar="A.X=B.Y", help="With --merge: share these.")
+@click.option("--name", "names", multiple=True, help="With --merge: model names, one per model in order.")
+@click.option("--graph", type=click.Path(dir_okay=False), help="With --merge: draw the merged graph (.svg, .png, .dot).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(paths, as_json):
-    """Describe model files (.onnx, .pt2) or compiled artifact folders."""
+def inspect(paths, merge, share_inputs, share_pairs, names, graph, as_json):
+    """Describe model files (.onnx, .pt2) or compiled artifact folders; with --merge, what merging shares."""
+    if merge:
+        _inspect_merge(paths, share_inputs, share_pairs, names, graph, as_json)
+        return
+    if graph or share_inputs or share_pairs:
+        raise click.UsageError("--graph, --share-inputs and --share-input go with --merge")
     docs = [_inspect_artifact(Path(p)) if Path(p).is_dir() else _inspect_model(Path(p)) for p in paths]
     if as_json:
         click.echo(json.dumps(docs if len(docs) > 1 else docs[0], indent=1))
         return
     for d in docs:
         click.echo("\n".join(_format_inspect(d)))
+
+
+def _inspect_merge(paths, share_inputs, share_pairs, names, graph, as_json) -> None:
+    from . import analyze_merge
+    from .ir.graph import merged_dot, render
+
+    pairs = dict(_share_pairs(share_pairs))
+    a = analyze_merge(list(paths), names=list(names) or None, share_inputs=share_inputs, share_input=pairs)
+    if graph:
+        render(merged_dot(a.module["__all__"], a.users, a.models), graph)
+    if as_json:
+        click.echo(json.dumps(a.report, indent=1))
+        return
+    click.echo("\n".join(format_merge_report(a.report)))
+    if graph:
+        click.echo(f"merged graph drawn to {graph}")
+
+
+def format_merge_report(r: dict) -> list[str]:
+    lines = [f"merging {len(r['models'])} models: {', '.join(r['models'])}"]
+    shared_inputs = {k: v for k, v in r["inputs"].items() if not v.startswith(k.split('.')[0] + "__")}
+    lines.append("  shared inputs: " + (", ".join(f"{k} reads {v.replace('__', '.', 1)}"
+                                                 for k, v in shared_inputs.items()) or "none"))
+    rows = [("model", "FLOPs shared", "weights shared", "bindings shared")]
+    for m in r["models"]:
+        rows.append((m, f"{100 * r['shared_flops_fraction'][m]:.1f}%", f"{100 * r['shared_weights_fraction'][m]:.1f}%",
+                     str(r["shared_bindings"][m])))
+    lines += _table(rows, indent=2)
+    h = r.get("horizontal")
+    if h:
+        for g in h.get("groups", []):
+            lines.append(f"  fused horizontally: {', '.join(g.get('models', []))}: "
+                         f"{g.get('fused', 0)} ops fused, {g.get('fell_back', 0)} left per model")
+    if r["not_merged"]:
+        lines.append("  not merged (first difference):")
+        seen = set()
+        for x in r["not_merged"]:
+            key = (x["model_a"], x["model_b"], x["reason"])
+            if key in seen:
+                continue
+            seen.add(key)
+            lines.append(f"    {x['model_a']}.{x['var_a']} vs {x['model_b']}: {x['reason']}")
+    return lines
 
 
 def _inspect_model(path: Path) -> dict:

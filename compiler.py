@@ -21,7 +21,7 @@ from .autotune import records_passes
 from .errors import BackendError, SmeltError, error_line
 from .ir import ModelInfo, Program, TensorSpec, summarize
 from .passes import (MERGED, Explainer, MergeCommonStems, MergeOptions, PassManager, PipelineOptions, Step,
-                     build_pipeline, resolve_shared_inputs)
+                     build_pipeline, canonicalize_passes, resolve_shared_inputs)
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,45 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     report.phase_seconds["build"] = time.perf_counter() - t1
     return Artifact(executable, lowered.models, lowered.weights, backend.name, tvm_target, opts, report,
                     [s.name for s in steps])
+
+
+@dataclass
+class MergeAnalysis:
+    """What merging would do: the report, the module after the merge phase, the passes' records."""
+
+    report: dict
+    module: tvm.IRModule
+    users: dict
+    models: list
+    explanations: list
+
+
+def analyze_merge(models, names: Sequence[str] | None = None, share_inputs: bool = False,
+                  share_input: dict | None = None, input_shapes: dict | None = None,
+                  horizontal: bool = True) -> MergeAnalysis:
+    """Import and canonicalize ``models``, run the merge phase, and say what it shared (no code is built)."""
+    import json
+
+    program = import_models(models, names, input_shapes)
+    if len(program.models) < 2:
+        raise SmeltError("merging needs at least two models")
+    opts = MergeOptions(True, share_inputs, tuple((share_input or {}).items()), horizontal)
+    passes = _merge_passes(program, opts)
+    steps = [Step("canonicalize", p) for p in canonicalize_passes(PipelineOptions())] + \
+            [Step("merge", p) for p in passes]
+    mod = PassManager(steps).run(program.bind())
+    stems = passes[0]
+    report = stems.report.to_json()
+    horizontal_report = getattr(passes[-1], "report", None) if len(passes) > 1 else None
+    if isinstance(horizontal_report, dict):
+        report["horizontal"] = horizontal_report
+    meta = json.loads(str(mod[MERGED].attrs["smelt.merge"]))
+    explanations = []
+    for p in passes:
+        ex = getattr(p, "explain", None)
+        if isinstance(ex, Explainer):
+            explanations += ex.lines()
+    return MergeAnalysis(report, mod, meta.get("users", stems.report.users), list(program.models), explanations)
 
 
 def _merge_passes(program: Program, opts: MergeOptions) -> list:

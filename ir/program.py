@@ -28,6 +28,8 @@ from ..errors import SmeltError
 from .weights import WeightEntry, WeightStore, lift_constants, stays_inline
 
 Dim = int | str
+# The function that runs every model of a merged program at once (``merge=True``).
+MERGED = "__all__"
 
 
 @dataclass(frozen=True)

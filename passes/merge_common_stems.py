@@ -21,14 +21,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
 import tvm
 import tvm_ffi
 from tvm import relax, tirx
 
 from ..errors import PassError
+from ..ir import MERGED
 from .explain import Explainer
-
-MERGED = "__all__"
 
 
 @dataclass
@@ -53,22 +53,25 @@ class MergeReport:
     matches: dict[tuple[str, str], str] = field(default_factory=dict)
     mismatches: list[Mismatch] = field(default_factory=list)
     flops: dict[str, int] = field(default_factory=dict)  # merged var name -> FLOPs
+    weight_bytes: dict[str, int] = field(default_factory=dict)  # merged var name -> bytes of its constants
     inputs: dict[str, str] = field(default_factory=dict)  # "model.input" -> merged parameter name
 
     def shared_vars(self, model: str) -> list[str]:
         return [v for v, users in self.users.items() if model in users and len(users) > 1]
 
-    def shared_fraction(self, model: str) -> float:
-        """The part of ``model``'s FLOPs computed in bindings another model uses too."""
+    def shared_fraction(self, model: str, what: str = "flops") -> float:
+        """The part of ``model``'s FLOPs (or weight bytes) in bindings another model uses too."""
+        table = self.flops if what == "flops" else self.weight_bytes
         mine = [v for v, users in self.users.items() if model in users]
-        total = sum(self.flops.get(v, 0) for v in mine)
-        shared = sum(self.flops.get(v, 0) for v in self.shared_vars(model))
+        total = sum(table.get(v, 0) for v in mine)
+        shared = sum(table.get(v, 0) for v in self.shared_vars(model))
         return shared / total if total else 0.0
 
     def to_json(self) -> dict:
         return {"models": self.models, "inputs": self.inputs,
                 "shared_bindings": {m: len(self.shared_vars(m)) for m in self.models},
                 "shared_flops_fraction": {m: round(self.shared_fraction(m), 4) for m in self.models},
+                "shared_weights_fraction": {m: round(self.shared_fraction(m, "weights"), 4) for m in self.models},
                 "not_merged": [vars(x) for x in self.mismatches[:50]]}
 
 
@@ -220,6 +223,11 @@ class MergeCommonStems:
                         report.matches[(name, b.var.name)] = new.name
                         report.flops[new.name] = _flops(value)[0] if isinstance(
                             value, relax.Call) and isinstance(value.op, tvm.ir.Op) else 0
+                        report.weight_bytes[new.name] = sum(
+                            int(np.prod(o.value.shape)) * o.value.dtype.itemsize if hasattr(o.value.dtype, "itemsize")
+                            else o.value.numpy().nbytes
+                            for o in _operands(value) if isinstance(o, tvm.ir.Constant)
+                            and isinstance(o.value, tvm.runtime.Tensor))
                         table.setdefault(h, []).append((value, new))
                         for operand in _operands(value):
                             if isinstance(operand, relax.Var):
