@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import tvm
 from tvm import relax
 
+from .canonicalize_ops import CanonicalizeOps
 from .fold_batch_norm import FoldBatchNorm
 from .fold_constant_layout import FoldConstantLayout
 from .lift_weights import LiftWeights
@@ -48,7 +49,7 @@ class PipelineOptions:
 
 
 def canonicalize_passes(opts: PipelineOptions) -> list[tvm.transform.Pass]:
-    passes = [RemoveIdentityOps(), FoldConstantLayout]
+    passes = [RemoveIdentityOps(), FoldConstantLayout, CanonicalizeOps()]
     if opts.fold_batch_norm:
         passes.append(FoldBatchNorm())
     # Whatever BatchNorm FoldBatchNorm could not take (non-constant statistics) is decomposed.

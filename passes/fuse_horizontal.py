@@ -1,0 +1,870 @@
+"""FuseHorizontal: same-shaped layers of different models run as one wider op in ``__all__``.
+
+Requires: the module after MergeCommonStems: a function ``__all__`` whose body is one
+dataflow block and whose attribute ``smelt.merge`` (JSON) names, for every binding, the
+models using it; weights bound as constants; ops not yet legalized.
+Guarantees: in ``__all__`` only (the model functions are not touched), models whose
+private bindings (used by that model alone) are isomorphic up to constant values (same
+ops, attributes, operand types; constants of equal shape and dtype) form a group, chosen
+greedily in model order. Their bindings are zipped by position and each position becomes
+one computation on a *merged* value: the N per-model pieces stacked on a new axis 1, right
+after the batch axis (piece ``(B, d1..dk)`` → merged ``(B, N, d1..dk)``). Per-model weights
+are concatenated or stacked in numpy at compile time. Rules: conv1d/2d/3d (channels-first)
+on a merged input become one grouped conv (``groups * N``), on a shared input one conv
+with the weights concatenated along O; pools the same reshape trick; matmul a broadcast
+batched matmul (or one plain matmul with concatenated weights on a shared rank-2 input);
+elementwise ops, reshape-likes that keep the batch axis, ``permute_dims`` keeping axis 0,
+softmax, reductions, ``concat`` and layer/RMS norm (per-model scales as one multiply and
+add) with their axes shifted. A position no rule takes is emitted per model on slices
+``take(M, i, axis=1)``; after the isomorphic prefix of a group, each model's bindings follow
+one by one. Each group and each position that fell back is recorded in the Explainer
+(``--explain``) and in ``self.report``. ``__all__`` keeps its parameters and returns the
+same values. ``smelt.merge`` gains ``horizontal`` (the groups) and its ``users`` name the
+new bindings. A module without ``__all__``, one already fused, or one whose models have
+nothing to zip is returned unchanged (the same object).
+Where: merge phase, right after MergeCommonStems (before quantize and legalization).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import relax, tirx
+
+from ..errors import PassError
+from ..ir.weights import exact_const
+from .explain import Explainer
+from .merge_common_stems import MERGED
+
+log = logging.getLogger(__name__)
+
+MODEL_AXIS = 1
+
+_UNARY = {
+    "abs", "acos", "acosh", "asin", "asinh", "atan", "atanh", "bitwise_not", "ceil", "cos", "cosh", "exp",
+    "floor", "log", "logical_not", "negative", "round", "rsqrt", "sigmoid", "sign", "sin", "sinh", "square",
+    "sqrt", "tan", "tanh", "trunc", "clip", "erf", "isfinite", "isinf", "isnan", "astype",
+    "nn.relu", "nn.relu6", "nn.gelu", "nn.gelu_tanh", "nn.silu", "nn.selu", "nn.softplus", "nn.leakyrelu",
+}
+_BROADCAST = {
+    "add", "subtract", "multiply", "divide", "floor_divide", "power", "maximum", "minimum", "mod", "floor_mod",
+    "atan2", "equal", "not_equal", "greater", "greater_equal", "less", "less_equal", "logical_and",
+    "logical_or", "logical_xor", "bitwise_and", "bitwise_or", "bitwise_xor", "where",
+}
+_RESHAPES = {"reshape", "flatten", "squeeze", "expand_dims"}
+_REDUCTIONS = {"sum", "mean", "max", "min", "prod", "variance", "std"}
+_POOLS = {f"nn.{kind}_pool{d}d" for kind in ("max", "avg") for d in (1, 2, 3)} | \
+         {f"nn.adaptive_avg_pool{d}d" for d in (1, 2, 3)}
+_CONVS = {"nn.conv1d", "nn.conv2d", "nn.conv3d"}
+
+
+class _NoRule(Exception):
+    """A rule's precondition failed; the message says which."""
+
+
+def _op_name(value) -> str:
+    if isinstance(value, relax.Call):
+        op = value.op
+        return op.name.removeprefix("relax.") if isinstance(op, tvm.ir.Op) else f"call:{getattr(op, 'name_hint', op)}"
+    return type(value).__name__
+
+
+def _is_tensor_const(e) -> bool:
+    return isinstance(e, tvm.ir.Constant) and isinstance(getattr(e, "value", None), tvm.runtime.Tensor)
+
+
+def _rank(ty) -> int | None:
+    if isinstance(ty, relax.TensorType) and ty.ndim >= 0:
+        return int(ty.ndim)
+    return None
+
+
+def _dims(ty) -> list | None:
+    """The shape of a tensor type as a list of PrimExprs, or None when unknown."""
+    if not isinstance(ty, relax.TensorType) or ty.shape is None or not hasattr(ty.shape, "values"):
+        return None
+    return list(ty.shape.values)
+
+
+def _same_dim(a, b) -> bool:
+    if isinstance(a, tirx.IntImm) and isinstance(b, tirx.IntImm):
+        return int(a.value) == int(b.value)
+    return bool(tvm_ffi.structural_equal(a, b))
+
+
+def _vars_in(e, out: list) -> list:
+    if isinstance(e, relax.Var):
+        out.append(e)
+    elif isinstance(e, relax.Call):
+        for a in e.args:
+            _vars_in(a, out)
+    elif isinstance(e, relax.Tuple):
+        for f in e.fields:
+            _vars_in(f, out)
+    elif isinstance(e, relax.TupleGetItem):
+        _vars_in(e.tuple_value, out)
+    return out
+
+
+def _map_vars(e, fn):
+    """``e`` with every variable ``v`` replaced by ``fn(v)`` (bindings of a dataflow block are flat)."""
+    if isinstance(e, relax.Var):
+        return fn(e)
+    if isinstance(e, relax.Call):
+        return relax.Call(e.op, [_map_vars(a, fn) for a in e.args], e.attrs, e.ty_args)
+    if isinstance(e, relax.Tuple):
+        return relax.Tuple([_map_vars(f, fn) for f in e.fields])
+    if isinstance(e, relax.TupleGetItem):
+        return relax.TupleGetItem(_map_vars(e.tuple_value, fn), e.index)
+    return e
+
+
+# -- isomorphism ----------------------------------------------------------------------------
+
+def _arg_key(a, own: dict):
+    """How a binding reads operand ``a``: own binding by position, a shared value, a constant's type."""
+    if isinstance(a, relax.Var):
+        return ("p", own[a]) if a in own else ("s", a.name)
+    if _is_tensor_const(a):
+        return ("c", tuple(a.value.shape), str(a.value.dtype))
+    if isinstance(a, relax.Tuple):
+        return ("t", tuple(_arg_key(f, own) for f in a.fields))
+    if isinstance(a, relax.TupleGetItem):
+        return ("g", _arg_key(a.tuple_value, own), a.index)
+    return ("e", tvm_ffi.structural_hash(a))
+
+
+def _key(b: relax.VarBinding, own: dict) -> tuple:
+    """What must be equal for two bindings of different models to be zipped (constants by type)."""
+    v = b.value
+    if isinstance(v, relax.Call):
+        head = ("call", _op_name(v), tvm_ffi.structural_hash(v.attrs) if v.attrs is not None else 0,
+                tuple(_arg_key(a, own) for a in v.args))
+    else:
+        head = ("expr", _arg_key(v, own))
+    return head + (tvm_ffi.structural_hash(b.var.ty),)
+
+
+def _describe_arg(k) -> str:
+    kind = k[0]
+    if kind == "p":
+        return f"its own binding #{k[1]}"
+    if kind == "s":
+        return f"shared {k[1]}"
+    if kind == "c":
+        return f"a constant {k[2]}{list(k[1])}"
+    if kind == "t":
+        return "a tuple (" + ", ".join(_describe_arg(f) for f in k[1]) + ")"
+    if kind == "g":
+        return f"field {k[2]} of {_describe_arg(k[1])}"
+    return "an expression"
+
+
+def _difference(a: relax.VarBinding, b: relax.VarBinding, ka: tuple, kb: tuple) -> str:
+    """The first difference between two bindings whose keys differ."""
+    va, vb = a.value, b.value
+    na, nb = _op_name(va), _op_name(vb)
+    if ka[0] != kb[0] or na != nb:
+        return f"op {na} vs {nb}"
+    if ka[0] == "call":
+        if ka[2] != kb[2]:
+            keys = list(va.attrs.keys()) if hasattr(va.attrs, "keys") else []
+            for key in keys:
+                if not tvm_ffi.structural_equal(va.attrs[key], vb.attrs[key]):
+                    return f"attribute {key} of {na}: {va.attrs[key]} vs {vb.attrs[key]}"
+            return f"attributes of {na}"
+        if len(ka[3]) != len(kb[3]):
+            return f"{na} with {len(ka[3])} vs {len(kb[3])} operands"
+        for i, (x, y) in enumerate(zip(ka[3], kb[3])):
+            if x != y:
+                return f"operand {i} of {na}: {_describe_arg(x)} vs {_describe_arg(y)}"
+    elif ka[1] != kb[1]:
+        return f"{na} of {_describe_arg(ka[1])} vs {_describe_arg(kb[1])}"
+    return f"result type of {na}: {a.var.ty} vs {b.var.ty}"
+
+
+def _common_prefix(ka: list, kb: list, limit: int) -> int:
+    n = min(len(ka), len(kb), limit)
+    for i in range(n):
+        if ka[i] != kb[i]:
+            return i
+    return n
+
+
+# -- the pass -------------------------------------------------------------------------------
+
+@dataclass
+class _Group:
+    """Models whose first ``length`` private bindings are zipped."""
+
+    index: int
+    models: list[str]
+    length: int
+    seqs: dict  # model -> its private bindings
+    merged: dict = field(default_factory=dict)  # position -> merged Var
+    pieces: dict = field(default_factory=dict)  # position -> per-model Vars (None: not sliced yet)
+    fused: int = 0
+    fell_back: list = field(default_factory=list)  # {"position", "op", "reason"}
+
+    @property
+    def n(self) -> int:
+        return len(self.models)
+
+
+@dataclass
+class _Arg:
+    """One operand of a zipped binding, seen across the group's models.
+
+    ``kind``: ``M`` the merged value of position ``pos``; ``S`` one value every model reads
+    (a shared variable or equal constants) in ``value``; ``C`` per-model constants in
+    ``arrays``; ``E`` an equal non-tensor expression in ``value``; ``T`` a tuple of ``fields``;
+    ``X`` anything else.
+    """
+
+    kind: str
+    ty: object = None
+    pos: int = -1
+    value: object = None
+    arrays: list | None = None
+    fields: list | None = None
+
+
+@tvm.transform.module_pass(opt_level=0, name="FuseHorizontal")
+class FuseHorizontal:
+    """See the module docstring. ``self.report``: ``{"groups": [{"models", "positions", "fused",
+    "fell_back", "per_model_after"}], "alone": [models in no group]}`` of the last run."""
+
+    def __init__(self, explain: Explainer | None = None):
+        self.explain = explain or Explainer("FuseHorizontal")
+        self.report: dict = {"groups": [], "alone": []}
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        self.report = {"groups": [], "alone": []}
+        if not any(gv.name_hint == MERGED for gv in mod.get_global_vars()):
+            return mod
+        func = mod[MERGED]
+        if func.attrs is None or "smelt.merge" not in func.attrs:
+            return mod
+        meta = json.loads(str(func.attrs["smelt.merge"]))
+        if "horizontal" in meta:
+            return mod  # already fused: its slices would look like one more zippable layer
+        body = func.body
+        if not isinstance(body, relax.SeqExpr) or len(body.blocks) != 1 or not all(
+                isinstance(b, relax.VarBinding) for b in body.blocks[0].bindings):
+            self.explain.skip(func, f"{MERGED} is not one block of plain bindings")
+            return mod
+        bindings = list(body.blocks[0].bindings)
+        names = [b.var.name for b in bindings]
+        if len(set(names)) != len(names):
+            self.explain.skip(func, f"{MERGED} has two bindings of one name: smelt.merge is ambiguous")
+            return mod
+        users = meta.get("users", {})
+        models = list(meta["models"])
+        seqs = {m: [b for b in bindings if users.get(b.var.name) == [m]] for m in models}
+        groups = self._group(models, seqs)
+        if not groups:
+            self.report["alone"] = models
+            return mod
+        new_func, fused = _Rewriter(self, func, bindings, users, groups).run(meta)
+        for g in groups:
+            self.report["groups"].append({
+                "models": g.models, "positions": g.length, "fused": g.fused, "fell_back": g.fell_back,
+                "per_model_after": {m: len(g.seqs[m]) - g.length for m in g.models}})
+        grouped = {m for g in groups for m in g.models}
+        self.report["alone"] = [m for m in models if m not in grouped]
+        if not fused:
+            return mod
+        out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+        out[MERGED] = new_func
+        return out
+
+    def _group(self, models: list[str], seqs: dict) -> list[_Group]:
+        """Greedy, in model order: a model joins the group it shares the longest prefix with
+        when that saves more bindings than the group loses by getting shorter."""
+        keys = {}
+        for m in models:
+            own = {b.var: j for j, b in enumerate(seqs[m])}
+            keys[m] = [_key(b, own) for b in seqs[m]]
+        groups: list[_Group] = []
+        for m in models:
+            if not keys[m]:
+                continue
+            best, best_len = None, 0
+            for g in groups:
+                n = _common_prefix(keys[m], keys[g.models[0]], g.length)
+                if n > best_len:
+                    best, best_len = g, n
+            # joining saves best_len bindings of m but makes the others stop at best_len
+            if best is not None and best.n * best_len >= (best.n - 1) * best.length:
+                if best_len < best.length:
+                    rep = best.models[0]
+                    self.explain.skip(seqs[rep][best_len].value,
+                                      f"{', '.join(best.models)} zipped with {m} for {best_len} bindings only; "
+                                      f"then {self._why(rep, m, best_len, keys, seqs)}")
+                best.models.append(m)
+                best.length = best_len
+                continue
+            if best is not None:
+                rep = best.models[0]
+                self.explain.skip(seqs[m][best_len].value if best_len < len(seqs[m]) else seqs[m][0].value,
+                                  f"{m} not zipped with {', '.join(best.models)}: only {best_len} of "
+                                  f"{best.length} bindings match; then {self._why(rep, m, best_len, keys, seqs)}")
+            groups.append(_Group(len(groups), [m], len(keys[m]), {}))
+        out = []
+        for g in groups:
+            if g.n < 2:
+                m = g.models[0]
+                others = [o for o in models if o != m and keys[o]]
+                if others:
+                    o = max(others, key=lambda o: _common_prefix(keys[m], keys[o], len(keys[m])))
+                    n = _common_prefix(keys[m], keys[o], len(keys[m]))
+                    if n == 0:
+                        self.explain.skip(seqs[m][0].value, f"{m} zipped with no other model: "
+                                                            f"first binding vs {o}'s: {self._why(o, m, 0, keys, seqs)}")
+                continue
+            g.seqs = {m: seqs[m] for m in g.models}
+            g.index = len(out)
+            out.append(g)
+            self.explain.fired(seqs[g.models[0]][0].value,
+                               f"models {', '.join(g.models)}: {g.length} bindings zipped into one each")
+        return out
+
+    def _why(self, a: str, b: str, j: int, keys: dict, seqs: dict) -> str:
+        ka, kb = keys[a], keys[b]
+        if j >= len(ka) or j >= len(kb):
+            return f"{a} has {len(ka)} private bindings, {b} {len(kb)}"
+        return f"binding #{j} ({seqs[a][j].var.name} vs {seqs[b][j].var.name}): " + \
+            _difference(seqs[a][j], seqs[b][j], ka[j], kb[j])
+
+
+class _Rewriter:
+    """Builds the new ``__all__``: plain bindings as they were, zipped positions fused."""
+
+    def __init__(self, owner: FuseHorizontal, func: relax.Function, bindings: list, users: dict,
+                 groups: list[_Group]):
+        self.owner, self.func, self.bindings, self.users, self.groups = owner, func, bindings, users, groups
+        self.bb = relax.BlockBuilder()
+        self.vmap: dict = {p: p for p in func.params}
+        self.prefix: dict = {}  # original var of a zipped position -> (group, position, member)
+        for g in groups:
+            for i, m in enumerate(g.models):
+                for j in range(g.length):
+                    self.prefix[g.seqs[m][j].var] = (g, j, i)
+        self.new_users: dict[str, list[str]] = {}
+        self.names: set[str] = {p.name for p in func.params}
+        self.fused = 0
+        self.memo: dict = {}
+
+    # -- emission helpers -------------------------------------------------------------------
+    def _fresh(self, hint: str) -> str:
+        name, k = hint, 1
+        while name in self.names:
+            name, k = f"{hint}_{k}", k + 1
+        self.names.add(name)
+        return name
+
+    def emit(self, expr, hint: str, users: list[str], output: bool = False) -> relax.Var:
+        name = self._fresh(hint)
+        var = self.bb.emit_output(expr, name_hint=name) if output else self.bb.emit(expr, name_hint=name)
+        self.new_users[name] = list(users)
+        return var
+
+    def emit_once(self, expr, hint: str, users: list[str]) -> relax.Var:
+        """Emit ``expr`` unless an equal value was emitted already (a common input expanded or a
+        merged value folded for several consumers)."""
+        expr = self.bb.normalize(expr)
+        h = tvm_ffi.structural_hash(expr)
+        for e, var in self.memo.get(h, []):
+            if tvm_ffi.structural_equal(e, expr):
+                return var
+        var = self.emit(expr, hint, users)
+        self.memo.setdefault(h, []).append((expr, var))
+        return var
+
+    def resolve(self, v: relax.Var):
+        if v in self.prefix:
+            g, j, i = self.prefix[v]
+            return self.piece(g, j, i)
+        return self.vmap[v]
+
+    def piece(self, g: _Group, j: int, i: int) -> relax.Var:
+        """Model ``i``'s value of position ``j``: a slice of the merged value, made once."""
+        pieces = g.pieces.setdefault(j, [None] * g.n)
+        if pieces[i] is None:
+            m = g.models[i]
+            orig = g.seqs[m][j].var
+            pieces[i] = self.emit(relax.op.take(g.merged[j], exact_const(np.array(i, dtype="int64")),
+                                                axis=MODEL_AXIS, mode="clip"), orig.name, [m])
+        return pieces[i]
+
+    def merged(self, g: _Group, j: int) -> relax.Var:
+        """The merged value of position ``j``; stacked from its pieces when it fell back."""
+        if j not in g.merged:
+            g.merged[j] = self.emit(relax.op.stack(list(g.pieces[j]), axis=MODEL_AXIS),
+                                    f"h{g.index}__stack", g.models)
+        return g.merged[j]
+
+    # -- the block ----------------------------------------------------------------------------
+    def run(self, meta: dict) -> tuple[relax.Function, int]:
+        items = self._items()
+        attrs = {k: v for k, v in self.func.attrs.items()} if self.func.attrs is not None else {}
+        with self.bb.function(MERGED, list(self.func.params), attrs=attrs, private=False):
+            with self.bb.dataflow():
+                out = None
+                for item in items:
+                    var = self._emit_item(item)
+                    out = var if var is not None else out
+            self.bb.emit_func_output(out)
+        new = self.bb.get()[MERGED]
+        meta = dict(meta)
+        meta["users"] = self.new_users
+        meta["horizontal"] = [{"models": g.models, "positions": g.length, "fused": g.fused} for g in self.groups]
+        new = new.with_attr("smelt.merge", json.dumps(meta))
+        return new, self.fused
+
+    def _items(self) -> list:
+        """Every plain binding and every zipped position, in an order that defines before use:
+        a zipped position comes where the last of its models had it."""
+        items, seen = [], set()
+        for idx, b in enumerate(self.bindings):
+            if b.var in self.prefix:
+                g, j, _ = self.prefix[b.var]
+                if (g.index, j) in seen:
+                    continue
+                seen.add((g.index, j))
+                items.append(["zip", g, j, [g.seqs[m][j] for m in g.models]])
+            else:
+                items.append(["plain", b])
+        index = {b.var: i for i, b in enumerate(self.bindings)}
+        prio, deps, item_of = [], [], {}
+        for k, it in enumerate(items):
+            if it[0] == "zip":
+                for b in it[3]:
+                    item_of[b.var] = k
+                prio.append(max(index[b.var] for b in it[3]))
+            else:
+                item_of[it[1].var] = k
+                out = not isinstance(it[1].var, relax.DataflowVar)
+                prio.append(len(self.bindings) + index[it[1].var] if out else index[it[1].var])
+        users_of: list[list[int]] = [[] for _ in items]
+        indeg = [0] * len(items)
+        for k, it in enumerate(items):
+            values = [b.value for b in it[3]] if it[0] == "zip" else [it[1].value]
+            ds = {item_of[v] for val in values for v in _vars_in(val, []) if v in item_of}
+            ds.discard(k)
+            for d in ds:
+                users_of[d].append(k)
+            indeg[k] = len(ds)
+        heap = [(prio[k], k) for k in range(len(items)) if indeg[k] == 0]
+        heapq.heapify(heap)
+        order = []
+        while heap:
+            _, k = heapq.heappop(heap)
+            order.append(items[k])
+            for u in users_of[k]:
+                indeg[u] -= 1
+                if indeg[u] == 0:
+                    heapq.heappush(heap, (prio[u], u))
+        if len(order) != len(items):
+            raise PassError(f"FuseHorizontal: the bindings of {MERGED} have a cycle")
+        return order
+
+    def _emit_item(self, item):
+        if item[0] == "plain":
+            b = item[1]
+            value = _map_vars(b.value, self.resolve)
+            output = not isinstance(b.var, relax.DataflowVar)
+            var = self.emit(value, b.var.name, self.users.get(b.var.name, []), output=output)
+            self.vmap[b.var] = var
+            return var if output else None
+        _, g, j, members = item
+        self._zip(g, j, members)
+        return None
+
+    def _zip(self, g: _Group, j: int, members: list) -> None:
+        values = [b.value for b in members]
+        rep = values[0]
+        op = _op_name(rep)
+        try:
+            if not isinstance(rep, relax.Call) or not isinstance(rep.op, tvm.ir.Op):
+                raise _NoRule(f"{op} is not an operator call")
+            for v in values[1:]:
+                if not tvm_ffi.structural_equal(v.attrs, rep.attrs):
+                    raise _NoRule("attributes differ")
+            args = [self._classify(g, [v.args[a] for v in values]) for a in range(len(rep.args))]
+            rule = _rule_for(op)
+            if rule is None:
+                raise _NoRule(f"no rule for {op}")
+            out = rule(_Zip(self, g, op, rep, args, members[0].var.ty))
+        except _NoRule as e:
+            g.fell_back.append({"position": j, "op": op, "reason": str(e)})
+            self.owner.explain.skip(rep, f"{', '.join(g.models)} #{j} ({members[0].var.name}): "
+                                         f"{e}; one {op} per model")
+            log.info("FuseHorizontal: %s #%d %s stays per model: %s", ",".join(g.models), j, op, e)
+            pieces = []
+            for i, (m, b) in enumerate(zip(g.models, members)):
+                value = _map_vars(b.value, self.resolve)
+                pieces.append(self.emit(value, b.var.name, [m]))
+            g.pieces[j] = pieces
+            return
+        self._check_merged(g, out, members[0].var.ty, op)
+        g.merged[j] = out
+        g.fused += 1
+        self.fused += 1
+
+    def _check_merged(self, g: _Group, var, piece_ty, op: str) -> None:
+        got, want = _dims(var.ty), _dims(piece_ty)
+        ok = got is not None and want is not None and len(got) == len(want) + 1 and \
+            _same_dim(got[0], want[0]) and _same_dim(got[1], tirx.IntImm("int64", g.n)) and \
+            all(_same_dim(a, b) for a, b in zip(got[2:], want[1:])) and str(var.ty.dtype) == str(piece_ty.dtype)
+        if not ok:
+            raise PassError(f"FuseHorizontal: the {op} rule made {var.ty} for pieces {piece_ty} of "
+                            f"{g.n} models (a bug in the rule)")
+
+    def _classify(self, g: _Group, vals: list) -> _Arg:
+        first = vals[0]
+        if all(isinstance(v, relax.Var) for v in vals):
+            where = [self.prefix.get(v) for v in vals]
+            if all(w is not None and w[0] is g and w[1] == where[0][1] for w in where):
+                return _Arg("M", ty=first.ty, pos=where[0][1])
+            if all(v.same_as(first) for v in vals) and first not in self.prefix:
+                return _Arg("S", ty=first.ty, value=self.vmap[first])
+            return _Arg("X")
+        if all(_is_tensor_const(v) for v in vals):
+            if all(tvm_ffi.structural_equal(v, first) for v in vals[1:]):
+                return _Arg("S", ty=first.ty, value=first)
+            arrays = [v.value.numpy() for v in vals]
+            if any(a.shape != arrays[0].shape or a.dtype != arrays[0].dtype for a in arrays):
+                return _Arg("X")
+            return _Arg("C", ty=first.ty, arrays=arrays)
+        if all(isinstance(v, relax.Tuple) and len(v.fields) == len(first.fields) for v in vals):
+            return _Arg("T", fields=[self._classify(g, [v.fields[k] for v in vals]) for k in range(len(first.fields))])
+        if not _vars_in(first, []) and all(tvm_ffi.structural_equal(v, first) for v in vals[1:]):
+            return _Arg("E", value=first)
+        return _Arg("X")
+
+
+# -- rules --------------------------------------------------------------------------------------
+
+@dataclass
+class _Zip:
+    """One zipped position handed to a rule."""
+
+    rw: _Rewriter
+    g: _Group
+    op: str
+    call: relax.Call
+    args: list[_Arg]
+    ty: object  # the type of one model's result
+
+    @property
+    def n(self) -> int:
+        return self.g.n
+
+    def emit(self, expr, what: str = "") -> relax.Var:
+        return self.rw.emit_once(expr, f"h{self.g.index}__{what or self.op.replace('nn.', '')}", self.g.models)
+
+    def merged(self, a: _Arg) -> relax.Var:
+        return self.rw.merged(self.g, a.pos)
+
+    def rank(self) -> int:
+        r = _rank(self.ty)
+        if r is None or r < 1:
+            raise _NoRule(f"result of rank {r}: no batch axis to put the model axis after")
+        return r
+
+    def dims(self, ty) -> list:
+        d = _dims(ty)
+        if d is None:
+            raise _NoRule("a shape is not known")
+        return d
+
+
+def _rule_for(op: str):
+    if op in _UNARY or op in _BROADCAST:
+        return _elementwise
+    if op in _RESHAPES:
+        return _reshape
+    if op in _REDUCTIONS:
+        return _reduce
+    if op in _POOLS:
+        return _pool
+    if op in _CONVS:
+        return _conv
+    return {"matmul": _matmul, "permute_dims": _permute, "nn.softmax": _softmax, "nn.log_softmax": _softmax,
+            "nn.layer_norm": _layer_norm, "nn.rms_norm": _rms_norm, "concat": _concat}.get(op)
+
+
+def _need_rank(a: _Arg) -> int:
+    r = _rank(a.ty)
+    if r is None:
+        raise _NoRule("an operand of unknown rank")
+    return r
+
+
+def _aligned(z: _Zip, a: _Arg, r: int):
+    """Operand ``a`` of a broadcasting op with rank-``r`` pieces, in the merged layout: a merged
+    value as is, a common value of rank ``r`` with a unit model axis, per-model constants stacked
+    on the model axis (padded to rank ``r``). Lower-rank common values already broadcast right:
+    their dims line up with the pieces' trailing dims, which the model axis does not touch."""
+    if a.kind == "M":
+        if _need_rank(a) != r:
+            raise _NoRule(f"a merged operand of rank {_rank(a.ty)} in a rank-{r} result")
+        return z.merged(a), True
+    if a.kind == "S":
+        rs = _need_rank(a)
+        if rs < r:
+            return a.value, False
+        if _is_tensor_const(a.value):
+            return exact_const(np.expand_dims(a.value.value.numpy(), MODEL_AXIS)), False
+        return z.emit(relax.op.expand_dims(a.value, MODEL_AXIS), "expand"), False
+    if a.kind == "C":
+        rc = a.arrays[0].ndim
+        if rc > r:
+            raise _NoRule(f"a constant of rank {rc} in a rank-{r} result")
+        pad = (1,) * (r - rc)
+        return exact_const(np.stack([x.reshape(pad + x.shape) for x in a.arrays], axis=MODEL_AXIS)), True
+    if a.kind == "E":
+        return a.value, False
+    raise _NoRule("an operand is neither a zipped value, a common value nor per-model constants")
+
+
+def _check_kinds(z: _Zip, allowed: str = "MSCE") -> None:
+    for k, a in enumerate(z.args):
+        if a.kind not in allowed:
+            raise _NoRule(f"operand {k} is neither a zipped value, a common value nor per-model constants")
+
+
+def _elementwise(z: _Zip) -> relax.Var:
+    r = z.rank()
+    _check_kinds(z)
+    for a in z.args:  # check every precondition before emitting anything
+        if a.kind == "M" and _need_rank(a) != r:
+            raise _NoRule(f"a merged operand of rank {_rank(a.ty)} in a rank-{r} result")
+        if a.kind in "SC" and _need_rank(a) > r:
+            raise _NoRule("an operand of higher rank than the result")
+    new, model_axis = [], False
+    for a in z.args:
+        e, has = _aligned(z, a, r)
+        new.append(e)
+        model_axis |= has
+    if not model_axis:
+        raise _NoRule("no operand differs between the models")
+    return z.emit(relax.Call(z.call.op, new, z.call.attrs, z.call.ty_args))
+
+
+def _reshape(z: _Zip) -> relax.Var:
+    """reshape/flatten/squeeze/expand_dims keep the element order: one reshape of the merged value
+    to ``(B, N, rest...)`` when the batch axis stays axis 0."""
+    x = z.args[0]
+    if x.kind != "M":
+        raise _NoRule("input is not a zipped value")
+    src, dst = z.dims(x.ty), z.dims(z.ty)
+    if not src or not dst or not _same_dim(src[0], dst[0]):
+        raise _NoRule("axis 0 (batch) does not stay axis 0")
+    return z.emit(relax.op.reshape(z.merged(x), [dst[0], z.n] + dst[1:]))
+
+
+def _permute(z: _Zip) -> relax.Var:
+    x = z.args[0]
+    r = z.rank()
+    axes = z.call.attrs.axes
+    if x.kind != "M" or axes is None:
+        raise _NoRule("input is not a zipped value" if x.kind != "M" else "axes reversed (axis 0 moves)")
+    axes = [int(a) % r for a in axes]
+    if axes[0] != 0:
+        raise _NoRule(f"axes {axes} move axis 0")
+    return z.emit(relax.op.permute_dims(z.merged(x), [0, MODEL_AXIS] + [a + 1 for a in axes[1:]]))
+
+
+def _shift(axis: int, r: int) -> int:
+    """Piece axis → merged axis."""
+    axis = axis % r
+    return axis if axis == 0 else axis + 1
+
+
+def _softmax(z: _Zip) -> relax.Var:
+    x = z.args[0]
+    r = z.rank()
+    if x.kind != "M":
+        raise _NoRule("input is not a zipped value")
+    fn = relax.op.nn.softmax if z.op == "nn.softmax" else relax.op.nn.log_softmax
+    return z.emit(fn(z.merged(x), _shift(int(z.call.attrs.axis), r)))
+
+
+def _reduce(z: _Zip) -> relax.Var:
+    x = z.args[0]
+    if x.kind != "M":
+        raise _NoRule("input is not a zipped value")
+    r = _need_rank(x)
+    if r < 1 or z.call.attrs.axis is None:
+        raise _NoRule("reduces every axis: no batch axis left")
+    axes = sorted({int(a) % r for a in z.call.attrs.axis})
+    keep = bool(z.call.attrs.keepdims)
+    if 0 in axes and not keep:
+        raise _NoRule("reduces the batch axis away")
+    fn = getattr(relax.op, z.op)
+    return z.emit(fn(z.merged(x), [_shift(a, r) for a in axes], keep))
+
+
+def _pool(z: _Zip) -> relax.Var:
+    """Pools work per channel: fold the model axis into the channels, pool, unfold."""
+    x = z.args[0]
+    attrs = z.call.attrs
+    if x.kind != "M":
+        raise _NoRule("input is not a zipped value")
+    layout = str(attrs.layout)
+    if not layout.startswith("NC") or str(attrs.out_layout) != layout:
+        raise _NoRule(f"layout {layout}/{attrs.out_layout} is not channels-first")
+    src, dst = z.dims(x.ty), z.dims(z.ty)
+    folded = z.emit(relax.op.reshape(z.merged(x), [src[0], src[1] * z.n] + src[2:]), "fold")
+    pooled = z.emit(relax.Call(z.call.op, [folded], attrs, z.call.ty_args))
+    return z.emit(relax.op.reshape(pooled, [dst[0], z.n] + dst[1:]), "unfold")
+
+
+def _conv(z: _Zip) -> relax.Var:
+    """A conv over a zipped input is a grouped conv over the channels of all models; over one
+    common input, one conv with every model's filters."""
+    x, w = z.args[0], z.args[1]
+    attrs = z.call.attrs
+    spatial = int(z.op[len("nn.conv")])  # nn.conv2d -> 2
+    layout = "NC" + "DHW"[3 - spatial:]
+    if str(attrs.data_layout) != layout or str(attrs.kernel_layout) != "OI" + layout[2:] or \
+            str(attrs.out_layout or layout) != layout:
+        raise _NoRule(f"layouts {attrs.data_layout}/{attrs.kernel_layout}/{attrs.out_layout} are not "
+                      f"{layout}/OI{layout[2:]}")
+    groups = int(attrs.groups)
+    src, dst = z.dims(x.ty) if x.kind in "MS" else None, z.dims(z.ty)
+    fn = getattr(relax.op.nn, z.op.removeprefix("nn."))
+
+    def conv(data, weight, groups):
+        return fn(data, weight, strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation,
+                  groups=groups, data_layout=layout, kernel_layout="OI" + layout[2:], out_layout=layout,
+                  out_dtype=attrs.out_dtype)
+
+    if x.kind == "M" and w.kind == "C":
+        weight = exact_const(np.concatenate(w.arrays, axis=0))
+        folded = z.emit(relax.op.reshape(z.merged(x), [src[0], src[1] * z.n] + src[2:]), "fold")
+        out = z.emit(conv(folded, weight, groups * z.n))
+    elif x.kind == "M" and w.kind == "S":
+        folded = z.emit(relax.op.reshape(z.merged(x), [src[0] * z.n] + src[1:]), "fold")
+        out = z.emit(relax.Call(z.call.op, [folded, w.value], attrs, z.call.ty_args))
+    elif x.kind == "S" and w.kind == "C":
+        if groups != 1:
+            raise _NoRule(f"a grouped conv (groups={groups}) of a common input: the output channels "
+                          "would interleave the models")
+        weight = exact_const(np.concatenate(w.arrays, axis=0))
+        out = z.emit(conv(x.value, weight, 1))
+    else:
+        raise _NoRule(f"input {x.kind}, weight {w.kind}: needs a zipped or common input and constant weights")
+    return z.emit(relax.op.reshape(out, [dst[0], z.n] + dst[1:]), "unfold")
+
+
+def _matmul(z: _Zip) -> relax.Var:
+    x, y = z.args
+    _check_kinds(z, "MSC")
+    r = z.rank()
+    rx, ry = _need_rank(x), _need_rank(y)
+    if rx < 2 or ry < 2:
+        raise _NoRule("a vector operand")
+    def matmul(a, b):
+        return relax.Call(z.call.op, [a, b], z.call.attrs, z.call.ty_args)
+
+    if r >= 3:
+        for a in (x, y):
+            if a.kind == "M" and _need_rank(a) != r:
+                raise _NoRule(f"a merged operand of rank {_rank(a.ty)} in a rank-{r} result")
+        (xe, hx), (ye, hy) = _aligned(z, x, r), _aligned(z, y, r)
+        if not (hx or hy):
+            raise _NoRule("no operand differs between the models")
+        return z.emit(matmul(xe, ye))
+    # rank-2 pieces: axis 0 is the rows; the model axis goes between rows and columns.
+    dst = z.dims(z.ty)
+    if y.kind == "M":
+        raise _NoRule("the right operand is a zipped rank-2 value (its axis 0 is not a batch axis)")
+    if x.kind == "M":
+        if y.kind == "S":
+            return z.emit(matmul(z.merged(x), y.value))
+        k = z.dims(x.ty)[1]
+        rows = z.emit(relax.op.reshape(z.merged(x), [dst[0], z.n, 1, k]), "rows")
+        out = z.emit(matmul(rows, exact_const(np.stack(y.arrays))))
+        return z.emit(relax.op.reshape(out, [dst[0], z.n, dst[1]]), "unrows")
+    if x.kind == "S" and y.kind == "C":
+        out = z.emit(matmul(x.value, exact_const(np.concatenate(y.arrays, axis=1))))
+        return z.emit(relax.op.reshape(out, [dst[0], z.n, dst[1]]), "unfold")
+    raise _NoRule("per-model constants on the left of a rank-2 matmul")
+
+
+def _concat(z: _Zip) -> relax.Var:
+    (t,) = z.args
+    r = z.rank()
+    if t.kind != "T" or not t.fields or any(f.kind != "M" for f in t.fields):
+        raise _NoRule("concatenates values that are not all zipped")
+    return z.emit(relax.op.concat([z.merged(f) for f in t.fields], _shift(int(z.call.attrs.axis), r)))
+
+
+def _norm_axes(z: _Zip, r: int) -> list[int]:
+    axes = [int(a) % r for a in z.call.attrs.axes]
+    if 0 in axes:
+        raise _NoRule("normalizes over the batch axis")
+    return axes
+
+
+def _per_model_scale(z: _Zip, a: _Arg, axes: list[int], r: int) -> relax.Expr:
+    """A scale or shift over ``axes`` laid out to broadcast against the merged result."""
+    if sorted(axes) != axes:
+        raise _NoRule(f"axes {axes} not ascending")
+    shape = [1] * r
+    arrays = a.arrays if a.kind == "C" else [a.value.value.numpy()]
+    for k, ax in enumerate(axes):
+        shape[ax] = arrays[0].shape[k]
+    return exact_const(np.stack([x.reshape(shape) for x in arrays], axis=MODEL_AXIS))
+
+
+def _layer_norm(z: _Zip) -> relax.Var:
+    """Per-model gamma/beta: normalize once with ones and zeros, then one multiply and one add."""
+    x, gamma, beta = z.args
+    r = z.rank()
+    if x.kind != "M":
+        raise _NoRule("input is not a zipped value")
+    attrs = z.call.attrs
+    axes = _norm_axes(z, r)
+    shifted = [_shift(a, r) for a in axes]
+    if gamma.kind == "S" and beta.kind == "S":
+        return z.emit(relax.op.nn.layer_norm(z.merged(x), gamma.value, beta.value, shifted, float(attrs.epsilon),
+                                             bool(attrs.center), bool(attrs.scale)))
+    if not (bool(attrs.center) and bool(attrs.scale)):
+        raise _NoRule("per-model gamma/beta with center or scale off")
+    if any(a.kind == "S" and not _is_tensor_const(a.value) for a in (gamma, beta)) or \
+            any(a.kind not in "SC" for a in (gamma, beta)):
+        raise _NoRule("gamma/beta are not constants")
+    g_arr = gamma.arrays[0] if gamma.kind == "C" else gamma.value.value.numpy()
+    scale = _per_model_scale(z, gamma, axes, r)
+    shift = _per_model_scale(z, beta, axes, r)
+    normed = z.emit(relax.op.nn.layer_norm(z.merged(x), exact_const(np.ones_like(g_arr)),
+                                           exact_const(np.zeros_like(g_arr)), shifted, float(attrs.epsilon)))
+    scaled = z.emit(relax.op.multiply(normed, scale), "scale")
+    return z.emit(relax.op.add(scaled, shift), "shift")
+
+
+def _rms_norm(z: _Zip) -> relax.Var:
+    x, weight = z.args
+    r = z.rank()
+    if x.kind != "M":
+        raise _NoRule("input is not a zipped value")
+    axes = _norm_axes(z, r)
+    shifted = [_shift(a, r) for a in axes]
+    eps = float(z.call.attrs.epsilon)
+    if weight.kind == "S":
+        return z.emit(relax.op.nn.rms_norm(z.merged(x), weight.value, shifted, eps))
+    if weight.kind != "C":
+        raise _NoRule("the weight is not constant")
+    scale = _per_model_scale(z, weight, axes, r)
+    normed = z.emit(relax.op.nn.rms_norm(z.merged(x), exact_const(np.ones_like(weight.arrays[0])), shifted, eps))
+    return z.emit(relax.op.multiply(normed, scale), "scale")
