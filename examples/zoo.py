@@ -109,8 +109,12 @@ def _logits_output(batch, classes):
 
 
 def resnet(depth: int = 50, batch: int | str = 1, size: int = 224, classes: int = 1000,
-           width: int = 64, seed: int = 0) -> onnx.ModelProto:
-    """ResNet-18/34 (basic blocks) or 50/101 (bottlenecks) with BatchNorm after every conv."""
+           width: int = 64, seed: int = 0, head_seed: int | None = None) -> onnx.ModelProto:
+    """ResNet-18/34 (basic blocks) or 50/101 (bottlenecks) with BatchNorm after every conv.
+
+    ``head_seed`` draws the classifier's weights from another seed: models with one
+    ``seed`` and different ``head_seed`` share their backbone and differ in the head
+    (task heads fine-tuned on a frozen backbone)."""
     blocks = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}[depth]
     bottleneck = depth >= 50
     g = GraphBuilder(f"resnet{depth}", seed)
@@ -133,6 +137,8 @@ def resnet(depth: int = 50, batch: int | str = 1, size: int = 224, classes: int 
             x = g.op("Relu", [g.op("Add", [y, short])])
             cin = cout
     x = g.op("Flatten", [g.op("GlobalAveragePool", [x])], axis=1)
+    if head_seed is not None:
+        g.rng = np.random.default_rng(head_seed)
     x = g.op("Gemm", [x, g.weight((classes, cin), prefix="fc_w"), g.weight((classes,), 0.02, prefix="fc_b")],
              transB=1)
     g.nodes[-1].output[0] = "logits"
