@@ -5,23 +5,27 @@ dataflow block and whose attribute ``smelt.merge`` (JSON) names, for every bindi
 models using it; weights bound as constants; ops not yet legalized.
 Guarantees: in ``__all__`` only (the model functions are not touched), models whose
 private bindings (used by that model alone) are isomorphic up to constant values (same
-ops, attributes, operand types; constants of equal shape and dtype) form a group, chosen
-greedily in model order. Their bindings are zipped by position and each position becomes
-one computation on a *merged* value: the N per-model pieces stacked on a new axis 1, right
-after the batch axis (piece ``(B, d1..dk)`` → merged ``(B, N, d1..dk)``). Per-model weights
-are concatenated or stacked in numpy at compile time. Rules: conv1d/2d/3d (channels-first)
-on a merged input become one grouped conv (``groups * N``), on a shared input one conv
-with the weights concatenated along O; pools the same reshape trick; matmul a broadcast
-batched matmul (or one plain matmul with concatenated weights on a shared rank-2 input);
-elementwise ops, reshape-likes that keep the batch axis, ``permute_dims`` keeping axis 0,
-softmax, reductions, ``concat`` and layer/RMS norm (per-model scales as one multiply and
-add) with their axes shifted. A position no rule takes is emitted per model on slices
-``take(M, i, axis=1)``; after the isomorphic prefix of a group, each model's bindings follow
-one by one. Each group and each position that fell back is recorded in the Explainer
-(``--explain``) and in ``self.report``. ``__all__`` keeps its parameters and returns the
-same values. ``smelt.merge`` gains ``horizontal`` (the groups) and its ``users`` name the
-new bindings. A module without ``__all__``, one already fused, or one whose models have
-nothing to zip is returned unchanged (the same object).
+ops, attributes, operand types; constants of equal shape and dtype; each model's own input
+of equal type) form a group, chosen greedily in model order. Their bindings are zipped by
+position and each position becomes one computation on a *merged* value: the N per-model
+pieces stacked on a new axis 1, right after the batch axis (piece ``(B, d1..dk)`` → merged
+``(B, N, d1..dk)``), or a reshape of it in the producer's layout (a conv's
+``(B, N*O, H, W)``) so that the elementwise ops after a conv or matmul still fuse into it.
+Per-model weights are concatenated or stacked in numpy at compile time. Rules: conv1d/2d/3d
+(channels-first) of a merged input become one grouped conv (``groups * N``), of a shared
+input one conv with the weights concatenated along O; pools the same way; matmul a
+broadcast batched matmul (one plain matmul with the weights side by side on a shared
+rank-2 input); elementwise ops; reshape-likes that keep the batch axis; ``permute_dims``
+keeping axis 0; softmax, reductions, ``concat``, layer and RMS norm (per-model scales as one
+multiply and add) with their axes shifted. A position no rule takes is emitted per model on
+the pieces (one ``split`` of the merged value along the model axis, then views); after the
+isomorphic prefix of a group each model's bindings follow one by one. Each group formed and
+each position that fell back is recorded, with the reason, in the Explainer (``--explain``)
+and in ``self.report``; fallbacks are also logged. ``__all__`` keeps its parameters and
+returns the same values. ``smelt.merge`` gains ``horizontal`` (the groups) and its ``users``
+name the new bindings. A module without ``__all__``, one already fused, or one whose models
+have nothing to zip is returned unchanged (the same object). Weight memory: the stacked
+weights are new constants next to each model's own (the model functions still use those).
 Where: merge phase, right after MergeCommonStems (before quantize and legalization).
 """
 
@@ -93,8 +97,9 @@ def _dims(ty) -> list | None:
 
 
 def _same_dim(a, b) -> bool:
-    if isinstance(a, tirx.IntImm) and isinstance(b, tirx.IntImm):
-        return int(a.value) == int(b.value)
+    static = (int, tirx.IntImm)
+    if isinstance(a, static) and isinstance(b, static):
+        return int(a) == int(b)
     return bool(tvm_ffi.structural_equal(a, b))
 
 
@@ -128,9 +133,10 @@ def _map_vars(e, fn):
 # -- isomorphism ----------------------------------------------------------------------------
 
 def _arg_key(a, own: dict):
-    """How a binding reads operand ``a``: own binding by position, a shared value, a constant's type."""
+    """How a binding reads operand ``a``: its model's own binding by position, an input by its
+    type (each model may read its own), a shared value by name, a constant by its type."""
     if isinstance(a, relax.Var):
-        return ("p", own[a]) if a in own else ("s", a.name)
+        return own[a] if a in own else ("s", a.name)
     if _is_tensor_const(a):
         return ("c", tuple(a.value.shape), str(a.value.dtype))
     if isinstance(a, relax.Tuple):
@@ -155,6 +161,8 @@ def _describe_arg(k) -> str:
     kind = k[0]
     if kind == "p":
         return f"its own binding #{k[1]}"
+    if kind == "i":
+        return "an input"
     if kind == "s":
         return f"shared {k[1]}"
     if kind == "c":
@@ -183,6 +191,8 @@ def _difference(a: relax.VarBinding, b: relax.VarBinding, ka: tuple, kb: tuple) 
             return f"{na} with {len(ka[3])} vs {len(kb[3])} operands"
         for i, (x, y) in enumerate(zip(ka[3], kb[3])):
             if x != y:
+                if x[0] == y[0] == "i":
+                    return f"operand {i} of {na}: an input of type {va.args[i].ty} vs {vb.args[i].ty}"
                 return f"operand {i} of {na}: {_describe_arg(x)} vs {_describe_arg(y)}"
     elif ka[1] != kb[1]:
         return f"{na} of {_describe_arg(ka[1])} vs {_describe_arg(kb[1])}"
@@ -207,7 +217,11 @@ class _Group:
     models: list[str]
     length: int
     seqs: dict  # model -> its private bindings
-    merged: dict = field(default_factory=dict)  # position -> merged Var
+    merged: dict = field(default_factory=dict)  # position -> merged Var (B, N, d1..dk)
+    # position -> the merged value in its producer's layout, a reshape of (B, N, d1..dk) such as
+    # a conv's (B, N*O, H, W): elementwise consumers work on it directly, so that TVM still fuses
+    # them into the conv (a reshape right after a conv or matmul would stop FuseOps).
+    folded: dict = field(default_factory=dict)
     pieces: dict = field(default_factory=dict)  # position -> per-model Vars (None: not sliced yet)
     fused: int = 0
     fell_back: list = field(default_factory=list)  # {"position", "op", "reason"}
@@ -230,6 +244,7 @@ class _Arg:
     kind: str
     ty: object = None
     pos: int = -1
+    direct: object = None  # M: a merged value that is no position (inputs stacked)
     value: object = None
     arrays: list | None = None
     fields: list | None = None
@@ -267,7 +282,7 @@ class FuseHorizontal:
         users = meta.get("users", {})
         models = list(meta["models"])
         seqs = {m: [b for b in bindings if users.get(b.var.name) == [m]] for m in models}
-        groups = self._group(models, seqs)
+        groups = self._group(models, seqs, list(func.params))
         if not groups:
             self.report["alone"] = models
             return mod
@@ -284,12 +299,14 @@ class FuseHorizontal:
         out[MERGED] = new_func
         return out
 
-    def _group(self, models: list[str], seqs: dict) -> list[_Group]:
+    def _group(self, models: list[str], seqs: dict, params: list) -> list[_Group]:
         """Greedy, in model order: a model joins the group it shares the longest prefix with
         when that saves more bindings than the group loses by getting shorter."""
         keys = {}
+        inputs = {p: ("i", tvm_ffi.structural_hash(p.ty)) for p in params}
         for m in models:
-            own = {b.var: j for j, b in enumerate(seqs[m])}
+            own = dict(inputs)
+            own.update({b.var: ("p", j) for j, b in enumerate(seqs[m])})
             keys[m] = [_key(b, own) for b in seqs[m]]
         groups: list[_Group] = []
         for m in models:
@@ -326,7 +343,7 @@ class FuseHorizontal:
                     n = _common_prefix(keys[m], keys[o], len(keys[m]))
                     if n == 0:
                         self.explain.skip(seqs[m][0].value, f"{m} zipped with no other model: "
-                                                            f"first binding vs {o}'s: {self._why(o, m, 0, keys, seqs)}")
+                                                            f"first binding vs {o}'s: {self._why(m, o, 0, keys, seqs)}")
                 continue
             g.seqs = {m: seqs[m] for m in g.models}
             g.index = len(out)
@@ -351,6 +368,7 @@ class _Rewriter:
         self.owner, self.func, self.bindings, self.users, self.groups = owner, func, bindings, users, groups
         self.bb = relax.BlockBuilder()
         self.vmap: dict = {p: p for p in func.params}
+        self.params = set(func.params)
         self.prefix: dict = {}  # original var of a zipped position -> (group, position, member)
         for g in groups:
             for i, m in enumerate(g.models):
@@ -372,7 +390,8 @@ class _Rewriter:
     def emit(self, expr, hint: str, users: list[str], output: bool = False) -> relax.Var:
         name = self._fresh(hint)
         var = self.bb.emit_output(expr, name_hint=name) if output else self.bb.emit(expr, name_hint=name)
-        self.new_users[name] = list(users)
+        if users:
+            self.new_users[name] = list(users)
         return var
 
     def emit_once(self, expr, hint: str, users: list[str]) -> relax.Var:
@@ -394,21 +413,40 @@ class _Rewriter:
         return self.vmap[v]
 
     def piece(self, g: _Group, j: int, i: int) -> relax.Var:
-        """Model ``i``'s value of position ``j``: a slice of the merged value, made once."""
+        """Model ``i``'s value of position ``j``: the merged value split once along the model axis."""
         pieces = g.pieces.setdefault(j, [None] * g.n)
         if pieces[i] is None:
+            split = self.emit_once(relax.op.split(self.merged(g, j), g.n, axis=MODEL_AXIS),
+                                   f"h{g.index}__split", g.models)
             m = g.models[i]
-            orig = g.seqs[m][j].var
-            pieces[i] = self.emit(relax.op.take(g.merged[j], exact_const(np.array(i, dtype="int64")),
-                                                axis=MODEL_AXIS, mode="clip"), orig.name, [m])
+            part = self.emit(relax.TupleGetItem(split, i), f"{g.seqs[m][j].var.name}_part", [m])
+            pieces[i] = self.emit(relax.op.squeeze(part, [MODEL_AXIS]), g.seqs[m][j].var.name, [m])
         return pieces[i]
 
+    def mshape(self, g: _Group, j: int) -> list | None:
+        """The merged shape (B, N, d1..dk) of position ``j``."""
+        d = _dims(g.seqs[g.models[0]][j].var.ty)
+        return None if not d else [d[0], g.n] + d[1:]
+
     def merged(self, g: _Group, j: int) -> relax.Var:
-        """The merged value of position ``j``; stacked from its pieces when it fell back."""
+        """The merged value of position ``j``: a view of its producer's layout, or stacked from its
+        pieces when it fell back."""
         if j not in g.merged:
-            g.merged[j] = self.emit(relax.op.stack(list(g.pieces[j]), axis=MODEL_AXIS),
-                                    f"h{g.index}__stack", g.models)
+            if j in g.folded:
+                g.merged[j] = self.emit_once(relax.op.reshape(g.folded[j], self.mshape(g, j)),
+                                             f"h{g.index}__unfold", g.models)
+            else:
+                g.merged[j] = self.emit(relax.op.stack(list(g.pieces[j]), axis=MODEL_AXIS),
+                                        f"h{g.index}__stack", g.models)
         return g.merged[j]
+
+    def view(self, g: _Group, j: int, shape: list) -> relax.Var:
+        """The merged value of position ``j`` reshaped to ``shape`` (from its producer's layout)."""
+        for base in (g.folded.get(j), g.merged.get(j)):
+            if base is not None and _same_shape(_dims(base.ty), shape):
+                return base
+        base = g.folded[j] if j in g.folded else self.merged(g, j)
+        return self.emit_once(relax.op.reshape(base, shape), f"h{g.index}__view", g.models)
 
     # -- the block ----------------------------------------------------------------------------
     def run(self, meta: dict) -> tuple[relax.Function, int]:
@@ -416,11 +454,9 @@ class _Rewriter:
         attrs = {k: v for k, v in self.func.attrs.items()} if self.func.attrs is not None else {}
         with self.bb.function(MERGED, list(self.func.params), attrs=attrs, private=False):
             with self.bb.dataflow():
-                out = None
                 for item in items:
-                    var = self._emit_item(item)
-                    out = var if var is not None else out
-            self.bb.emit_func_output(out)
+                    self._emit_item(item)
+            self.bb.emit_func_output(_map_vars(self.func.body.body, self.resolve))
         new = self.bb.get()[MERGED]
         meta = dict(meta)
         meta["users"] = self.new_users
@@ -432,7 +468,7 @@ class _Rewriter:
         """Every plain binding and every zipped position, in an order that defines before use:
         a zipped position comes where the last of its models had it."""
         items, seen = [], set()
-        for idx, b in enumerate(self.bindings):
+        for b in self.bindings:
             if b.var in self.prefix:
                 g, j, _ = self.prefix[b.var]
                 if (g.index, j) in seen:
@@ -442,7 +478,7 @@ class _Rewriter:
             else:
                 items.append(["plain", b])
         index = {b.var: i for i, b in enumerate(self.bindings)}
-        prio, deps, item_of = [], [], {}
+        prio, item_of = [], {}
         for k, it in enumerate(items):
             if it[0] == "zip":
                 for b in it[3]:
@@ -475,17 +511,14 @@ class _Rewriter:
             raise PassError(f"FuseHorizontal: the bindings of {MERGED} have a cycle")
         return order
 
-    def _emit_item(self, item):
+    def _emit_item(self, item) -> None:
         if item[0] == "plain":
             b = item[1]
             value = _map_vars(b.value, self.resolve)
             output = not isinstance(b.var, relax.DataflowVar)
-            var = self.emit(value, b.var.name, self.users.get(b.var.name, []), output=output)
-            self.vmap[b.var] = var
-            return var if output else None
-        _, g, j, members = item
-        self._zip(g, j, members)
-        return None
+            self.vmap[b.var] = self.emit(value, b.var.name, self.users.get(b.var.name, []), output=output)
+        else:
+            self._zip(*item[1:])
 
     def _zip(self, g: _Group, j: int, members: list) -> None:
         values = [b.value for b in members]
@@ -507,25 +540,35 @@ class _Rewriter:
             self.owner.explain.skip(rep, f"{', '.join(g.models)} #{j} ({members[0].var.name}): "
                                          f"{e}; one {op} per model")
             log.info("FuseHorizontal: %s #%d %s stays per model: %s", ",".join(g.models), j, op, e)
-            pieces = []
-            for i, (m, b) in enumerate(zip(g.models, members)):
-                value = _map_vars(b.value, self.resolve)
-                pieces.append(self.emit(value, b.var.name, [m]))
-            g.pieces[j] = pieces
+            g.pieces[j] = [self.emit(_map_vars(b.value, self.resolve), b.var.name, [m])
+                           for m, b in zip(g.models, members)]
             return
-        self._check_merged(g, out, members[0].var.ty, op)
-        g.merged[j] = out
+        if isinstance(out, _Folded):
+            self._check_folded(g, out.var, j, op)
+            g.folded[j] = out.var
+        else:
+            self._check_merged(g, out, members[0].var.ty, op)
+            g.merged[j] = out
         g.fused += 1
         self.fused += 1
 
     def _check_merged(self, g: _Group, var, piece_ty, op: str) -> None:
         got, want = _dims(var.ty), _dims(piece_ty)
         ok = got is not None and want is not None and len(got) == len(want) + 1 and \
-            _same_dim(got[0], want[0]) and _same_dim(got[1], tirx.IntImm("int64", g.n)) and \
+            _same_dim(got[0], want[0]) and _same_dim(got[1], g.n) and \
             all(_same_dim(a, b) for a, b in zip(got[2:], want[1:])) and str(var.ty.dtype) == str(piece_ty.dtype)
         if not ok:
             raise PassError(f"FuseHorizontal: the {op} rule made {var.ty} for pieces {piece_ty} of "
                             f"{g.n} models (a bug in the rule)")
+
+    def _check_folded(self, g: _Group, var, j: int, op: str) -> None:
+        got, want = _dims(var.ty), self.mshape(g, j)
+        ok = got is not None and want is not None and str(var.ty.dtype) == str(g.seqs[g.models[0]][j].var.ty.dtype)
+        if ok and all(isinstance(d, (int, tirx.IntImm)) for d in got + want):
+            ok = int(np.prod([int(d) for d in got])) == int(np.prod([int(d) for d in want]))
+        if not ok:
+            raise PassError(f"FuseHorizontal: the {op} rule made {var.ty}, not a layout of {want} "
+                            f"(a bug in the rule)")
 
     def _classify(self, g: _Group, vals: list) -> _Arg:
         first = vals[0]
@@ -535,6 +578,9 @@ class _Rewriter:
                 return _Arg("M", ty=first.ty, pos=where[0][1])
             if all(v.same_as(first) for v in vals) and first not in self.prefix:
                 return _Arg("S", ty=first.ty, value=self.vmap[first])
+            if all(v in self.params for v in vals):  # each model its own input: stack them once
+                stacked = self.emit_once(relax.op.stack(list(vals), axis=MODEL_AXIS), f"h{g.index}__inputs", g.models)
+                return _Arg("M", ty=first.ty, direct=stacked)
             return _Arg("X")
         if all(_is_tensor_const(v) for v in vals):
             if all(tvm_ffi.structural_equal(v, first) for v in vals[1:]):
@@ -551,6 +597,21 @@ class _Rewriter:
 
 
 # -- rules --------------------------------------------------------------------------------------
+
+@dataclass
+class _Folded:
+    """A rule's result in its producer's layout (a reshape of the merged shape)."""
+
+    var: relax.Var
+
+
+def _same_shape(a: list | None, b: list | None) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and all(_same_dim(x, y) for x, y in zip(a, b))
+
+
+def _is_one(d) -> bool:
+    return isinstance(d, (int, tirx.IntImm)) and int(d) == 1
+
 
 @dataclass
 class _Zip:
@@ -571,7 +632,21 @@ class _Zip:
         return self.rw.emit_once(expr, f"h{self.g.index}__{what or self.op.replace('nn.', '')}", self.g.models)
 
     def merged(self, a: _Arg) -> relax.Var:
-        return self.rw.merged(self.g, a.pos)
+        return a.direct if a.direct is not None else self.rw.merged(self.g, a.pos)
+
+    def view(self, a: _Arg, shape: list) -> relax.Var:
+        if a.direct is None:
+            return self.rw.view(self.g, a.pos, shape)
+        if _same_shape(_dims(a.direct.ty), shape):
+            return a.direct
+        return self.emit(relax.op.reshape(a.direct, shape), "view")
+
+    def folded_shape(self, a: _Arg) -> list | None:
+        var = self.g.folded.get(a.pos) if a.direct is None else None
+        return None if var is None else _dims(var.ty)
+
+    def mshape(self, a: _Arg) -> list | None:
+        return _dims(a.direct.ty) if a.direct is not None else self.rw.mshape(self.g, a.pos)
 
     def rank(self) -> int:
         r = _rank(self.ty)
@@ -608,54 +683,127 @@ def _need_rank(a: _Arg) -> int:
     return r
 
 
+def _const_aligned(a: _Arg, r: int) -> np.ndarray:
+    """A constant operand (common or per-model) of a rank-``r`` broadcasting op, as an array of
+    rank ``r + 1`` that broadcasts against the merged result."""
+    if a.kind == "C":
+        pad = (1,) * (r - a.arrays[0].ndim)
+        return np.stack([x.reshape(pad + x.shape) for x in a.arrays], axis=MODEL_AXIS)
+    arr = a.value.value.numpy()
+    if arr.ndim == r:
+        return np.expand_dims(arr, MODEL_AXIS)
+    return arr.reshape((1,) * (r + 1 - arr.ndim) + arr.shape)
+
+
 def _aligned(z: _Zip, a: _Arg, r: int):
-    """Operand ``a`` of a broadcasting op with rank-``r`` pieces, in the merged layout: a merged
-    value as is, a common value of rank ``r`` with a unit model axis, per-model constants stacked
-    on the model axis (padded to rank ``r``). Lower-rank common values already broadcast right:
-    their dims line up with the pieces' trailing dims, which the model axis does not touch."""
+    """Operand ``a`` of a broadcasting op with rank-``r`` pieces, in the merged layout, and whether
+    it has the model axis: a merged value as is, a common value of rank ``r`` with a unit model
+    axis, per-model constants stacked on the model axis. Lower-rank common values broadcast as
+    they are: their dims line up with the pieces' trailing dims, which the model axis does not touch."""
     if a.kind == "M":
-        if _need_rank(a) != r:
-            raise _NoRule(f"a merged operand of rank {_rank(a.ty)} in a rank-{r} result")
         return z.merged(a), True
     if a.kind == "S":
-        rs = _need_rank(a)
-        if rs < r:
+        if _need_rank(a) < r:
             return a.value, False
         if _is_tensor_const(a.value):
-            return exact_const(np.expand_dims(a.value.value.numpy(), MODEL_AXIS)), False
+            return exact_const(_const_aligned(a, r)), False
         return z.emit(relax.op.expand_dims(a.value, MODEL_AXIS), "expand"), False
     if a.kind == "C":
-        rc = a.arrays[0].ndim
-        if rc > r:
-            raise _NoRule(f"a constant of rank {rc} in a rank-{r} result")
-        pad = (1,) * (r - rc)
-        return exact_const(np.stack([x.reshape(pad + x.shape) for x in a.arrays], axis=MODEL_AXIS)), True
-    if a.kind == "E":
-        return a.value, False
-    raise _NoRule("an operand is neither a zipped value, a common value nor per-model constants")
+        return exact_const(_const_aligned(a, r)), True
+    return a.value, False  # E: attributes-like operands (clip bounds)
 
 
-def _check_kinds(z: _Zip, allowed: str = "MSCE") -> None:
+def _check_operands(z: _Zip, r: int, allowed: str = "MSCE") -> None:
+    """Every operand is usable in a rank-``r`` broadcasting op over merged values."""
     for k, a in enumerate(z.args):
         if a.kind not in allowed:
             raise _NoRule(f"operand {k} is neither a zipped value, a common value nor per-model constants")
-
-
-def _elementwise(z: _Zip) -> relax.Var:
-    r = z.rank()
-    _check_kinds(z)
-    for a in z.args:  # check every precondition before emitting anything
         if a.kind == "M" and _need_rank(a) != r:
-            raise _NoRule(f"a merged operand of rank {_rank(a.ty)} in a rank-{r} result")
+            raise _NoRule(f"a zipped operand of rank {_rank(a.ty)} in a rank-{r} result")
         if a.kind in "SC" and _need_rank(a) > r:
             raise _NoRule("an operand of higher rank than the result")
-    new, model_axis = [], False
-    for a in z.args:
-        e, has = _aligned(z, a, r)
-        new.append(e)
-        model_axis |= has
-    if not model_axis:
+
+
+def _fold_groups(ms: list, fs: list) -> list | None:
+    """For each axis of the layout ``fs``, the axes of the merged shape ``ms`` it joins (unit axes
+    of ``ms`` belong to none), when ``fs`` is a reshape of ``ms`` that only joins neighbours."""
+    nonunit = [a for a, d in enumerate(ms) if not _is_one(d)]
+    groups, k = [], 0
+    for f in fs:
+        if _is_one(f):
+            groups.append([])
+            continue
+        if k >= len(nonunit):
+            return None
+        if not isinstance(f, (int, tirx.IntImm)):
+            if not _same_dim(ms[nonunit[k]], f):
+                return None
+            groups.append([nonunit[k]])
+            k += 1
+            continue
+        prod, group = 1, []
+        while k < len(nonunit) and prod < int(f):
+            if not isinstance(ms[nonunit[k]], (int, tirx.IntImm)):
+                return None
+            prod *= int(ms[nonunit[k]])
+            group.append(nonunit[k])
+            k += 1
+        if prod != int(f):
+            return None
+        groups.append(group)
+    return groups if k == len(nonunit) else None
+
+
+def _folded_operand(z: _Zip, a: _Arg, r: int, ms: list, groups: list):
+    """Operand ``a`` of an elementwise op laid out like the folded result, or None."""
+    if a.kind == "E" or (a.kind == "S" and _need_rank(a) == 0):
+        return a.value
+    if a.kind == "C" or _is_tensor_const(a.value):
+        arr = _const_aligned(a, r)
+        if not all(isinstance(d, (int, tirx.IntImm)) for g in groups for d in (ms[x] for x in g)):
+            return None
+        full = list(arr.shape)
+        for group in groups:
+            if len({arr.shape[x] for x in group}) > 1:  # some axes broadcast, some not: expand them
+                for x in group:
+                    full[x] = int(ms[x])
+        arr = np.broadcast_to(arr, full)
+        return exact_const(np.ascontiguousarray(arr).reshape(
+            [int(np.prod([arr.shape[x] for x in g], dtype=np.int64)) for g in groups]))
+    # a common non-constant value: a reshape, when no group mixes broadcast and full axes
+    dims = z.dims(a.ty)
+    dims = [dims[0], 1] + dims[1:] if len(dims) == r else [1] * (r + 1 - len(dims)) + dims
+    shape = []
+    for group in groups:
+        if all(_is_one(dims[x]) for x in group):
+            shape.append(1)
+        elif all(_same_dim(dims[x], ms[x]) for x in group):
+            d = ms[group[0]]
+            for x in group[1:]:
+                d = d * ms[x]
+            shape.append(d)
+        else:
+            return None
+    return z.emit(relax.op.reshape(a.value, shape), "view")
+
+
+def _elementwise(z: _Zip):
+    r = z.rank()
+    _check_operands(z, r)
+    if not any(a.kind in "MC" for a in z.args):
         raise _NoRule("no operand differs between the models")
+    ms = [z.dims(z.ty)[0], z.n] + z.dims(z.ty)[1:]
+    # In the producer's layout when a zipped operand has one, so the op fuses into its producer.
+    for a in z.args:
+        fs = z.folded_shape(a) if a.kind == "M" else None
+        groups = _fold_groups(ms, fs) if fs is not None else None
+        if groups is None or not all(_same_shape(z.mshape(b), ms) for b in z.args if b.kind == "M"):
+            continue
+        new = [z.view(b, fs) if b.kind == "M" else _folded_operand(z, b, r, ms, groups) for b in z.args]
+        if all(e is not None for e in new):
+            return _Folded(z.emit(relax.Call(z.call.op, new, z.call.attrs, z.call.ty_args)))
+        break
+    new = [_aligned(z, a, r)[0] for a in z.args]
     return z.emit(relax.Call(z.call.op, new, z.call.attrs, z.call.ty_args))
 
 
@@ -668,7 +816,7 @@ def _reshape(z: _Zip) -> relax.Var:
     src, dst = z.dims(x.ty), z.dims(z.ty)
     if not src or not dst or not _same_dim(src[0], dst[0]):
         raise _NoRule("axis 0 (batch) does not stay axis 0")
-    return z.emit(relax.op.reshape(z.merged(x), [dst[0], z.n] + dst[1:]))
+    return z.view(x, [dst[0], z.n] + dst[1:])
 
 
 def _permute(z: _Zip) -> relax.Var:
@@ -713,8 +861,8 @@ def _reduce(z: _Zip) -> relax.Var:
     return z.emit(fn(z.merged(x), [_shift(a, r) for a in axes], keep))
 
 
-def _pool(z: _Zip) -> relax.Var:
-    """Pools work per channel: fold the model axis into the channels, pool, unfold."""
+def _pool(z: _Zip) -> _Folded:
+    """Pools work per channel: pool the models' channels side by side."""
     x = z.args[0]
     attrs = z.call.attrs
     if x.kind != "M":
@@ -722,82 +870,72 @@ def _pool(z: _Zip) -> relax.Var:
     layout = str(attrs.layout)
     if not layout.startswith("NC") or str(attrs.out_layout) != layout:
         raise _NoRule(f"layout {layout}/{attrs.out_layout} is not channels-first")
-    src, dst = z.dims(x.ty), z.dims(z.ty)
-    folded = z.emit(relax.op.reshape(z.merged(x), [src[0], src[1] * z.n] + src[2:]), "fold")
-    pooled = z.emit(relax.Call(z.call.op, [folded], attrs, z.call.ty_args))
-    return z.emit(relax.op.reshape(pooled, [dst[0], z.n] + dst[1:]), "unfold")
+    src = z.dims(x.ty)
+    folded = z.view(x, [src[0], src[1] * z.n] + src[2:])
+    return _Folded(z.emit(relax.Call(z.call.op, [folded], attrs, z.call.ty_args)))
 
 
-def _conv(z: _Zip) -> relax.Var:
-    """A conv over a zipped input is a grouped conv over the channels of all models; over one
+def _conv(z: _Zip) -> _Folded:
+    """A conv of a zipped input is one grouped conv over the channels of all models; of one
     common input, one conv with every model's filters."""
     x, w = z.args[0], z.args[1]
     attrs = z.call.attrs
     spatial = int(z.op[len("nn.conv")])  # nn.conv2d -> 2
     layout = "NC" + "DHW"[3 - spatial:]
-    if str(attrs.data_layout) != layout or str(attrs.kernel_layout) != "OI" + layout[2:] or \
+    kernel = "OI" + layout[2:]
+    if str(attrs.data_layout) != layout or str(attrs.kernel_layout) != kernel or \
             str(attrs.out_layout or layout) != layout:
         raise _NoRule(f"layouts {attrs.data_layout}/{attrs.kernel_layout}/{attrs.out_layout} are not "
-                      f"{layout}/OI{layout[2:]}")
+                      f"{layout}/{kernel}")
     groups = int(attrs.groups)
-    src, dst = z.dims(x.ty) if x.kind in "MS" else None, z.dims(z.ty)
     fn = getattr(relax.op.nn, z.op.removeprefix("nn."))
 
     def conv(data, weight, groups):
         return fn(data, weight, strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation,
-                  groups=groups, data_layout=layout, kernel_layout="OI" + layout[2:], out_layout=layout,
+                  groups=groups, data_layout=layout, kernel_layout=kernel, out_layout=layout,
                   out_dtype=attrs.out_dtype)
 
     if x.kind == "M" and w.kind == "C":
-        weight = exact_const(np.concatenate(w.arrays, axis=0))
-        folded = z.emit(relax.op.reshape(z.merged(x), [src[0], src[1] * z.n] + src[2:]), "fold")
-        out = z.emit(conv(folded, weight, groups * z.n))
-    elif x.kind == "M" and w.kind == "S":
-        folded = z.emit(relax.op.reshape(z.merged(x), [src[0] * z.n] + src[1:]), "fold")
-        out = z.emit(relax.Call(z.call.op, [folded, w.value], attrs, z.call.ty_args))
-    elif x.kind == "S" and w.kind == "C":
+        src = z.dims(x.ty)
+        data = z.view(x, [src[0], src[1] * z.n] + src[2:])
+        return _Folded(z.emit(conv(data, exact_const(np.concatenate(w.arrays, axis=0)), groups * z.n)))
+    if x.kind == "M" and w.kind == "S":
+        src = z.dims(x.ty)  # the models as more batch: (B*N, C, H, W)
+        data = z.view(x, [src[0] * z.n] + src[1:])
+        return _Folded(z.emit(relax.Call(z.call.op, [data, w.value], attrs, z.call.ty_args)))
+    if x.kind == "S" and w.kind == "C":
         if groups != 1:
             raise _NoRule(f"a grouped conv (groups={groups}) of a common input: the output channels "
                           "would interleave the models")
-        weight = exact_const(np.concatenate(w.arrays, axis=0))
-        out = z.emit(conv(x.value, weight, 1))
-    else:
-        raise _NoRule(f"input {x.kind}, weight {w.kind}: needs a zipped or common input and constant weights")
-    return z.emit(relax.op.reshape(out, [dst[0], z.n] + dst[1:]), "unfold")
+        return _Folded(z.emit(conv(x.value, exact_const(np.concatenate(w.arrays, axis=0)), 1)))
+    raise _NoRule(f"input {x.kind}, weight {w.kind}: needs a zipped or common input and constant weights")
 
 
-def _matmul(z: _Zip) -> relax.Var:
+def _matmul(z: _Zip):
     x, y = z.args
-    _check_kinds(z, "MSC")
     r = z.rank()
-    rx, ry = _need_rank(x), _need_rank(y)
-    if rx < 2 or ry < 2:
+    _check_operands(z, r, "MSC")
+    if _need_rank(x) < 2 or _need_rank(y) < 2:
         raise _NoRule("a vector operand")
+    if not any(a.kind in "MC" for a in z.args):
+        raise _NoRule("no operand differs between the models")
+
     def matmul(a, b):
         return relax.Call(z.call.op, [a, b], z.call.attrs, z.call.ty_args)
 
     if r >= 3:
-        for a in (x, y):
-            if a.kind == "M" and _need_rank(a) != r:
-                raise _NoRule(f"a merged operand of rank {_rank(a.ty)} in a rank-{r} result")
-        (xe, hx), (ye, hy) = _aligned(z, x, r), _aligned(z, y, r)
-        if not (hx or hy):
-            raise _NoRule("no operand differs between the models")
-        return z.emit(matmul(xe, ye))
-    # rank-2 pieces: axis 0 is the rows; the model axis goes between rows and columns.
+        return z.emit(matmul(_aligned(z, x, r)[0], _aligned(z, y, r)[0]))
+    # Rank-2 pieces: axis 0 is the rows; the model axis goes between rows and columns.
     dst = z.dims(z.ty)
     if y.kind == "M":
         raise _NoRule("the right operand is a zipped rank-2 value (its axis 0 is not a batch axis)")
     if x.kind == "M":
         if y.kind == "S":
             return z.emit(matmul(z.merged(x), y.value))
-        k = z.dims(x.ty)[1]
-        rows = z.emit(relax.op.reshape(z.merged(x), [dst[0], z.n, 1, k]), "rows")
-        out = z.emit(matmul(rows, exact_const(np.stack(y.arrays))))
-        return z.emit(relax.op.reshape(out, [dst[0], z.n, dst[1]]), "unrows")
+        rows = z.view(x, [dst[0], z.n, 1, z.dims(x.ty)[1]])
+        return _Folded(z.emit(matmul(rows, exact_const(np.stack(y.arrays)))))
     if x.kind == "S" and y.kind == "C":
-        out = z.emit(matmul(x.value, exact_const(np.concatenate(y.arrays, axis=1))))
-        return z.emit(relax.op.reshape(out, [dst[0], z.n, dst[1]]), "unfold")
+        return _Folded(z.emit(matmul(x.value, exact_const(np.concatenate(y.arrays, axis=1)))))
     raise _NoRule("per-model constants on the left of a rank-2 matmul")
 
 
@@ -816,12 +954,14 @@ def _norm_axes(z: _Zip, r: int) -> list[int]:
     return axes
 
 
-def _per_model_scale(z: _Zip, a: _Arg, axes: list[int], r: int) -> relax.Expr:
-    """A scale or shift over ``axes`` laid out to broadcast against the merged result."""
+def _per_model_scale(a: _Arg, axes: list[int], r: int) -> relax.Expr:
+    """Per-model scales or shifts over ``axes``, laid out to broadcast against the merged result."""
     if sorted(axes) != axes:
         raise _NoRule(f"axes {axes} not ascending")
-    shape = [1] * r
+    if a.kind not in "SC" or a.kind == "S" and not _is_tensor_const(a.value):
+        raise _NoRule("a scale or shift is not constant")
     arrays = a.arrays if a.kind == "C" else [a.value.value.numpy()]
+    shape = [1] * r
     for k, ax in enumerate(axes):
         shape[ax] = arrays[0].shape[k]
     return exact_const(np.stack([x.reshape(shape) for x in arrays], axis=MODEL_AXIS))
@@ -841,19 +981,15 @@ def _layer_norm(z: _Zip) -> relax.Var:
                                              bool(attrs.center), bool(attrs.scale)))
     if not (bool(attrs.center) and bool(attrs.scale)):
         raise _NoRule("per-model gamma/beta with center or scale off")
-    if any(a.kind == "S" and not _is_tensor_const(a.value) for a in (gamma, beta)) or \
-            any(a.kind not in "SC" for a in (gamma, beta)):
-        raise _NoRule("gamma/beta are not constants")
-    g_arr = gamma.arrays[0] if gamma.kind == "C" else gamma.value.value.numpy()
-    scale = _per_model_scale(z, gamma, axes, r)
-    shift = _per_model_scale(z, beta, axes, r)
-    normed = z.emit(relax.op.nn.layer_norm(z.merged(x), exact_const(np.ones_like(g_arr)),
-                                           exact_const(np.zeros_like(g_arr)), shifted, float(attrs.epsilon)))
-    scaled = z.emit(relax.op.multiply(normed, scale), "scale")
-    return z.emit(relax.op.add(scaled, shift), "shift")
+    scale, shift = _per_model_scale(gamma, axes, r), _per_model_scale(beta, axes, r)
+    like = gamma.arrays[0] if gamma.kind == "C" else gamma.value.value.numpy()
+    normed = z.emit(relax.op.nn.layer_norm(z.merged(x), exact_const(np.ones_like(like)),
+                                           exact_const(np.zeros_like(like)), shifted, float(attrs.epsilon)))
+    return z.emit(relax.op.add(z.emit(relax.op.multiply(normed, scale), "scale"), shift), "shift")
 
 
 def _rms_norm(z: _Zip) -> relax.Var:
+    """Per-model weights: normalize once with ones, then one multiply."""
     x, weight = z.args
     r = z.rank()
     if x.kind != "M":
@@ -863,8 +999,6 @@ def _rms_norm(z: _Zip) -> relax.Var:
     eps = float(z.call.attrs.epsilon)
     if weight.kind == "S":
         return z.emit(relax.op.nn.rms_norm(z.merged(x), weight.value, shifted, eps))
-    if weight.kind != "C":
-        raise _NoRule("the weight is not constant")
-    scale = _per_model_scale(z, weight, axes, r)
+    scale = _per_model_scale(weight, axes, r)
     normed = z.emit(relax.op.nn.rms_norm(z.merged(x), exact_const(np.ones_like(weight.arrays[0])), shifted, eps))
     return z.emit(relax.op.multiply(normed, scale), "scale")
