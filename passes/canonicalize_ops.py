@@ -15,6 +15,7 @@ import tvm
 from tvm import relax
 
 from .explain import Explainer
+from .mutate import mutate_functions
 
 _OUT_DTYPE_OPS = {"relax.nn.conv1d", "relax.nn.conv2d", "relax.nn.conv3d", "relax.nn.conv1d_transpose",
                   "relax.nn.conv2d_transpose", "relax.matmul"}
@@ -67,8 +68,4 @@ class CanonicalizeOps:
         self.explain = explain or Explainer("CanonicalizeOps")
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        mutator = _Canonicalizer(mod, self.explain)
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return mutator.builder_.get()
+        return mutate_functions(_Canonicalizer(mod, self.explain), mod)

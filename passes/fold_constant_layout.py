@@ -20,6 +20,7 @@ import tvm
 from tvm import relax, tirx
 
 from ..ir.weights import _np_dtype, exact_const
+from .mutate import mutate_functions
 
 _BINARY = {"relax.add": np.add, "relax.subtract": np.subtract,
            "relax.multiply": np.multiply, "relax.divide": np.divide}
@@ -90,8 +91,4 @@ class _Folder(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="FoldConstantLayout")
 def FoldConstantLayout(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """See the module docstring."""
-    folder = _Folder(mod)
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            folder.builder_.update_func(gv, folder.visit_expr(func))
-    return folder.builder_.get()
+    return mutate_functions(_Folder(mod), mod)

@@ -14,6 +14,7 @@ import tvm_ffi
 from tvm import relax
 
 from .explain import Explainer
+from .mutate import mutate_functions
 
 
 def _same_shape(a, b) -> bool:
@@ -67,8 +68,4 @@ class RemoveIdentityOps:
         self.explain = explain or Explainer("RemoveIdentityOps")
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        remover = _Remover(mod, self.explain)
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                remover.builder_.update_func(gv, remover.visit_expr(func))
-        return remover.builder_.get()
+        return mutate_functions(_Remover(mod, self.explain), mod)
