@@ -160,9 +160,8 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
             m.enabled if merge is None else bool(merge), m.share_inputs if share_inputs is None else bool(share_inputs),
             m.share + tuple((share_input or {}).items()), m.horizontal))
     if opts.target.kind != target or (arch and opts.target.arch != arch):
-        opts = CompileOptions(backends.TargetOptions(target, arch or opts.target.arch, opts.target.triple,
-                                                     opts.target.cuda_graph),
-                              opts.pipeline, opts.tune_log_dir, opts.verify_each, opts.dump_ir)
+        opts = replace(opts, target=backends.TargetOptions(target, arch or opts.target.arch, opts.target.triple,
+                                                           opts.target.cuda_graph))
     backend = backends.get(opts.target.kind)
     tvm_target = backend.target(opts.target)
     backend.check_toolchain(opts.target)
@@ -189,8 +188,9 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
             report.flops = {m: summarize(mod, [m]).flops for m in program.models}
         if phase == "merge" and any(gv.name_hint == MERGED for gv in mod.get_global_vars()):
             program.models[MERGED] = _merged_info(mod, program.models)
-            stems = merge_passes[0]
-            report.merge = stems.report.to_json()
+            report.merge = merge_passes[0].report.to_json()
+            if len(merge_passes) > 1 and isinstance(getattr(merge_passes[-1], "report", None), dict):
+                report.merge["horizontal"] = merge_passes[-1].report
 
     manager = PassManager(steps, dump_ir=Path(opts.dump_ir) if opts.dump_ir else None,
                           verify_each=opts.verify_each, on_step=on_step, after_phase=after_phase,
@@ -198,7 +198,7 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     mod = manager.run(program.bind(), tvm_target)
     for step in manager.steps:
         rep = getattr(step.pass_, "report", None)
-        if isinstance(rep, dict):
+        if step.phase == "schedule" and isinstance(rep, dict):
             report.schedules.update(rep)
             report.schedule_fallbacks.update(getattr(step.pass_, "fallbacks", {}))
         explain = getattr(step.pass_, "explain", None)

@@ -23,9 +23,16 @@ _COMMUTATIVE = {"relax.add", "relax.multiply", "relax.maximum", "relax.minimum"}
 _NOT_FIELDS = {"get_int", "get_int_tuple", "get_str", "id_", "is_", "same_as", "keys"}
 
 
+def attr_fields(attrs) -> list[str]:
+    """The field names of op attributes (TVM 0.27 attribute nodes have no ``keys()``)."""
+    if attrs is None:
+        return []
+    return [k for k in dir(attrs) if not k.startswith("_") and k not in _NOT_FIELDS and not callable(getattr(attrs, k))]
+
+
 def with_attr_field(attrs, **changes):
     """A copy of op attributes ``attrs`` with some fields changed."""
-    fields = {k: getattr(attrs, k) for k in dir(attrs) if not k.startswith("_") and k not in _NOT_FIELDS}
+    fields = {k: getattr(attrs, k) for k in attr_fields(attrs)}
     fields.update(changes)
     return tvm.ir.make_node(type(attrs).__tvm_ffi_type_info__.type_key, **fields)
 

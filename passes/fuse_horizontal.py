@@ -43,6 +43,7 @@ from tvm import relax, tirx
 
 from ..errors import PassError
 from ..ir.weights import exact_const
+from .canonicalize_ops import attr_fields
 from .explain import Explainer
 from .merge_common_stems import MERGED
 
@@ -182,10 +183,9 @@ def _difference(a: relax.VarBinding, b: relax.VarBinding, ka: tuple, kb: tuple) 
         return f"op {na} vs {nb}"
     if ka[0] == "call":
         if ka[2] != kb[2]:
-            keys = list(va.attrs.keys()) if hasattr(va.attrs, "keys") else []
-            for key in keys:
-                if not tvm_ffi.structural_equal(va.attrs[key], vb.attrs[key]):
-                    return f"attribute {key} of {na}: {va.attrs[key]} vs {vb.attrs[key]}"
+            for key in attr_fields(va.attrs):
+                if not tvm_ffi.structural_equal(getattr(va.attrs, key), getattr(vb.attrs, key)):
+                    return f"attribute {key} of {na}: {getattr(va.attrs, key)} vs {getattr(vb.attrs, key)}"
             return f"attributes of {na}"
         if len(ka[3]) != len(kb[3]):
             return f"{na} with {len(ka[3])} vs {len(kb[3])} operands"
@@ -252,8 +252,10 @@ class _Arg:
 
 @tvm.transform.module_pass(opt_level=0, name="FuseHorizontal")
 class FuseHorizontal:
-    """See the module docstring. ``self.report``: ``{"groups": [{"models", "positions", "fused",
-    "fell_back", "per_model_after"}], "alone": [models in no group]}`` of the last run."""
+    """See the module docstring. ``self.report`` (of the last run): ``{"groups": [{"models",
+    "positions" (bindings zipped per model), "fused" (positions run as one op), "fell_back" (positions
+    run per model), "fallbacks" ([{"position", "op", "reason"}]), "per_model_after" (bindings after
+    the zipped prefix, per model)}], "alone": [models in no group]}``."""
 
     def __init__(self, explain: Explainer | None = None):
         self.explain = explain or Explainer("FuseHorizontal")
@@ -289,8 +291,8 @@ class FuseHorizontal:
         new_func, fused = _Rewriter(self, func, bindings, users, groups).run(meta)
         for g in groups:
             self.report["groups"].append({
-                "models": g.models, "positions": g.length, "fused": g.fused, "fell_back": g.fell_back,
-                "per_model_after": {m: len(g.seqs[m]) - g.length for m in g.models}})
+                "models": g.models, "positions": g.length, "fused": g.fused, "fell_back": len(g.fell_back),
+                "fallbacks": g.fell_back, "per_model_after": {m: len(g.seqs[m]) - g.length for m in g.models}})
         grouped = {m for g in groups for m in g.models}
         self.report["alone"] = [m for m in models if m not in grouped]
         if not fused:

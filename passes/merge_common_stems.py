@@ -28,6 +28,7 @@ from tvm import relax, tirx
 
 from ..errors import PassError
 from ..ir import MERGED
+from .canonicalize_ops import attr_fields
 from .explain import Explainer
 
 
@@ -105,12 +106,13 @@ def first_difference(a: relax.Expr, b: relax.Expr) -> str:
     if op_a is None or op_b is None or not op_a.same_as(op_b):
         return f"op: {name(op_a)} vs {name(op_b)}"
     if not tvm_ffi.structural_equal(a.attrs, b.attrs):
-        for key in (a.attrs.keys() if hasattr(a.attrs, "keys") else []):
-            if not tvm_ffi.structural_equal(a.attrs[key], b.attrs[key]):
-                return f"attribute {key} of {name(op_a)}: {a.attrs[key]} vs {b.attrs[key]}"
+        for key in attr_fields(a.attrs):
+            if not tvm_ffi.structural_equal(getattr(a.attrs, key), getattr(b.attrs, key)):
+                return f"attribute {key} of {name(op_a)}: {getattr(a.attrs, key)} vs {getattr(b.attrs, key)}"
         return f"attributes of {name(op_a)}"
     for i, (x, y) in enumerate(zip(a.args, b.args)):
-        if isinstance(x, tvm.ir.Constant) and isinstance(y, tvm.ir.Constant):
+        if isinstance(x, tvm.ir.Constant) and isinstance(y, tvm.ir.Constant) and \
+                isinstance(x.value, tvm.runtime.Tensor) and isinstance(y.value, tvm.runtime.Tensor):
             if tuple(x.value.shape) != tuple(y.value.shape) or str(x.value.dtype) != str(y.value.dtype):
                 return f"shape of operand {i} of {name(op_a)}: {tuple(x.value.shape)} vs {tuple(y.value.shape)}"
             if not tvm_ffi.structural_equal(x, y):

@@ -79,7 +79,7 @@ def test_two_heads_share_their_backbone(heads, tmp_path):
 
 def test_without_shared_input_nothing_is_shared(heads):
     h1, h2, x = heads
-    a = smelt.analyze_merge([(h1, (x,)), (h2, (x,))], names=["cls", "aux"])
+    a = smelt.analyze_merge([(h1, (x,)), (h2, (x,))], names=["cls", "aux"], horizontal=False)
     assert merged_ops(a)["nn.conv2d"] == 6 and a.report["shared_bindings"] == {"cls": 0, "aux": 0}
 
 
