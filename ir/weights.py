@@ -101,12 +101,47 @@ class WeightStore:
         out.added_bytes = self.added_bytes
         return out
 
+    def slices(self, max_parts: int = 64, min_bytes: int = 1024) -> dict[str, tuple[str, int]]:
+        """Tensors whose bytes are one of the equal parts of a larger tensor of the same dtype:
+        ``key -> (larger key, byte offset)``. Stacking the weights of N models into one wider
+        operator (FuseHorizontal) makes such tensors; stored as parts they cost no bytes."""
+        by_size: dict[tuple[str, int], dict[bytes, str]] = {}
+        for key, a in self._arrays.items():
+            if a.nbytes >= min_bytes:
+                digest = hashlib.blake2b(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data).digest()
+                by_size.setdefault((a.dtype.str, a.nbytes), {}).setdefault(digest, key)
+        found: dict[str, tuple[str, int]] = {}
+        for key, a in sorted(self._arrays.items(), key=lambda kv: -kv[1].nbytes):
+            if key in found:
+                continue
+            raw = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+            for parts in range(2, max_parts + 1):
+                if a.nbytes % parts or (a.dtype.str, a.nbytes // parts) not in by_size:
+                    continue
+                size, candidates = a.nbytes // parts, by_size[(a.dtype.str, a.nbytes // parts)]
+                for i in range(parts):
+                    part = candidates.get(hashlib.blake2b(raw[i * size:(i + 1) * size].data).digest())
+                    if part is not None and part != key and part not in found and \
+                            np.array_equal(raw[i * size:(i + 1) * size], self._arrays[part].reshape(-1).view(np.uint8)):
+                        found[part] = (key, i * size)
+        # a part of a part: point at the outermost tensor
+        for key, (base, off) in list(found.items()):
+            while base in found:
+                base, extra = found[base]
+                off += extra
+            found[key] = (base, off)
+        return found
+
     def save(self, path: str | Path) -> dict[str, WeightEntry]:
-        """Write every tensor once into ``path``; return the index to record beside it."""
+        """Write every tensor once into ``path``; return the index to record beside it. A tensor
+        that is a part of a larger one (``slices``) is recorded at its place inside that one."""
         index: dict[str, WeightEntry] = {}
+        parts = self.slices()
         with open(path, "wb") as f:
             offset = 0
             for key in sorted(self._arrays):
+                if key in parts:
+                    continue
                 a = self._arrays[key]
                 pad = (-offset) % ALIGN
                 f.write(b"\0" * pad)
@@ -116,6 +151,9 @@ class WeightStore:
                 offset += a.nbytes
             f.flush()
             os.fsync(f.fileno())
+        for key, (base, off) in parts.items():
+            a = self._arrays[key]
+            index[key] = WeightEntry(str(a.dtype), tuple(a.shape), index[base].offset + off, a.nbytes)
         return index
 
     @classmethod

@@ -64,3 +64,25 @@ def test_empty_and_scalar_stores_round_trip(tmp_path):
     k = store.add(np.array(2.5, dtype="float32"))
     loaded = WeightStore.load(tmp_path / "scalar.bin", store.save(tmp_path / "scalar.bin"))
     assert loaded[k].shape == () and float(loaded[k]) == 2.5
+
+
+def test_parts_of_a_stacked_tensor_cost_no_bytes(tmp_path):
+    """Weights of N models stacked into one (horizontal fusion) are stored once: each model's
+    tensor is recorded at its place inside the stacked one, and reads back equal."""
+    import numpy as np
+
+    from smelt.ir.weights import WeightEntry, WeightStore
+
+    rng = np.random.default_rng(0)
+    pieces = [rng.standard_normal((16, 8, 3, 3)).astype("float32") for _ in range(4)]
+    store = WeightStore()
+    keys = [store.add(p) for p in pieces]
+    stacked = store.add(np.concatenate(pieces, axis=0))
+    other = store.add(rng.standard_normal((64, 8)).astype("float32"))
+    index = store.save(tmp_path / "w.bin")
+    assert (tmp_path / "w.bin").stat().st_size < sum(p.nbytes for p in pieces) + 64 * 8 * 4 + 256
+    assert [index[k].offset for k in keys] == [index[stacked].offset + i * pieces[0].nbytes for i in range(4)]
+    loaded = WeightStore.load(tmp_path / "w.bin", {k: WeightEntry.from_json(e.to_json()) for k, e in index.items()})
+    for k, p in zip(keys, pieces):
+        np.testing.assert_array_equal(loaded[k], p)
+    assert loaded[other].shape == (64, 8)
