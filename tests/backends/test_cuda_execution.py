@@ -88,3 +88,46 @@ def test_kernels_built_with_nvcc_when_nvrtc_is_missing(tmp_path, rng, monkeypatc
     (name,) = rt.models
     x = rng.standard_normal((1, 32, 128)).astype("float32")
     check(rt.run(name, hidden=x), ort_outputs(model, {"hidden": x})[0], rtol=2e-3, scale_atol=2e-3)
+
+
+def _conv_model(cin, cout, k, stride, groups, size):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(1).standard_normal((cout, cin // groups, k, k)).astype("float32") * 0.1
+    b = np.random.default_rng(2).standard_normal(cout).astype("float32")
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[k, k], strides=[stride, stride],
+                              pads=[k // 2] * 4, group=groups),
+             helper.make_node("Relu", ["c"], ["y"])]
+    out = (size + 2 * (k // 2) - k) // stride + 1
+    g = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, size, size])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, out, out])],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("cin, cout, k, stride, groups, size", [
+    (64, 64, 3, 1, 1, 28), (512, 512, 3, 1, 8, 14), (512, 512, 1, 1, 8, 14), (256, 512, 3, 2, 8, 28),
+    (24, 24, 3, 1, 8, 56), (96, 96, 3, 1, 96, 28)])
+def test_convolutions_match_onnxruntime(tmp_path, rng, cin, cout, k, stride, groups, size):
+    """Plain, grouped (what horizontal fusion of 8 models makes) and depthwise convs."""
+    model = _conv_model(cin, cout, k, stride, groups, size)
+    art, rt = build_and_load(model, tmp_path)
+    x = rng.standard_normal((1, cin, size, size)).astype("float32")
+    ref = ort_outputs(model, {"x": x})[0]
+    got = rt.run(next(iter(rt.models)), x=x)
+    err = float(np.abs(got - ref).max() / np.abs(ref).max())
+    assert err < 1e-3, f"relative error {err:.2e}; schedules {art.report.schedules}"
+
+
+def test_eight_merged_cnns_match_each_model(tmp_path, rng):
+    models = [zoo.resnet(18, size=64, classes=10, seed=i) for i in range(8)]
+    names = [f"m{i}" for i in range(8)]
+    art = smelt.compile(models, target="cuda", names=names, merge=True, share_inputs=True)
+    rt = smelt.load(art.save(tmp_path / "eight"))
+    x = rng.standard_normal((1, 3, 64, 64)).astype("float32")
+    outs = rt.run_all(**{"m0.input": x})
+    for name, model in zip(names, models):
+        ref = ort_outputs(model, {"input": x})[0]
+        check(outs[name], ref, rtol=1e-3, scale_atol=1e-3)
