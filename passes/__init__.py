@@ -5,12 +5,13 @@ from .explain import Explainer
 from .fold_batch_norm import FoldBatchNorm
 from .fold_constant_layout import FoldConstantLayout
 from .fuse_horizontal import FuseHorizontal
+from .legalize_grouped_conv import LegalizeGroupedConv
 from .lift_weights import LiftWeights
 from .manager import PassManager, PassTiming, Step
 from .merge_common_stems import MERGED, MergeCommonStems, MergeReport, resolve_shared_inputs
 from .pipeline import PHASES, MergeOptions, PipelineOptions, build_pipeline, canonicalize_passes, fuse_passes
 from .remove_identity_ops import RemoveIdentityOps
 
-__all__ = ["CanonicalizeOps", "Explainer", "FoldBatchNorm", "FoldConstantLayout", "FuseHorizontal", "LiftWeights", "PHASES", "PassManager",
+__all__ = ["CanonicalizeOps", "Explainer", "FoldBatchNorm", "FoldConstantLayout", "FuseHorizontal", "LegalizeGroupedConv", "LiftWeights", "PHASES", "PassManager",
            "MERGED", "MergeCommonStems", "MergeOptions", "MergeReport", "PassTiming", "PipelineOptions", "RemoveIdentityOps", "Step", "build_pipeline",
            "canonicalize_passes", "fuse_passes", "resolve_shared_inputs"]

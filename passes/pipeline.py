@@ -18,6 +18,7 @@ from tvm import relax
 from .canonicalize_ops import CanonicalizeOps
 from .fold_batch_norm import FoldBatchNorm
 from .fold_constant_layout import FoldConstantLayout
+from .legalize_grouped_conv import LegalizeGroupedConv
 from .lift_weights import LiftWeights
 from .manager import Step
 from .remove_identity_ops import RemoveIdentityOps
@@ -60,7 +61,7 @@ def canonicalize_passes(opts: PipelineOptions) -> list[tvm.transform.Pass]:
 
 def fuse_passes(opts: PipelineOptions) -> list[tvm.transform.Pass]:
     # TVM's library dispatch picks sort/scan/sampling kernels for the target in scope.
-    passes = [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
+    passes = [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(), LegalizeGroupedConv(),
               relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
               relax.transform.FoldConstant()]
     if opts.fuse:
