@@ -166,7 +166,6 @@ class Program:
         new_models = {}
         for name, info in models.items():
             func = lift_constants(mod[name])
-            n_in = _num_input(func)
             data = list(func.attrs["params"]) if func.attrs is not None and "params" in func.attrs else []
             keys = [store.add(t.numpy()) for t in data]
             mod = _replace(mod, name, func.without_attr("params") if data else func)

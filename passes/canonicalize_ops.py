@@ -15,7 +15,7 @@ import tvm
 from tvm import relax
 
 from .explain import Explainer
-from .mutate import mutate_functions
+from .mutate import mutator_pass
 
 _OUT_DTYPE_OPS = {"relax.nn.conv1d", "relax.nn.conv2d", "relax.nn.conv3d", "relax.nn.conv1d_transpose",
                   "relax.nn.conv2d_transpose", "relax.matmul"}
@@ -67,12 +67,4 @@ class _Canonicalizer(relax.PyExprMutator):
         return e
 
 
-@tvm.transform.module_pass(opt_level=0, name="CanonicalizeOps")
-class CanonicalizeOps:
-    """See the module docstring."""
-
-    def __init__(self, explain: Explainer | None = None):
-        self.explain = explain or Explainer("CanonicalizeOps")
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return mutate_functions(_Canonicalizer(mod, self.explain), mod)
+CanonicalizeOps = mutator_pass("CanonicalizeOps", _Canonicalizer, "See the module docstring.")

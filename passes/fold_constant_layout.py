@@ -17,28 +17,20 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax, tirx
+from tvm import relax
 
 from ..ir.weights import _np_dtype, exact_const
-from .mutate import mutate_functions
+from .mutate import mutate_functions, static_ints
 
 _BINARY = {"relax.add": np.add, "relax.subtract": np.subtract,
            "relax.multiply": np.multiply, "relax.divide": np.divide}
 
 
-def _static(values) -> list[int] | None:
-    out = []
-    for v in values:
-        if not isinstance(v, tirx.IntImm):
-            return None
-        out.append(int(v.value))
-    return out
-
 
 def _eval(call: relax.Call, args: list[np.ndarray]) -> np.ndarray | None:
     name = call.op.name
     if name == "relax.reshape":
-        shape = _static(call.args[1].values) if isinstance(call.args[1], relax.ShapeExpr) else None
+        shape = static_ints(call.args[1].values) if isinstance(call.args[1], relax.ShapeExpr) else None
         return None if shape is None else args[0].reshape(shape)
     if name == "relax.permute_dims":
         axes = call.attrs.axes

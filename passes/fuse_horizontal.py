@@ -46,6 +46,7 @@ from ..ir.weights import exact_const
 from .canonicalize_ops import attr_fields
 from .explain import Explainer
 from .merge_common_stems import MERGED
+from .mutate import map_vars
 
 log = logging.getLogger(__name__)
 
@@ -116,19 +117,6 @@ def _vars_in(e, out: list) -> list:
     elif isinstance(e, relax.TupleGetItem):
         _vars_in(e.tuple_value, out)
     return out
-
-
-def _map_vars(e, fn):
-    """``e`` with every variable ``v`` replaced by ``fn(v)`` (bindings of a dataflow block are flat)."""
-    if isinstance(e, relax.Var):
-        return fn(e)
-    if isinstance(e, relax.Call):
-        return relax.Call(e.op, [_map_vars(a, fn) for a in e.args], e.attrs, e.ty_args)
-    if isinstance(e, relax.Tuple):
-        return relax.Tuple([_map_vars(f, fn) for f in e.fields])
-    if isinstance(e, relax.TupleGetItem):
-        return relax.TupleGetItem(_map_vars(e.tuple_value, fn), e.index)
-    return e
 
 
 # -- isomorphism ----------------------------------------------------------------------------
@@ -458,7 +446,7 @@ class _Rewriter:
             with self.bb.dataflow():
                 for item in items:
                     self._emit_item(item)
-            self.bb.emit_func_output(_map_vars(self.func.body.body, self.resolve))
+            self.bb.emit_func_output(map_vars(self.func.body.body, self.resolve))
         new = self.bb.get()[MERGED]
         meta = dict(meta)
         meta["users"] = self.new_users
@@ -516,7 +504,7 @@ class _Rewriter:
     def _emit_item(self, item) -> None:
         if item[0] == "plain":
             b = item[1]
-            value = _map_vars(b.value, self.resolve)
+            value = map_vars(b.value, self.resolve)
             output = not isinstance(b.var, relax.DataflowVar)
             self.vmap[b.var] = self.emit(value, b.var.name, self.users.get(b.var.name, []), output=output)
         else:
@@ -542,7 +530,7 @@ class _Rewriter:
             self.owner.explain.skip(rep, f"{', '.join(g.models)} #{j} ({members[0].var.name}): "
                                          f"{e}; one {op} per model")
             log.info("FuseHorizontal: %s #%d %s stays per model: %s", ",".join(g.models), j, op, e)
-            g.pieces[j] = [self.emit(_map_vars(b.value, self.resolve), b.var.name, [m])
+            g.pieces[j] = [self.emit(map_vars(b.value, self.resolve), b.var.name, [m])
                            for m, b in zip(g.models, members)]
             return
         if isinstance(out, _Folded):

@@ -17,19 +17,11 @@ takes them like any conv.
 from __future__ import annotations
 
 import tvm
-from tvm import relax, te, tirx, topi
+from tvm import relax, te, topi
 
 from .explain import Explainer
-from .mutate import mutate_functions
+from .mutate import mutator_pass, static_ints
 
-
-def _static(shape) -> list[int] | None:
-    out = []
-    for d in shape:
-        if not isinstance(d, tirx.IntImm):
-            return None
-        out.append(int(d.value))
-    return out
 
 
 def _batched_group_conv(data, weight, strides, padding, dilation, out_dtype):
@@ -63,7 +55,7 @@ class _Rewriter(relax.PyExprMutator):
         a = call.attrs
         groups = int(a.groups)
         data, weight = call.args
-        dshape, wshape = _static(data.ty.shape.values), _static(weight.ty.shape.values)
+        dshape, wshape = static_ints(data.ty.shape.values), static_ints(weight.ty.shape.values)
         if groups <= 1 or dshape is None or wshape is None:
             return call
         if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout or a.data_layout)) != ("NCHW", "OIHW", "NCHW"):
@@ -86,12 +78,4 @@ class _Rewriter(relax.PyExprMutator):
         return relax.op.reshape(out5, (b, o, oh, ow))
 
 
-@tvm.transform.module_pass(opt_level=0, name="LegalizeGroupedConv")
-class LegalizeGroupedConv:
-    """See the module docstring."""
-
-    def __init__(self, explain: Explainer | None = None):
-        self.explain = explain or Explainer("LegalizeGroupedConv")
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return mutate_functions(_Rewriter(mod, self.explain), mod)
+LegalizeGroupedConv = mutator_pass("LegalizeGroupedConv", _Rewriter, "See the module docstring.")

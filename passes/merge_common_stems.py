@@ -30,6 +30,7 @@ from ..errors import PassError
 from ..ir import MERGED
 from .canonicalize_ops import attr_fields
 from .explain import Explainer
+from .mutate import map_vars
 
 
 @dataclass
@@ -77,16 +78,8 @@ class MergeReport:
 
 
 def _subst(e: relax.Expr, vmap: dict) -> relax.Expr:
-    """``e`` with its variables replaced through ``vmap`` (bindings of a dataflow block are flat)."""
-    if isinstance(e, relax.Var):
-        return vmap.get(e, e)
-    if isinstance(e, relax.Call):
-        return relax.Call(e.op, [_subst(a, vmap) for a in e.args], e.attrs, e.ty_args)
-    if isinstance(e, relax.Tuple):
-        return relax.Tuple([_subst(f, vmap) for f in e.fields])
-    if isinstance(e, relax.TupleGetItem):
-        return relax.TupleGetItem(_subst(e.tuple_value, vmap), e.index)
-    return e
+    """``e`` with its variables replaced through ``vmap``."""
+    return map_vars(e, lambda v: vmap.get(v, v))
 
 
 def _operands(e: relax.Expr) -> list:

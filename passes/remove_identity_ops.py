@@ -14,7 +14,7 @@ import tvm_ffi
 from tvm import relax
 
 from .explain import Explainer
-from .mutate import mutate_functions
+from .mutate import mutator_pass
 
 
 def _same_shape(a, b) -> bool:
@@ -60,12 +60,4 @@ class _Remover(relax.PyExprMutator):
         return call
 
 
-@tvm.transform.module_pass(opt_level=0, name="RemoveIdentityOps")
-class RemoveIdentityOps:
-    """See the module docstring."""
-
-    def __init__(self, explain: Explainer | None = None):
-        self.explain = explain or Explainer("RemoveIdentityOps")
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return mutate_functions(_Remover(mod, self.explain), mod)
+RemoveIdentityOps = mutator_pass("RemoveIdentityOps", _Remover, "See the module docstring.")
