@@ -385,6 +385,72 @@ def _format_inspect(d: dict) -> list[str]:
 
 
 @main.command()
+@click.argument("models", nargs=-1, type=click.Path(dir_okay=False, exists=True))
+@click.option("-t", "--target", default="cpu", show_default=True, type=click.Choice(_targets()),
+              help="Backend to tune for.")
+@click.option("--arch", help="sm_XX for cuda, gfxNNN for rocm, an LLVM CPU name for cpu (default: host/local GPU).")
+@click.option("--name", "names", multiple=True, help="Model names, one per model, in order (default: file stems).")
+@click.option("--trials", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Total trials over all tasks (records already in the database count).")
+@click.option("--trials-per-task", type=click.IntRange(min=1), help="At most this many new trials per task.")
+@click.option("--time", "wall", metavar="DURATION", help="Wall-time budget, e.g. 90s, 20m, 1h.")
+@click.option("--log-dir", default="tune_logs", show_default=True, type=click.Path(file_okay=False),
+              help="Records folder (one subfolder per target key).")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, exists=True),
+              help="Print what a records folder holds (per task: weight, best latency, trials) and exit.")
+@click.option("--prune", "prune_dir", type=click.Path(file_okay=False, exists=True),
+              help="Keep only the best record per kernel in a records folder and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def tune(models, target, arch, names, trials, trials_per_task, wall, log_dir, report_dir, prune_dir, as_json):
+    """Tune the kernels of MODELS with MetaSchedule; records go to LOG_DIR/<target key>/."""
+    from . import autotune
+
+    if report_dir or prune_dir:
+        if models or (report_dir and prune_dir):
+            raise click.UsageError("--report and --prune take a folder and no models, one at a time")
+        if prune_dir:
+            for key, (before, after) in autotune.prune(prune_dir).items():
+                click.echo(f"{key}: {before} -> {after} records")
+            return
+        reps = autotune.report(report_dir)
+        if as_json:
+            click.echo(json.dumps([r.to_json() for r in reps], indent=1))
+            return
+        for r in reps:
+            click.echo(f"{r.target_key} ({r.path})")
+            click.echo("\n".join(_table([("task", "weight", "best", "trials")] + [
+                (w.name, "?" if w.weight is None else f"{w.weight:g}",
+                 "-" if w.best_seconds is None else f"{w.best_seconds * 1e6:.1f} us", str(w.trials))
+                for w in r.workloads], indent=2)))
+        return
+    if not models:
+        raise click.UsageError("give MODELS to tune, or --report DIR / --prune DIR")
+    if names and len(names) != len(models):
+        raise click.BadParameter(f"{len(names)} --name values for {len(models)} models", param_hint="--name")
+    rep = autotune.tune(list(models), target, arch, trials=trials, trials_per_task=trials_per_task,
+                        seconds=_duration(wall) if wall else None, log_dir=log_dir, names=list(names) or None)
+    if as_json:
+        click.echo(json.dumps(rep.to_json(), indent=1))
+        return
+    click.echo(f"{len(rep.tasks)} tasks, {rep.new_trials} new trials in {rep.seconds:.0f} s -> {rep.record_dir}")
+    click.echo("\n".join(_table([("task", "weight", "best", "trials")] + [
+        (t.name, f"{t.weight:g}", "-" if t.best_seconds is None else f"{t.best_seconds * 1e6:.1f} us", str(t.trials))
+        for t in rep.tasks], indent=2)))
+
+
+def _duration(value: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    num, unit = (value[:-1], value[-1]) if value and value[-1] in units else (value, "s")
+    try:
+        seconds = float(num) * units[unit]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected a duration such as 90s, 20m or 1h", param_hint="--time") from None
+    if seconds <= 0:
+        raise click.BadParameter(f"{value!r}: must be positive", param_hint="--time")
+    return seconds
+
+
+@main.command()
 def targets():
     """List the registered backends and what each needs."""
     from .backends import available, get

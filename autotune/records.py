@@ -53,9 +53,17 @@ def records_passes(target: tvm.target.Target, log_dir: str | Path | None) -> lis
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyTuningRecords")
 class _ApplyRecords:
+    """``report`` maps each PrimFunc a record scheduled to ``tuned`` (compile counts them)."""
+
     def __init__(self, db):
         self.db = db
+        self.report: dict[str, str] = {}
 
     def transform_module(self, mod, ctx):
         with self.db:
-            return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and \
+                    int(func.attrs.get("tirx.is_scheduled", 0)) == 1:
+                self.report[gv.name_hint] = "tuned"
+        return mod

@@ -1,0 +1,122 @@
+"""What a ``tune_logs/`` folder holds (``report``) and keeping only the best record per kernel (``prune``).
+
+Every ``<log_dir>/<target key>/`` with both database files is one target's records;
+``tasks.json`` beside them (written by ``tune``) names the tasks and their weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import SmeltError
+from .records import RECORDS, WORKLOADS
+from .tasks import workload_hash
+
+log = logging.getLogger(__name__)
+
+TASKS = "tasks.json"
+
+
+@dataclass
+class RecordSummary:
+    """One workload's records: ``best_seconds`` is the lowest mean of the runs that succeeded."""
+
+    name: str
+    shash: str
+    weight: float | None
+    trials: int
+    best_seconds: float | None
+
+
+@dataclass
+class TargetRecords:
+    target_key: str
+    path: str
+    workloads: list[RecordSummary] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def open_database(directory: str | Path, allow_missing: bool = True):
+    """The MetaSchedule JSON database in ``directory`` (file names as ``records`` expects)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    d = Path(directory)
+    if allow_missing:
+        d.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(str(d / WORKLOADS), str(d / RECORDS), allow_missing=allow_missing,
+                                    module_equality="structural")
+
+
+def record_dirs(log_dir: str | Path) -> list[Path]:
+    """The per-target record folders under ``log_dir`` (a record folder itself is accepted too)."""
+    root = Path(log_dir)
+    if not root.is_dir():
+        raise SmeltError(f"{log_dir}: no such tuning-log folder")
+    dirs = [root] if (root / WORKLOADS).is_file() else sorted(
+        d for d in root.iterdir() if (d / WORKLOADS).is_file() and (d / RECORDS).is_file())
+    if not dirs:
+        raise SmeltError(f"{log_dir}: no tuning records (expected <target key>/{WORKLOADS} and {RECORDS})")
+    return dirs
+
+
+def records_by_workload(db) -> dict[str, list]:
+    """Tuning records grouped by workload hash."""
+    out: dict[str, list] = {}
+    for rec in db.get_all_tuning_records():
+        out.setdefault(workload_hash(rec.workload.mod), []).append(rec)
+    return out
+
+
+def best_seconds(records) -> float | None:
+    """The lowest mean run time of the records that ran (None when none did)."""
+    best = None
+    for rec in records:
+        secs = [float(s) for s in (rec.run_secs or [])]
+        if not secs or any(s >= 1e9 for s in secs):  # MetaSchedule stores failed runs as 1e10
+            continue
+        mean = sum(secs) / len(secs)
+        best = mean if best is None else min(best, mean)
+    return best
+
+
+def report(log_dir: str | Path) -> list[TargetRecords]:
+    """Per target key, per workload: task name and weight (from ``tasks.json``), trials, best latency."""
+    out = []
+    for d in record_dirs(log_dir):
+        tasks = json.loads((d / TASKS).read_text()) if (d / TASKS).is_file() else {}
+        entry = TargetRecords(d.name, str(d))
+        for shash, recs in records_by_workload(open_database(d, allow_missing=False)).items():
+            t = tasks.get(shash, {})
+            entry.workloads.append(RecordSummary(t.get("name", f"workload-{shash}"), shash, t.get("weight"),
+                                                 len(recs), best_seconds(recs)))
+        entry.workloads.sort(key=lambda w: -(w.weight or 0) * (w.best_seconds or 0))
+        out.append(entry)
+    return out
+
+
+def prune(log_dir: str | Path) -> dict[str, tuple[int, int]]:
+    """Keep only the best record per workload in every record folder: {target key: (before, after)}.
+
+    The pruned database is written beside the old one and moved over it, so a crash
+    leaves either the old or the new files.
+    """
+    out = {}
+    for d in record_dirs(log_dir):
+        db = open_database(d, allow_missing=False)
+        before = len(db.get_all_tuning_records())
+        with tempfile.TemporaryDirectory(dir=d) as tmp:
+            pruned = open_database(tmp)
+            db.dump_pruned(pruned)
+            after = len(pruned.get_all_tuning_records())
+            for name in (WORKLOADS, RECORDS):
+                os.replace(Path(tmp) / name, d / name)
+        log.info("%s: %d records -> %d", d.name, before, after)
+        out[d.name] = (before, after)
+    return out

@@ -1,0 +1,104 @@
+"""smelt.autotune: tasks after fusion, records keyed by target, applied at compile, report/prune, CLI.
+
+The fast tests commit records built from MetaSchedule design spaces (no measuring:
+a 2-core CI box spends minutes in builder start-up); ``test_tune_end_to_end`` runs
+real MetaSchedule trials and is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import smelt
+from smelt.autotune import database, prune, records, report, tune
+from smelt.autotune.tasks import extract_tasks
+from smelt.autotune.tune import _with_cores, _write_tasks, fused_module
+from smelt.examples import zoo
+
+
+def _commit_design_spaces(model, log_dir, key=None):
+    """Write one record per task (its first design space, a made-up latency) as ``tune`` would."""
+    from tvm.s_tir import meta_schedule as ms
+
+    mod, target = fused_module(model)
+    tasks, _ = extract_tasks(mod, target, min_flops=0)
+    out = records.record_dir(log_dir, target) if key is None else log_dir / key
+    db = database.open_database(out)
+    for i, t in enumerate(tasks):
+        ctx = ms.TuneContext(mod=t.mod, target=_with_cores(target), space_generator="post-order-apply",
+                             task_name=t.name).clone()
+        sch = ctx.generate_design_space()[0]
+        wl = db.commit_workload(t.mod)
+        for secs in (2e-5, 1e-5):  # two records per workload: prune keeps one
+            db.commit_tuning_record(ms.database.TuningRecord(sch.trace, wl, [secs * (i + 1)], target,
+                                                             ms.arg_info.ArgInfo.from_prim_func(t.mod["main"])))
+    _write_tasks(out, tasks)
+    return tasks, out
+
+
+def test_tasks_are_fused_kernels_deduplicated():
+    mod, target = fused_module([zoo.mlp(), zoo.mlp()], names=["a", "b"])
+    tasks, skipped = extract_tasks(mod, target, min_flops=0)
+    # two identical MLPs: 3 distinct fused kernels, each called twice
+    assert len(tasks) == 3 and all(t.weight == 2 for t in tasks)
+    assert all(t.name.startswith("fused_") for t in tasks)
+    big, small = extract_tasks(mod, target, min_flops=10_000)
+    assert len(big) == 2 and len(small) == 1 and "min_flops" in small[0]
+
+
+def test_records_apply_at_compile_and_numerics_hold(tmp_path, onnx_reference):
+    model = zoo.mlp()
+    tasks, out = _commit_design_spaces(model, tmp_path)
+    art = smelt.compile(model, options=smelt.CompileOptions(tune_log_dir=str(tmp_path)))
+    assert art.report.tuned_kernels == len(tasks) == 3
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype("float32")
+    rt = smelt.load(art.save(tmp_path / "art"))
+    got = rt.run(next(iter(art.models)), features=x)
+    want = onnx_reference(model, {"features": x})
+    np.testing.assert_allclose(np.asarray(got), want[0], rtol=1e-4, atol=1e-5)  # fp32, reordered sums
+
+
+def test_records_of_another_target_are_not_applied(tmp_path):
+    model = zoo.mlp()
+    _commit_design_spaces(model, tmp_path, key="cpu-x86_64-someothercpu")
+    art = smelt.compile(model, options=smelt.CompileOptions(tune_log_dir=str(tmp_path)))
+    assert art.report.tuned_kernels == 0
+
+
+def test_report_and_prune(tmp_path):
+    tasks, out = _commit_design_spaces(zoo.mlp(), tmp_path)
+    [rep] = report(tmp_path)
+    assert rep.target_key == out.name
+    assert {w.name for w in rep.workloads} == {t.name for t in tasks}
+    assert all(w.trials == 2 and w.best_seconds is not None and w.weight == 1 for w in rep.workloads)
+    assert prune(tmp_path) == {out.name: (6, 3)}
+    [rep] = report(tmp_path)
+    assert all(w.trials == 1 for w in rep.workloads)
+
+
+def test_cli_report_and_prune(tmp_path):
+    from click.testing import CliRunner
+
+    from smelt.cli import main
+
+    _commit_design_spaces(zoo.mlp(), tmp_path)
+    r = CliRunner().invoke(main, ["tune", "--report", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.output)[0]["workloads"]) == 3
+    r = CliRunner().invoke(main, ["tune", "--prune", str(tmp_path)])
+    assert r.exit_code == 0 and "6 -> 3" in r.output, r.output
+    r = CliRunner().invoke(main, ["tune"])
+    assert r.exit_code != 0
+
+
+@pytest.mark.slow
+def test_tune_end_to_end(tmp_path):
+    rep = tune(zoo.mlp(), trials=3, trials_per_task=1, seconds=300, log_dir=tmp_path)  # ~3 min on 2 cores
+    assert rep.new_trials > 0 and (tmp_path / rep.target_key / records.RECORDS).stat().st_size > 0
+    art = smelt.compile(zoo.mlp(), options=smelt.CompileOptions(tune_log_dir=str(tmp_path)))
+    assert art.report.tuned_kernels > 0
+    again = tune(zoo.mlp(), trials=3, trials_per_task=1, log_dir=tmp_path)  # resume: budget already spent
+    assert again.new_trials == 0
