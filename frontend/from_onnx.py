@@ -352,9 +352,12 @@ class _Builder(relax.BlockBuilder):
         expr = _relax_for_te(func, args, kwargs)
         if expr is None:
             name = getattr(func, "__qualname__", getattr(func, "__name__", repr(func)))
-            raise NotImplementedError(f"TVM's converter lowers it to a TE function ({name}), which smelt "
-                                      f"cannot keep yet")
+            raise _KeptAsTE(f"TVM's converter lowers it to a TE function ({name}), which smelt cannot keep yet")
         return expr if isinstance(expr, relax.Var) else self.emit(expr)
+
+
+class _KeptAsTE(Exception):
+    """A converter produced a TE function with no Relax equivalent (reported with the node by _Importer)."""
 
 
 class _Importer(_tvm_onnx.ONNXGraphImporter):
