@@ -15,10 +15,11 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
-from . import backends, frontend
+from . import backends
 from .artifact import Artifact
 from .autotune import records_passes
 from .errors import BackendError, SmeltError, error_line
+from .frontend import import_models
 from .ir import ModelInfo, Program, TensorSpec, summarize
 from .passes import (MERGED, Explainer, MergeCommonStems, MergeOptions, PassManager, PipelineOptions, Step,
                      build_pipeline, canonicalize_passes, resolve_shared_inputs)
@@ -67,79 +68,6 @@ class CompileReport:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-ModelSource = object  # path, ModelProto, ExportedProgram or (nn.Module, example_args)
-
-
-def _as_list(models) -> list:
-    if isinstance(models, (str, Path)) or isinstance(models, tuple) and len(models) == 2 and \
-            not isinstance(models[0], (str, Path)) and hasattr(models[0], "forward"):
-        return [models]
-    if hasattr(models, "graph") or hasattr(models, "forward") or \
-            type(models).__name__ in ("ExportedProgram", "ModelProto"):
-        return [models]
-    return list(models)
-
-
-def import_models(models, names: Sequence[str] | None = None, input_shapes: dict | None = None,
-                  dynamic_batch: bool = False) -> Program:
-    """Import every model into one Program.
-
-    ``input_shapes`` maps an input name (applies to every model with that input) or
-    ``model.input`` to a shape; a key that matches nothing is an error.
-    """
-    sources = _as_list(models)
-    if names is not None and len(names) != len(sources):
-        raise SmeltError(f"{len(names)} names for {len(sources)} models")
-    imported = []
-    used: set[str] = set()
-    for i, src in enumerate(sources):
-        name = names[i] if names else _default_name(src)
-        shapes = _shapes_for(input_shapes, name, src, used)
-        imported.append(frontend.load(src, name=names[i] if names else None, input_shapes=shapes,
-                                      dynamic_batch=dynamic_batch))
-    unused = set(input_shapes or {}) - used
-    if unused:
-        raise SmeltError(f"--input-shape {', '.join(sorted(unused))}: no model has such an input")
-    return frontend.build_program(imported)
-
-
-def _default_name(src) -> str | None:
-    return Path(src).stem if isinstance(src, (str, Path)) else None
-
-
-def _input_names(src) -> set[str] | None:
-    """Input names of an ONNX source (None when unknown without importing)."""
-    try:
-        import onnx
-
-        model = src if isinstance(src, onnx.ModelProto) else (
-            onnx.load(str(src), load_external_data=False) if str(src).endswith(".onnx") else None)
-    except Exception:
-        return None
-    if model is None:
-        return None
-    inits = {t.name for t in model.graph.initializer}
-    return {i.name for i in model.graph.input if i.name not in inits}
-
-
-def _shapes_for(input_shapes: dict | None, model: str | None, src, used: set) -> dict | None:
-    """The overrides for one model: ``model.input`` keys for it, plain keys naming one of its inputs."""
-    if not input_shapes:
-        return None
-    inputs = _input_names(src)
-    out = {}
-    for key, shape in input_shapes.items():
-        prefix, dot, rest = key.partition(".")
-        if dot and model is not None and prefix == model:
-            out[rest] = shape
-            used.add(key)
-        elif inputs is None or key in inputs:
-            out[key] = shape
-            if inputs is not None:
-                used.add(key)
-    return out or None
 
 
 def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequence[str] | None = None,

@@ -23,7 +23,10 @@ from pathlib import Path
 
 import tvm
 
+from .. import backends
 from ..errors import SmeltError
+from ..frontend import import_models
+from ..passes import PassManager, PipelineOptions, build_pipeline
 from .records import record_dir, target_key
 from .database import TASKS, best_seconds, open_database, records_by_workload
 from .tasks import TuneTask, extract_tasks
@@ -89,11 +92,6 @@ class TuneReport:
 def fused_module(models, target="cpu", arch: str | None = None, triple: str | None = None,
                  names: Sequence[str] | None = None, input_shapes: dict | None = None, pipeline=None):
     """Import ``models`` and run smelt's pipeline to the end of the ``fuse`` phase: (module, TVM target)."""
-    # compiler imports autotune (records_passes), so these imports wait for the call.
-    from .. import backends
-    from ..compiler import import_models
-    from ..passes import PassManager, PipelineOptions, build_pipeline
-
     topts = backends.TargetOptions(target, arch, triple)
     backend = backends.get(topts.kind)
     tvm_target = backend.target(topts)

@@ -29,7 +29,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
-from ..errors import BackendError
+from ..errors import BackendError, error_line
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,6 @@ MISCOMPILES: dict[str, tuple[str, ...]] = {"Reduction": ("group_conv2d",)}
 def _block_names(func: tirx.PrimFunc) -> set[str]:
     # TVM 0.27's Python API has no TIR statement visitor; the printed blocks name them all.
     return set(re.findall(r'T\.sblock\("([^"]+)"', func.script()))
-
-
-def _reason(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[-1]}" if lines else type(e).__name__
 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyDefaultSchedules")
@@ -86,9 +81,9 @@ class ApplyDefaultSchedules:
                 try:
                     space = rule.apply(func, target, False)
                 except Exception as e:  # dlight rules assert on shapes they do not expect
-                    failures.append(f"{rule_name}: {_reason(e)}")
+                    failures.append(f"{rule_name}: {error_line(e, last=True, with_type=True)}")
                     log.warning("schedule rule %s failed on %s (%s); trying the next rule",
-                                rule_name, name, _reason(e))
+                                rule_name, name, error_line(e, last=True, with_type=True))
                     continue
                 if space is None:
                     continue

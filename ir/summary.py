@@ -64,7 +64,7 @@ def _conv_kernel(call: relax.Call) -> tuple[list[int], bool, str]:
     return w, sym, str(call.attrs.kernel_layout)
 
 
-def _flops(call: relax.Call) -> tuple[int, bool]:
+def op_flops(call: relax.Call) -> tuple[int, bool]:
     """FLOPs of one call, counting a multiply-add as 2."""
     name = call.op.name.removeprefix("relax.")
     out, sym = _shape(call.ty)
@@ -129,7 +129,7 @@ def summarize(mod: tvm.IRModule, functions: list[str] | None = None, weights=Non
                 if op == "call_tir" and isinstance(e.args[0], tvm.ir.GlobalVar):
                     op = "call_tir:" + e.args[0].name_hint.rstrip("0123456789").rstrip("_")
                 summary.ops[op] += 1
-                f, sym = _flops(e)
+                f, sym = op_flops(e)
                 summary.flops += f
                 summary.symbolic |= sym
             elif isinstance(e.op, tvm.ir.GlobalVar):

@@ -28,6 +28,7 @@ from tvm import relax, tirx
 
 from ..errors import PassError
 from ..ir import MERGED
+from ..ir.summary import op_flops
 from .canonicalize_ops import attr_fields
 from .explain import Explainer
 from .mutate import map_vars
@@ -148,7 +149,6 @@ class MergeCommonStems:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if len(self.models) < 2:
             return mod
-        from ..ir.summary import _flops  # one FLOP model for reports and summaries
 
         report = self.report
         bb = relax.BlockBuilder()
@@ -216,7 +216,7 @@ class MergeCommonStems:
                         owner_model[new] = name
                         self._use(new, name)
                         report.matches[(name, b.var.name)] = new.name
-                        report.flops[new.name] = _flops(value)[0] if isinstance(
+                        report.flops[new.name] = op_flops(value)[0] if isinstance(
                             value, relax.Call) and isinstance(value.op, tvm.ir.Op) else 0
                         report.weight_bytes[new.name] = sum(
                             int(np.prod(o.value.shape)) * o.value.dtype.itemsize if hasattr(o.value.dtype, "itemsize")
