@@ -196,6 +196,11 @@ def format_compile_summary(art, path: Path, total: float) -> str:
     lines.append(f"  kernels: {r.kernels}" + (f" (schedules: {', '.join(f'{k} {v}' for k, v in sorted(sched.items()))})"
                                              if sched else "") + (f"; {len(r.schedule_fallbacks)} fell back"
                                                                   if r.schedule_fallbacks else ""))
+    if r.tune_records:
+        untuned = sorted(k for k, v in r.schedules.items() if v != "tuned")
+        lines.append(f"  tuning records: {r.tuned_kernels} of {r.kernels} kernels tuned ({', '.join(r.tune_records)})"
+                     + (f"; default schedules: {', '.join(untuned[:4])}" + (" ..." if len(untuned) > 4 else "")
+                        if untuned else ""))
     files = m.get("files", {})
     lines.append(f"  artifact: {_mb(_dir_size(path))} ("
                  + ", ".join(f"{f} {_mb((Path(path) / f).stat().st_size)}" for f in files if "/" not in f) + ")")
@@ -400,9 +405,23 @@ def _format_inspect(d: dict) -> list[str]:
               help="Print what a records folder holds (per task: weight, best latency, trials) and exit.")
 @click.option("--prune", "prune_dir", type=click.Path(file_okay=False, exists=True),
               help="Keep only the best record per kernel in a records folder and exit.")
+@click.option("--merge", is_flag=True, help="Tune what `smelt compile --merge` builds (shared stems, fused layers).")
+@click.option("--share-inputs", is_flag=True, help="With --merge: share inputs of equal name, shape and dtype.")
+@click.option("--rpc-tracker", metavar="HOST:PORT", help="Measure on the devices registered at this TVM RPC tracker.")
+@click.option("--rpc-key", metavar="KEY", help="The key those devices registered under.")
+@click.option("--devices", metavar="0,1,...", help="Measure on these local GPUs in parallel, one RPC server each.")
+@click.option("--builders", type=click.IntRange(min=1), help="Parallel build processes (default: one per core).")
+@click.option("--plot", "plot_to", type=click.Path(dir_okay=False),
+              help="PNG of estimated model latency against tuning time (default: <record folder>/progress.png).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def tune(models, target, arch, names, trials, trials_per_task, wall, log_dir, report_dir, prune_dir, as_json):
-    """Tune the kernels of MODELS with MetaSchedule; records go to LOG_DIR/<target key>/."""
+def tune(models, target, arch, names, trials, trials_per_task, wall, log_dir, report_dir, prune_dir, merge,
+         share_inputs, rpc_tracker, rpc_key, devices, builders, plot_to, quiet, as_json):
+    """Tune the kernels of MODELS with MetaSchedule; records go to LOG_DIR/<target key>/.
+
+    Re-running the same command resumes from the records. Compiles with the same
+    --log-dir (default tune_logs) apply the best records automatically.
+    """
     from . import autotune
 
     if report_dir or prune_dir:
@@ -418,24 +437,52 @@ def tune(models, target, arch, names, trials, trials_per_task, wall, log_dir, re
             return
         for r in reps:
             click.echo(f"{r.target_key} ({r.path})")
-            click.echo("\n".join(_table([("task", "weight", "best", "trials")] + [
-                (w.name, "?" if w.weight is None else f"{w.weight:g}",
-                 "-" if w.best_seconds is None else f"{w.best_seconds * 1e6:.1f} us", str(w.trials))
-                for w in r.workloads], indent=2)))
+            click.echo("\n".join(_tune_table(r.workloads)))
         return
     if not models:
         raise click.UsageError("give MODELS to tune, or --report DIR / --prune DIR")
     if names and len(names) != len(models):
         raise click.BadParameter(f"{len(names)} --name values for {len(models)} models", param_hint="--name")
-    rep = autotune.tune(list(models), target, arch, trials=trials, trials_per_task=trials_per_task,
-                        seconds=_duration(wall) if wall else None, log_dir=log_dir, names=list(names) or None)
+    opts = autotune.TuneOptions(trials=trials, trials_per_task=trials_per_task,
+                                seconds=_duration(wall) if wall else None, builders=builders,
+                                rpc_tracker=rpc_tracker, rpc_key=rpc_key, devices=_device_list(devices),
+                                progress=not (quiet or as_json))
+    rep = autotune.tune(list(models), target, arch, log_dir=log_dir, names=list(names) or None, merge=merge,
+                        share_inputs=share_inputs, options=opts, plot_to=plot_to)
     if as_json:
         click.echo(json.dumps(rep.to_json(), indent=1))
         return
-    click.echo(f"{len(rep.tasks)} tasks, {rep.new_trials} new trials in {rep.seconds:.0f} s -> {rep.record_dir}")
-    click.echo("\n".join(_table([("task", "weight", "best", "trials")] + [
-        (t.name, f"{t.weight:g}", "-" if t.best_seconds is None else f"{t.best_seconds * 1e6:.1f} us", str(t.trials))
-        for t in rep.tasks], indent=2)))
+    click.echo(f"{len(rep.tasks)} tasks, {rep.new_trials} new trials in {rep.seconds:.0f} s "
+               f"({rep.trials_per_minute:.1f} trials/min on {rep.devices} device(s)) -> {rep.record_dir}")
+    click.echo("\n".join(_tune_table(rep.tasks)))
+    if rep.default_estimate_s and rep.tuned_estimate_s:
+        click.echo(f"estimated model latency: {rep.default_estimate_s * 1e3:.3f} ms with default schedules -> "
+                   f"{rep.tuned_estimate_s * 1e3:.3f} ms tuned ({rep.default_estimate_s / rep.tuned_estimate_s:.2f}x)")
+    if rep.skipped:
+        click.echo(f"not tuned: {len(rep.skipped)} kernels ({'; '.join(rep.skipped[:3])}"
+                   + (" ..." if len(rep.skipped) > 3 else "") + ")")
+    if rep.plot:
+        click.echo(f"plot: {rep.plot}")
+
+
+def _tune_table(rows) -> list[str]:
+    """Per task: weight, default and best latency, their ratio, trials (largest weighted latency first)."""
+    def us(v):
+        return "-" if v is None else f"{v * 1e6:.1f} us"
+
+    return _table([("task", "weight", "default", "best", "speedup", "trials")] + [
+        (w.name, "?" if w.weight is None else f"{w.weight:g}", us(w.default_seconds), us(w.best_seconds),
+         f"{w.default_seconds / w.best_seconds:.2f}x" if w.default_seconds and w.best_seconds else "-",
+         str(w.trials)) for w in rows], indent=2)
+
+
+def _device_list(value: str | None) -> tuple[int, ...]:
+    if not value:
+        return ()
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected GPU indices such as 0,1,2,3", param_hint="--devices") from None
 
 
 def _duration(value: str) -> float:

@@ -21,8 +21,8 @@ from .autotune import records_passes
 from .errors import BackendError, SmeltError, error_line
 from .frontend import import_models
 from .ir import ModelInfo, Program, TensorSpec, summarize
-from .passes import (MERGED, Explainer, MergeCommonStems, MergeOptions, PassManager, PipelineOptions, Step,
-                     build_pipeline, canonicalize_passes, resolve_shared_inputs)
+from .passes import (MERGED, Explainer, MergeOptions, PassManager, PipelineOptions, Step,
+                     build_pipeline, canonicalize_passes, merge_passes)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class CompileReport:
     schedules: dict = field(default_factory=dict)
     schedule_fallbacks: dict = field(default_factory=dict)
     tuned_kernels: int = 0
+    tune_records: list[str] = field(default_factory=list)  # record folders a compile applied
     explanations: list = field(default_factory=list)  # why rewrites fired or not (--explain)
     merge: dict = field(default_factory=dict)  # what MergeCommonStems/FuseHorizontal shared
 
@@ -101,8 +102,8 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     before = summarize(program.mod)
     report.ops_before, report.ops_before_hist = before.num_ops, dict(before.ops)
 
-    merge_passes = _merge_passes(program, opts.merge)
-    steps = build_pipeline(backend, tvm_target, opts.pipeline, merge=merge_passes)
+    merging = merge_passes(program.models, opts.merge)
+    steps = build_pipeline(backend, tvm_target, opts.pipeline, merge=merging)
     tuned = records_passes(tvm_target, opts.tune_log_dir)
     if tuned:  # records first: default schedules only touch what they did not cover
         first = next(i for i, s in enumerate(steps) if s.phase == "schedule") if any(
@@ -116,9 +117,9 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
             report.flops = {m: summarize(mod, [m]).flops for m in program.models}
         if phase == "merge" and any(gv.name_hint == MERGED for gv in mod.get_global_vars()):
             program.models[MERGED] = _merged_info(mod, program.models)
-            report.merge = merge_passes[0].report.to_json()
-            if len(merge_passes) > 1 and isinstance(getattr(merge_passes[-1], "report", None), dict):
-                report.merge["horizontal"] = merge_passes[-1].report
+            report.merge = merging[0].report.to_json()
+            if len(merging) > 1 and isinstance(getattr(merging[-1], "report", None), dict):
+                report.merge["horizontal"] = merging[-1].report
 
     manager = PassManager(steps, dump_ir=Path(opts.dump_ir) if opts.dump_ir else None,
                           verify_each=opts.verify_each, on_step=on_step, after_phase=after_phase,
@@ -126,6 +127,7 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     mod = manager.run(program.bind(), tvm_target)
     for step in manager.steps:
         rep = getattr(step.pass_, "report", None)
+        report.tune_records += getattr(step.pass_, "dirs", [])
         if step.phase == "schedule" and isinstance(rep, dict):
             report.schedules.update(rep)
             report.schedule_fallbacks.update(getattr(step.pass_, "fallbacks", {}))
@@ -140,7 +142,10 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     report.weights, report.weight_bytes = len(lowered.weights), lowered.weights.nbytes
     report.weight_bytes_offered = lowered.weights.added_bytes  # each model's weights counted per model
     mod = lowered.mod
-    report.kernels = sum(1 for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
+    kernels = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    report.kernels = len(kernels)
+    for name in kernels:  # what neither a record nor a backend rule scheduled: TVM's default lowering
+        report.schedules.setdefault(name, "default")
 
     t1 = time.perf_counter()
     if on_step:
@@ -178,7 +183,7 @@ def analyze_merge(models, names: Sequence[str] | None = None, share_inputs: bool
     if len(program.models) < 2:
         raise SmeltError("merging needs at least two models")
     opts = MergeOptions(True, share_inputs, tuple((share_input or {}).items()), horizontal)
-    passes = _merge_passes(program, opts)
+    passes = merge_passes(program.models, opts)
     steps = [Step("canonicalize", p) for p in canonicalize_passes(PipelineOptions())] + \
             [Step("merge", p) for p in passes]
     mod = PassManager(steps).run(program.bind())
@@ -194,22 +199,6 @@ def analyze_merge(models, names: Sequence[str] | None = None, share_inputs: bool
         if isinstance(ex, Explainer):
             explanations += ex.lines()
     return MergeAnalysis(report, mod, meta.get("users", stems.report.users), list(program.models), explanations)
-
-
-def _merge_passes(program: Program, opts: MergeOptions) -> list:
-    if not opts.enabled:
-        return []
-    if len(program.models) < 2:
-        log.info("--merge with one model: nothing to merge")
-        return []
-    shared = resolve_shared_inputs(program.models, opts.share_inputs, opts.share)
-    passes = [MergeCommonStems({m: [t.name for t in info.inputs] for m, info in program.models.items()}, shared)]
-    if opts.horizontal:
-        from . import passes as _passes
-
-        if hasattr(_passes, "FuseHorizontal"):
-            passes.append(_passes.FuseHorizontal())
-    return passes
 
 
 def _merged_info(mod: tvm.IRModule, models: dict) -> ModelInfo:

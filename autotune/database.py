@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import SmeltError
-from .records import RECORDS, WORKLOADS
+from .records import RECORDS, WORKLOADS, lock, open_database
 from .tasks import workload_hash
 
 log = logging.getLogger(__name__)
@@ -24,13 +24,15 @@ TASKS = "tasks.json"
 
 @dataclass
 class RecordSummary:
-    """One workload's records: ``best_seconds`` is the lowest mean of the runs that succeeded."""
+    """One workload's records: ``best_seconds`` is the lowest mean of the runs that succeeded;
+    ``default_seconds`` the default schedule's, as measured by ``tune`` (None if unknown)."""
 
     name: str
     shash: str
     weight: float | None
     trials: int
     best_seconds: float | None
+    default_seconds: float | None = None
 
 
 @dataclass
@@ -41,17 +43,6 @@ class TargetRecords:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def open_database(directory: str | Path, allow_missing: bool = True):
-    """The MetaSchedule JSON database in ``directory`` (file names as ``records`` expects)."""
-    from tvm.s_tir import meta_schedule as ms
-
-    d = Path(directory)
-    if allow_missing:
-        d.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(str(d / WORKLOADS), str(d / RECORDS), allow_missing=allow_missing,
-                                    module_equality="structural")
 
 
 def record_dirs(log_dir: str | Path) -> list[Path]:
@@ -92,10 +83,10 @@ def report(log_dir: str | Path) -> list[TargetRecords]:
     for d in record_dirs(log_dir):
         tasks = json.loads((d / TASKS).read_text()) if (d / TASKS).is_file() else {}
         entry = TargetRecords(d.name, str(d))
-        for shash, recs in records_by_workload(open_database(d, allow_missing=False)).items():
+        for shash, recs in records_by_workload(open_database(d, writable=False)).items():
             t = tasks.get(shash, {})
             entry.workloads.append(RecordSummary(t.get("name", f"workload-{shash}"), shash, t.get("weight"),
-                                                 len(recs), best_seconds(recs)))
+                                                 len(recs), best_seconds(recs), t.get("default_seconds")))
         entry.workloads.sort(key=lambda w: -(w.weight or 0) * (w.best_seconds or 0))
         out.append(entry)
     return out
@@ -109,9 +100,9 @@ def prune(log_dir: str | Path) -> dict[str, tuple[int, int]]:
     """
     out = {}
     for d in record_dirs(log_dir):
-        db = open_database(d, allow_missing=False)
-        before = len(db.get_all_tuning_records())
-        with tempfile.TemporaryDirectory(dir=d) as tmp:
+        with lock(d), tempfile.TemporaryDirectory(dir=d) as tmp:
+            db = open_database(d)
+            before = len(db.get_all_tuning_records())
             pruned = open_database(tmp)
             db.dump_pruned(pruned)
             after = len(pruned.get_all_tuning_records())

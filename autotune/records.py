@@ -4,16 +4,29 @@ Guarantees: records are stored per target key (kind, arch/CPU, triple) in
 ``<log_dir>/<key>/`` as a MetaSchedule JSON database, so records of one GPU
 architecture are never applied to another; ``records_passes`` applies them with
 ``MetaScheduleApplyDatabase`` (kernels without records keep default schedules).
+
+MetaSchedule appends one JSON line per record and cannot load a file whose last
+line was cut off by a killed writer; ``open_database`` drops such a torn tail (a
+writer, holding ``lock``, truncates the file; a reader loads a copy of the whole
+lines), so a SIGKILL loses at most the record being written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import logging
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import tvm
 from tvm import relax
+
+from ..errors import SmeltError
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +50,40 @@ def record_dir(log_dir: str | Path, target: tvm.target.Target) -> Path:
     return Path(log_dir) / target_key(target)
 
 
-def records_passes(target: tvm.target.Target, log_dir: str | Path | None) -> list[tvm.transform.Pass]:
-    """``MetaScheduleApplyDatabase`` over the records for ``target`` in ``log_dir``, if any."""
+BUNDLED = Path(__file__).resolve().parent.parent / "tune_logs"  # records that ship with smelt
+
+
+def records_passes(target: tvm.target.Target, log_dir: str | Path | None,
+                   bundled: bool = True) -> list[tvm.transform.Pass]:
+    """``MetaScheduleApplyDatabase`` over the records for ``target``: ``log_dir``'s and smelt's own.
+
+    The best record per kernel wins across both folders; none when neither holds records
+    for ``target``'s key. ``log_dir=None`` turns records off altogether.
+    """
     if log_dir is None:
         return []
-    d = record_dir(log_dir, target)
-    if not (d / WORKLOADS).is_file() or not (d / RECORDS).is_file():
+    dirs = []
+    for root in [Path(log_dir)] + ([BUNDLED] if bundled else []):
+        d = record_dir(root, target)
+        if (d / WORKLOADS).is_file() and (d / RECORDS).is_file() and \
+                all(d.resolve() != o.resolve() for o in dirs):
+            dirs.append(d)
+    if not dirs:
         return []
     from tvm.s_tir import meta_schedule as ms
 
-    db = ms.database.JSONDatabase(str(d / WORKLOADS), str(d / RECORDS), allow_missing=False)
-    log.info("applying tuning records from %s", d)
-    return [_ApplyRecords(db)]
+    dbs = [open_database(d, writable=False) for d in dirs]
+    log.info("applying tuning records from %s", ", ".join(map(str, dirs)))
+    return [_ApplyRecords(dbs[0] if len(dbs) == 1 else ms.database.UnionDatabase(*dbs), dirs)]
 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyTuningRecords")
 class _ApplyRecords:
     """``report`` maps each PrimFunc a record scheduled to ``tuned`` (compile counts them)."""
 
-    def __init__(self, db):
+    def __init__(self, db, dirs: list[Path]):
         self.db = db
+        self.dirs = [str(d) for d in dirs]
         self.report: dict[str, str] = {}
 
     def transform_module(self, mod, ctx):
@@ -67,3 +94,75 @@ class _ApplyRecords:
                     int(func.attrs.get("tirx.is_scheduled", 0)) == 1:
                 self.report[gv.name_hint] = "tuned"
         return mod
+
+
+def _whole_length(path: Path) -> int:
+    """Bytes of ``path`` up to the end of its last whole JSON line (the file size when nothing is torn)."""
+    data = path.read_bytes()
+    end = len(data)
+    if not data.endswith(b"\n"):
+        end = data.rfind(b"\n") + 1
+    if end:  # a killed writer can leave a newline-terminated but unparsable line only at the end
+        start = data.rfind(b"\n", 0, end - 1) + 1
+        try:
+            json.loads(data[start:end])
+        except ValueError:
+            end = start
+    return end
+
+
+def open_database(directory: str | Path, writable: bool = True):
+    """The MetaSchedule JSON database in ``directory``, with any torn last line dropped.
+
+    ``writable``: create the folder if needed and truncate torn files in place (hold
+    ``lock`` first). Otherwise the files are only read; a torn one is loaded from a copy.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    d = Path(directory)
+    paths = [d / WORKLOADS, d / RECORDS]
+    if writable:
+        d.mkdir(parents=True, exist_ok=True)
+    torn = {p: n for p in paths if p.is_file() and (n := _whole_length(p)) != p.stat().st_size}
+    for p, n in torn.items():
+        log.warning("%s: dropping a torn last record (%d bytes) left by an interrupted writer",
+                    p, p.stat().st_size - n)
+    with contextlib.ExitStack() as stack:
+        if torn and writable:
+            for p, n in torn.items():
+                with open(p, "r+b") as f:
+                    f.truncate(n)
+        elif torn:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="smelt-records-")))
+            for p in paths:
+                with open(p, "rb") as src, open(tmp / p.name, "wb") as dst:
+                    if p in torn:
+                        dst.write(src.read(torn[p]))
+                    else:
+                        shutil.copyfileobj(src, dst)
+            paths = [tmp / p.name for p in paths]
+        return ms.database.JSONDatabase(str(paths[0]), str(paths[1]), allow_missing=writable,
+                                        module_equality="structural")
+
+
+@contextlib.contextmanager
+def lock(directory: str | Path):
+    """Hold ``<directory>/.lock`` for one writer; another job on the same records gets a clear error."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise SmeltError(f"{d}: these tuning records are being written by {holder}; wait for it "
+                             f"to finish or give another --log-dir") from None
+        f.truncate(0)
+        f.write(f"process {os.getpid()}")
+        f.flush()
+        try:
+            yield d
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)

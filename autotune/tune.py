@@ -1,13 +1,16 @@
 """``smelt.autotune.tune``: MetaSchedule over the fused kernels of some models, records per target.
 
 Requires: models that ``smelt.compile`` accepts and a backend for ``target``.
-Guarantees: the kernels are those a compile with the same options schedules (the
-module after the ``fuse`` phase), tuned with MetaSchedule's evolutionary search and
-XGBoost cost model; every measured candidate is committed to the JSON database in
-``records.record_dir(log_dir, target)`` as it is measured (a killed run loses at
-most the batch in flight). Re-running against the same folder resumes: measured
-records count against the ``trials`` budget and seed the search. ``tasks.json``
-beside the database keeps each task's name, weight and FLOPs for ``report``.
+Guarantees: the kernels are those a compile with the same options (merging included)
+schedules: the module after the ``fuse`` phase, tuned with MetaSchedule's evolutionary
+search and XGBoost cost model. Every measured candidate is committed to the JSON
+database in ``records.record_dir(log_dir, target)`` as it is measured; a killed run
+loses at most the batch in flight, and the next run drops a torn last line. One job at
+a time writes a record folder (``records.lock``). Re-running resumes: measured records
+count against the ``trials`` budget and seed the search. ``tasks.json`` beside the
+database keeps each task's name, weight, FLOPs and default-schedule latency (measured
+once, before the first trial), and ``history.jsonl`` the estimated model latency over
+tuning time, for ``report`` and the plot.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,9 +30,12 @@ import tvm
 from .. import backends
 from ..errors import SmeltError
 from ..frontend import import_models
-from ..passes import PassManager, PipelineOptions, build_pipeline
-from .records import record_dir, target_key
-from .database import TASKS, best_seconds, open_database, records_by_workload
+from ..passes import MergeOptions, PassManager, PipelineOptions, build_pipeline, merge_passes
+from .builder import PersistentBuilder
+from .database import TASKS, best_seconds, records_by_workload
+from .progress import Progress, TaskState, plot
+from .records import lock, open_database, record_dir, target_key
+from .runners import measuring
 from .tasks import TuneTask, extract_tasks
 
 log = logging.getLogger(__name__)
@@ -36,12 +43,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TuneOptions:
-    """Budgets and search settings of one tuning run (all trial counts are measured candidates).
+    """Budgets, search and measurement settings of one tuning run (trial counts are measured candidates).
 
     ``trials``: total over all tasks, counting records already in the database;
     ``trials_per_task``: at most this many new trials per task in this run;
     ``seconds``: wall-time budget of this run (checked after every measured batch);
-    ``min_flops``: kernels estimated below this are not tuned.
+    ``min_flops``: kernels estimated below this are not tuned;
+    ``builders``: parallel build processes (default: one per logical core);
+    ``rpc_tracker``/``rpc_key``: measure on the devices registered there;
+    ``devices``: measure on these local GPUs, one RPC server each.
     """
 
     trials: int = 1000
@@ -50,13 +60,18 @@ class TuneOptions:
     trials_per_iter: int = 64
     min_flops: float = 2048.0
     seed: int | None = None
-    build_timeout: float = 120.0  # per batch of a worker; a fresh worker first imports TVM (~15 s on 2 cores)
+    builders: int | None = None
+    build_timeout: float = 60.0
     run_timeout: float = 60.0
+    rpc_tracker: str | None = None
+    rpc_key: str | None = None
+    devices: tuple[int, ...] = ()
+    progress: bool = True
 
 
 @dataclass
 class TaskResult:
-    """One task after tuning: its best measured latency (seconds) over all records in the database."""
+    """One task after tuning: its best measured latency (seconds) over all records, and its default's."""
 
     name: str
     shash: str
@@ -65,6 +80,7 @@ class TaskResult:
     trials: int
     new_trials: int
     best_seconds: float | None
+    default_seconds: float | None = None
 
     @property
     def gflops(self) -> float | None:
@@ -75,28 +91,45 @@ class TaskResult:
 
 @dataclass
 class TuneReport:
-    """What ``tune`` did: the record folder, the tasks, and what was skipped."""
+    """What ``tune`` did: the record folder, the tasks, what was skipped, and where the time went.
+
+    ``default_estimate_s``/``tuned_estimate_s``: the weighted sum of task latencies with
+    default schedules only, and with the best of default and tuned per task.
+    ``phase_seconds``: MetaSchedule's profile (building, measuring, search) of this run.
+    """
 
     target_key: str
     record_dir: str
     tasks: list[TaskResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    tuning_seconds: float = 0.0
     new_trials: int = 0
+    devices: int = 1
     stopped_by: str = ""  # "trials", "time", or "" when nothing was left to tune
+    default_estimate_s: float | None = None
+    tuned_estimate_s: float | None = None
+    phase_seconds: dict = field(default_factory=dict)
+    plot: str | None = None
+
+    @property
+    def trials_per_minute(self) -> float:
+        return 60.0 * self.new_trials / self.tuning_seconds if self.tuning_seconds > 0 else 0.0
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "trials_per_minute": round(self.trials_per_minute, 2)}
 
 
 def fused_module(models, target="cpu", arch: str | None = None, triple: str | None = None,
-                 names: Sequence[str] | None = None, input_shapes: dict | None = None, pipeline=None):
+                 names: Sequence[str] | None = None, input_shapes: dict | None = None, pipeline=None,
+                 merge: MergeOptions | None = None):
     """Import ``models`` and run smelt's pipeline to the end of the ``fuse`` phase: (module, TVM target)."""
     topts = backends.TargetOptions(target, arch, triple)
     backend = backends.get(topts.kind)
     tvm_target = backend.target(topts)
     program = import_models(models, names, input_shapes)
-    steps = [s for s in build_pipeline(backend, tvm_target, pipeline or PipelineOptions())
+    steps = [s for s in build_pipeline(backend, tvm_target, pipeline or PipelineOptions(),
+                                       merge=merge_passes(program.models, merge or MergeOptions()))
              if s.phase not in ("schedule", "lower")]
     mod = PassManager(steps, config=backend.pass_config(topts)).run(program.bind(), tvm_target)
     return mod, tvm_target
@@ -105,64 +138,149 @@ def fused_module(models, target="cpu", arch: str | None = None, triple: str | No
 def tune(models, target: str = "cpu", arch: str | None = None, *, trials: int = 1000,
          trials_per_task: int | None = None, seconds: float | None = None, log_dir: str | Path = "tune_logs",
          names: Sequence[str] | None = None, input_shapes: dict | None = None, triple: str | None = None,
-         options: TuneOptions | None = None) -> TuneReport:
+         merge: bool = False, share_inputs: bool = False, share_input: dict | None = None,
+         options: TuneOptions | None = None, plot_to: str | Path | None = None) -> TuneReport:
     """Tune the kernels of ``models`` for ``target``; records go to ``<log_dir>/<target key>/``.
 
     Budgets: ``trials`` in total (existing records count), ``trials_per_task`` per task in
-    this run, ``seconds`` of wall time. ``options`` overrides the three budget arguments.
+    this run, ``seconds`` of wall time; ``options`` overrides the three. ``merge`` and the
+    sharing arguments are those of ``smelt.compile``: tune what a merged compile builds.
+    ``plot_to``: where the PNG of estimated latency against tuning time goes
+    (default ``<record folder>/progress.png``).
     """
     opts = options or TuneOptions(trials=trials, trials_per_task=trials_per_task, seconds=seconds)
     if opts.trials <= 0 or (opts.trials_per_task is not None and opts.trials_per_task <= 0):
         raise SmeltError(f"trial budgets must be positive (trials={opts.trials}, "
                          f"trials_per_task={opts.trials_per_task})")
     t0 = time.perf_counter()
-    mod, tvm_target = fused_module(models, target, arch, triple, names, input_shapes)
+    merging = MergeOptions(bool(merge), bool(share_inputs), tuple((share_input or {}).items()))
+    mod, tvm_target = fused_module(models, target, arch, triple, names, input_shapes, merge=merging)
     tasks, skipped = extract_tasks(mod, tvm_target, opts.min_flops)
     out = record_dir(log_dir, tvm_target)
-    db = open_database(out)
-    _write_tasks(out, tasks)
     report = TuneReport(target_key(tvm_target), str(out), skipped=skipped)
-    before = records_by_workload(db)
-    done = sum(len(before.get(t.shash, [])) for t in tasks)
-    remaining = opts.trials - done
-    if not tasks:
-        log.warning("no kernel to tune (skipped: %s)", "; ".join(skipped) or "none")
-    elif remaining <= 0:
-        log.info("the database already holds %d trials for these tasks (budget %d): nothing to do", done, opts.trials)
-    else:
-        report.stopped_by = _run(tasks, tvm_target, db, out, opts, remaining, t0)
-    after = records_by_workload(db)
+    with lock(out):
+        db = open_database(out)
+        before = records_by_workload(db)
+        known = _read_tasks(out)
+        done = sum(len(before.get(t.shash, [])) for t in tasks)
+        remaining = opts.trials - done
+        if not tasks:
+            log.warning("no kernel to tune (skipped: %s)", "; ".join(skipped) or "none")
+        elif remaining <= 0:
+            log.info("the database already holds %d trials for these tasks (budget %d): nothing to do",
+                     done, opts.trials)
+        else:
+            _run(tasks, tvm_target, db, out, opts, remaining, t0, known, before, report)
+        _write_tasks(out, tasks, known)
+        after = records_by_workload(db)
     for t in tasks:
         recs = after.get(t.shash, [])
         report.tasks.append(TaskResult(t.name, t.shash, t.weight, t.flops, len(recs),
-                                       len(recs) - len(before.get(t.shash, [])), best_seconds(recs)))
+                                       len(recs) - len(before.get(t.shash, [])), best_seconds(recs),
+                                       known.get(t.shash, {}).get("default_seconds")))
     report.new_trials = sum(r.new_trials for r in report.tasks)
+    states = [TaskState(r.name, r.weight, r.trials, r.best_seconds, r.default_seconds) for r in report.tasks]
+    report.default_estimate_s = _weighted(states, lambda s: s.default)
+    report.tuned_estimate_s = _weighted(states, lambda s: s.known)
+    if report.new_trials:
+        png = plot(out, Path(plot_to) if plot_to else out / "progress.png",
+                   f"{report.target_key}, {len(tasks)} tasks")
+        report.plot = str(png) if png else None
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _run(tasks: list[TuneTask], target, db, work_dir: Path, opts: TuneOptions, budget: int, t0: float) -> str:
+def _weighted(states: list[TaskState], latency) -> float | None:
+    vals = [latency(s) for s in states]
+    if not vals or any(v is None for v in vals):
+        return None
+    return sum(s.weight * v for s, v in zip(states, vals))
+
+
+def _run(tasks: list[TuneTask], target, db, work_dir: Path, opts: TuneOptions, budget: int, t0: float,
+         known: dict, before: dict, report: TuneReport) -> None:
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.utils import fork_seed
 
     target = _with_cores(target)
-    contexts = [ms.TuneContext(mod=t.mod, target=target, space_generator="post-order-apply",
-                               search_strategy="evolutionary", task_name=t.name, rand_state=seed,
-                               num_threads="physical").clone()
-                for t, seed in zip(tasks, fork_seed(opts.seed, n=len(tasks)))]
-    deadline = None if opts.seconds is None else t0 + opts.seconds
-    stop = _Deadline(deadline) if deadline is not None else None
-    callbacks = ms.measure_callback.MeasureCallback.create("default") + ([stop] if stop is not None else [])
-    per_task = opts.trials_per_task if opts.trials_per_task is not None else budget
-    log.info("tuning %d tasks for %s: %d trials (at most %d per task)%s", len(tasks), target_key(target),
-             budget, per_task, "" if deadline is None else f", {opts.seconds:.0f} s")
-    ms.tune_tasks(tasks=contexts, task_weights=[t.weight for t in tasks], work_dir=str(work_dir / "logs"),
-                  max_trials_global=budget, max_trials_per_task=per_task,
-                  num_trials_per_iter=min(opts.trials_per_iter, per_task, budget), database=db,
-                  builder=ms.builder.LocalBuilder(timeout_sec=opts.build_timeout),
-                  runner=ms.runner.LocalRunner(timeout_sec=opts.run_timeout),
-                  cost_model="xgb", measure_callbacks=callbacks, task_scheduler="gradient")
-    return "time" if stop is not None and stop.fired else "trials"
+    backend = backends.get(_kind(target))
+    builder = PersistentBuilder(opts.builders, timeout=opts.build_timeout)
+    try:
+        with measuring(target, rpc_tracker=opts.rpc_tracker, rpc_key=opts.rpc_key, devices=opts.devices,
+                       timeout=opts.run_timeout) as (runner, ndev):
+            report.devices = ndev
+            _measure_defaults(tasks, backend, target, builder, runner, known)
+            states = [TaskState(t.name, t.weight, len(before.get(t.shash, [])), best_seconds(before.get(t.shash, [])),
+                                known.get(t.shash, {}).get("default_seconds")) for t in tasks]
+            contexts = [ms.TuneContext(mod=t.mod, target=target, space_generator="post-order-apply",
+                                       search_strategy="evolutionary", task_name=t.name, rand_state=seed,
+                                       num_threads="physical").clone()
+                        for t, seed in zip(tasks, fork_seed(opts.seed, n=len(tasks)))]
+            progress = Progress(states, budget, work_dir, enabled=opts.progress)
+            deadline = None if opts.seconds is None else t0 + opts.seconds
+            monitor = _monitor()(progress, deadline)
+            per_task = opts.trials_per_task if opts.trials_per_task is not None else budget
+            log.info("tuning %d tasks for %s: %d trials (at most %d per task), %d builders, %d device(s)%s",
+                     len(tasks), target_key(target), budget, per_task, builder.workers, ndev,
+                     "" if deadline is None else f", {opts.seconds:.0f} s")
+            t1 = time.perf_counter()
+            with ms.Profiler() as profiler:
+                ms.tune_tasks(tasks=contexts, task_weights=[t.weight for t in tasks],
+                              work_dir=str(work_dir / "logs"), max_trials_global=budget,
+                              max_trials_per_task=per_task,
+                              num_trials_per_iter=min(opts.trials_per_iter, per_task, budget), database=db,
+                              builder=builder, runner=runner, cost_model="xgb",
+                              measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [monitor],
+                              task_scheduler="gradient")
+            progress.finish()
+            report.tuning_seconds = time.perf_counter() - t1
+            report.phase_seconds = {k: round(float(v), 2) for k, v in profiler.get().items()}
+            report.stopped_by = "time" if monitor.fired else "trials"
+    finally:
+        builder.shutdown()
+
+
+def _kind(target: tvm.target.Target) -> str:
+    """smelt's backend name for ``target``, which is also the runtime's device name."""
+    return {"llvm": "cpu"}.get(target.kind.name, target.kind.name)
+
+
+def _measure_defaults(tasks: list[TuneTask], backend, target, builder, runner, known: dict) -> None:
+    """Time each task's default schedule once (``known[shash]["default_seconds"]``), as tuning measures."""
+    from tvm.s_tir import meta_schedule as ms
+
+    todo = [t for t in tasks if "default_seconds" not in known.get(t.shash, {})]
+    if not todo:
+        return
+    scheduled = []
+    for t in todo:
+        try:
+            with target:
+                mod = t.mod
+                for p in backend.schedule_passes(target):
+                    mod = p(mod)
+            scheduled.append((t, mod))
+        except Exception as e:  # noqa: BLE001 - no default schedule: the task is still tuned
+            log.info("no default schedule for %s: %s", t.name, e)
+            known.setdefault(t.shash, {})["default_seconds"] = None
+    built = builder.build([ms.builder.BuilderInput(mod, target) for _, mod in scheduled])
+    runs = [(t, b) for (t, _), b in zip(scheduled, built) if b.error_msg is None]
+    futures = runner.run([ms.runner.RunnerInput(b.artifact_path, _kind(target),
+                                                ms.arg_info.ArgInfo.from_prim_func(t.mod["main"]))
+                          for t, b in runs])
+    for (t, b), fut in zip(runs, futures):
+        res = fut.result()
+        secs = [float(s) for s in (res.run_secs or [])]
+        ok = res.error_msg is None and secs and all(s < 1e9 for s in secs)
+        known.setdefault(t.shash, {})["default_seconds"] = sum(secs) / len(secs) if ok else None
+        shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+    for (t, _), b in zip(scheduled, built):
+        if b.error_msg is not None:
+            log.info("default schedule of %s did not build: %s", t.name, b.error_msg.splitlines()[0])
+            known.setdefault(t.shash, {})["default_seconds"] = None
+    log.info("default schedules: %s", ", ".join(
+        f"{t.name} {known[t.shash]['default_seconds'] * 1e6:.1f} us" for t in todo
+        if known.get(t.shash, {}).get("default_seconds") is not None))
 
 
 def _with_cores(target: tvm.target.Target) -> tvm.target.Target:
@@ -174,20 +292,24 @@ def _with_cores(target: tvm.target.Target) -> tvm.target.Target:
     return tvm.target.Target({**target.export(), "num-cores": cpu_count(logical=False)})
 
 
-def _make_deadline():
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+def _monitor():
+    """The measure callback class (built lazily: meta_schedule is slow to import)."""
     from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     @derived_object
-    class Deadline(PyMeasureCallback):
-        """Ends every task once the wall-time budget is spent (checked after each measured batch)."""
+    class Monitor(PyMeasureCallback):
+        """Feeds ``Progress`` after every measured batch; ends all tasks once ``deadline`` has passed."""
 
-        def __init__(self, deadline: float):
+        def __init__(self, progress: Progress, deadline: float | None):
+            self.progress = progress
             self.deadline = deadline
             self.fired = False
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-            if time.perf_counter() < self.deadline:
+            self.progress.update(task_id, [None if r.run_secs is None else [float(s) for s in r.run_secs]
+                                           for r in runner_results])
+            if self.deadline is None or time.perf_counter() < self.deadline:
                 return
             if not self.fired:
                 log.info("wall-time budget spent; stopping after the batch in flight")
@@ -196,19 +318,25 @@ def _make_deadline():
                 if not rec.is_terminated:
                     task_scheduler.terminate_task(i)
 
-    return Deadline
+    return Monitor
 
 
-def _Deadline(deadline: float):  # noqa: N802 - built lazily: meta_schedule is slow to import
-    return _make_deadline()(deadline)
-
-
-def _write_tasks(directory: Path, tasks: list[TuneTask]) -> None:
-    """Merge ``tasks`` into ``tasks.json`` (keyed by workload hash), written atomically."""
+def _read_tasks(directory: Path) -> dict:
     path = directory / TASKS
-    known = json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        log.warning("%s is unreadable; task names and default latencies are measured again", path)
+        return {}
+
+
+def _write_tasks(directory: Path, tasks: list[TuneTask], known: dict) -> None:
+    """Merge ``tasks`` into ``tasks.json`` (keyed by workload hash), written atomically."""
     for t in tasks:
-        known[t.shash] = t.to_json()
+        known[t.shash] = {**known.get(t.shash, {}), **t.to_json()}
+    path = directory / TASKS
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
     os.replace(tmp, path)

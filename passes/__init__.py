@@ -9,9 +9,10 @@ from .legalize_grouped_conv import LegalizeGroupedConv
 from .lift_weights import LiftWeights
 from .manager import PassManager, PassTiming, Step
 from .merge_common_stems import MERGED, MergeCommonStems, MergeReport, resolve_shared_inputs
-from .pipeline import PHASES, MergeOptions, PipelineOptions, build_pipeline, canonicalize_passes, fuse_passes
+from .pipeline import (PHASES, MergeOptions, PipelineOptions, build_pipeline, canonicalize_passes, fuse_passes,
+                       merge_passes)
 from .remove_identity_ops import RemoveIdentityOps
 
 __all__ = ["CanonicalizeOps", "Explainer", "FoldBatchNorm", "FoldConstantLayout", "FuseHorizontal", "LegalizeGroupedConv", "LiftWeights", "PHASES", "PassManager",
            "MERGED", "MergeCommonStems", "MergeOptions", "MergeReport", "PassTiming", "PipelineOptions", "RemoveIdentityOps", "Step", "build_pipeline",
-           "canonicalize_passes", "fuse_passes", "resolve_shared_inputs"]
+           "canonicalize_passes", "fuse_passes", "merge_passes", "resolve_shared_inputs"]

@@ -10,6 +10,7 @@ no file has an ``if target == ...`` ladder.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import tvm
@@ -18,10 +19,14 @@ from tvm import relax
 from .canonicalize_ops import CanonicalizeOps
 from .fold_batch_norm import FoldBatchNorm
 from .fold_constant_layout import FoldConstantLayout
+from .fuse_horizontal import FuseHorizontal
 from .legalize_grouped_conv import LegalizeGroupedConv
 from .lift_weights import LiftWeights
 from .manager import Step
+from .merge_common_stems import MergeCommonStems, resolve_shared_inputs
 from .remove_identity_ops import RemoveIdentityOps
+
+log = logging.getLogger(__name__)
 
 PHASES = ("canonicalize", "merge", "quantize", "fuse", "schedule", "lower")
 
@@ -56,6 +61,20 @@ def canonicalize_passes(opts: PipelineOptions) -> list[tvm.transform.Pass]:
     # Whatever BatchNorm FoldBatchNorm could not take (non-constant statistics) is decomposed.
     passes += [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
                relax.transform.DeadCodeElimination()]
+    return passes
+
+
+def merge_passes(models: dict, opts: MergeOptions) -> list[tvm.transform.Pass]:
+    """The merge phase for ``models`` ({name: ModelInfo}); empty unless merging two or more."""
+    if not opts.enabled:
+        return []
+    if len(models) < 2:
+        log.info("--merge with one model: nothing to merge")
+        return []
+    shared = resolve_shared_inputs(models, opts.share_inputs, opts.share)
+    passes = [MergeCommonStems({m: [t.name for t in info.inputs] for m, info in models.items()}, shared)]
+    if opts.horizontal:
+        passes.append(FuseHorizontal())
     return passes
 
 

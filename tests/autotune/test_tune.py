@@ -35,7 +35,7 @@ def _commit_design_spaces(model, log_dir, key=None):
         for secs in (2e-5, 1e-5):  # two records per workload: prune keeps one
             db.commit_tuning_record(ms.database.TuningRecord(sch.trace, wl, [secs * (i + 1)], target,
                                                              ms.arg_info.ArgInfo.from_prim_func(t.mod["main"])))
-    _write_tasks(out, tasks)
+    _write_tasks(out, tasks, {})
     return tasks, out
 
 
