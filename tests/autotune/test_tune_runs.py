@@ -1,0 +1,170 @@
+"""Real MetaSchedule runs on this CPU: resume after SIGKILL, wall-time stop, RPC tracker, merged models.
+
+Each run measures a few candidates of a small MLP (3 kernels). Build workers live for
+the whole run, so a trial costs well under a second here; the first run in a process
+pays about 30 s for MetaSchedule's tensor-intrinsic registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+
+import smelt
+from smelt.autotune import TuneOptions, records, report, tune
+from smelt.autotune.database import records_by_workload
+from smelt.errors import SmeltError
+from smelt.examples import zoo
+
+FEW = dict(trials_per_iter=4, progress=False)
+
+
+def _records(directory) -> int:
+    return len(records.open_database(directory, writable=False).get_all_tuning_records())
+
+
+def test_tune_compile_applies_records_numerics_hold(tmp_path, onnx_reference):
+    model = zoo.mlp()
+    rep = tune(model, log_dir=tmp_path, options=TuneOptions(trials=12, trials_per_task=4, **FEW))
+    assert rep.new_trials == 12 and rep.stopped_by == "trials" and len(rep.tasks) == 3
+    assert all(t.default_seconds and t.best_seconds for t in rep.tasks), rep.tasks
+    assert rep.tuned_estimate_s <= rep.default_estimate_s
+    assert rep.plot and (tmp_path / rep.target_key / "progress.png").stat().st_size > 0
+    [summary] = report(tmp_path)
+    assert {w.name for w in summary.workloads} == {t.name for t in rep.tasks}
+
+    art = smelt.compile(model, options=smelt.CompileOptions(tune_log_dir=str(tmp_path)))
+    assert art.report.tuned_kernels == 3 and art.report.tune_records == [str(tmp_path / rep.target_key)]
+    x = np.random.default_rng(1).standard_normal((1, 64)).astype("float32")
+    got = smelt.load(art.save(tmp_path / "art")).run(next(iter(art.models)), features=x)
+    want = onnx_reference(model, {"features": x})
+    np.testing.assert_allclose(np.asarray(got), want[0], rtol=1e-4, atol=1e-5)  # fp32, reordered sums
+
+    again = tune(model, log_dir=tmp_path, options=TuneOptions(trials=12, **FEW))
+    assert again.new_trials == 0  # resumed: the budget is spent
+
+
+def test_wall_time_stops_after_the_batch_in_flight(tmp_path):
+    rep = tune(zoo.mlp(), log_dir=tmp_path, options=TuneOptions(trials=400, seconds=1, **FEW))
+    # the deadline passes during start-up; tasks end after their first batches are measured
+    assert rep.stopped_by == "time" and 0 < rep.new_trials <= 3 * 4
+
+
+def test_sigkill_then_resume_loses_nothing_committed(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    onnx.save(zoo.mlp(), path)
+    cmd = [sys.executable, "-m", "smelt.cli", "tune", str(path), "--trials", "200", "--log-dir", str(tmp_path),
+           "--builders", "2", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        key_dirs = []
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            key_dirs = [d for d in tmp_path.iterdir() if (d / records.RECORDS).is_file()]
+            if key_dirs and (key_dirs[0] / records.RECORDS).read_bytes().count(b"\n") >= 2:
+                break
+            time.sleep(0.2)
+        assert key_dirs and proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        delay = random.uniform(0.0, 3.0)
+        time.sleep(delay)
+        committed = (key_dirs[0] / records.RECORDS).read_bytes().count(b"\n")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the build and measure workers it left
+        except ProcessLookupError:
+            pass
+    d = key_dirs[0]
+    loaded = _records(d)
+    assert loaded >= committed, f"killed {delay:.2f} s in: {committed} lines committed, {loaded} loaded"
+    rep = tune(zoo.mlp(), log_dir=tmp_path, options=TuneOptions(trials=loaded + 8, **FEW))
+    assert rep.new_trials > 0 and _records(d) >= loaded + rep.new_trials
+
+
+def test_torn_last_record_is_dropped(tmp_path):
+    tune(zoo.mlp(), log_dir=tmp_path, options=TuneOptions(trials=3, trials_per_task=1, **FEW))
+    [d] = [p for p in tmp_path.iterdir() if p.is_dir()]
+    full = _records(d)
+    path = d / records.RECORDS
+    data = path.read_bytes()
+    path.write_bytes(data[:-40])  # a writer killed mid-line
+    assert _records(d) == full - 1 and path.read_bytes() == data[:-40]  # a reader leaves the file alone
+    db = records.open_database(d)  # a writer truncates to the last whole line
+    assert len(db.get_all_tuning_records()) == full - 1
+    assert path.read_bytes() == data[:data.rstrip(b"\n").rfind(b"\n") + 1]
+
+
+def test_second_writer_gets_a_clear_error(tmp_path):
+    from smelt.autotune.tune import fused_module
+
+    _, target = fused_module(zoo.mlp())
+    with records.lock(records.record_dir(tmp_path, target)):
+        with pytest.raises(SmeltError, match="being written by process"):
+            tune(zoo.mlp(), log_dir=tmp_path, options=TuneOptions(trials=3, **FEW))
+
+
+def test_merged_models_tune_their_fused_kernels(tmp_path):
+    models = [zoo.mlp(seed=1), zoo.mlp(seed=2)]
+    rep = tune(models, names=["a", "b"], merge=True, log_dir=tmp_path,
+               options=TuneOptions(trials=8, trials_per_task=1, min_flops=0, **FEW))
+    d = tmp_path / rep.target_key
+    # the per-model kernels (called once per model) and the horizontally fused ones of __all__
+    assert any(t.weight == 2 for t in rep.tasks)
+    assert len(records_by_workload(records.open_database(d, writable=False))) == len(rep.tasks)
+    art = smelt.compile(models, names=["a", "b"], merge=True,
+                        options=smelt.CompileOptions(tune_log_dir=str(tmp_path)))
+    assert art.report.tuned_kernels == art.report.kernels
+
+
+def _start(args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_rpc_tracker_on_loopback(tmp_path):
+    from tvm.rpc.tracker import Tracker
+
+    from smelt.autotune.runners import registered_servers
+
+    tracker = Tracker("127.0.0.1", port=9190, port_end=9290, silent=True)
+    servers = [_start(["tvm.exec.rpc_server", "--host", "127.0.0.1", "--tracker", f"127.0.0.1:{tracker.port}",
+                       "--key", "smelt-test", "--silent"]) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while registered_servers("127.0.0.1", tracker.port, "smelt-test") < 2:
+            assert time.monotonic() < deadline and all(s.poll() is None for s in servers)
+            time.sleep(0.5)
+        from click.testing import CliRunner
+
+        from smelt.cli import main
+
+        path = tmp_path / "mlp.onnx"
+        onnx.save(zoo.mlp(), path)
+        r = CliRunner().invoke(main, ["tune", str(path), "--trials", "8", "--trials-per-task", "4", "--quiet",
+                                      "--log-dir", str(tmp_path), "--rpc-tracker", f"127.0.0.1:{tracker.port}",
+                                      "--rpc-key", "smelt-test", "--json"])
+        assert r.exit_code == 0, r.output
+        rep = json.loads(r.output)
+        assert rep["devices"] == 2 and rep["new_trials"] == 8
+        assert all(t["best_seconds"] for t in rep["tasks"] if t["new_trials"])
+        with pytest.raises(SmeltError, match="no server under key 'nobody'"):
+            tune(zoo.mlp(), log_dir=tmp_path / "other", options=TuneOptions(trials=3, rpc_tracker=f"127.0.0.1:{tracker.port}",
+                                                                  rpc_key="nobody", **FEW))
+    finally:
+        for s in servers:
+            s.kill()
+        tracker.terminate()
+
+
+def test_devices_need_a_gpu_target(tmp_path):
+    with pytest.raises(SmeltError, match="--devices lists GPUs"):
+        tune(zoo.mlp(), log_dir=tmp_path, options=TuneOptions(trials=3, devices=(0, 1), **FEW))
