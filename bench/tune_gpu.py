@@ -1,0 +1,87 @@
+"""Tune benchmark models on the local GPU(s) and print trials per minute and where the time went.
+
+One process: builds the models of ``gpu_e2e.py`` (same shapes, so the records apply
+there), runs ``smelt.autotune.tune`` with a wall-time budget, and prints the report:
+new trials, trials/minute, MetaSchedule's profile (building, measuring, search) and
+the estimated model latency with default schedules and tuned.
+``--stock`` measures what TVM's own ``LocalBuilder`` gets instead (a fresh worker
+pool per batch), the baseline smelt's persistent builder replaces.
+Usage: python bench/tune_gpu.py --models resnet50:1,bert:1 --time 5m [--devices 0,1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import torch_models  # noqa: E402
+
+from smelt import autotune  # noqa: E402
+from smelt.autotune import tune as tune_mod  # noqa: E402
+
+
+def models(spec: str) -> tuple[list, list[str]]:
+    out, names = [], []
+    for item in spec.split(","):
+        m, _, batch = item.partition(":")
+        batch = int(batch or 1)
+        module, x = {"resnet50": lambda: (torch_models.resnet50(), torch.randn(batch, 3, 224, 224)),
+                     "mobilenetv3": lambda: (torch_models.mobilenet_v3_large(), torch.randn(batch, 3, 224, 224)),
+                     "bert": lambda: (torch_models.bert_base(), torch.randn(batch, 128, 768))}[m]()
+        out.append((module, (x,)))
+        names.append(f"{m}_b{batch}")
+    return out, names
+
+
+class _StockBuilder:
+    """TVM's LocalBuilder behind the interface ``tune`` expects of its builder."""
+
+    def __new__(cls, workers=None, timeout=60.0):
+        from tvm.s_tir import meta_schedule as ms
+
+        b = ms.builder.LocalBuilder(max_workers=workers, timeout_sec=timeout)
+        b.workers = b.max_workers
+        b.shutdown = lambda: None
+        return b
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="resnet50:1,bert:1")
+    ap.add_argument("--log-dir", default="tune_logs")
+    ap.add_argument("--time", type=float, default=300, help="seconds")
+    ap.add_argument("--trials", type=int, default=20000)
+    ap.add_argument("--devices", default="", help="local GPUs, e.g. 0,1 (default: this process measures on GPU 0)")
+    ap.add_argument("--arch", help="default: the local GPU's")
+    ap.add_argument("--stock", action="store_true", help="TVM's LocalBuilder instead of smelt's")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    if args.stock:
+        tune_mod.PersistentBuilder = _StockBuilder
+    ms, names = models(args.models)
+    opts = autotune.TuneOptions(trials=args.trials, seconds=args.time, progress=False,
+                                devices=tuple(int(d) for d in args.devices.split(",") if d))
+    rep = autotune.tune(ms, "cuda", args.arch, names=names, log_dir=args.log_dir, options=opts)
+    row = {"models": args.models, "builder": "stock LocalBuilder" if args.stock else "smelt PersistentBuilder",
+           **rep.to_json()}
+    phases = sorted(((k, v) for k, v in rep.phase_seconds.items() if k != "Total"), key=lambda kv: -kv[1])[:5]
+    print(f"{row['builder']}: {rep.new_trials} new trials in {rep.tuning_seconds:.0f} s of tuning = "
+          f"{rep.trials_per_minute:.1f} trials/min on {rep.devices} device(s); {len(rep.tasks)} tasks")
+    print("  time: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases))
+    if rep.default_estimate_s and rep.tuned_estimate_s:
+        print(f"  estimated latency: default {rep.default_estimate_s * 1e3:.3f} ms -> tuned "
+              f"{rep.tuned_estimate_s * 1e3:.3f} ms")
+    if args.json:
+        Path(args.json).write_text(json.dumps(row, indent=1))
+
+
+if __name__ == "__main__":
+    main()
