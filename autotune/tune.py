@@ -28,7 +28,7 @@ from pathlib import Path
 import tvm
 
 from .. import backends
-from ..errors import SmeltError
+from ..errors import SmeltError, error_line
 from ..frontend import import_models
 from ..passes import MergeOptions, PassManager, PipelineOptions, build_pipeline, merge_passes
 from .builder import PersistentBuilder
@@ -212,32 +212,70 @@ def _run(tasks: list[TuneTask], target, db, work_dir: Path, opts: TuneOptions, b
             _measure_defaults(tasks, backend, target, builder, runner, known)
             states = [TaskState(t.name, t.weight, len(before.get(t.shash, [])), best_seconds(before.get(t.shash, [])),
                                 known.get(t.shash, {}).get("default_seconds")) for t in tasks]
-            contexts = [ms.TuneContext(mod=t.mod, target=target, space_generator="post-order-apply",
-                                       search_strategy="evolutionary", task_name=t.name, rand_state=seed,
-                                       num_threads="physical").clone()
-                        for t, seed in zip(tasks, fork_seed(opts.seed, n=len(tasks)))]
+            contexts = [_context(t, target, seed) for t, seed in zip(tasks, fork_seed(opts.seed, n=len(tasks)))]
+            active = [i for i, ctx in enumerate(contexts) if _usable(ctx, tasks[i], report, search=False)]
             progress = Progress(states, budget, work_dir, enabled=opts.progress)
             deadline = None if opts.seconds is None else t0 + opts.seconds
             monitor = _monitor()(progress, deadline)
             per_task = opts.trials_per_task if opts.trials_per_task is not None else budget
             log.info("tuning %d tasks for %s: %d trials (at most %d per task), %d builders, %d device(s)%s",
-                     len(tasks), target_key(target), budget, per_task, builder.workers, ndev,
+                     len(active), target_key(target), budget, per_task, builder.workers, ndev,
                      "" if deadline is None else f", {opts.seconds:.0f} s")
             t1 = time.perf_counter()
             with ms.Profiler() as profiler:
-                ms.tune_tasks(tasks=contexts, task_weights=[t.weight for t in tasks],
-                              work_dir=str(work_dir / "logs"), max_trials_global=budget,
-                              max_trials_per_task=per_task,
-                              num_trials_per_iter=min(opts.trials_per_iter, per_task, budget), database=db,
-                              builder=builder, runner=runner, cost_model="xgb",
-                              measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [monitor],
-                              task_scheduler="gradient")
+                while active and progress.new_trials < budget and not monitor.fired:
+                    try:
+                        left = budget - progress.new_trials
+                        ms.tune_tasks(tasks=[contexts[i] for i in active],
+                                      task_weights=[tasks[i].weight for i in active],
+                                      work_dir=str(work_dir / "logs"), max_trials_global=left,
+                                      max_trials_per_task=per_task,
+                                      num_trials_per_iter=min(opts.trials_per_iter, per_task, left), database=db,
+                                      builder=builder, runner=runner, cost_model="xgb",
+                                      measure_callbacks=ms.measure_callback.MeasureCallback.create("default")
+                                      + [monitor], task_scheduler="gradient")
+                        break
+                    except Exception as e:  # noqa: BLE001 - one task's search crashed MetaSchedule
+                        # MetaSchedule aborts the whole run when one task's search raises (seen on the
+                        # H200: "blockIdx is bound but threadIdx is not" on a ResNet-50 kernel). Find the
+                        # task(s) whose search raises on its own, drop them with the reason, and go on.
+                        bad = [i for i in active if not _usable(_context(tasks[i], target, opts.seed),
+                                                                 tasks[i], report, search=True)]
+                        if not bad:
+                            raise SmeltError(f"MetaSchedule failed: {error_line(e, last=True)}") from e
+                        active = [i for i in active if i not in bad]
+                        contexts = [_context(t, target, opts.seed) if i in active else None
+                                    for i, t in enumerate(tasks)]
             progress.finish()
             report.tuning_seconds = time.perf_counter() - t1
             report.phase_seconds = {k: round(float(v), 2) for k, v in profiler.get().items()}
             report.stopped_by = "time" if monitor.fired else "trials"
     finally:
         builder.shutdown()
+
+
+def _context(task: TuneTask, target, seed):
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply",
+                          search_strategy="evolutionary", task_name=task.name, rand_state=seed,
+                          num_threads="physical").clone()
+
+
+def _usable(ctx, task: TuneTask, report: TuneReport, search: bool) -> bool:
+    """Whether MetaSchedule can generate ``task``'s design space (and, with ``search``, candidates)."""
+    try:
+        spaces = ctx.generate_design_space()
+        if search:
+            ctx.pre_tuning(max_trials=8, num_trials_per_iter=8, design_spaces=spaces)
+            ctx.generate_measure_candidates()
+            ctx.post_tuning()
+        return True
+    except Exception as e:  # noqa: BLE001 - reported per task; the others are tuned
+        reason = f"{task.name}: MetaSchedule cannot search it ({error_line(e, last=True)})"
+        log.warning("not tuning %s", reason)
+        report.skipped.append(reason)
+        return False
 
 
 def _kind(target: tvm.target.Target) -> str:
@@ -272,6 +310,8 @@ def _measure_defaults(tasks: list[TuneTask], backend, target, builder, runner, k
         res = fut.result()
         secs = [float(s) for s in (res.run_secs or [])]
         ok = res.error_msg is None and secs and all(s < 1e9 for s in secs)
+        if res.error_msg is not None:
+            log.warning("default schedule of %s did not run: %s", t.name, error_line(res.error_msg, last=True))
         known.setdefault(t.shash, {})["default_seconds"] = sum(secs) / len(secs) if ok else None
         shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
     for (t, _), b in zip(scheduled, built):

@@ -116,7 +116,7 @@ def test_second_writer_gets_a_clear_error(tmp_path):
 def test_merged_models_tune_their_fused_kernels(tmp_path):
     models = [zoo.mlp(seed=1), zoo.mlp(seed=2)]
     rep = tune(models, names=["a", "b"], merge=True, log_dir=tmp_path,
-               options=TuneOptions(trials=8, trials_per_task=1, min_flops=0, **FEW))
+               options=TuneOptions(trials=40, trials_per_task=1, min_flops=0, **FEW))
     d = tmp_path / rep.target_key
     # the per-model kernels (called once per model) and the horizontally fused ones of __all__
     assert any(t.weight == 2 for t in rep.tasks)
