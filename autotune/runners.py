@@ -1,23 +1,27 @@
-"""Where tuning candidates are measured: this machine, RPC servers behind a tracker, or one server per local GPU.
+"""Where tuning candidates are measured: this machine, RPC servers behind a tracker, or each local GPU.
 
 Requires: a TVM target; for ``rpc_tracker``, a running tracker (``python -m
 tvm.exec.rpc_tracker``) with servers registered under ``rpc_key`` (``python -m
-tvm.exec.rpc_server --tracker HOST:PORT --key KEY``).
+tvm.exec.rpc_server --tracker HOST:PORT --key KEY``; GPU servers with ``--no-fork``,
+see below).
 Guarantees: ``measuring(...)`` yields a MetaSchedule runner and the number of
-devices it measures on in parallel, and stops whatever it started on exit. With
-``devices``, it starts a tracker on loopback and one ``rpc_server`` per listed GPU,
-each seeing only its GPU; candidates are built locally in any case.
-Uses TVM's own tracker protocol, so a remote fleet and local GPUs are the same path.
+devices it measures on in parallel, and stops whatever it started on exit.
+Candidates are built locally in any case. Remote devices go through TVM's tracker
+protocol. ``devices`` (local GPUs) gets one MetaSchedule ``LocalRunner`` per GPU,
+its worker process seeing only that GPU, and candidates dealt round-robin.
+
+Why not loopback RPC servers for local GPUs: TVM's ``rpc_server`` forks a process per
+session, and on the H200 every forked session failed with
+``cudaErrorInitializationError``; with ``--no-fork`` each session is a fresh Python
+process, a few seconds per candidate. Pinned local workers start once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator, Sequence
 
 import tvm
@@ -27,7 +31,6 @@ from ..errors import SmeltError
 log = logging.getLogger(__name__)
 
 _VISIBLE = {"cuda": "CUDA_VISIBLE_DEVICES", "rocm": "HIP_VISIBLE_DEVICES"}
-LOCAL_KEY = "smelt-local"
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -72,10 +75,44 @@ def measuring(target: tvm.target.Target, *, rpc_tracker: str | None = None, rpc_
         if kind not in _VISIBLE:
             raise SmeltError(f"--devices lists GPUs; target {kind!r} measures on this machine's CPU "
                              f"(use --rpc-tracker for several CPU machines)")
-        with _local_servers(_VISIBLE[kind], devices) as (host, port):
-            yield _rpc_runner(host, port, LOCAL_KEY, len(devices), timeout), len(devices)
+        log.info("one measuring worker per device: %s", ", ".join(map(str, devices)))
+        yield PerDeviceRunner(_VISIBLE[kind], devices, timeout), len(devices)
     else:
         yield ms.runner.LocalRunner(timeout_sec=timeout), 1
+
+
+def _pin(var: str, device: int) -> None:
+    """Worker initializer: this process sees only ``device`` (set before anything touches the GPU)."""
+    os.environ[var] = str(device)
+
+
+def _per_device_runner():
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.runner import LocalRunner, PyRunner
+
+    @derived_object
+    class PerDeviceRunner(PyRunner):
+        """Deals candidates round-robin to one ``LocalRunner`` per GPU, so the GPUs measure in parallel."""
+
+        def __init__(self, visible_var: str, devices: Sequence[int], timeout: float):
+            super().__init__()
+            self.runners = [LocalRunner(timeout_sec=timeout, initializer=functools.partial(_pin, visible_var, d))
+                            for d in devices]
+            self.next = 0
+
+        def run(self, runner_inputs):
+            futures = []
+            for inp in runner_inputs:
+                futures += self.runners[self.next].run([inp])
+                self.next = (self.next + 1) % len(self.runners)
+            return futures
+
+    return PerDeviceRunner
+
+
+def PerDeviceRunner(visible_var: str, devices: Sequence[int], timeout: float = 60.0):  # noqa: N802
+    """See ``_per_device_runner`` (the class is built lazily: meta_schedule is slow to import)."""
+    return _per_device_runner()(visible_var, devices, timeout)
 
 
 def _rpc_runner(host: str, port: int, key: str, workers: int, timeout: float):
@@ -84,39 +121,3 @@ def _rpc_runner(host: str, port: int, key: str, workers: int, timeout: float):
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
                                  session_timeout_sec=int(timeout))
     return ms.runner.RPCRunner(rpc_config=config, max_workers=workers)
-
-
-@contextlib.contextmanager
-def _local_servers(visible_var: str, devices: Sequence[int], wait: float = 120.0):
-    """A loopback tracker and one ``tvm.exec.rpc_server`` per device in ``devices``."""
-    from tvm.rpc.tracker import Tracker
-
-    tracker = Tracker("127.0.0.1", port=9190, port_end=9290, silent=True)
-    servers = []
-    try:
-        for dev in devices:
-            env = {**os.environ, visible_var: str(dev)}
-            servers.append(subprocess.Popen(
-                [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
-                 "--tracker", f"127.0.0.1:{tracker.port}", "--key", LOCAL_KEY, "--silent"],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-        deadline = time.monotonic() + wait
-        while registered_servers("127.0.0.1", tracker.port, LOCAL_KEY) < len(devices):
-            for dev, proc in zip(devices, servers):
-                if proc.poll() is not None:
-                    raise SmeltError(f"the RPC server for device {dev} exited: "
-                                     f"{proc.stderr.read().decode(errors='replace').strip()[-500:]}")
-            if time.monotonic() > deadline:
-                raise SmeltError(f"RPC servers for devices {list(devices)} did not register within {wait:.0f} s")
-            time.sleep(0.5)
-        log.info("one RPC server per device: %s", ", ".join(map(str, devices)))
-        yield "127.0.0.1", tracker.port
-    finally:
-        for proc in servers:
-            proc.terminate()
-        for proc in servers:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        tracker.terminate()

@@ -287,7 +287,7 @@ def _measure_defaults(tasks: list[TuneTask], backend, target, builder, runner, k
     """Time each task's default schedule once (``known[shash]["default_seconds"]``), as tuning measures."""
     from tvm.s_tir import meta_schedule as ms
 
-    todo = [t for t in tasks if "default_seconds" not in known.get(t.shash, {})]
+    todo = [t for t in tasks if known.get(t.shash, {}).get("default_seconds") is None]
     if not todo:
         return
     scheduled = []
@@ -345,8 +345,16 @@ def _monitor():
             self.progress = progress
             self.deadline = deadline
             self.fired = False
+            self.errors: set[str] = set()
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            for res in list(builder_results) + list(runner_results):
+                if res.error_msg and len(self.errors) < 5:
+                    line = error_line(res.error_msg, last=True)
+                    if line not in self.errors:
+                        self.errors.add(line)
+                        hint = " (an RPC server for GPUs needs --no-fork)" if "InitializationError" in line else ""
+                        log.warning("a candidate failed: %s%s", line, hint)
             self.progress.update(task_id, [None if r.run_secs is None else [float(s) for s in r.run_secs]
                                            for r in runner_results])
             if self.deadline is None or time.perf_counter() < self.deadline:

@@ -168,3 +168,26 @@ def test_rpc_tracker_on_loopback(tmp_path):
 def test_devices_need_a_gpu_target(tmp_path):
     with pytest.raises(SmeltError, match="--devices lists GPUs"):
         tune(zoo.mlp(), log_dir=tmp_path, options=TuneOptions(trials=3, devices=(0, 1), **FEW))
+
+
+def test_per_device_runner_deals_candidates_to_every_device(tmp_path):
+    """The --devices runner on CPU candidates: one pinned worker per device, every candidate measured."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from smelt.autotune.builder import PersistentBuilder
+    from smelt.autotune.runners import PerDeviceRunner
+    from smelt.autotune.tasks import extract_tasks
+    from smelt.autotune.tune import fused_module
+
+    mod, target = fused_module(zoo.mlp())
+    tasks, _ = extract_tasks(mod, target)
+    builder = PersistentBuilder(2)
+    try:
+        built = builder.build([ms.builder.BuilderInput(t.mod, target) for t in tasks])
+    finally:
+        builder.shutdown()
+    runner = PerDeviceRunner("SMELT_TEST_VISIBLE", [0, 1])
+    futures = runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", ms.arg_info.ArgInfo.from_prim_func(t.mod["main"]))
+                          for b, t in zip(built, tasks)])
+    results = [f.result() for f in futures]
+    assert len(runner.runners) == 2 and all(r.error_msg is None and r.run_secs for r in results)

@@ -318,9 +318,9 @@ def test_eight_mlps_kernel_launches():
     program = import_models(models, names)
     backend = smelt.backends.get("cpu")
     target = backend.target(smelt.TargetOptions())
-    from smelt.compiler import _merge_passes
+    from smelt.passes import merge_passes
 
-    merge = _merge_passes(program, MergeOptions(True, True))
+    merge = merge_passes(program.models, MergeOptions(True, True))
     assert type(merge[-1]).__name__ == "FuseHorizontal"
     mod = PassManager(build_pipeline(backend, target, merge=merge)).run(program.bind(), target)
     prims = {gv for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
