@@ -45,6 +45,7 @@ class Progress:
         self.tasks = tasks
         self.budget = budget
         self.new_trials = 0
+        self.current = 0  # the task whose batch is being measured
         self.history = record_dir / HISTORY
         self.offset = _last_time(self.history)
         self.t0 = time.perf_counter()
