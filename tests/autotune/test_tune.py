@@ -1,8 +1,7 @@
 """smelt.autotune: tasks after fusion, records keyed by target, applied at compile, report/prune, CLI.
 
-The fast tests commit records built from MetaSchedule design spaces (no measuring:
-a 2-core CI box spends minutes in builder start-up); ``test_tune_end_to_end`` runs
-real MetaSchedule trials and is marked slow.
+These tests commit records built from MetaSchedule design spaces (no measuring);
+``test_tune_runs.py`` runs real trials.
 """
 
 from __future__ import annotations
@@ -10,10 +9,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
 import smelt
-from smelt.autotune import database, prune, records, report, tune
+from smelt.autotune import database, prune, records, report
 from smelt.autotune.tasks import extract_tasks
 from smelt.autotune.tune import _with_cores, _write_tasks, fused_module
 from smelt.examples import zoo
@@ -92,13 +90,3 @@ def test_cli_report_and_prune(tmp_path):
     assert r.exit_code == 0 and "6 -> 3" in r.output, r.output
     r = CliRunner().invoke(main, ["tune"])
     assert r.exit_code != 0
-
-
-@pytest.mark.slow
-def test_tune_end_to_end(tmp_path):
-    rep = tune(zoo.mlp(), trials=3, trials_per_task=1, seconds=300, log_dir=tmp_path)  # ~3 min on 2 cores
-    assert rep.new_trials > 0 and (tmp_path / rep.target_key / records.RECORDS).stat().st_size > 0
-    art = smelt.compile(zoo.mlp(), options=smelt.CompileOptions(tune_log_dir=str(tmp_path)))
-    assert art.report.tuned_kernels > 0
-    again = tune(zoo.mlp(), trials=3, trials_per_task=1, log_dir=tmp_path)  # resume: budget already spent
-    assert again.new_trials == 0

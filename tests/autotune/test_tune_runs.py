@@ -194,3 +194,21 @@ def test_per_device_runner_deals_candidates_to_every_device(tmp_path):
                           for b, t in zip(built, tasks)])
     results = [f.result() for f in futures]
     assert len(runner.runners) == 2 and all(r.error_msg is None and r.run_secs for r in results)
+
+
+def test_a_task_whose_search_raises_is_dropped_with_its_reason(tmp_path, monkeypatch):
+    """MetaSchedule aborts a whole run when one task's search raises; smelt drops that task only."""
+    from tvm.s_tir import meta_schedule as ms
+
+    real = ms.tune_tasks
+
+    def tune_tasks(**kw):
+        if kw["tasks"][0].task_name == "fused_matmul_add_relu":
+            raise RuntimeError("Check failed: (false) is false: Unsupported case")
+        return real(**kw)
+
+    monkeypatch.setattr(ms, "tune_tasks", tune_tasks)
+    rep = tune(zoo.mlp(), log_dir=tmp_path, options=TuneOptions(trials=6, trials_per_task=2, **FEW))
+    assert any(s.startswith("fused_matmul_add_relu: MetaSchedule cannot search it") and "Unsupported case" in s
+               for s in rep.skipped), rep.skipped
+    assert {t.name for t in rep.tasks if t.new_trials} == {"fused_matmul1_add_relu", "fused_matmul2_add1"}

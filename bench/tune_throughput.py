@@ -1,12 +1,14 @@
-"""Tune benchmark models on the local GPU(s) and print trials per minute and where the time went.
+"""Tune benchmark models and print trials per minute and where the time went.
 
-One process: builds the models of ``gpu_e2e.py`` (same shapes, so the records apply
-there), runs ``smelt.autotune.tune`` with a wall-time budget, and prints the report:
+One process: builds the models (those of ``gpu_e2e.py`` with the same shapes, so the
+records apply there, or zoo ONNX models), runs ``smelt.autotune.tune`` with a
+wall-time budget on the local GPU(s) or CPU, and prints the report:
 new trials, trials/minute, MetaSchedule's profile (building, measuring, search) and
 the estimated model latency with default schedules and tuned.
 ``--stock`` measures what TVM's own ``LocalBuilder`` gets instead (a fresh worker
 pool per batch), the baseline smelt's persistent builder replaces.
-Usage: python bench/tune_gpu.py --models resnet50:1,bert:1 --time 5m [--devices 0,1] [--json out.json]
+Usage: python bench/tune_throughput.py --models resnet50:1,bert:1 --time 300 [--devices 0,1] [--json out.json]
+       python bench/tune_throughput.py --target cpu --models zoo-resnet18:1 --time 180 [--stock]
 """
 
 from __future__ import annotations
@@ -17,13 +19,9 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-import torch_models  # noqa: E402
-
-from smelt import autotune  # noqa: E402
-from smelt.autotune import tune as tune_mod  # noqa: E402
+from smelt import autotune
+from smelt.autotune import tune as tune_mod
+from smelt.examples import zoo
 
 
 def models(spec: str) -> tuple[list, list[str]]:
@@ -31,11 +29,19 @@ def models(spec: str) -> tuple[list, list[str]]:
     for item in spec.split(","):
         m, _, batch = item.partition(":")
         batch = int(batch or 1)
+        names.append(f"{m}_b{batch}")
+        if m.startswith("zoo-resnet"):
+            out.append(zoo.resnet(int(m[len("zoo-resnet"):]), batch=batch, size=112))
+            continue
+        import torch
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        import torch_models
+
         module, x = {"resnet50": lambda: (torch_models.resnet50(), torch.randn(batch, 3, 224, 224)),
                      "mobilenetv3": lambda: (torch_models.mobilenet_v3_large(), torch.randn(batch, 3, 224, 224)),
                      "bert": lambda: (torch_models.bert_base(), torch.randn(batch, 128, 768))}[m]()
         out.append((module, (x,)))
-        names.append(f"{m}_b{batch}")
     return out, names
 
 
@@ -58,7 +64,8 @@ def main() -> None:
     ap.add_argument("--time", type=float, default=300, help="seconds")
     ap.add_argument("--trials", type=int, default=20000)
     ap.add_argument("--devices", default="", help="local GPUs, e.g. 0,1 (default: this process measures on GPU 0)")
-    ap.add_argument("--arch", help="default: the local GPU's")
+    ap.add_argument("--target", default="cuda", choices=["cuda", "cpu", "rocm"])
+    ap.add_argument("--arch", help="default: the local GPU's or CPU's")
     ap.add_argument("--stock", action="store_true", help="TVM's LocalBuilder instead of smelt's")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -69,7 +76,7 @@ def main() -> None:
     ms, names = models(args.models)
     opts = autotune.TuneOptions(trials=args.trials, seconds=args.time, progress=False,
                                 devices=tuple(int(d) for d in args.devices.split(",") if d))
-    rep = autotune.tune(ms, "cuda", args.arch, names=names, log_dir=args.log_dir, options=opts)
+    rep = autotune.tune(ms, args.target, args.arch, names=names, log_dir=args.log_dir, options=opts)
     row = {"models": args.models, "builder": "stock LocalBuilder" if args.stock else "smelt PersistentBuilder",
            **rep.to_json()}
     phases = sorted(((k, v) for k, v in rep.phase_seconds.items() if k != "Total"), key=lambda kv: -kv[1])[:5]
