@@ -14,12 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import SmeltError
-from .records import RECORDS, WORKLOADS, lock, open_database
-from .tasks import workload_hash
+from .records import RECORDS, TASKS, WORKLOADS, best_seconds, lock, open_database, records_by_workload
 
 log = logging.getLogger(__name__)
 
-TASKS = "tasks.json"
 
 
 @dataclass
@@ -55,26 +53,6 @@ def record_dirs(log_dir: str | Path) -> list[Path]:
     if not dirs:
         raise SmeltError(f"{log_dir}: no tuning records (expected <target key>/{WORKLOADS} and {RECORDS})")
     return dirs
-
-
-def records_by_workload(db) -> dict[str, list]:
-    """Tuning records grouped by workload hash."""
-    out: dict[str, list] = {}
-    for rec in db.get_all_tuning_records():
-        out.setdefault(workload_hash(rec.workload.mod), []).append(rec)
-    return out
-
-
-def best_seconds(records) -> float | None:
-    """The lowest mean run time of the records that ran (None when none did)."""
-    best = None
-    for rec in records:
-        secs = [float(s) for s in (rec.run_secs or [])]
-        if not secs or any(s >= 1e9 for s in secs):  # MetaSchedule stores failed runs as 1e10
-            continue
-        mean = sum(secs) / len(secs)
-        best = mean if best is None else min(best, mean)
-    return best
 
 
 def report(log_dir: str | Path) -> list[TargetRecords]:

@@ -27,10 +27,12 @@ import tvm
 from tvm import relax
 
 from ..errors import SmeltError
+from .tasks import workload_hash
 
 log = logging.getLogger(__name__)
 
 WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
+TASKS = "tasks.json"  # written by ``tune``: task names, weights, FLOPs, default-schedule latency
 
 
 def target_key(target: tvm.target.Target) -> str:
@@ -57,8 +59,9 @@ def records_passes(target: tvm.target.Target, log_dir: str | Path | None,
                    bundled: bool = True) -> list[tvm.transform.Pass]:
     """``MetaScheduleApplyDatabase`` over the records for ``target``: ``log_dir``'s and smelt's own.
 
-    The best record per kernel wins across both folders; none when neither holds records
-    for ``target``'s key. ``log_dir=None`` turns records off altogether.
+    Per kernel, the best record across both folders is applied, unless ``tune`` measured the
+    kernel's default schedule to be at least as fast (then the default stays). None when
+    neither folder holds records for ``target``'s key; ``log_dir=None`` turns records off.
     """
     if log_dir is None:
         return []
@@ -70,20 +73,68 @@ def records_passes(target: tvm.target.Target, log_dir: str | Path | None,
             dirs.append(d)
     if not dirs:
         return []
+    log.info("applying tuning records from %s", ", ".join(map(str, dirs)))
+    db, slower = _best_records(dirs)
+    return [_ApplyRecords(db, dirs, slower)]
+
+
+def _best_records(dirs: list[Path]):
+    """(a MemoryDatabase of the best record per kernel that beats its default, {kernel: why not})."""
     from tvm.s_tir import meta_schedule as ms
 
-    dbs = [open_database(d, writable=False) for d in dirs]
-    log.info("applying tuning records from %s", ", ".join(map(str, dirs)))
-    return [_ApplyRecords(dbs[0] if len(dbs) == 1 else ms.database.UnionDatabase(*dbs), dirs)]
+    best: dict[str, tuple[float, object]] = {}
+    defaults: dict[str, tuple[str, float | None]] = {}
+    for d in dirs:
+        for shash, recs in records_by_workload(open_database(d, writable=False)).items():
+            secs = best_seconds(recs)
+            if secs is not None and (shash not in best or secs < best[shash][0]):
+                best[shash] = (secs, min(recs, key=lambda r: best_seconds([r]) or float("inf")))
+        if (d / TASKS).is_file():
+            for shash, t in json.loads((d / TASKS).read_text()).items():
+                defaults.setdefault(shash, (t.get("name", shash), t.get("default_seconds")))
+    mem = ms.database.MemoryDatabase(module_equality="structural")
+    slower = {}
+    for shash, (secs, rec) in best.items():
+        name, default = defaults.get(shash, (shash, None))
+        if default is not None and secs >= default:
+            slower[name] = f"best record {secs * 1e6:.1f} us, default schedule {default * 1e6:.1f} us"
+            continue
+        wl = mem.commit_workload(rec.workload.mod)
+        mem.commit_tuning_record(ms.database.TuningRecord(rec.trace, wl, rec.run_secs, rec.target, rec.args_info))
+    for name, why in slower.items():
+        log.info("keeping the default schedule of %s (%s)", name, why)
+    return mem, slower
+
+
+def records_by_workload(db) -> dict[str, list]:
+    """Tuning records grouped by workload hash."""
+    out: dict[str, list] = {}
+    for rec in db.get_all_tuning_records():
+        out.setdefault(workload_hash(rec.workload.mod), []).append(rec)
+    return out
+
+
+def best_seconds(records) -> float | None:
+    """The lowest mean run time of the records that ran (None when none did)."""
+    best = None
+    for rec in records:
+        secs = [float(s) for s in (rec.run_secs or [])]
+        if not secs or any(s >= 1e9 for s in secs):  # MetaSchedule stores failed runs as 1e10
+            continue
+        mean = sum(secs) / len(secs)
+        best = mean if best is None else min(best, mean)
+    return best
 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyTuningRecords")
 class _ApplyRecords:
-    """``report`` maps each PrimFunc a record scheduled to ``tuned`` (compile counts them)."""
+    """``report`` maps each PrimFunc a record scheduled to ``tuned`` (compile counts them);
+    ``slower`` names the kernels whose records lost to their default schedule."""
 
-    def __init__(self, db, dirs: list[Path]):
+    def __init__(self, db, dirs: list[Path], slower: dict[str, str]):
         self.db = db
         self.dirs = [str(d) for d in dirs]
+        self.slower = slower
         self.report: dict[str, str] = {}
 
     def transform_module(self, mod, ctx):

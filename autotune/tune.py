@@ -32,9 +32,8 @@ from ..errors import SmeltError, error_line
 from ..frontend import import_models
 from ..passes import MergeOptions, PassManager, PipelineOptions, build_pipeline, merge_passes
 from .builder import PersistentBuilder
-from .database import TASKS, best_seconds, records_by_workload
 from .progress import Progress, TaskState, plot
-from .records import lock, open_database, record_dir, target_key
+from .records import TASKS, best_seconds, lock, open_database, record_dir, records_by_workload, target_key
 from .runners import measuring
 from .tasks import TuneTask, extract_tasks
 

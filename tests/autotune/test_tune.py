@@ -59,6 +59,15 @@ def test_records_apply_at_compile_and_numerics_hold(tmp_path, onnx_reference):
     np.testing.assert_allclose(np.asarray(got), want[0], rtol=1e-4, atol=1e-5)  # fp32, reordered sums
 
 
+def test_records_slower_than_the_default_schedule_are_not_applied(tmp_path):
+    tasks, out = _commit_design_spaces(zoo.mlp(), tmp_path)
+    known = json.loads((out / database.TASKS).read_text())
+    known[tasks[0].shash]["default_seconds"] = 1e-9  # the default beats every record of this kernel
+    (out / database.TASKS).write_text(json.dumps(known))
+    art = smelt.compile(zoo.mlp(), options=smelt.CompileOptions(tune_log_dir=str(tmp_path)))
+    assert art.report.tuned_kernels == len(tasks) - 1
+
+
 def test_records_of_another_target_are_not_applied(tmp_path):
     model = zoo.mlp()
     _commit_design_spaces(model, tmp_path, key="cpu-x86_64-someothercpu")

@@ -21,7 +21,7 @@ import pytest
 
 import smelt
 from smelt.autotune import TuneOptions, records, report, tune
-from smelt.autotune.database import records_by_workload
+from smelt.autotune.records import records_by_workload
 from smelt.errors import SmeltError
 from smelt.examples import zoo
 
