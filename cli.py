@@ -447,8 +447,13 @@ def tune(models, target, arch, names, trials, trials_per_task, wall, log_dir, re
                                 seconds=_duration(wall) if wall else None, builders=builders,
                                 rpc_tracker=rpc_tracker, rpc_key=rpc_key, devices=_device_list(devices),
                                 progress=not (quiet or as_json))
-    rep = autotune.tune(list(models), target, arch, log_dir=log_dir, names=list(names) or None, merge=merge,
-                        share_inputs=share_inputs, options=opts, plot_to=plot_to)
+    try:
+        rep = autotune.tune(list(models), target, arch, log_dir=log_dir, names=list(names) or None, merge=merge,
+                            share_inputs=share_inputs, options=opts, plot_to=plot_to)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: every batch measured so far is in {log_dir}/; run the same command to resume",
+                   err=True)
+        raise SystemExit(130) from None
     if as_json:
         click.echo(json.dumps(rep.to_json(), indent=1))
         return
