@@ -26,6 +26,10 @@ def _fail(ctx: click.Context, err: BaseException) -> None:
     ctx.exit(2)
 
 
+_PRECISION = {"fp16": "float16", "bf16": "bfloat16", "float16": "float16", "bfloat16": "bfloat16",
+              "float32": "float32"}
+
+
 class _Group(click.Group):
     """Turns every error into one line and a non-zero exit (tracebacks only with --debug)."""
 
@@ -86,6 +90,8 @@ def _parse_shape(value: str) -> tuple[str, list]:
 @click.option("--verify-each", is_flag=True, help="Check well-formedness after every pass.")
 @click.option("--no-cuda-graph", is_flag=True, help="Do not capture CUDA graphs.")
 @click.option("--no-fold-batch-norm", is_flag=True, help="Keep BatchNorm as its own ops.")
+@click.option("--precision", default="float32", show_default=True, type=click.Choice(list(_PRECISION)),
+              help="Compute precision (fp16, bf16); softmax, norms and reductions stay float32.")
 @click.option("--tune-log-dir", default="tune_logs", show_default=True, type=click.Path(file_okay=False),
               help="Where tuning records are looked up.")
 @click.option("--merge", is_flag=True, help="Add the __all__ entry: shared stems computed once, same-shaped "
@@ -98,8 +104,8 @@ def _parse_shape(value: str) -> tuple[str, list]:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the compile report as JSON.")
 def compile(models, target, arch, triple, output, names, shapes, force, emit_source, dump_ir, verify_each,
-            no_cuda_graph, no_fold_batch_norm, tune_log_dir, merge, share_inputs, share_pairs, no_horizontal,
-            explain, quiet, as_json):
+            no_cuda_graph, no_fold_batch_norm, precision, tune_log_dir, merge, share_inputs, share_pairs,
+            no_horizontal, explain, quiet, as_json):
     """Compile MODELS (.onnx, .pt2) together into one artifact folder."""
     from . import CompileOptions, PipelineOptions, TargetOptions
     from .passes import MergeOptions
@@ -112,7 +118,8 @@ def compile(models, target, arch, triple, output, names, shapes, force, emit_sou
     if (share_inputs or share_pairs or no_horizontal) and not merge:
         raise click.UsageError("--share-inputs, --share-input and --no-horizontal go with --merge")
     opts = CompileOptions(TargetOptions(target, arch, triple, not no_cuda_graph),
-                          PipelineOptions(fold_batch_norm=not no_fold_batch_norm), tune_log_dir, verify_each, dump_ir,
+                          PipelineOptions(fold_batch_norm=not no_fold_batch_norm, precision=_PRECISION[precision]),
+                          tune_log_dir, verify_each, dump_ir,
                           MergeOptions(merge, share_inputs, _share_pairs(share_pairs), not no_horizontal))
     input_shapes = dict(_parse_shape(s) for s in shapes)
     t0 = time.perf_counter()
@@ -406,6 +413,8 @@ def _format_inspect(d: dict) -> list[str]:
 @click.option("--prune", "prune_dir", type=click.Path(file_okay=False, exists=True),
               help="Keep only the best record per kernel in a records folder and exit.")
 @click.option("--merge", is_flag=True, help="Tune what `smelt compile --merge` builds (shared stems, fused layers).")
+@click.option("--precision", default="float32", show_default=True, type=click.Choice(list(_PRECISION)),
+              help="Tune what `smelt compile --precision` builds.")
 @click.option("--share-inputs", is_flag=True, help="With --merge: share inputs of equal name, shape and dtype.")
 @click.option("--rpc-tracker", metavar="HOST:PORT", help="Measure on the devices registered at this TVM RPC tracker.")
 @click.option("--rpc-key", metavar="KEY", help="The key those devices registered under.")
@@ -416,7 +425,7 @@ def _format_inspect(d: dict) -> list[str]:
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def tune(models, target, arch, names, trials, trials_per_task, wall, log_dir, report_dir, prune_dir, merge,
-         share_inputs, rpc_tracker, rpc_key, devices, builders, plot_to, quiet, as_json):
+         precision, share_inputs, rpc_tracker, rpc_key, devices, builders, plot_to, quiet, as_json):
     """Tune the kernels of MODELS with MetaSchedule; records go to LOG_DIR/<target key>/.
 
     Re-running the same command resumes from the records. Compiles with the same
@@ -449,7 +458,8 @@ def tune(models, target, arch, names, trials, trials_per_task, wall, log_dir, re
                                 progress=not (quiet or as_json))
     try:
         rep = autotune.tune(list(models), target, arch, log_dir=log_dir, names=list(names) or None, merge=merge,
-                            share_inputs=share_inputs, options=opts, plot_to=plot_to)
+                            share_inputs=share_inputs, precision=_PRECISION[precision], options=opts,
+                            plot_to=plot_to)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: every batch measured so far is in {log_dir}/; run the same command to resume",
                    err=True)

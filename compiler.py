@@ -21,7 +21,7 @@ from .autotune import records_passes
 from .errors import BackendError, SmeltError, error_line
 from .frontend import import_models
 from .ir import ModelInfo, Program, TensorSpec, summarize
-from .passes import (MERGED, Explainer, MergeOptions, PassManager, PipelineOptions, Step,
+from .passes import (MERGED, PRECISIONS, Explainer, MergeOptions, PassManager, PipelineOptions, Step,
                      build_pipeline, canonicalize_passes, merge_passes)
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,15 @@ class CompileReport:
 
 def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequence[str] | None = None,
             input_shapes: dict | None = None, dynamic_batch: bool = False, merge: bool | None = None,
-            share_inputs: bool | None = None, share_input: dict | None = None,
+            share_inputs: bool | None = None, share_input: dict | None = None, precision: str | None = None,
             options: CompileOptions | None = None, on_step: Callable | None = None) -> Artifact:
     """Compile ``models`` (paths, ModelProtos, ExportedPrograms or (module, example_args)) together.
 
     ``merge=True`` adds the ``__all__`` entry that runs every model at once, computing shared
     stems once and fusing same-shaped layers; ``share_inputs=True`` shares inputs of equal
     name, shape and dtype; ``share_input={"b.x": "a.x"}`` shares named ones.
+    ``precision="float16"`` or ``"bfloat16"`` computes in that type (softmax, norms and
+    reductions stay float32; inputs and outputs stay float32).
     Returns an in-memory ``Artifact``; ``art.save(dir)`` writes it, ``smelt.load(dir)`` runs it.
     """
     opts = options or CompileOptions()
@@ -88,6 +90,10 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
         opts = replace(opts, merge=MergeOptions(
             m.enabled if merge is None else bool(merge), m.share_inputs if share_inputs is None else bool(share_inputs),
             m.share + tuple((share_input or {}).items()), m.horizontal))
+    if precision is not None:
+        if precision not in PRECISIONS:
+            raise SmeltError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        opts = replace(opts, pipeline=replace(opts.pipeline, precision=precision))
     if opts.target.kind != target or (arch and opts.target.arch != arch):
         opts = replace(opts, target=backends.TargetOptions(target, arch or opts.target.arch, opts.target.triple,
                                                            opts.target.cuda_graph))

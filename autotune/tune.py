@@ -138,12 +138,14 @@ def tune(models, target: str = "cpu", arch: str | None = None, *, trials: int = 
          trials_per_task: int | None = None, seconds: float | None = None, log_dir: str | Path = "tune_logs",
          names: Sequence[str] | None = None, input_shapes: dict | None = None, triple: str | None = None,
          merge: bool = False, share_inputs: bool = False, share_input: dict | None = None,
-         options: TuneOptions | None = None, plot_to: str | Path | None = None) -> TuneReport:
+         precision: str = "float32", options: TuneOptions | None = None,
+         plot_to: str | Path | None = None) -> TuneReport:
     """Tune the kernels of ``models`` for ``target``; records go to ``<log_dir>/<target key>/``.
 
     Budgets: ``trials`` in total (existing records count), ``trials_per_task`` per task in
     this run, ``seconds`` of wall time; ``options`` overrides the three. ``merge`` and the
-    sharing arguments are those of ``smelt.compile``: tune what a merged compile builds.
+    sharing arguments and ``precision`` are those of ``smelt.compile``: tune what such a
+    compile builds.
     ``plot_to``: where the PNG of estimated latency against tuning time goes
     (default ``<record folder>/progress.png``).
     """
@@ -153,7 +155,8 @@ def tune(models, target: str = "cpu", arch: str | None = None, *, trials: int = 
                          f"trials_per_task={opts.trials_per_task})")
     t0 = time.perf_counter()
     merging = MergeOptions(bool(merge), bool(share_inputs), tuple((share_input or {}).items()))
-    mod, tvm_target = fused_module(models, target, arch, triple, names, input_shapes, merge=merging)
+    mod, tvm_target = fused_module(models, target, arch, triple, names, input_shapes,
+                                   pipeline=PipelineOptions(precision=precision), merge=merging)
     tasks, skipped = extract_tasks(mod, tvm_target, opts.min_flops)
     out = record_dir(log_dir, tvm_target)
     report = TuneReport(target_key(tvm_target), str(out), skipped=skipped)

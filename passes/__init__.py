@@ -11,8 +11,10 @@ from .manager import PassManager, PassTiming, Step
 from .merge_common_stems import MERGED, MergeCommonStems, MergeReport, resolve_shared_inputs
 from .pipeline import (PHASES, MergeOptions, PipelineOptions, build_pipeline, canonicalize_passes, fuse_passes,
                        merge_passes)
+from .mixed_precision import PRECISIONS, ToMixedPrecision
 from .remove_identity_ops import RemoveIdentityOps
 
 __all__ = ["CanonicalizeOps", "Explainer", "FoldBatchNorm", "FoldConstantLayout", "FuseHorizontal", "LegalizeGroupedConv", "LiftWeights", "PHASES", "PassManager",
            "MERGED", "MergeCommonStems", "MergeOptions", "MergeReport", "PassTiming", "PipelineOptions", "RemoveIdentityOps", "Step", "build_pipeline",
-           "canonicalize_passes", "fuse_passes", "merge_passes", "resolve_shared_inputs"]
+           "canonicalize_passes", "fuse_passes", "merge_passes", "resolve_shared_inputs", "PRECISIONS",
+           "ToMixedPrecision"]

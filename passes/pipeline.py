@@ -23,6 +23,7 @@ from .fuse_horizontal import FuseHorizontal
 from .legalize_grouped_conv import LegalizeGroupedConv
 from .lift_weights import LiftWeights
 from .manager import Step
+from .mixed_precision import ToMixedPrecision
 from .merge_common_stems import MergeCommonStems, resolve_shared_inputs
 from .remove_identity_ops import RemoveIdentityOps
 
@@ -52,6 +53,7 @@ class PipelineOptions:
 
     fold_batch_norm: bool = True
     fuse: bool = True
+    precision: str = "float32"  # float16 / bfloat16: ToMixedPrecision in the quantize phase
 
 
 def canonicalize_passes(opts: PipelineOptions) -> list[tvm.transform.Pass]:
@@ -96,7 +98,7 @@ def build_pipeline(backend, target: tvm.target.Target, opts: PipelineOptions | N
     phases = {
         "canonicalize": canonicalize_passes(opts),
         "merge": list(merge or []),
-        "quantize": list(quantize or []),
+        "quantize": list(quantize or []) + ([ToMixedPrecision(opts.precision)] if opts.precision != "float32" else []),
         "fuse": fuse_passes(opts),
         "schedule": backend.schedule_passes(target),
         "lower": [LiftWeights] + backend.lower_passes(target),
