@@ -131,3 +131,18 @@ def test_eight_merged_cnns_match_each_model(tmp_path, rng):
     for name, model in zip(names, models):
         ref = ort_outputs(model, {"input": x})[0]
         check(outs[name], ref, rtol=1e-3, scale_atol=1e-3)
+
+
+@pytest.mark.parametrize("precision,tol", [("float16", 5e-3), ("bfloat16", 2e-2)])  # as on the CPU
+@pytest.mark.parametrize("name", ["resnet18", "encoder", "mobilenet"])
+def test_reduced_precision_against_onnxruntime_float32(name, precision, tol, tmp_path, rng):
+    model, shape, inp = {"resnet18": (zoo.resnet(18, size=32), (1, 3, 32, 32), "input"),
+                         "encoder": (zoo.transformer_encoder(), (1, 32, 128), "hidden"),
+                         "mobilenet": (zoo.mobilenet(batch=8), (8, 3, 224, 224), "input")}[name]
+    art = smelt.compile([model], target="cuda", precision=precision, options=smelt.CompileOptions(tune_log_dir=None))
+    rt = smelt.load(art.save(tmp_path / "art"))
+    (m,) = rt.models
+    x = rng.standard_normal(shape).astype("float32")
+    got, ref = rt.run(m, **{inp: x}), ort_outputs(model, {inp: x})[0]
+    err = float(np.abs(got - ref).max()) / float(np.abs(ref).max())
+    assert got.dtype == np.float32 and err < tol, f"{name} {precision}: relative error {err:.2e}"
