@@ -5,7 +5,7 @@ tvm.exec.rpc_tracker``) with servers registered under ``rpc_key`` (``python -m
 tvm.exec.rpc_server --tracker HOST:PORT --key KEY``; GPU servers with ``--no-fork``,
 see below).
 Guarantees: ``measuring(...)`` yields a MetaSchedule runner and the number of
-devices it measures on in parallel, and stops whatever it started on exit.
+devices it measures on in parallel, or raises ``SmeltError`` naming what is missing.
 Candidates are built locally in any case. Remote devices go through TVM's tracker
 protocol. ``devices`` (local GPUs) gets one MetaSchedule ``LocalRunner`` per GPU,
 its worker process seeing only that GPU, and candidates dealt round-robin.
