@@ -64,6 +64,7 @@ class CompileReport:
     schedule_fallbacks: dict = field(default_factory=dict)
     tuned_kernels: int = 0
     tune_records: list[str] = field(default_factory=list)  # record folders a compile applied
+    records_slower: dict = field(default_factory=dict)  # kernel -> why its record lost to the default
     explanations: list = field(default_factory=list)  # why rewrites fired or not (--explain)
     merge: dict = field(default_factory=dict)  # what MergeCommonStems/FuseHorizontal shared
 
@@ -134,6 +135,7 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     for step in manager.steps:
         rep = getattr(step.pass_, "report", None)
         report.tune_records += getattr(step.pass_, "dirs", [])
+        report.records_slower.update(getattr(step.pass_, "slower", {}))
         if step.phase == "schedule" and isinstance(rep, dict):
             report.schedules.update(rep)
             report.schedule_fallbacks.update(getattr(step.pass_, "fallbacks", {}))

@@ -66,6 +66,7 @@ def test_records_slower_than_the_default_schedule_are_not_applied(tmp_path):
     (out / database.TASKS).write_text(json.dumps(known))
     art = smelt.compile(zoo.mlp(), options=smelt.CompileOptions(tune_log_dir=str(tmp_path)))
     assert art.report.tuned_kernels == len(tasks) - 1
+    assert list(art.report.records_slower) == [tasks[0].name]
 
 
 def test_records_of_another_target_are_not_applied(tmp_path):

@@ -43,7 +43,9 @@ def test_tune_compile_applies_records_numerics_hold(tmp_path, onnx_reference):
     assert {w.name for w in summary.workloads} == {t.name for t in rep.tasks}
 
     art = smelt.compile(model, options=smelt.CompileOptions(tune_log_dir=str(tmp_path)))
-    assert art.report.tuned_kernels == 3 and art.report.tune_records == [str(tmp_path / rep.target_key)]
+    assert art.report.tune_records == [str(tmp_path / rep.target_key)]
+    # records slower than a kernel's default schedule (likely after 4 trials of a tiny kernel) stay unused
+    assert art.report.tuned_kernels >= 1 and art.report.tuned_kernels + len(art.report.records_slower) == 3
     x = np.random.default_rng(1).standard_normal((1, 64)).astype("float32")
     got = smelt.load(art.save(tmp_path / "art")).run(next(iter(art.models)), features=x)
     want = onnx_reference(model, {"features": x})
@@ -126,7 +128,8 @@ def test_merged_models_tune_their_fused_kernels(tmp_path):
     assert len(records_by_workload(records.open_database(d, writable=False))) == len(rep.tasks)
     art = smelt.compile(models, names=["a", "b"], merge=True,
                         options=smelt.CompileOptions(tune_log_dir=str(tmp_path)))
-    assert art.report.tuned_kernels == art.report.kernels
+    # one trial per kernel: a record slower than the kernel's default schedule is not applied
+    assert art.report.tuned_kernels + len(art.report.records_slower) == art.report.kernels
 
 
 def _start(args) -> subprocess.Popen:
