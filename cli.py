@@ -418,7 +418,7 @@ def _format_inspect(d: dict) -> list[str]:
 @click.option("--share-inputs", is_flag=True, help="With --merge: share inputs of equal name, shape and dtype.")
 @click.option("--rpc-tracker", metavar="HOST:PORT", help="Measure on the devices registered at this TVM RPC tracker.")
 @click.option("--rpc-key", metavar="KEY", help="The key those devices registered under.")
-@click.option("--devices", metavar="0,1,...", help="Measure on these local GPUs in parallel, one RPC server each.")
+@click.option("--devices", metavar="0,1,...", help="Measure on these local GPUs in parallel, one pinned measuring worker each.")
 @click.option("--builders", type=click.IntRange(min=1), help="Parallel build processes (default: one per core).")
 @click.option("--plot", "plot_to", type=click.Path(dir_okay=False),
               help="PNG of estimated model latency against tuning time (default: <record folder>/progress.png).")

@@ -50,7 +50,7 @@ class TuneOptions:
     ``min_flops``: kernels estimated below this are not tuned;
     ``builders``: parallel build processes (default: one per logical core);
     ``rpc_tracker``/``rpc_key``: measure on the devices registered there;
-    ``devices``: measure on these local GPUs, one RPC server each.
+    ``devices``: measure on these local GPUs, one pinned worker each.
     """
 
     trials: int = 1000
