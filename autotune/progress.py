@@ -38,6 +38,12 @@ class TaskState:
         return min(vals) if vals else None
 
 
+def estimate(tasks: list[TaskState], latency=lambda t: t.known) -> tuple[float | None, int]:
+    """(Σ weight × ``latency(task)`` over the tasks that have one, or None if none has; tasks without)."""
+    known = [(t.weight, latency(t)) for t in tasks if latency(t) is not None]
+    return (sum(w * v for w, v in known) if known else None), len(tasks) - len(known)
+
+
 class Progress:
     """Counts trials per task and renders them; ``enabled=False`` keeps the history only."""
 
@@ -53,21 +59,6 @@ class Progress:
         self.enabled = enabled
         self.tty = enabled and self.stream.isatty()
         self._append(0)
-
-    def estimate(self) -> tuple[float | None, int]:
-        """(estimated model latency in seconds, tasks without any latency)."""
-        total, missing = 0.0, 0
-        for t in self.tasks:
-            if t.known is None:
-                missing += 1
-            else:
-                total += t.weight * t.known
-        return (total if missing < len(self.tasks) else None), missing
-
-    def default_estimate(self) -> float | None:
-        if not self.tasks or any(t.default is None for t in self.tasks):
-            return None
-        return sum(t.weight * t.default for t in self.tasks)
 
     def update(self, task_id: int, run_secs: list[list[float] | None]) -> None:
         t = self.tasks[task_id]
@@ -87,14 +78,14 @@ class Progress:
             self.stream.flush()
 
     def _append(self, trials: int) -> None:
-        est, missing = self.estimate()
+        est, missing = estimate(self.tasks)
         entry = {"seconds": round(self.offset + time.perf_counter() - self.t0, 3), "new_trials": trials,
                  "estimate_s": est, "tasks_without_latency": missing}
         with open(self.history, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
     def _render(self, task: TaskState) -> None:
-        est, missing = self.estimate()
+        est, missing = estimate(self.tasks)
         done = min(self.new_trials, self.budget)
         width = 20
         filled = int(width * done / max(self.budget, 1))

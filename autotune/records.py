@@ -86,9 +86,10 @@ def _best_records(dirs: list[Path]):
     defaults: dict[str, tuple[str, float | None]] = {}
     for d in dirs:
         for shash, recs in records_by_workload(open_database(d, writable=False)).items():
-            secs = best_seconds(recs)
-            if secs is not None and (shash not in best or secs < best[shash][0]):
-                best[shash] = (secs, min(recs, key=lambda r: best_seconds([r]) or float("inf")))
+            for rec in recs:
+                secs = best_seconds([rec])
+                if secs is not None and (shash not in best or secs < best[shash][0]):
+                    best[shash] = (secs, rec)
         if (d / TASKS).is_file():
             for shash, t in json.loads((d / TASKS).read_text()).items():
                 defaults.setdefault(shash, (t.get("name", shash), t.get("default_seconds")))
@@ -107,10 +108,13 @@ def _best_records(dirs: list[Path]):
 
 
 def records_by_workload(db) -> dict[str, list]:
-    """Tuning records grouped by workload hash."""
+    """Tuning records grouped by workload hash (each workload hashed once, not once per record)."""
     out: dict[str, list] = {}
+    keys: dict = {}  # records of one workload share its object (TVM objects hash by identity)
     for rec in db.get_all_tuning_records():
-        out.setdefault(workload_hash(rec.workload.mod), []).append(rec)
+        if rec.workload not in keys:
+            keys[rec.workload] = workload_hash(rec.workload.mod)
+        out.setdefault(keys[rec.workload], []).append(rec)
     return out
 
 
@@ -147,19 +151,30 @@ class _ApplyRecords:
         return mod
 
 
-def _whole_length(path: Path) -> int:
-    """Bytes of ``path`` up to the end of its last whole JSON line (the file size when nothing is torn)."""
-    data = path.read_bytes()
-    end = len(data)
-    if not data.endswith(b"\n"):
-        end = data.rfind(b"\n") + 1
+def _whole_length(path: Path, chunk: int = 1 << 16) -> int:
+    """Bytes of ``path`` up to the end of its last whole JSON line (the file size when nothing is torn).
+
+    Reads only the tail: a record is a few kB, the file can be many MB.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        start = size
+        while True:  # back up until the tail holds the last line and the newline before it
+            start = max(0, start - chunk)
+            f.seek(start)
+            tail = f.read(size - start)
+            if start == 0 or tail.count(b"\n") >= 2:
+                break
+    end = len(tail)
+    if not tail.endswith(b"\n"):
+        end = tail.rfind(b"\n") + 1
     if end:  # a killed writer can leave a newline-terminated but unparsable line only at the end
-        start = data.rfind(b"\n", 0, end - 1) + 1
+        first = tail.rfind(b"\n", 0, end - 1) + 1
         try:
-            json.loads(data[start:end])
+            json.loads(tail[first:end])
         except ValueError:
-            end = start
-    return end
+            end = first
+    return start + end
 
 
 def open_database(directory: str | Path, writable: bool = True):

@@ -18,13 +18,15 @@ process, a few seconds per candidate. Pinned local workers start once.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import tvm
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.runner import PyRunner
 
 from ..errors import SmeltError
 
@@ -52,12 +54,9 @@ def registered_servers(host: str, port: int, key: str) -> int:
     return sum(1 for s in summary.get("server_info", []) if s["key"].split(":", 1)[-1] == key)
 
 
-@contextlib.contextmanager
 def measuring(target: tvm.target.Target, *, rpc_tracker: str | None = None, rpc_key: str | None = None,
-              devices: Sequence[int] | None = None, timeout: float = 60.0) -> Iterator[tuple[object, int]]:
+              devices: Sequence[int] | None = None, timeout: float = 60.0) -> tuple[object, int]:
     """(runner, parallel devices) for ``target``; see the module docstring."""
-    from tvm.s_tir import meta_schedule as ms
-
     if devices and rpc_tracker:
         raise SmeltError("give either --devices (local GPUs) or --rpc-tracker (remote devices), not both")
     if rpc_tracker:
@@ -69,16 +68,15 @@ def measuring(target: tvm.target.Target, *, rpc_tracker: str | None = None, rpc_
             raise SmeltError(f"the RPC tracker at {host}:{port} has no server under key {rpc_key!r}; start one "
                              f"with: python -m tvm.exec.rpc_server --tracker {host}:{port} --key {rpc_key}")
         log.info("measuring on %d device(s) under key %r at %s:%d", n, rpc_key, host, port)
-        yield _rpc_runner(host, port, rpc_key, n, timeout), n
+        return _rpc_runner(host, port, rpc_key, n, timeout), n
     elif devices:
         kind = target.kind.name
         if kind not in _VISIBLE:
             raise SmeltError(f"--devices lists GPUs; target {kind!r} measures on this machine's CPU "
                              f"(use --rpc-tracker for several CPU machines)")
         log.info("one measuring worker per device: %s", ", ".join(map(str, devices)))
-        yield PerDeviceRunner(_VISIBLE[kind], devices, timeout), len(devices)
-    else:
-        yield ms.runner.LocalRunner(timeout_sec=timeout), 1
+        return PerDeviceRunner(_VISIBLE[kind], devices, timeout), len(devices)
+    return ms.runner.LocalRunner(timeout_sec=timeout), 1
 
 
 def _pin(var: str, device: int) -> None:
@@ -86,38 +84,25 @@ def _pin(var: str, device: int) -> None:
     os.environ[var] = str(device)
 
 
-def _per_device_runner():
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir.meta_schedule.runner import LocalRunner, PyRunner
+@derived_object
+class PerDeviceRunner(PyRunner):
+    """Deals candidates round-robin to one ``LocalRunner`` per GPU, so the GPUs measure in parallel."""
 
-    @derived_object
-    class PerDeviceRunner(PyRunner):
-        """Deals candidates round-robin to one ``LocalRunner`` per GPU, so the GPUs measure in parallel."""
+    def __init__(self, visible_var: str, devices: Sequence[int], timeout: float = 60.0):
+        super().__init__()
+        self.runners = [ms.runner.LocalRunner(timeout_sec=timeout, initializer=functools.partial(_pin, visible_var, d))
+                        for d in devices]
+        self.next = 0
 
-        def __init__(self, visible_var: str, devices: Sequence[int], timeout: float):
-            super().__init__()
-            self.runners = [LocalRunner(timeout_sec=timeout, initializer=functools.partial(_pin, visible_var, d))
-                            for d in devices]
-            self.next = 0
-
-        def run(self, runner_inputs):
-            futures = []
-            for inp in runner_inputs:
-                futures += self.runners[self.next].run([inp])
-                self.next = (self.next + 1) % len(self.runners)
-            return futures
-
-    return PerDeviceRunner
-
-
-def PerDeviceRunner(visible_var: str, devices: Sequence[int], timeout: float = 60.0):  # noqa: N802
-    """See ``_per_device_runner`` (the class is built lazily: meta_schedule is slow to import)."""
-    return _per_device_runner()(visible_var, devices, timeout)
+    def run(self, runner_inputs):
+        futures = []
+        for inp in runner_inputs:
+            futures += self.runners[self.next].run([inp])
+            self.next = (self.next + 1) % len(self.runners)
+        return futures
 
 
 def _rpc_runner(host: str, port: int, key: str, workers: int, timeout: float):
-    from tvm.s_tir import meta_schedule as ms
-
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
                                  session_timeout_sec=int(timeout))
     return ms.runner.RPCRunner(rpc_config=config, max_workers=workers)

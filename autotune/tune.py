@@ -26,13 +26,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import tvm
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+from tvm.s_tir.meta_schedule.utils import cpu_count, fork_seed
 
 from .. import backends
 from ..errors import SmeltError, error_line
 from ..frontend import import_models
 from ..passes import MergeOptions, PassManager, PipelineOptions, build_pipeline, merge_passes
 from .builder import PersistentBuilder
-from .progress import Progress, TaskState, plot
+from .progress import Progress, TaskState, estimate, plot
 from .records import TASKS, best_seconds, lock, open_database, record_dir, records_by_workload, target_key
 from .runners import measuring
 from .tasks import TuneTask, extract_tasks
@@ -182,8 +186,10 @@ def tune(models, target: str = "cpu", arch: str | None = None, *, trials: int = 
                                        known.get(t.shash, {}).get("default_seconds")))
     report.new_trials = sum(r.new_trials for r in report.tasks)
     states = [TaskState(r.name, r.weight, r.trials, r.best_seconds, r.default_seconds) for r in report.tasks]
-    report.default_estimate_s = _weighted(states, lambda s: s.default)
-    report.tuned_estimate_s = _weighted(states, lambda s: s.known)
+    default, missing = estimate(states, lambda s: s.default)
+    report.default_estimate_s = None if missing else default
+    tuned, missing = estimate(states)
+    report.tuned_estimate_s = None if missing else tuned
     if report.new_trials:
         png = plot(out, Path(plot_to) if plot_to else out / "progress.png",
                    f"{report.target_key}, {len(tasks)} tasks")
@@ -192,78 +198,66 @@ def tune(models, target: str = "cpu", arch: str | None = None, *, trials: int = 
     return report
 
 
-def _weighted(states: list[TaskState], latency) -> float | None:
-    vals = [latency(s) for s in states]
-    if not vals or any(v is None for v in vals):
-        return None
-    return sum(s.weight * v for s, v in zip(states, vals))
-
-
 def _run(tasks: list[TuneTask], target, db, work_dir: Path, opts: TuneOptions, budget: int, t0: float,
          known: dict, before: dict, report: TuneReport) -> None:
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.utils import cpu_count, fork_seed
-
     target = _with_cores(target)
     backend = backends.get(_kind(target))
     builder = PersistentBuilder(opts.builders, timeout=opts.build_timeout)
     try:
-        with measuring(target, rpc_tracker=opts.rpc_tracker, rpc_key=opts.rpc_key, devices=opts.devices,
-                       timeout=opts.run_timeout) as (runner, ndev):
-            report.devices = ndev
-            _measure_defaults(tasks, backend, target, builder, runner, known)
-            states = [TaskState(t.name, t.weight, len(before.get(t.shash, [])), best_seconds(before.get(t.shash, [])),
-                                known.get(t.shash, {}).get("default_seconds")) for t in tasks]
-            contexts = [_context(t, target, seed) for t, seed in zip(tasks, fork_seed(opts.seed, n=len(tasks)))]
-            progress = Progress(states, budget, work_dir, enabled=opts.progress)
-            deadline = None if opts.seconds is None else t0 + opts.seconds
-            callbacks = ms.measure_callback.MeasureCallback.create("default") + [_monitor()(progress)]
-            cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=cpu_count(logical=False))
-            per_task = opts.trials_per_task if opts.trials_per_task is not None else budget
-            sched = _Scheduler(states, per_task)
-            log.info("tuning %d tasks for %s: %d trials (at most %d per task), %d builders, %d device(s)%s",
-                     len(tasks), target_key(target), budget, per_task, builder.workers, ndev,
-                     "" if deadline is None else f", {opts.seconds:.0f} s")
-            t1 = time.perf_counter()
-            report.stopped_by = "trials"
-            with ms.Profiler() as profiler:
-                while progress.new_trials < budget:
-                    if deadline is not None and time.perf_counter() >= deadline:
-                        report.stopped_by = "time"
-                        break
-                    i = sched.pick()
-                    if i is None:
-                        break
-                    n = min(opts.trials_per_iter, budget - progress.new_trials, per_task - sched.new[i])
-                    before_n, best = progress.new_trials, states[i].best
-                    progress.current = i
-                    try:
-                        ms.tune_tasks(tasks=[contexts[i]], task_weights=[tasks[i].weight],
-                                      work_dir=str(work_dir / "logs"), max_trials_global=n, max_trials_per_task=n,
-                                      num_trials_per_iter=n, database=db, builder=builder, runner=runner,
-                                      cost_model=cost_model, measure_callbacks=callbacks,
-                                      task_scheduler="round-robin")
-                    except Exception as e:  # noqa: BLE001 - seen on the H200, see below
-                        # A task whose search raises would abort MetaSchedule's whole run (on the H200:
-                        # "blockIdx is bound but threadIdx is not" on ResNet-50's global mean). One task
-                        # per batch names the culprit: it is dropped with the reason, the rest go on.
-                        reason = f"{tasks[i].name}: MetaSchedule cannot search it ({error_line(e, last=True)})"
-                        log.warning("not tuning %s", reason)
-                        report.skipped.append(reason)
-                        sched.drop(i)
-                        continue
-                    sched.record(i, progress.new_trials - before_n,
-                                 states[i].best is not None and (best is None or states[i].best < best))
-            progress.finish()
-            report.tuning_seconds = time.perf_counter() - t1
-            report.phase_seconds = {k: round(float(v), 2) for k, v in profiler.get().items()}
+        runner, ndev = measuring(target, rpc_tracker=opts.rpc_tracker, rpc_key=opts.rpc_key, devices=opts.devices,
+                                 timeout=opts.run_timeout)
+        report.devices = ndev
+        _measure_defaults(tasks, backend, target, builder, runner, known)
+        states = [TaskState(t.name, t.weight, len(before.get(t.shash, [])), best_seconds(before.get(t.shash, [])),
+                            known.get(t.shash, {}).get("default_seconds")) for t in tasks]
+        contexts = [_context(t, target, seed) for t, seed in zip(tasks, fork_seed(opts.seed, n=len(tasks)))]
+        progress = Progress(states, budget, work_dir, enabled=opts.progress)
+        deadline = None if opts.seconds is None else t0 + opts.seconds
+        callbacks = ms.measure_callback.MeasureCallback.create("default") + [Monitor(progress)]
+        cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=cpu_count(logical=False))
+        per_task = opts.trials_per_task if opts.trials_per_task is not None else budget
+        sched = _Scheduler(states, per_task)
+        log.info("tuning %d tasks for %s: %d trials (at most %d per task), %d builders, %d device(s)%s",
+                 len(tasks), target_key(target), budget, per_task, builder.workers, ndev,
+                 "" if deadline is None else f", {opts.seconds:.0f} s")
+        t1 = time.perf_counter()
+        report.stopped_by = "trials"
+        with ms.Profiler() as profiler:
+            while progress.new_trials < budget:
+                if deadline is not None and time.perf_counter() >= deadline:
+                    report.stopped_by = "time"
+                    break
+                i = sched.pick()
+                if i is None:
+                    break
+                n = min(opts.trials_per_iter, budget - progress.new_trials, per_task - sched.new[i])
+                before_n, best = progress.new_trials, states[i].best
+                progress.current = i
+                try:
+                    ms.tune_tasks(tasks=[contexts[i]], task_weights=[tasks[i].weight],
+                                  work_dir=str(work_dir / "logs"), max_trials_global=n, max_trials_per_task=n,
+                                  num_trials_per_iter=n, database=db, builder=builder, runner=runner,
+                                  cost_model=cost_model, measure_callbacks=callbacks,
+                                  task_scheduler="round-robin")
+                except Exception as e:  # noqa: BLE001 - seen on the H200, see below
+                    # A task whose search raises would abort MetaSchedule's whole run (on the H200:
+                    # "blockIdx is bound but threadIdx is not" on ResNet-50's global mean). One task
+                    # per batch names the culprit: it is dropped with the reason, the rest go on.
+                    reason = f"{tasks[i].name}: MetaSchedule cannot search it ({error_line(e, last=True)})"
+                    log.warning("not tuning %s", reason)
+                    report.skipped.append(reason)
+                    sched.drop(i)
+                    continue
+                sched.record(i, progress.new_trials - before_n,
+                             states[i].best is not None and (best is None or states[i].best < best))
+        progress.finish()
+        report.tuning_seconds = time.perf_counter() - t1
+        report.phase_seconds = {k: round(float(v), 2) for k, v in profiler.get().items()}
     finally:
         builder.shutdown()
 
 
 def _context(task: TuneTask, target, seed):
-    from tvm.s_tir import meta_schedule as ms
-
     return ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply",
                           search_strategy="evolutionary", task_name=task.name, rand_state=seed,
                           num_threads="physical").clone()
@@ -313,8 +307,6 @@ def _kind(target: tvm.target.Target) -> str:
 
 def _measure_defaults(tasks: list[TuneTask], backend, target, builder, runner, known: dict) -> None:
     """Time each task's default schedule once (``known[shash]["default_seconds"]``), as tuning measures."""
-    from tvm.s_tir import meta_schedule as ms
-
     todo = [t for t in tasks if known.get(t.shash, {}).get("default_seconds") is None]
     if not todo:
         return
@@ -355,36 +347,27 @@ def _with_cores(target: tvm.target.Target) -> tvm.target.Target:
     """MetaSchedule's CPU rules need ``num-cores`` (the key and the records ignore it)."""
     if target.kind.name != "llvm" or "num-cores" in target.attrs:
         return target
-    from tvm.s_tir.meta_schedule.utils import cpu_count
-
     return tvm.target.Target({**target.export(), "num-cores": cpu_count(logical=False)})
 
 
-def _monitor():
-    """The measure callback class (built lazily: meta_schedule is slow to import)."""
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+@derived_object
+class Monitor(PyMeasureCallback):
+    """Feeds ``Progress`` after every measured batch and logs the first few distinct failures."""
 
-    @derived_object
-    class Monitor(PyMeasureCallback):
-        """Feeds ``Progress`` after every measured batch and logs the first few distinct failures."""
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.errors: set[str] = set()
 
-        def __init__(self, progress: Progress):
-            self.progress = progress
-            self.errors: set[str] = set()
-
-        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-            for res in list(builder_results) + list(runner_results):
-                if res.error_msg and len(self.errors) < 5:
-                    line = error_line(res.error_msg, last=True)
-                    if line not in self.errors:
-                        self.errors.add(line)
-                        hint = " (an RPC server for GPUs needs --no-fork)" if "InitializationError" in line else ""
-                        log.warning("a candidate failed: %s%s", line, hint)
-            self.progress.update(self.progress.current, [None if r.run_secs is None else
-                                                         [float(s) for s in r.run_secs] for r in runner_results])
-
-    return Monitor
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+        for res in list(builder_results) + list(runner_results):
+            if res.error_msg and len(self.errors) < 5:
+                line = error_line(res.error_msg, last=True)
+                if line not in self.errors:
+                    self.errors.add(line)
+                    hint = " (an RPC server for GPUs needs --no-fork)" if "InitializationError" in line else ""
+                    log.warning("a candidate failed: %s%s", line, hint)
+        self.progress.update(self.progress.current, [None if r.run_secs is None else [float(s) for s in r.run_secs]
+                                                     for r in runner_results])
 
 
 def _read_tasks(directory: Path) -> dict:

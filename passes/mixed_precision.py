@@ -113,16 +113,13 @@ class _Rewriter:
         attrs = {k: v for k, v in func.attrs.items()} if func.attrs is not None else None
         with self.bb.function(gv_name, list(func.params), attrs=attrs, pure=True):
             with self.bb.dataflow():
-                outputs = {}
                 for b in body.blocks[0].bindings:
                     if not isinstance(b, relax.VarBinding):
                         return None
-                    new = self.value(b.value)
-                    if isinstance(b.var, relax.DataflowVar):
-                        self.env[b.var] = self.bb.emit(new)
-                    else:
-                        outputs[b.var] = self.bb.emit_output(self.restore(self.bb.emit(new)))
-                        self.env[b.var] = outputs[b.var]
+                    new = self.bb.emit(self.value(b.value))
+                    # a block output leaves in float32
+                    self.env[b.var] = new if isinstance(b.var, relax.DataflowVar) else \
+                        self.bb.emit_output(self.restore(new))
             self.bb.emit_func_output(self.arg(body.body))
         return self.bb.get()[gv_name]
 
