@@ -412,6 +412,8 @@ def _format_inspect(d: dict) -> list[str]:
               help="Print what a records folder holds (per task: weight, best latency, trials) and exit.")
 @click.option("--prune", "prune_dir", type=click.Path(file_okay=False, exists=True),
               help="Keep only the best record per kernel in a records folder and exit.")
+@click.option("--import-records", "imports", multiple=True, type=click.Path(file_okay=False, exists=True),
+              help="Add the records of this folder (a tune job elsewhere) to --log-dir and exit; repeatable.")
 @click.option("--merge", is_flag=True, help="Tune what `smelt compile --merge` builds (shared stems, fused layers).")
 @click.option("--precision", default="float32", show_default=True, type=click.Choice(list(_PRECISION)),
               help="Tune what `smelt compile --precision` builds.")
@@ -424,7 +426,7 @@ def _format_inspect(d: dict) -> list[str]:
               help="PNG of estimated model latency against tuning time (default: <record folder>/progress.png).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def tune(models, target, arch, names, trials, trials_per_task, wall, log_dir, report_dir, prune_dir, merge,
+def tune(models, target, arch, names, trials, trials_per_task, wall, log_dir, report_dir, prune_dir, imports, merge,
          precision, share_inputs, rpc_tracker, rpc_key, devices, builders, plot_to, quiet, as_json):
     """Tune the kernels of MODELS with MetaSchedule; records go to LOG_DIR/<target key>/.
 
@@ -433,9 +435,13 @@ def tune(models, target, arch, names, trials, trials_per_task, wall, log_dir, re
     """
     from . import autotune
 
+    if sum(map(bool, (report_dir, prune_dir, imports))) > 1 or (models and (report_dir or prune_dir or imports)):
+        raise click.UsageError("--report, --prune and --import-records take folders and no models, one at a time")
+    if imports:
+        for key, added in autotune.merge(imports, log_dir).items():
+            click.echo(f"{key}: {added} records added to {Path(log_dir) / key}")
+        return
     if report_dir or prune_dir:
-        if models or (report_dir and prune_dir):
-            raise click.UsageError("--report and --prune take a folder and no models, one at a time")
         if prune_dir:
             for key, (before, after) in autotune.prune(prune_dir).items():
                 click.echo(f"{key}: {before} -> {after} records")
@@ -449,7 +455,7 @@ def tune(models, target, arch, names, trials, trials_per_task, wall, log_dir, re
             click.echo("\n".join(_tune_table(r.workloads)))
         return
     if not models:
-        raise click.UsageError("give MODELS to tune, or --report DIR / --prune DIR")
+        raise click.UsageError("give MODELS to tune, or --report DIR / --prune DIR / --import-records DIR")
     if names and len(names) != len(models):
         raise click.BadParameter(f"{len(names)} --name values for {len(models)} models", param_hint="--name")
     opts = autotune.TuneOptions(trials=trials, trials_per_task=trials_per_task,

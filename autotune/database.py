@@ -1,4 +1,5 @@
-"""What a ``tune_logs/`` folder holds (``report``) and keeping only the best record per kernel (``prune``).
+"""What a ``tune_logs/`` folder holds (``report``), keeping only the best record per kernel
+(``prune``), and adding another folder's records (``merge``: jobs run on several machines).
 
 Every ``<log_dir>/<target key>/`` with both database files is one target's records;
 ``tasks.json`` beside them (written by ``tune``) names the tasks and their weights.
@@ -17,7 +18,6 @@ from ..errors import SmeltError
 from .records import RECORDS, TASKS, WORKLOADS, best_seconds, lock, open_database, records_by_workload
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -89,3 +89,49 @@ def prune(log_dir: str | Path) -> dict[str, tuple[int, int]]:
         log.info("%s: %d records -> %d", d.name, before, after)
         out[d.name] = (before, after)
     return out
+
+
+def merge(sources, log_dir: str | Path) -> dict[str, int]:
+    """Add every record of the record folders under ``sources`` to ``log_dir``: {target key: records added}.
+
+    Records land in the folder of the same target key, so records of one target never
+    join another's; tasks.json entries are merged (what ``log_dir`` knows stays, a
+    default latency it lacks is taken). Records already in ``log_dir`` are not added twice.
+    """
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+
+    out: dict[str, int] = {}
+    for src in [d for s in sources for d in record_dirs(s)]:
+        dst = Path(log_dir) / src.name
+        if dst.resolve() == src.resolve():
+            raise SmeltError(f"{src}: cannot merge a record folder into itself")
+        with lock(dst):
+            db = open_database(dst)
+            have = {(shash, str(r.trace), tuple(float(x) for x in r.run_secs or ()))
+                    for shash, recs in records_by_workload(db).items() for r in recs}
+            added = 0
+            for shash, recs in records_by_workload(open_database(src, writable=False)).items():
+                workload = None
+                for r in recs:
+                    if (shash, str(r.trace), tuple(float(x) for x in r.run_secs or ())) in have:
+                        continue
+                    workload = workload or db.commit_workload(r.workload.mod)
+                    db.commit_tuning_record(TuningRecord(r.trace, workload, r.run_secs, r.target, r.args_info))
+                    added += 1
+            _merge_tasks(src / TASKS, dst / TASKS)
+        log.info("%s: %d records added from %s", dst, added, src)
+        out[src.name] = out.get(src.name, 0) + added
+    return out
+
+
+def _merge_tasks(src: Path, dst: Path) -> None:
+    if not src.is_file():
+        return
+    theirs = json.loads(src.read_text())
+    ours = json.loads(dst.read_text()) if dst.is_file() else {}
+    for shash, entry in theirs.items():
+        mine = ours.setdefault(shash, {})
+        ours[shash] = {**entry, **{k: v for k, v in mine.items() if v is not None}}
+    tmp = dst.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(ours, indent=1, sort_keys=True))
+    os.replace(tmp, dst)

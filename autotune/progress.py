@@ -51,7 +51,7 @@ class Progress:
         self.tasks = tasks
         self.budget = budget
         self.new_trials = 0
-        self.current = 0  # the task whose batch is being measured
+        self.batch: list[int] = [0]  # the tasks of the MetaSchedule call in flight, by its task ids
         self.history = record_dir / HISTORY
         self.offset = _last_time(self.history)
         self.t0 = time.perf_counter()

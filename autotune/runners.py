@@ -8,7 +8,14 @@ Guarantees: ``measuring(...)`` yields a MetaSchedule runner and the number of
 devices it measures on in parallel, or raises ``SmeltError`` naming what is missing.
 Candidates are built locally in any case. Remote devices go through TVM's tracker
 protocol. ``devices`` (local GPUs) gets one MetaSchedule ``LocalRunner`` per GPU,
-its worker process seeing only that GPU, and candidates dealt round-robin.
+its worker process seeing only that GPU, and candidates dealt round-robin. GPU
+runners are asynchronous: ``run`` returns at once, so MetaSchedule searches and
+builds the next task while the GPUs measure (``asynchronous(runner)`` says so). A CPU
+is measured synchronously: builds running beside a CPU measurement would skew it.
+
+Why not ``LocalRunner`` alone: its ``run`` waits for every candidate before it returns,
+so candidates dealt to two of them were still measured one after the other, and
+nothing overlapped the measurement.
 
 Why not loopback RPC servers for local GPUs: TVM's ``rpc_server`` forks a process per
 session, and on the H200 every forked session failed with
@@ -22,11 +29,12 @@ import functools
 import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import tvm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
-from tvm.s_tir.meta_schedule.runner import PyRunner
+from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerResult
 
 from ..errors import SmeltError
 
@@ -76,7 +84,14 @@ def measuring(target: tvm.target.Target, *, rpc_tracker: str | None = None, rpc_
                              f"(use --rpc-tracker for several CPU machines)")
         log.info("one measuring worker per device: %s", ", ".join(map(str, devices)))
         return PerDeviceRunner(_VISIBLE[kind], devices, timeout), len(devices)
+    if target.kind.name in _VISIBLE:
+        return PerDeviceRunner(None, [None], timeout), 1
     return ms.runner.LocalRunner(timeout_sec=timeout), 1
+
+
+def asynchronous(runner) -> bool:
+    """Whether ``runner.run`` returns before its candidates are measured."""
+    return isinstance(runner, (PerDeviceRunner, ms.runner.RPCRunner))
 
 
 def _pin(var: str, device: int) -> None:
@@ -86,20 +101,44 @@ def _pin(var: str, device: int) -> None:
 
 @derived_object
 class PerDeviceRunner(PyRunner):
-    """Deals candidates round-robin to one ``LocalRunner`` per GPU, so the GPUs measure in parallel."""
+    """Deals candidates round-robin to one ``LocalRunner`` per GPU, each fed by its own thread.
 
-    def __init__(self, visible_var: str, devices: Sequence[int], timeout: float = 60.0):
+    ``visible_var`` None: one unpinned worker (the GPU this process sees).
+    """
+
+    def __init__(self, visible_var: str | None, devices: Sequence[int | None], timeout: float = 60.0):
         super().__init__()
-        self.runners = [ms.runner.LocalRunner(timeout_sec=timeout, initializer=functools.partial(_pin, visible_var, d))
-                        for d in devices]
+        self.runners = [ms.runner.LocalRunner(
+            timeout_sec=timeout, initializer=functools.partial(_pin, visible_var, d) if visible_var else None)
+            for d in devices]
+        self.feeders = [ThreadPoolExecutor(1, thread_name_prefix=f"smelt-measure-{d}") for d in devices]
         self.next = 0
 
     def run(self, runner_inputs):
         futures = []
         for inp in runner_inputs:
-            futures += self.runners[self.next].run([inp])
-            self.next = (self.next + 1) % len(self.runners)
+            k = self.next
+            self.next = (k + 1) % len(self.runners)
+            futures.append(_Pending(self.feeders[k].submit(self.runners[k].run, [inp])))
         return futures
+
+
+@derived_object
+class _Pending(PyRunnerFuture):
+    """A candidate queued on one device's feeder thread."""
+
+    def __init__(self, future):
+        super().__init__()
+        self.future = future
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def result(self) -> RunnerResult:
+        try:
+            return self.future.result()[0].result()
+        except Exception as e:  # noqa: BLE001 - LocalRunner reports errors in its result; this is a last guard
+            return RunnerResult(None, f"measuring failed: {e}")
 
 
 def _rpc_runner(host: str, port: int, key: str, workers: int, timeout: float):

@@ -38,7 +38,7 @@ from ..passes import MergeOptions, PassManager, PipelineOptions, build_pipeline,
 from .builder import PersistentBuilder
 from .progress import Progress, TaskState, estimate, plot
 from .records import TASKS, best_seconds, lock, open_database, record_dir, records_by_workload, target_key
-from .runners import measuring
+from .runners import asynchronous, measuring
 from .tasks import TuneTask, extract_tasks
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,9 @@ class TuneOptions:
     ``min_flops``: kernels estimated below this are not tuned;
     ``builders``: parallel build processes (default: one per logical core);
     ``rpc_tracker``/``rpc_key``: measure on the devices registered there;
-    ``devices``: measure on these local GPUs, one pinned worker each.
+    ``devices``: measure on these local GPUs, one pinned worker each;
+    ``pipeline``: tasks per MetaSchedule call when measuring is asynchronous (GPUs, RPC):
+    one task's search and build run while another's candidates are measured.
     """
 
     trials: int = 1000
@@ -69,6 +71,7 @@ class TuneOptions:
     rpc_tracker: str | None = None
     rpc_key: str | None = None
     devices: tuple[int, ...] = ()
+    pipeline: int = 2
     progress: bool = True
 
 
@@ -208,6 +211,7 @@ def _run(tasks: list[TuneTask], target, db, work_dir: Path, opts: TuneOptions, b
                                  timeout=opts.run_timeout)
         report.devices = ndev
         _measure_defaults(tasks, backend, target, builder, runner, known)
+        _write_tasks(work_dir, tasks, known)  # a run killed while tuning keeps the defaults
         states = [TaskState(t.name, t.weight, len(before.get(t.shash, [])), best_seconds(before.get(t.shash, [])),
                             known.get(t.shash, {}).get("default_seconds")) for t in tasks]
         contexts = [_context(t, target, seed) for t, seed in zip(tasks, fork_seed(opts.seed, n=len(tasks)))]
@@ -217,8 +221,9 @@ def _run(tasks: list[TuneTask], target, db, work_dir: Path, opts: TuneOptions, b
         cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=cpu_count(logical=False))
         per_task = opts.trials_per_task if opts.trials_per_task is not None else budget
         sched = _Scheduler(states, per_task)
-        log.info("tuning %d tasks for %s: %d trials (at most %d per task), %d builders, %d device(s)%s",
-                 len(tasks), target_key(target), budget, per_task, builder.workers, ndev,
+        depth = max(1, opts.pipeline) if asynchronous(runner) else 1
+        log.info("tuning %d tasks for %s: %d trials (at most %d per task), %d builders (%s), %d device(s)%s",
+                 len(tasks), target_key(target), budget, per_task, builder.workers, type(builder).__name__, ndev,
                  "" if deadline is None else f", {opts.seconds:.0f} s")
         t1 = time.perf_counter()
         report.stopped_by = "trials"
@@ -227,29 +232,39 @@ def _run(tasks: list[TuneTask], target, db, work_dir: Path, opts: TuneOptions, b
                 if deadline is not None and time.perf_counter() >= deadline:
                     report.stopped_by = "time"
                     break
-                i = sched.pick()
-                if i is None:
+                picks = sched.pick(depth)
+                if not picks:
                     break
-                n = min(opts.trials_per_iter, budget - progress.new_trials, per_task - sched.new[i])
-                before_n, best = progress.new_trials, states[i].best
-                progress.current = i
+                left = budget - progress.new_trials
+                n = min([opts.trials_per_iter, left] + [per_task - sched.new[i] for i in picks])
+                picks = picks[:max(1, left // n)]
+                before = [(states[i].trials, states[i].best) for i in picks]
+                progress.batch = picks
                 try:
-                    ms.tune_tasks(tasks=[contexts[i]], task_weights=[tasks[i].weight],
-                                  work_dir=str(work_dir / "logs"), max_trials_global=n, max_trials_per_task=n,
-                                  num_trials_per_iter=n, database=db, builder=builder, runner=runner,
-                                  cost_model=cost_model, measure_callbacks=callbacks,
+                    ms.tune_tasks(tasks=[contexts[i] for i in picks], task_weights=[tasks[i].weight for i in picks],
+                                  work_dir=str(work_dir / "logs"), max_trials_global=n * len(picks),
+                                  max_trials_per_task=n, num_trials_per_iter=n, database=db, builder=builder,
+                                  runner=runner, cost_model=cost_model, measure_callbacks=callbacks,
                                   task_scheduler="round-robin")
                 except Exception as e:  # noqa: BLE001 - seen on the H200, see below
                     # A task whose search raises would abort MetaSchedule's whole run (on the H200:
-                    # "blockIdx is bound but threadIdx is not" on ResNet-50's global mean). One task
-                    # per batch names the culprit: it is dropped with the reason, the rest go on.
-                    reason = f"{tasks[i].name}: MetaSchedule cannot search it ({error_line(e, last=True)})"
+                    # "blockIdx is bound but threadIdx is not" on ResNet-50's global mean). A task
+                    # tuned alone names the culprit: it is dropped with the reason, the rest go on.
+                    for i, (trials, _) in zip(picks, before):
+                        sched.new[i] += states[i].trials - trials
+                    if len(picks) > 1:
+                        log.info("a search among %s raised; each goes alone from now on",
+                                 ", ".join(tasks[i].name for i in picks))
+                        sched.solo.update(picks)
+                        continue
+                    reason = f"{tasks[picks[0]].name}: MetaSchedule cannot search it ({error_line(e, last=True)})"
                     log.warning("not tuning %s", reason)
                     report.skipped.append(reason)
-                    sched.drop(i)
+                    sched.drop(picks[0])
                     continue
-                sched.record(i, progress.new_trials - before_n,
-                             states[i].best is not None and (best is None or states[i].best < best))
+                for i, (trials, best) in zip(picks, before):
+                    sched.record(i, states[i].trials - trials,
+                                 states[i].best is not None and (best is None or states[i].best < best))
         progress.finish()
         report.tuning_seconds = time.perf_counter() - t1
         report.phase_seconds = {k: round(float(v), 2) for k, v in profiler.get().items()}
@@ -264,12 +279,13 @@ def _context(task: TuneTask, target, seed):
 
 
 class _Scheduler:
-    """Which task gets the next batch: every task once (largest weighted default latency first),
+    """Which tasks get the next batches: every task once (largest weighted default latency first),
     then the largest weight x best latency, discounted by batches that did not improve it.
 
     MetaSchedule's own schedulers join measured batches lazily (a killed run lost up to one
     batch per task) and check no clock (a wall-time budget overran by minutes with 37 tasks
-    on the H200), so ``tune`` runs one batch of one task per MetaSchedule call instead.
+    on the H200), so ``tune`` runs one batch of each of a few tasks per MetaSchedule call
+    instead. A task in ``solo`` is only tuned alone (its call raised with others in it).
     """
 
     def __init__(self, states: list[TaskState], per_task: int):
@@ -279,15 +295,19 @@ class _Scheduler:
         self.new = [0] * len(states)
         self.rounds = [0] * len(states)
         self.stale = [0] * len(states)
+        self.solo: set[int] = set()
 
-    def pick(self) -> int | None:
+    def pick(self, k: int = 1) -> list[int]:
+        """Up to ``k`` tasks, most promising first (only the first when it must go alone)."""
         ready = [i for i in self.alive if self.new[i] < self.per_task]
-        if not ready:
-            return None
-        fresh = [i for i in ready if self.rounds[i] == 0]
-        if fresh:
-            return max(fresh, key=lambda i: (self.states[i].weight * (self.states[i].default or 0.0), -i))
-        return max(ready, key=lambda i: (self.states[i].weight * (self.states[i].known or 0.0) / (1 + self.stale[i]), -i))
+        fresh = sorted((i for i in ready if self.rounds[i] == 0),
+                       key=lambda i: (-self.states[i].weight * (self.states[i].default or 0.0), i))
+        seen = sorted((i for i in ready if self.rounds[i] > 0),
+                      key=lambda i: (-self.states[i].weight * (self.states[i].known or 0.0) / (1 + self.stale[i]), i))
+        ranked = fresh + seen
+        if not ranked or ranked[0] in self.solo:
+            return ranked[:1]
+        return [i for i in ranked if i not in self.solo][:k]
 
     def record(self, i: int, trials: int, improved: bool) -> None:
         self.rounds[i] += 1
@@ -366,7 +386,7 @@ class Monitor(PyMeasureCallback):
                     self.errors.add(line)
                     hint = " (an RPC server for GPUs needs --no-fork)" if "InitializationError" in line else ""
                     log.warning("a candidate failed: %s%s", line, hint)
-        self.progress.update(self.progress.current, [None if r.run_secs is None else [float(s) for s in r.run_secs]
+        self.progress.update(self.progress.batch[task_id], [None if r.run_secs is None else [float(s) for s in r.run_secs]
                                                      for r in runner_results])
 
 

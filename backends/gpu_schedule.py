@@ -97,6 +97,9 @@ class ApplyDefaultSchedules:
                 why = f" (failures: {'; '.join(failures)})" if failures else ""
                 raise BackendError(f"no default GPU schedule applies to kernel {name}; tried {tried}{why}")
             updated[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        if not updated:
+            return mod
+        mod = mod.clone()  # ``mod[gv] = ...`` writes in place; the caller's module must not change
         for gv, func in updated.items():
             mod[gv] = func
         return mod

@@ -1,10 +1,12 @@
 """ResNet-50 and a BERT-base encoder on a CUDA GPU: smelt vs torch eager and torch.compile.
 
-One process, one run: compiles each model with smelt for the local GPU (fp32) without
+One process, one run: compiles each model with smelt for the local GPU without
 tuning records and, with ``--tune-log-dir``, again with them; checks each output
-against torch eager on the GPU, and prints the median latency of smelt (untuned,
-tuned), torch eager and torch.compile side by side.
-Usage: python bench/gpu_e2e.py [--models resnet50:1,bert:1,mobilenetv3:32] [--tune-log-dir tune_logs] [--json out.json]
+against torch eager float32 on the GPU, and prints the median latency of smelt
+(untuned, tuned), torch eager and torch.compile side by side. ``--precision float16``
+compiles smelt with ``precision="float16"`` and runs torch in half precision.
+Usage: python bench/gpu_e2e.py [--models resnet50:1,bert:1,mobilenetv3:32] [--tune-log-dir tune_logs]
+       [--precision float16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ def torch_ms(fn, x, reps=50) -> float:
     return statistics.median(times)
 
 
-def smelt_run(name: str, module: torch.nn.Module, x: torch.Tensor, out_dir: Path, tune_log_dir) -> dict:
+def smelt_run(name: str, module: torch.nn.Module, x: torch.Tensor, out_dir: Path, tune_log_dir,
+              precision: str) -> dict:
     t0 = time.perf_counter()
-    art = smelt.compile([(module, (x,))], target="cuda", names=[name],
+    art = smelt.compile([(module, (x,))], target="cuda", names=[name], precision=precision,
                         options=smelt.CompileOptions(tune_log_dir=tune_log_dir))
     compile_s = time.perf_counter() - t0
     art.save(out_dir / name, force=True)
@@ -56,15 +59,18 @@ def smelt_run(name: str, module: torch.nn.Module, x: torch.Tensor, out_dir: Path
             "tuned_kernels": art.report.tuned_kernels, "fallbacks": art.report.schedule_fallbacks}
 
 
-def bench(name: str, module: torch.nn.Module, x: torch.Tensor, out_dir: Path, tune_log_dir=None) -> dict:
+def bench(name: str, module: torch.nn.Module, x: torch.Tensor, out_dir: Path, tune_log_dir=None,
+          precision: str = "float32") -> dict:
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    untuned = smelt_run(name, module, x, out_dir, None)
-    tuned = smelt_run(name, module, x, out_dir, tune_log_dir) if tune_log_dir else None
+    untuned = smelt_run(name, module, x, out_dir, None, precision)
+    tuned = smelt_run(name, module, x, out_dir, tune_log_dir, precision) if tune_log_dir else None
     y = (tuned or untuned)["y"]
     gm, gx = module.cuda(), x.cuda()
     with torch.no_grad():
         ref = gm(gx).float().cpu().numpy()
+    if precision == "float16":
+        gm, gx = gm.half(), gx.half()
     err = float(np.abs(y - ref).max())
     rel = err / float(np.abs(ref).max())
     eager_ms = torch_ms(gm, gx)
@@ -72,7 +78,8 @@ def bench(name: str, module: torch.nn.Module, x: torch.Tensor, out_dir: Path, tu
     compiled_ms = torch_ms(compiled, gx)
     ro = torch.compile(gm, mode="reduce-overhead")
     ro_ms = torch_ms(ro, gx)
-    row = {"model": name, "batch": int(x.shape[0]), "compile_s": untuned["compile_s"], "max_abs_err": err,
+    row = {"model": name, "batch": int(x.shape[0]), "precision": precision, "compile_s": untuned["compile_s"],
+           "max_abs_err": err,
            "rel_err": rel, "smelt_ms": untuned["ms"], "torch_eager_ms": eager_ms, "torch_compile_ms": compiled_ms,
            "torch_compile_ro_ms": ro_ms, "kernels": untuned["kernels"], "schedule_fallbacks": untuned["fallbacks"]}
     if tuned:
@@ -86,6 +93,7 @@ def main() -> None:
     ap.add_argument("--models", default="resnet50:1,bert:1",
                     help="comma-separated MODEL:BATCH, MODEL in resnet50, bert, mobilenetv3")
     ap.add_argument("--tune-log-dir", help="also compile with the tuning records in this folder")
+    ap.add_argument("--precision", default="float32", choices=["float32", "float16"])
     ap.add_argument("--json")
     args = ap.parse_args()
     rows = []
@@ -99,7 +107,7 @@ def main() -> None:
                 module, x = torch_models.mobilenet_v3_large(), torch.randn(batch, 3, 224, 224)
             else:
                 module, x = torch_models.bert_base(), torch.randn(batch, 128, 768)
-            r = bench(m, module, x, Path(tmp), args.tune_log_dir)
+            r = bench(m, module, x, Path(tmp), args.tune_log_dir, args.precision)
             rows.append(r)
             print(json.dumps(r), flush=True)
     print(f"\n{'model':<12}{'batch':>6}{'rel err':>10}{'smelt ms':>10}{'tuned ms':>10}{'tuned':>8}{'eager ms':>10}"

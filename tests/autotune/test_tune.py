@@ -11,7 +11,7 @@ import json
 import numpy as np
 
 import smelt
-from smelt.autotune import database, prune, records, report
+from smelt.autotune import database, merge, prune, records, report
 from smelt.autotune.tasks import extract_tasks
 from smelt.autotune.tune import _with_cores, _write_tasks, fused_module
 from smelt.examples import zoo
@@ -100,3 +100,21 @@ def test_cli_report_and_prune(tmp_path):
     assert r.exit_code == 0 and "6 -> 3" in r.output, r.output
     r = CliRunner().invoke(main, ["tune"])
     assert r.exit_code != 0
+
+
+def test_merge_adds_records_once_per_target_key(tmp_path):
+    from click.testing import CliRunner
+
+    from smelt.cli import main
+
+    tasks, a = _commit_design_spaces(zoo.mlp(), tmp_path / "a")
+    _commit_design_spaces(zoo.mlp(), tmp_path / "b", key="cuda-sm_90")  # another target key stays apart
+    dst = tmp_path / "dst"
+    assert merge([tmp_path / "a", tmp_path / "b"], dst) == {a.name: 6, "cuda-sm_90": 6}
+    assert merge([tmp_path / "a"], dst) == {a.name: 0}  # nothing twice
+    r = CliRunner().invoke(main, ["tune", "--import-records", str(tmp_path / "b"), "--log-dir", str(dst)])
+    assert r.exit_code == 0 and "cuda-sm_90: 0 records added" in r.output, r.output
+    reps = {rep.target_key: rep for rep in report(dst)}
+    assert set(reps) == {a.name, "cuda-sm_90"}
+    assert {w.name for w in reps[a.name].workloads} == {t.name for t in tasks}  # tasks.json merged too
+    assert all(w.trials == 2 for w in reps[a.name].workloads)

@@ -199,19 +199,55 @@ def test_per_device_runner_deals_candidates_to_every_device(tmp_path):
     assert len(runner.runners) == 2 and all(r.error_msg is None and r.run_secs for r in results)
 
 
-def test_a_task_whose_search_raises_is_dropped_with_its_reason(tmp_path, monkeypatch):
-    """MetaSchedule aborts a whole run when one task's search raises; smelt drops that task only."""
+def test_per_device_runner_measures_on_all_devices_at_once():
+    """Each device's candidate is in flight together: a barrier that needs both would break if not."""
+    import threading
+
     from tvm.s_tir import meta_schedule as ms
 
+    from smelt.autotune.runners import PerDeviceRunner
+
+    both = threading.Barrier(2, timeout=30)
+
+    class Device:
+        def __init__(self, secs):
+            self.secs = secs
+
+        def run(self, inputs):
+            both.wait()
+            return [ms.runner.LocalRunnerFuture([self.secs] * len(inputs), None)]
+
+    runner = PerDeviceRunner("SMELT_TEST_VISIBLE", [0, 1])
+    runner.runners = [Device(1.0), Device(2.0)]
+    futures = runner.run([ms.runner.RunnerInput(f"candidate{i}.tar", "cuda", []) for i in range(2)])
+    assert [[float(s) for s in f.result().run_secs] for f in futures] == [[1.0], [2.0]]
+    assert not both.broken
+
+
+@pytest.mark.parametrize("pipeline", [1, 2])
+def test_a_task_whose_search_raises_is_dropped_with_its_reason(tmp_path, monkeypatch, pipeline):
+    """MetaSchedule aborts a whole run when one task's search raises; smelt drops that task only.
+
+    With ``pipeline`` 2 (as on GPUs, whose measuring is asynchronous) two tasks share a
+    MetaSchedule call, and the one that raises is found by tuning each alone.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    tune_mod = sys.modules["smelt.autotune.tune"]
     real = ms.tune_tasks
+    calls = []
 
     def tune_tasks(**kw):
-        if kw["tasks"][0].task_name == "fused_matmul_add_relu":
+        calls.append([t.task_name for t in kw["tasks"]])
+        if "fused_matmul_add_relu" in calls[-1]:
             raise RuntimeError("Check failed: (false) is false: Unsupported case")
         return real(**kw)
 
     monkeypatch.setattr(ms, "tune_tasks", tune_tasks)
-    rep = tune(zoo.mlp(), log_dir=tmp_path, options=TuneOptions(trials=6, trials_per_task=2, **FEW))
+    monkeypatch.setattr(tune_mod, "asynchronous", lambda runner: pipeline > 1)
+    options = TuneOptions(trials=6, trials_per_task=2, pipeline=pipeline, **FEW)
+    rep = tune(zoo.mlp(), log_dir=tmp_path, options=options)
     assert any(s.startswith("fused_matmul_add_relu: MetaSchedule cannot search it") and "Unsupported case" in s
                for s in rep.skipped), rep.skipped
     assert {t.name for t in rep.tasks if t.new_trials} == {"fused_matmul1_add_relu", "fused_matmul2_add1"}
+    assert max(map(len, calls)) == pipeline, calls

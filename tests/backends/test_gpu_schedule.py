@@ -72,6 +72,16 @@ def test_default_rules_schedule_the_matmul():
     assert apply.report == {"matmul": "Matmul"} and apply.fallbacks == {}
 
 
+def test_the_input_module_is_not_changed():
+    # MetaSchedule keeps the module it tunes; tuning measured the default schedule of a task
+    # with this pass, and writing in place made it tune the scheduled kernel instead.
+    mod = prim_funcs()
+    before = mod["matmul"]
+    out = run(ApplyDefaultSchedules(), mod)
+    assert mod["matmul"].same_as(before) and "tirx.is_scheduled" not in (mod["matmul"].attrs or {})
+    assert out["matmul"].attrs["tirx.is_scheduled"]
+
+
 def test_tuned_functions_are_left_alone():
     mod = prim_funcs()
     mod["matmul"] = mod["matmul"].with_attr("tirx.is_scheduled", True)
