@@ -79,10 +79,10 @@ def main() -> None:
 
         tune_mod.PersistentBuilder = _StockBuilder
         tune_mod.measuring = lambda target, **kw: (ms.runner.LocalRunner(timeout_sec=kw["timeout"]), 1)
-    ms, names = models(args.models)
+    built, names = models(args.models)
     opts = autotune.TuneOptions(trials=args.trials, seconds=args.time, progress=False,
                                 devices=tuple(int(d) for d in args.devices.split(",") if d))
-    rep = autotune.tune(ms, args.target, args.arch, names=names, log_dir=args.log_dir, options=opts)
+    rep = autotune.tune(built, args.target, args.arch, names=names, log_dir=args.log_dir, options=opts)
     row = {"models": args.models, "builder": "stock LocalBuilder+LocalRunner" if args.stock else "smelt",
            **rep.to_json()}
     phases = sorted(((k, v) for k, v in rep.phase_seconds.items() if k != "Total"), key=lambda kv: -kv[1])[:5]
