@@ -3,6 +3,7 @@
 Public API::
 
     art = smelt.compile(["a.onnx", (torch_module, (example,))], target="cpu")
+    art = smelt.compile("m.onnx", target="cpu", quantize=smelt.Int8(calib="calib.npz", method="entropy"))
     art.save("out/")
     rt = smelt.load("out/")
     y = rt.run("a", x=x)
@@ -24,8 +25,8 @@ else:
     from .errors import (ArtifactError, BackendError, FrontendError, InputError, PassError, SmeltError,
                          UnsupportedOpsError)
     from .ir import Program
-    from .passes import PipelineOptions
+    from .passes import Int8, PipelineOptions
 
     __all__ = ["MergeAnalysis", "analyze_merge", "Artifact", "ArtifactError", "BackendError", "CompileOptions", "CompileReport", "FrontendError",
-               "InputError", "PassError", "PipelineOptions", "Program", "Runtime", "SmeltError", "TargetOptions",
+               "InputError", "Int8", "PassError", "PipelineOptions", "Program", "Runtime", "SmeltError", "TargetOptions",
                "UnsupportedOpsError", "compile", "import_models", "load"]

@@ -92,6 +92,14 @@ def _parse_shape(value: str) -> tuple[str, list]:
 @click.option("--no-fold-batch-norm", is_flag=True, help="Keep BatchNorm as its own ops.")
 @click.option("--precision", default="float32", show_default=True, type=click.Choice(list(_PRECISION)),
               help="Compute precision (fp16, bf16); softmax, norms and reductions stay float32.")
+@click.option("--quantize", type=click.Choice(["int8"]), help="Calibrated INT8 for convolutions and matmuls (needs --calib).")
+@click.option("--calib", type=click.Path(exists=True), help="Calibration data: .npz (one array per input, samples "
+              "along the first axis) or a folder of <input>.npy files.")
+@click.option("--calib-method", default="minmax", show_default=True, type=click.Choice(["minmax", "percentile", "entropy"]),
+              help="How activation ranges are picked from the calibration data.")
+@click.option("--calib-percentile", default=99.99, show_default=True, type=float, help="With --calib-method percentile.")
+@click.option("--max-error", default=0.05, show_default=True, type=float,
+              help="With --quantize: layers whose estimated relative error exceeds this stay float32.")
 @click.option("--tune-log-dir", default="tune_logs", show_default=True, type=click.Path(file_okay=False),
               help="Where tuning records are looked up.")
 @click.option("--merge", is_flag=True, help="Add the __all__ entry: shared stems computed once, same-shaped "
@@ -104,10 +112,10 @@ def _parse_shape(value: str) -> tuple[str, list]:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the compile report as JSON.")
 def compile(models, target, arch, triple, output, names, shapes, force, emit_source, dump_ir, verify_each,
-            no_cuda_graph, no_fold_batch_norm, precision, tune_log_dir, merge, share_inputs, share_pairs,
-            no_horizontal, explain, quiet, as_json):
+            no_cuda_graph, no_fold_batch_norm, precision, quantize, calib, calib_method, calib_percentile, max_error,
+            tune_log_dir, merge, share_inputs, share_pairs, no_horizontal, explain, quiet, as_json):
     """Compile MODELS (.onnx, .pt2) together into one artifact folder."""
-    from . import CompileOptions, PipelineOptions, TargetOptions
+    from . import CompileOptions, Int8, PipelineOptions, TargetOptions
     from .passes import MergeOptions
     from . import compile as compile_models
 
@@ -117,10 +125,13 @@ def compile(models, target, arch, triple, output, names, shapes, force, emit_sou
         raise click.BadParameter(f"{len(names)} --name values for {len(models)} models", param_hint="--name")
     if (share_inputs or share_pairs or no_horizontal) and not merge:
         raise click.UsageError("--share-inputs, --share-input and --no-horizontal go with --merge")
+    if bool(quantize) != bool(calib):
+        raise click.UsageError("--quantize int8 and --calib go together")
     opts = CompileOptions(TargetOptions(target, arch, triple, not no_cuda_graph),
                           PipelineOptions(fold_batch_norm=not no_fold_batch_norm, precision=_PRECISION[precision]),
                           tune_log_dir, verify_each, dump_ir,
-                          MergeOptions(merge, share_inputs, _share_pairs(share_pairs), not no_horizontal))
+                          MergeOptions(merge, share_inputs, _share_pairs(share_pairs), not no_horizontal),
+                          Int8(calib, calib_method, calib_percentile, max_error) if quantize else None)
     input_shapes = dict(_parse_shape(s) for s in shapes)
     t0 = time.perf_counter()
     show_bar = not quiet and not as_json and sys.stderr.isatty()
@@ -194,6 +205,13 @@ def format_compile_summary(art, path: Path, total: float) -> str:
     removed = sorted(set(r.ops_before_hist) - set(r.ops_after_hist))
     lines.append(f"  ops: {r.ops_before} -> {r.ops_after} after canonicalization"
                  + (f" (gone: {', '.join(f'{o} x{r.ops_before_hist[o]}' for o in removed)})" if removed else ""))
+    q = r.quantization
+    if q:
+        lines.append(f"  int8 ({q['method']}, {q['batches']} calibration batches): {len(q['quantized'])} layers"
+                     + ("; float32 (estimated error over the limit): "
+                        + ", ".join(f"{k} {v:.3g}" for k, v in q["fallback"].items()) if q["fallback"] else "")
+                     + ("; not handled: " + ", ".join(f"{k} ({v})" for k, v in q["skipped"].items())
+                        if q["skipped"] else ""))
     saved = r.weight_bytes_offered - r.weight_bytes
     lines.append(f"  weights: {r.weights} tensors, {_mb(r.weight_bytes)}"
                  + (f" ({_mb(saved)} stored once instead of twice or more)" if saved > 0 else ""))

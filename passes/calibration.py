@@ -1,0 +1,282 @@
+"""Calibration for INT8: reading the user's data, observing activations, and picking their ranges.
+
+Requires: a Relax module whose functions are one dataflow block (what smelt's
+frontends produce), float32 weights bound as constants, and calibration data for the
+functions to quantize: a ``.npz`` file (one array per input name, samples along the
+first axis), a folder of ``<input name>.npy`` files, or a Python iterable of
+``{input name: array}`` batches.
+Guarantees: ``sites(func)`` lists the convolutions and matmuls with a constant weight,
+in binding order (the key both calibration and quantization use). ``calibrate`` runs a
+float32 copy of the module on the CPU that also returns every site's activation input,
+batch by batch, and folds each into a fixed-size ``Histogram``: memory does not grow with
+the amount of data (ONNX Runtime's percentile calibration kept every activation and
+needed more than 256 GB on BERT). Data that does not fit the model raises ``SmeltError``
+naming the input, the expected and the actual shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..errors import SmeltError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("minmax", "percentile", "entropy")
+QUANTIZABLE = frozenset({"relax.nn.conv2d", "relax.matmul"})
+
+
+@dataclass(frozen=True)
+class Site:
+    """One quantizable op: ``key`` (function:ordinal), a readable ``name``, and its binding."""
+
+    key: str
+    name: str
+    binding: relax.VarBinding
+
+
+def sites(func_name: str, func: relax.Function) -> list[Site]:
+    """Convolutions and matmuls of ``func`` whose weight (second operand) is a float32 constant."""
+    out = []
+    body = func.body
+    if not (isinstance(body, relax.SeqExpr) and len(body.blocks) == 1):
+        return out
+    for b in body.blocks[0].bindings:
+        v = b.value
+        if not (isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name in QUANTIZABLE):
+            continue
+        w = v.args[1]
+        if not isinstance(w, tvm.ir.GenericConst) or str(w.ty.dtype) != "float32" or str(v.args[0].ty.dtype) != "float32":
+            continue
+        op = v.op.name.rsplit(".", 1)[-1]
+        out.append(Site(f"{func_name}:{len(out)}", f"{func_name}/{op} {b.var.name}", b))
+    return out
+
+
+class Histogram:
+    """Streaming histogram of one tensor over [-R, R); R doubles (bins merge pairwise) when
+    larger values arrive, so its size is fixed. Keeps the exact min and max too."""
+
+    def __init__(self, bins: int = 2048):
+        self.bins = bins
+        self.counts = np.zeros(bins, np.int64)
+        self.r = 0.0
+        self.min, self.max = np.inf, -np.inf
+        self.zeros = 0  # exact zeros (ReLU outputs): a spike that would pull the entropy threshold down
+
+    def add(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float32).ravel()
+        x = x[np.isfinite(x)]
+        if not x.size:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        self.zeros += int(np.count_nonzero(x == 0))
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        m = max(abs(lo), abs(hi), 1e-12)
+        if self.r == 0.0:
+            self.r = m * (1 + 1e-6)
+        while m >= self.r:
+            merged = self.counts.reshape(-1, 2).sum(axis=1)
+            self.counts = np.zeros_like(self.counts)
+            self.counts[self.bins // 4: 3 * self.bins // 4] = merged
+            self.r *= 2
+        idx = ((x.astype(np.float64) + self.r) * (self.bins / (2 * self.r))).astype(np.int64)
+        self.counts += np.bincount(np.clip(idx, 0, self.bins - 1), minlength=self.bins)
+
+    @property
+    def width(self) -> float:
+        return 2 * self.r / self.bins
+
+    def range(self, method: str, percentile: float = 99.99) -> tuple[float, float]:
+        """The (low, high) range to quantize into, by ``method`` (see ``METHODS``)."""
+        if method == "minmax" or self.counts.sum() == 0:
+            return self.min, self.max
+        if method == "percentile":
+            cum = np.cumsum(self.counts)  # integers: the bin where the count reaches q x total, no rounding
+            total = int(cum[-1])
+            edges = -self.r + self.width * np.arange(1, self.bins + 1)  # right edge of each bin
+            lo = edges[min(np.searchsorted(cum, math.ceil(total * (1 - percentile / 100))), self.bins - 1)] - self.width
+            hi = edges[min(np.searchsorted(cum, math.ceil(total * percentile / 100)), self.bins - 1)]
+            return max(self.min, lo), min(self.max, hi)
+        if method == "entropy":
+            half = self.bins // 2
+            mags = self.counts[half:] + self.counts[:half][::-1]  # histogram of |x| over [0, R)
+            mags[0] -= min(self.zeros, mags[0])
+            t = _kl_threshold(mags, levels=256 if self.min >= 0 else 128) * self.width
+            return max(self.min, -t), min(self.max, t)
+        raise SmeltError(f"calibration method {method!r}: expected one of {', '.join(METHODS)}")
+
+
+def _kl_threshold(hist: np.ndarray, levels: int) -> int:
+    """TensorRT's entropy calibration: the number of |x| bins whose clipping to ``levels``
+    quantization levels loses least information (KL divergence from the clipped histogram)."""
+    hist = hist.astype(np.float64)
+    n = len(hist)
+    nonzero = np.nonzero(hist)[0]
+    if len(nonzero) == 0 or nonzero[-1] < levels:
+        return max(int(nonzero[-1]) + 1 if len(nonzero) else n, 1)
+    best, best_kl = n, np.inf
+    for i in range(levels, n + 1, max(1, (n - levels) // 256)):
+        p = hist[:i].copy()
+        p[-1] += hist[i:].sum()
+        chunks = np.array_split(hist[:i], levels)
+        q = np.concatenate([np.where(c > 0, c.sum() / max(np.count_nonzero(c), 1), 0.0) for c in chunks])
+        p /= p.sum()
+        q_sum = q.sum()
+        if q_sum == 0:
+            continue
+        q /= q_sum
+        mask = p > 0
+        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+        if kl < best_kl:
+            best, best_kl = i, kl
+    return best
+
+
+def affine(lo: float, hi: float) -> tuple[float, int]:
+    """(scale, zero point) of asymmetric int8 over [lo, hi] widened to hold 0."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / 255.0 or 1.0
+    return scale, int(np.clip(round(-128 - lo / scale), -128, 127))
+
+
+def read_data(calib, func_name: str, params: list[relax.Var]) -> Iterable[dict[str, np.ndarray]]:
+    """Batches ``{param name: array}`` for ``func_name`` from ``calib`` (see the module docstring)."""
+    names = [p.name for p in params]
+    if isinstance(calib, (str, Path)):
+        path = Path(calib)
+        if path.is_dir():
+            files = {f.stem: f for f in path.glob("*.npy")}
+            arrays = {n: np.load(files[n]) for n in names if n in files}
+        elif path.is_file():
+            try:
+                with np.load(path) as z:
+                    arrays = {k: z[k] for k in z.files}
+            except (ValueError, OSError) as e:
+                raise SmeltError(f"{path}: not a .npz file of calibration arrays ({e})") from None
+        else:
+            raise SmeltError(f"{path}: no such calibration file or folder")
+        arrays = {n: arrays.get(f"{func_name}.{n}", arrays.get(n)) for n in names}
+        missing = [n for n, a in arrays.items() if a is None]
+        if missing:
+            raise SmeltError(f"{path}: no calibration data for input {', '.join(missing)} of model {func_name} "
+                             f"(expected arrays named {', '.join(names)})")
+        counts = {len(a) for a in arrays.values()}
+        if len(counts) != 1:
+            raise SmeltError(f"{path}: the inputs of {func_name} have different sample counts: "
+                             + ", ".join(f"{n} {len(a)}" for n, a in arrays.items()))
+        batch = _batch_size(params)
+        total = counts.pop()
+        return [{n: a[i:i + batch] for n, a in arrays.items()} for i in range(0, total - batch + 1, batch)]
+    if isinstance(calib, Iterable):
+        return ({names[0]: b} if isinstance(b, np.ndarray) and len(names) == 1 else b for b in calib)
+    raise SmeltError(f"calibration data {type(calib).__name__}: expected a .npz path, a folder of .npy files "
+                     "or an iterable of {input: array} batches")
+
+
+def _batch_size(params: list[relax.Var]) -> int:
+    """The first dimension the model fixes (its static batch), else 16."""
+    dims = {int(p.ty.shape[0]) for p in params if isinstance(p.ty, relax.TensorType) and p.ty.shape is not None
+            and len(p.ty.shape) and isinstance(p.ty.shape[0], tvm.tirx.IntImm)}
+    return dims.pop() if len(dims) == 1 else 16
+
+
+def _check(func_name: str, params: list[relax.Var], batch: dict) -> list[np.ndarray]:
+    out = []
+    for p in params:
+        if p.name not in batch:
+            raise SmeltError(f"calibration batch for {func_name} has no input {p.name!r} "
+                             f"(it has {', '.join(map(str, batch)) or 'nothing'})")
+        a = np.asarray(batch[p.name])
+        shape = [d.value if isinstance(d, tvm.tirx.IntImm) else None for d in p.ty.shape]
+        if a.ndim != len(shape) or any(e is not None and e != d for e, d in zip(shape, a.shape)):
+            want = "(" + ", ".join("?" if e is None else str(e) for e in shape) + ")"
+            raise SmeltError(f"calibration input {func_name}.{p.name}: expected shape {want}, got {tuple(a.shape)}")
+        out.append(np.ascontiguousarray(a, dtype=str(p.ty.dtype)))
+    return out
+
+
+def observed(mod: tvm.IRModule, funcs: dict[str, list[Site]]) -> tvm.IRModule:
+    """``mod`` whose functions in ``funcs`` return (their outputs, each site's activation input...)."""
+    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    for name, ss in funcs.items():
+        gv = mod.get_global_var(name)
+        func = mod[gv]
+        watch = {s.binding.value.args[0] for s in ss}
+        bb = relax.BlockBuilder()
+        attrs = {k: v for k, v in func.attrs.items()} if func.attrs is not None else None
+        with bb.function(name, list(func.params), attrs=attrs, pure=True):
+            with bb.dataflow():
+                env: dict = {}
+                taps: dict = {}
+                for b in func.body.blocks[0].bindings:
+                    value = _Sub(env).visit_expr(b.value)
+                    if isinstance(b.var, relax.DataflowVar):
+                        env[b.var] = bb.emit(value)
+                        if b.var in watch:
+                            taps[b.var] = bb.emit_output(env[b.var])
+                    else:
+                        env[b.var] = bb.emit_output(value)
+                result = _Sub(env).visit_expr(func.body.body)
+            x = [taps.get(s.binding.value.args[0], env.get(s.binding.value.args[0], s.binding.value.args[0]))
+                 for s in ss]
+            bb.emit_func_output(relax.Tuple([result] + x))
+        out[gv] = bb.get()[name]
+    return out
+
+
+@relax.expr_functor.mutator
+class _Sub(relax.PyExprMutator):
+    """Replaces variables by what ``env`` maps them to."""
+
+    def __init__(self, env: dict):
+        super().__init__()
+        self.env = env
+
+    def visit_var_(self, op):
+        return self.env.get(op, op)
+
+    def visit_dataflow_var_(self, op):
+        return self.env.get(op, op)
+
+
+def calibrate(mod: tvm.IRModule, funcs: dict[str, list[Site]], calib, bins: int = 2048,
+              keep_first: bool = True) -> tuple[dict[str, Histogram], dict[str, np.ndarray], int]:
+    """Run ``calib`` through the float32 ``mod`` on the CPU: (histogram per site key, the first
+    batch's activation per site key, batches seen)."""
+    target = tvm.target.Target({"kind": "llvm"})
+    with target:
+        ex = tvm.compile(observed(mod, funcs), target=target)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    hists = {s.key: Histogram(bins) for ss in funcs.values() for s in ss}
+    first: dict[str, np.ndarray] = {}
+    batches = 0
+    for name, ss in funcs.items():
+        params = list(mod[name].params)
+        seen = 0
+        for batch in read_data(calib, name, params):
+            if not isinstance(batch, dict):
+                raise SmeltError(f"calibration batch {seen} for {name}: expected a dict of input arrays, "
+                                 f"got {type(batch).__name__}")
+            arrays = _check(name, params, batch)
+            outs = vm[name](*[tvm.runtime.tensor(a, tvm.cpu()) for a in arrays])
+            for s, tap in zip(ss, list(outs)[1:]):
+                act = tap.numpy()
+                hists[s.key].add(act)
+                if keep_first and s.key not in first:
+                    first[s.key] = act
+            seen += 1
+        if seen == 0:
+            raise SmeltError(f"calibration data for {name} holds no complete batch "
+                             f"(batch size {_batch_size(params)})")
+        batches += seen
+        log.info("calibrated %s on %d batches", name, seen)
+    return hists, first, batches

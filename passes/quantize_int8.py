@@ -1,0 +1,198 @@
+"""QuantizeInt8: calibrated INT8 post-training quantization of convolutions and matmuls.
+
+Requires: the quantize phase (after merging, before legalization), float32 weights
+bound as constants, calibration data for the models to quantize (``calibration``).
+Guarantees: every site (a conv2d in NCHW/OIHW or a matmul with a 2-D constant weight)
+whose estimated error stays under ``max_error`` computes int8 x int8 -> int32:
+activations asymmetric int8 per tensor (scale and zero point from the calibrated
+range), weights symmetric int8 per output channel. The zero-point term
+(zero point x the weight's channel sum) is folded into a per-channel constant, and
+convolutions pad with the zero point (an explicit pad) so that borders are exact. The
+int32 result is rescaled to float32 in place, so the op's epilogue (bias, activation)
+and the next site's quantize are elementwise and ``FuseOps`` fuses them into the
+kernel: between quantized layers the tensors that travel are int8 (requantization),
+not float32. Sites over ``max_error`` stay float32 and are listed in ``report`` with
+their error; so are sites the pass does not handle, with the reason.
+
+The error estimate, per site, on the first calibration batch: for a matmul, the
+relative error of its output (float32 against both operands quantized); for a
+convolution, sqrt(ex² + ew²) of the relative quantization errors of its activation and
+weight (a first-order estimate; the exact output would need a convolution here).
+
+TVM 0.27 has Q/DQ ops but no calibration and no rewrite to integer kernels; this pass
+emits plain Relax (``astype``/``round``/``clip``, int8 ``conv2d``/``matmul`` with
+``out_dtype="int32"``), which every backend legalizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..errors import SmeltError
+from .calibration import METHODS, Site, _Sub, affine, calibrate, sites
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Int8:
+    """``quantize=`` of ``smelt.compile``: calibrated INT8.
+
+    ``calib``: a ``.npz`` path, a folder of ``<input>.npy`` files or an iterable of
+    ``{input: array}`` batches; ``method``: minmax, percentile or entropy;
+    ``max_error``: sites whose estimated relative error exceeds it stay float32.
+    """
+
+    calib: object
+    method: str = "minmax"
+    percentile: float = 99.99
+    max_error: float = 0.05
+    bins: int = 2048
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise SmeltError(f"calibration method {self.method!r}: expected one of {', '.join(METHODS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise SmeltError(f"percentile {self.percentile}: expected a value in (50, 100]")
+
+    def to_json(self) -> dict:
+        calib = str(self.calib) if isinstance(self.calib, (str, Path)) else f"<{type(self.calib).__name__}>"
+        return {"scheme": "int8", "calib": calib, "method": self.method, "percentile": self.percentile,
+                "max_error": self.max_error}
+
+
+def _quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per channel along ``axis``: (int8 weight, float32 scale per channel)."""
+    reduce = tuple(i for i in range(w.ndim) if i != axis % w.ndim)
+    scale = np.abs(w).max(axis=reduce) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def _fake(x: np.ndarray, scale: float, zero: int) -> np.ndarray:
+    return (np.clip(np.round(x / scale) + zero, -128, 127) - zero) * scale
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    den = float(np.linalg.norm(a))
+    return float(np.linalg.norm(a - b)) / den if den > 0 else 0.0
+
+
+@tvm.transform.module_pass(opt_level=0, name="QuantizeInt8")
+class QuantizeInt8:
+    """See the module docstring. ``report``: method, batches, quantized sites with their
+    estimated error, ``fallback`` (site -> error) and ``skipped`` (site -> reason)."""
+
+    def __init__(self, config: Int8, models: Sequence[str]):
+        self.config = config
+        self.models = list(models)
+        self.report: dict = {}
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        names = {gv.name_hint for gv in mod.get_global_vars()}
+        funcs = {m: sites(m, mod[m]) for m in self.models if m in names and isinstance(mod[m], relax.Function)}
+        funcs = {m: ss for m, ss in funcs.items() if ss}
+        rep = {"method": self.config.method, "batches": 0, "quantized": {}, "fallback": {}, "skipped": {}}
+        self.report = rep
+        if not funcs:
+            log.warning("INT8: no convolution or matmul with a constant weight to quantize")
+            return mod
+        hists, first, rep["batches"] = calibrate(mod, funcs, self.config.calib, self.config.bins)
+        plans: dict[str, dict] = {}
+        for ss in funcs.values():
+            for s in ss:
+                plan, why = self._plan(s, hists[s.key], first.get(s.key))
+                if plan is None:
+                    rep["skipped"][s.name] = why
+                elif plan["error"] > self.config.max_error:
+                    rep["fallback"][s.name] = round(plan["error"], 5)
+                else:
+                    rep["quantized"][s.name] = round(plan["error"], 5)
+                    plans[s.key] = plan
+        if rep["fallback"]:
+            log.info("INT8: %d layers stay float32 (estimated error over %g): %s", len(rep["fallback"]),
+                     self.config.max_error, ", ".join(f"{k} {v:.3g}" for k, v in rep["fallback"].items()))
+        out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+        for m, ss in funcs.items():
+            chosen = {s.binding.var: (s, plans[s.key]) for s in ss if s.key in plans}
+            if chosen:
+                out[mod.get_global_var(m)] = _rewrite(m, mod[m], chosen)
+        return out
+
+    def _plan(self, s: Site, hist, x) -> tuple[dict | None, str]:
+        call = s.binding.value
+        w = call.args[1].value.numpy()
+        if call.op.name == "relax.nn.conv2d":
+            a = call.attrs
+            if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW":
+                return None, f"layout {a.data_layout}/{a.kernel_layout} (NCHW/OIHW only)"
+            axis = 0
+        elif w.ndim != 2:
+            return None, f"weight of rank {w.ndim} (2-D weights only)"
+        else:
+            axis = 1
+        if not math.isfinite(hist.min):
+            return None, "no finite activation seen in calibration"
+        sx, zx = affine(*hist.range(self.config.method, self.config.percentile))
+        wq, sw = _quantize_weight(w, axis)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        wd = wq.astype(np.float32) * sw.reshape(shape)
+        if x is None:
+            error = 0.0
+        elif axis == 1:
+            error = _rel(x @ w, _fake(x, sx, zx) @ wd)
+        else:
+            error = math.hypot(_rel(x, _fake(x, sx, zx)), _rel(w, wd))
+        return {"sx": sx, "zx": zx, "wq": wq, "sw": sw, "error": error}, ""
+
+
+def _rewrite(name: str, func: relax.Function, chosen: dict) -> relax.Function:
+    bb = relax.BlockBuilder()
+    attrs = {k: v for k, v in func.attrs.items()} if func.attrs is not None else None
+    with bb.function(name, list(func.params), attrs=attrs, pure=True):
+        with bb.dataflow():
+            env: dict = {}
+            for b in func.body.blocks[0].bindings:
+                value = _Sub(env).visit_expr(b.value)
+                if b.var in chosen:
+                    value = _int8(bb, value, chosen[b.var][1])
+                env[b.var] = bb.emit(value) if isinstance(b.var, relax.DataflowVar) else bb.emit_output(value)
+            result = _Sub(env).visit_expr(func.body.body)
+        bb.emit_func_output(result)
+    return bb.get()[name]
+
+
+def _int8(bb: relax.BlockBuilder, call: relax.Call, plan: dict) -> relax.Expr:
+    """The float32 result of ``call`` computed in int8 x int8 -> int32 (see the module docstring)."""
+    x, sx, zx, wq, sw = call.args[0], plan["sx"], plan["zx"], plan["wq"], plan["sw"]
+    xq = relax.op.add(relax.op.round(relax.op.divide(x, relax.const(np.float32(sx)))), relax.const(np.float32(zx)))
+    xq = bb.emit(relax.op.astype(relax.op.clip(xq, -128.0, 127.0), "int8"))
+    if call.op.name == "relax.nn.conv2d":
+        a = call.attrs
+        top, left, bottom, right = (int(p) for p in a.padding)
+        if top or left or bottom or right:
+            xq = bb.emit(relax.op.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx)))
+        acc = bb.emit(relax.op.nn.conv2d(xq, relax.const(wq), strides=[int(s) for s in a.strides], padding=0,
+                                         dilation=[int(d) for d in a.dilation], groups=int(a.groups),
+                                         out_dtype="int32"))
+        shape = (1, -1, 1, 1)
+        zero_term = zx * wq.reshape(wq.shape[0], -1).astype(np.int64).sum(axis=1)
+    else:
+        acc = bb.emit(relax.op.matmul(xq, relax.const(wq), out_dtype="int32"))
+        shape = (-1,)
+        zero_term = zx * wq.astype(np.int64).sum(axis=0)
+    out = relax.op.subtract(relax.op.astype(acc, "float32"),
+                            relax.const(zero_term.astype(np.float32).reshape(shape)))
+    return relax.op.multiply(out, relax.const((sx * sw).astype(np.float32).reshape(shape)))
