@@ -192,10 +192,11 @@ def _batch_size(params: list[relax.Var]) -> int:
 def _check(func_name: str, params: list[relax.Var], batch: dict) -> list[np.ndarray]:
     out = []
     for p in params:
-        if p.name not in batch:
+        a = batch.get(f"{func_name}.{p.name}", batch.get(p.name))
+        if a is None:
             raise SmeltError(f"calibration batch for {func_name} has no input {p.name!r} "
                              f"(it has {', '.join(map(str, batch)) or 'nothing'})")
-        a = np.asarray(batch[p.name])
+        a = np.asarray(a)
         shape = [d.value if isinstance(d, tvm.tirx.IntImm) else None for d in p.ty.shape]
         if a.ndim != len(shape) or any(e is not None and e != d for e, d in zip(shape, a.shape)):
             want = "(" + ", ".join("?" if e is None else str(e) for e in shape) + ")"
@@ -248,10 +249,13 @@ class _Sub(relax.PyExprMutator):
         return self.env.get(op, op)
 
 
-def calibrate(mod: tvm.IRModule, funcs: dict[str, list[Site]], calib, bins: int = 2048,
-              keep_first: bool = True) -> tuple[dict[str, Histogram], dict[str, np.ndarray], int]:
+def calibrate(mod: tvm.IRModule, funcs: dict[str, list[Site]], calib,
+              bins: int = 2048) -> tuple[dict[str, Histogram], dict[str, np.ndarray], int]:
     """Run ``calib`` through the float32 ``mod`` on the CPU: (histogram per site key, the first
-    batch's activation per site key, batches seen)."""
+    batch's activation per site key, batches seen). An iterable serves every model: its
+    batches are kept (inputs only) when there are several, and keys may be ``model.input``."""
+    if len(funcs) > 1 and not isinstance(calib, (str, Path)) and isinstance(calib, Iterable):
+        calib = list(calib)
     target = tvm.target.Target({"kind": "llvm"})
     with target:
         ex = tvm.compile(observed(mod, funcs), target=target)
@@ -271,7 +275,7 @@ def calibrate(mod: tvm.IRModule, funcs: dict[str, list[Site]], calib, bins: int 
             for s, tap in zip(ss, list(outs)[1:]):
                 act = tap.numpy()
                 hists[s.key].add(act)
-                if keep_first and s.key not in first:
+                if s.key not in first:
                     first[s.key] = act
             seen += 1
         if seen == 0:
