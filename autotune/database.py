@@ -7,7 +7,6 @@ Every ``<log_dir>/<target key>/`` with both database files is one target's recor
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -15,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import SmeltError
-from .records import RECORDS, TASKS, WORKLOADS, best_seconds, lock, open_database, records_by_workload
+from .records import (RECORDS, WORKLOADS, best_seconds, lock, open_database, read_tasks, records_by_workload,
+                      write_tasks)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def report(log_dir: str | Path) -> list[TargetRecords]:
     """Per target key, per workload: task name and weight (from ``tasks.json``), trials, best latency."""
     out = []
     for d in record_dirs(log_dir):
-        tasks = json.loads((d / TASKS).read_text()) if (d / TASKS).is_file() else {}
+        tasks = read_tasks(d)
         entry = TargetRecords(d.name, str(d))
         for shash, recs in records_by_workload(open_database(d, writable=False)).items():
             t = tasks.get(shash, {})
@@ -107,31 +107,30 @@ def merge(sources, log_dir: str | Path) -> dict[str, int]:
             raise SmeltError(f"{src}: cannot merge a record folder into itself")
         with lock(dst):
             db = open_database(dst)
-            have = {(shash, str(r.trace), tuple(float(x) for x in r.run_secs or ()))
-                    for shash, recs in records_by_workload(db).items() for r in recs}
+            have = {_identity(shash, r) for shash, recs in records_by_workload(db).items() for r in recs}
             added = 0
             for shash, recs in records_by_workload(open_database(src, writable=False)).items():
                 workload = None
                 for r in recs:
-                    if (shash, str(r.trace), tuple(float(x) for x in r.run_secs or ())) in have:
+                    if _identity(shash, r) in have:
                         continue
                     workload = workload or db.commit_workload(r.workload.mod)
                     db.commit_tuning_record(TuningRecord(r.trace, workload, r.run_secs, r.target, r.args_info))
                     added += 1
-            _merge_tasks(src / TASKS, dst / TASKS)
+            _merge_tasks(src, dst)
         log.info("%s: %d records added from %s", dst, added, src)
         out[src.name] = out.get(src.name, 0) + added
     return out
 
 
+def _identity(shash: str, rec) -> tuple:
+    """What makes two records the same measurement: workload, schedule trace and run times."""
+    return shash, str(rec.trace), tuple(float(x) for x in rec.run_secs or ())
+
+
 def _merge_tasks(src: Path, dst: Path) -> None:
-    if not src.is_file():
-        return
-    theirs = json.loads(src.read_text())
-    ours = json.loads(dst.read_text()) if dst.is_file() else {}
-    for shash, entry in theirs.items():
-        mine = ours.setdefault(shash, {})
-        ours[shash] = {**entry, **{k: v for k, v in mine.items() if v is not None}}
-    tmp = dst.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(ours, indent=1, sort_keys=True))
-    os.replace(tmp, dst)
+    """``src``'s tasks.json entries into ``dst``'s; what ``dst`` knows (not None) stays."""
+    ours = read_tasks(dst)
+    for shash, entry in read_tasks(src).items():
+        ours[shash] = {**entry, **{k: v for k, v in ours.get(shash, {}).items() if v is not None}}
+    write_tasks(dst, ours)

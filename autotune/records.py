@@ -78,6 +78,27 @@ def records_passes(target: tvm.target.Target, log_dir: str | Path | None,
     return [_ApplyRecords(db, dirs, slower)]
 
 
+def read_tasks(directory: str | Path) -> dict:
+    """``tasks.json`` of a record folder: {workload hash: name, weight, FLOPs, default latency};
+    {} when it is missing or unreadable (names and default latencies are then measured again)."""
+    path = Path(directory) / TASKS
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        log.warning("%s is unreadable; task names and default latencies are measured again", path)
+        return {}
+
+
+def write_tasks(directory: str | Path, entries: dict) -> None:
+    """Write ``tasks.json`` atomically (one JSON line, keys sorted, so that diffs stay small)."""
+    path = Path(directory) / TASKS
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(entries, sort_keys=True, separators=(",", ":")) + "\n")
+    os.replace(tmp, path)
+
+
 def _best_records(dirs: list[Path]):
     """(a MemoryDatabase of the best record per kernel that beats its default, {kernel: why not})."""
     from tvm.s_tir import meta_schedule as ms
@@ -90,9 +111,8 @@ def _best_records(dirs: list[Path]):
                 secs = best_seconds([rec])
                 if secs is not None and (shash not in best or secs < best[shash][0]):
                     best[shash] = (secs, rec)
-        if (d / TASKS).is_file():
-            for shash, t in json.loads((d / TASKS).read_text()).items():
-                defaults.setdefault(shash, (t.get("name", shash), t.get("default_seconds")))
+        for shash, t in read_tasks(d).items():
+            defaults.setdefault(shash, (t.get("name", shash), t.get("default_seconds")))
     mem = ms.database.MemoryDatabase(module_equality="structural")
     slower = {}
     for shash, (secs, rec) in best.items():

@@ -15,7 +15,6 @@ tuning time, for ``report`` and the plot.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -37,7 +36,8 @@ from ..frontend import import_models
 from ..passes import MergeOptions, PassManager, PipelineOptions, build_pipeline, merge_passes
 from .builder import PersistentBuilder
 from .progress import Progress, TaskState, estimate, plot
-from .records import TASKS, best_seconds, lock, open_database, record_dir, records_by_workload, target_key
+from .records import (best_seconds, lock, open_database, read_tasks, record_dir, records_by_workload,
+                      target_key, write_tasks)
 from .runners import asynchronous, measuring
 from .tasks import TuneTask, extract_tasks
 
@@ -170,7 +170,7 @@ def tune(models, target: str = "cpu", arch: str | None = None, *, trials: int = 
     with lock(out):
         db = open_database(out)
         before = records_by_workload(db)
-        known = _read_tasks(out)
+        known = read_tasks(out)
         done = sum(len(before.get(t.shash, [])) for t in tasks)
         remaining = opts.trials - done
         if not tasks:
@@ -390,22 +390,8 @@ class Monitor(PyMeasureCallback):
                                                      for r in runner_results])
 
 
-def _read_tasks(directory: Path) -> dict:
-    path = directory / TASKS
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        log.warning("%s is unreadable; task names and default latencies are measured again", path)
-        return {}
-
-
 def _write_tasks(directory: Path, tasks: list[TuneTask], known: dict) -> None:
-    """Merge ``tasks`` into ``tasks.json`` (keyed by workload hash), written atomically."""
+    """Merge ``tasks`` into ``known`` (keyed by workload hash) and write it as ``tasks.json``."""
     for t in tasks:
         known[t.shash] = {**known.get(t.shash, {}), **t.to_json()}
-    path = directory / TASKS
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_tasks(directory, known)

@@ -27,6 +27,7 @@ import tvm
 from tvm import relax
 
 from ..errors import SmeltError
+from .mutate import rebind
 
 log = logging.getLogger(__name__)
 
@@ -210,43 +211,8 @@ def observed(mod: tvm.IRModule, funcs: dict[str, list[Site]]) -> tvm.IRModule:
     out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
     for name, ss in funcs.items():
         gv = mod.get_global_var(name)
-        func = mod[gv]
-        watch = {s.binding.value.args[0] for s in ss}
-        bb = relax.BlockBuilder()
-        attrs = {k: v for k, v in func.attrs.items()} if func.attrs is not None else None
-        with bb.function(name, list(func.params), attrs=attrs, pure=True):
-            with bb.dataflow():
-                env: dict = {}
-                taps: dict = {}
-                for b in func.body.blocks[0].bindings:
-                    value = _Sub(env).visit_expr(b.value)
-                    if isinstance(b.var, relax.DataflowVar):
-                        env[b.var] = bb.emit(value)
-                        if b.var in watch:
-                            taps[b.var] = bb.emit_output(env[b.var])
-                    else:
-                        env[b.var] = bb.emit_output(value)
-                result = _Sub(env).visit_expr(func.body.body)
-            x = [taps.get(s.binding.value.args[0], env.get(s.binding.value.args[0], s.binding.value.args[0]))
-                 for s in ss]
-            bb.emit_func_output(relax.Tuple([result] + x))
-        out[gv] = bb.get()[name]
+        out[gv] = rebind(name, mod[gv], taps=[s.binding.value.args[0] for s in ss])
     return out
-
-
-@relax.expr_functor.mutator
-class _Sub(relax.PyExprMutator):
-    """Replaces variables by what ``env`` maps them to."""
-
-    def __init__(self, env: dict):
-        super().__init__()
-        self.env = env
-
-    def visit_var_(self, op):
-        return self.env.get(op, op)
-
-    def visit_dataflow_var_(self, op):
-        return self.env.get(op, op)
 
 
 def calibrate(mod: tvm.IRModule, funcs: dict[str, list[Site]], calib,

@@ -1,6 +1,6 @@
 """Small rewriting helpers shared by the passes: running a ``PyExprMutator`` over every Relax
 function, the pass class around an explained mutator, variable substitution in flat
-dataflow bindings, and static shapes."""
+dataflow bindings, rebuilding a one-block function binding by binding, and static shapes."""
 
 from __future__ import annotations
 
@@ -48,6 +48,38 @@ def map_vars(e: relax.Expr, fn: Callable[[relax.Var], relax.Expr]) -> relax.Expr
     if isinstance(e, relax.TupleGetItem):
         return relax.TupleGetItem(map_vars(e.tuple_value, fn), e.index)
     return e
+
+
+def rebind(name: str, func: relax.Function, rewrite: Callable | None = None, taps=()) -> relax.Function:
+    """``func`` (its body one dataflow block) emitted again binding by binding.
+
+    ``rewrite(bb, binding, value)`` gives a binding's new value (``value`` is the old one
+    with variables renamed; ``bb`` may emit helper bindings first). ``taps``, variables of
+    ``func``, are returned too: the result becomes ``(result, *taps)``.
+    """
+    bb = relax.BlockBuilder()
+    attrs = {k: v for k, v in func.attrs.items()} if func.attrs is not None else None
+    env: dict = {}
+    tapped = set(taps)
+
+    def sub(e):
+        return map_vars(e, lambda v: env.get(v, v))
+
+    with bb.function(name, list(func.params), attrs=attrs, pure=True):
+        with bb.dataflow():
+            for b in func.body.blocks[0].bindings:
+                value = sub(b.value)
+                if rewrite is not None:
+                    value = rewrite(bb, b, value)
+                if not isinstance(b.var, relax.DataflowVar):
+                    env[b.var] = bb.emit_output(value)
+                elif b.var in tapped:  # leaves the block for the extra outputs
+                    env[b.var] = bb.emit_output(bb.emit(value))
+                else:
+                    env[b.var] = bb.emit(value)
+            result = sub(func.body.body)
+        bb.emit_func_output(relax.Tuple([result] + [sub(t) for t in taps]) if taps else result)
+    return bb.get()[name]
 
 
 def static_ints(values) -> list[int] | None:

@@ -37,7 +37,8 @@ import tvm
 from tvm import relax
 
 from ..errors import SmeltError
-from .calibration import METHODS, Site, _Sub, affine, calibrate, sites
+from .calibration import METHODS, Site, affine, calibrate, sites
+from .mutate import rebind
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class QuantizeInt8:
         plans: dict[str, dict] = {}
         for ss in funcs.values():
             for s in ss:
-                plan, why = self._plan(s, hists[s.key], first.get(s.key))
+                plan, why = self._plan(s, hists[s.key], first[s.key])
                 if plan is None:
                     rep["skipped"][s.name] = why
                 elif plan["error"] > self.config.max_error:
@@ -127,7 +128,8 @@ class QuantizeInt8:
         for m, ss in funcs.items():
             chosen = {s.binding.var: (s, plans[s.key]) for s in ss if s.key in plans}
             if chosen:
-                out[mod.get_global_var(m)] = _rewrite(m, mod[m], chosen)
+                out[mod.get_global_var(m)] = rebind(
+                    m, mod[m], lambda bb, b, value: _int8(bb, value, chosen[b.var][1]) if b.var in chosen else value)
         return out
 
     def _plan(self, s: Site, hist, x) -> tuple[dict | None, str]:
@@ -149,29 +151,11 @@ class QuantizeInt8:
         shape = [1] * w.ndim
         shape[axis] = -1
         wd = wq.astype(np.float32) * sw.reshape(shape)
-        if x is None:
-            error = 0.0
-        elif axis == 1:
+        if axis == 1:
             error = _rel(x @ w, _fake(x, sx, zx) @ wd)
         else:
             error = math.hypot(_rel(x, _fake(x, sx, zx)), _rel(w, wd))
         return {"sx": sx, "zx": zx, "wq": wq, "sw": sw, "error": error}, ""
-
-
-def _rewrite(name: str, func: relax.Function, chosen: dict) -> relax.Function:
-    bb = relax.BlockBuilder()
-    attrs = {k: v for k, v in func.attrs.items()} if func.attrs is not None else None
-    with bb.function(name, list(func.params), attrs=attrs, pure=True):
-        with bb.dataflow():
-            env: dict = {}
-            for b in func.body.blocks[0].bindings:
-                value = _Sub(env).visit_expr(b.value)
-                if b.var in chosen:
-                    value = _int8(bb, value, chosen[b.var][1])
-                env[b.var] = bb.emit(value) if isinstance(b.var, relax.DataflowVar) else bb.emit_output(value)
-            result = _Sub(env).visit_expr(func.body.body)
-        bb.emit_func_output(result)
-    return bb.get()[name]
 
 
 def _int8(bb: relax.BlockBuilder, call: relax.Call, plan: dict) -> relax.Expr:

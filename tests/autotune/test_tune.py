@@ -61,9 +61,9 @@ def test_records_apply_at_compile_and_numerics_hold(tmp_path, onnx_reference):
 
 def test_records_slower_than_the_default_schedule_are_not_applied(tmp_path):
     tasks, out = _commit_design_spaces(zoo.mlp(), tmp_path)
-    known = json.loads((out / database.TASKS).read_text())
+    known = json.loads((out / records.TASKS).read_text())
     known[tasks[0].shash]["default_seconds"] = 1e-9  # the default beats every record of this kernel
-    (out / database.TASKS).write_text(json.dumps(known))
+    (out / records.TASKS).write_text(json.dumps(known))
     art = smelt.compile(zoo.mlp(), options=smelt.CompileOptions(tune_log_dir=str(tmp_path)))
     assert art.report.tuned_kernels == len(tasks) - 1
     assert list(art.report.records_slower) == [tasks[0].name]
