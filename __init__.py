@@ -4,6 +4,8 @@ Public API::
 
     art = smelt.compile(["a.onnx", (torch_module, (example,))], target="cpu")
     art = smelt.compile("m.onnx", target="cpu", quantize=smelt.Int8(calib="calib.npz", method="entropy"))
+    art = smelt.compile("llm.onnx", target="cuda", quantize=smelt.WeightOnly(bits=4, group_size=128))
+    print(smelt.quantize_report("m.onnx", smelt.Int8(calib="calib.npz"), eval_data="eval.npz").outputs)
     art.save("out/")
     rt = smelt.load("out/")
     y = rt.run("a", x=x)
@@ -19,14 +21,16 @@ if __name__ != "smelt":
 
     _sys.modules[__name__] = _importlib.import_module("smelt")
 else:
+    from .accuracy import QuantizeReport, quantize_report
     from .artifact import Artifact, Runtime, load
     from .backends import TargetOptions
     from .compiler import CompileOptions, CompileReport, MergeAnalysis, analyze_merge, compile, import_models
     from .errors import (ArtifactError, BackendError, FrontendError, InputError, PassError, SmeltError,
                          UnsupportedOpsError)
     from .ir import Program
-    from .passes import Int8, PipelineOptions
+    from .passes import Int8, PipelineOptions, WeightOnly
 
     __all__ = ["MergeAnalysis", "analyze_merge", "Artifact", "ArtifactError", "BackendError", "CompileOptions", "CompileReport", "FrontendError",
                "InputError", "Int8", "PassError", "PipelineOptions", "Program", "Runtime", "SmeltError", "TargetOptions",
-               "UnsupportedOpsError", "compile", "import_models", "load"]
+               "UnsupportedOpsError", "WeightOnly", "compile", "import_models", "load", "QuantizeReport",
+               "quantize_report"]

@@ -92,7 +92,11 @@ def _parse_shape(value: str) -> tuple[str, list]:
 @click.option("--no-fold-batch-norm", is_flag=True, help="Keep BatchNorm as its own ops.")
 @click.option("--precision", default="float32", show_default=True, type=click.Choice(list(_PRECISION)),
               help="Compute precision (fp16, bf16); softmax, norms and reductions stay float32.")
-@click.option("--quantize", type=click.Choice(["int8"]), help="Calibrated INT8 for convolutions and matmuls (needs --calib).")
+@click.option("--quantize", type=click.Choice(["int8", "w8", "w4"]),
+              help="int8: calibrated INT8 for convolutions and matmuls (needs --calib); w8, w4: weight-only "
+              "int8/int4 matmul weights with group-wise scales.")
+@click.option("--group-size", default=128, show_default=True, type=click.IntRange(min=1),
+              help="With --quantize w8/w4: rows of the weight sharing one scale.")
 @click.option("--calib", type=click.Path(exists=True), help="Calibration data: .npz (one array per input, samples "
               "along the first axis) or a folder of <input>.npy files.")
 @click.option("--calib-method", default="minmax", show_default=True, type=click.Choice(["minmax", "percentile", "entropy"]),
@@ -112,10 +116,10 @@ def _parse_shape(value: str) -> tuple[str, list]:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the compile report as JSON.")
 def compile(models, target, arch, triple, output, names, shapes, force, emit_source, dump_ir, verify_each,
-            no_cuda_graph, no_fold_batch_norm, precision, quantize, calib, calib_method, calib_percentile, max_error,
-            tune_log_dir, merge, share_inputs, share_pairs, no_horizontal, explain, quiet, as_json):
+            no_cuda_graph, no_fold_batch_norm, precision, quantize, group_size, calib, calib_method, calib_percentile,
+            max_error, tune_log_dir, merge, share_inputs, share_pairs, no_horizontal, explain, quiet, as_json):
     """Compile MODELS (.onnx, .pt2) together into one artifact folder."""
-    from . import CompileOptions, Int8, PipelineOptions, TargetOptions
+    from . import CompileOptions, PipelineOptions, TargetOptions
     from .passes import MergeOptions
     from . import compile as compile_models
 
@@ -125,13 +129,11 @@ def compile(models, target, arch, triple, output, names, shapes, force, emit_sou
         raise click.BadParameter(f"{len(names)} --name values for {len(models)} models", param_hint="--name")
     if (share_inputs or share_pairs or no_horizontal) and not merge:
         raise click.UsageError("--share-inputs, --share-input and --no-horizontal go with --merge")
-    if bool(quantize) != bool(calib):
-        raise click.UsageError("--quantize int8 and --calib go together")
     opts = CompileOptions(TargetOptions(target, arch, triple, not no_cuda_graph),
                           PipelineOptions(fold_batch_norm=not no_fold_batch_norm, precision=_PRECISION[precision]),
                           tune_log_dir, verify_each, dump_ir,
                           MergeOptions(merge, share_inputs, _share_pairs(share_pairs), not no_horizontal),
-                          Int8(calib, calib_method, calib_percentile, max_error) if quantize else None)
+                          _quantize_config(quantize, group_size, calib, calib_method, calib_percentile, max_error))
     input_shapes = dict(_parse_shape(s) for s in shapes)
     t0 = time.perf_counter()
     show_bar = not quiet and not as_json and sys.stderr.isatty()
@@ -157,6 +159,21 @@ def compile(models, target, arch, triple, output, names, shapes, force, emit_sou
         click.echo(format_compile_summary(art, path, total))
         if explain:
             click.echo("\n".join(format_explanations(art.report.explanations)))
+
+
+def _quantize_config(scheme, group_size, calib, method, percentile, max_error):
+    """``--quantize`` and its options as the API's ``Int8`` or ``WeightOnly`` (None without it)."""
+    from . import Int8, WeightOnly
+
+    if scheme == "int8" or (calib and not scheme):
+        if not calib:
+            raise click.UsageError("--quantize int8 needs --calib (calibration data)")
+        if not scheme:
+            raise click.UsageError("--calib goes with --quantize int8")
+        return Int8(calib, method, percentile, max_error)
+    if calib:
+        raise click.UsageError(f"--calib goes with --quantize int8; {scheme} needs no calibration")
+    return WeightOnly(int(scheme[1:]), group_size) if scheme else None
 
 
 def format_explanations(lines: list[str]) -> list[str]:
@@ -206,7 +223,11 @@ def format_compile_summary(art, path: Path, total: float) -> str:
     lines.append(f"  ops: {r.ops_before} -> {r.ops_after} after canonicalization"
                  + (f" (gone: {', '.join(f'{o} x{r.ops_before_hist[o]}' for o in removed)})" if removed else ""))
     q = r.quantization
-    if q:
+    if q and q["scheme"] != "int8":
+        lines.append(f"  {q['scheme']} weight-only (groups of {q['group_size']} rows): {len(q['quantized'])} matmuls"
+                     + ("; not handled: " + ", ".join(f"{k} ({v})" for k, v in q["skipped"].items())
+                        if q["skipped"] else ""))
+    elif q:
         lines.append(f"  int8 ({q['method']}, {q['batches']} calibration batches): {len(q['quantized'])} layers"
                      + ("; float32 (estimated error over the limit): "
                         + ", ".join(f"{k} {v:.3g}" for k, v in q["fallback"].items()) if q["fallback"] else "")
@@ -230,6 +251,58 @@ def format_compile_summary(art, path: Path, total: float) -> str:
     lines.append(f"  artifact: {_mb(_dir_size(path))} ("
                  + ", ".join(f"{f} {_mb((Path(path) / f).stat().st_size)}" for f in files if "/" not in f) + ")")
     lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in r.phase_seconds.items()) + f"; total {total:.2f}s")
+    return "\n".join(lines)
+
+
+@main.command("quantize-report")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--quantize", default="int8", show_default=True, type=click.Choice(["int8", "w8", "w4"]),
+              help="The scheme to measure (see compile --quantize).")
+@click.option("--calib", type=click.Path(exists=True), help="Calibration data (int8): .npz or a folder of .npy.")
+@click.option("--eval", "eval_data", type=click.Path(exists=True),
+              help="Evaluation data, same forms (default: the calibration data).")
+@click.option("--calib-method", default="minmax", show_default=True, type=click.Choice(["minmax", "percentile", "entropy"]))
+@click.option("--calib-percentile", default=99.99, show_default=True, type=float)
+@click.option("--max-error", default=0.05, show_default=True, type=float)
+@click.option("--group-size", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("-t", "--target", default="cpu", show_default=True, type=click.Choice(_targets()))
+@click.option("--name", "names", multiple=True, help="Model names, one per model, in order.")
+@click.option("--input-shape", "shapes", multiple=True, metavar="[MODEL.]INPUT=D1,D2,…")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def quantize_report(models, quantize, calib, eval_data, calib_method, calib_percentile, max_error, group_size,
+                    target, names, shapes, as_json):
+    """Per-layer and end-to-end error of quantizing MODELS, measured on evaluation data."""
+    from . import quantize_report as measure
+
+    if names and len(names) != len(models):
+        raise click.BadParameter(f"{len(names)} --name values for {len(models)} models", param_hint="--name")
+    if quantize != "int8" and not eval_data:
+        raise click.UsageError(f"--quantize {quantize} needs --eval (evaluation data)")
+    config = _quantize_config(quantize, group_size, calib, calib_method, calib_percentile, max_error)
+    input_shapes = dict(_parse_shape(s) for s in shapes)
+    r = measure(list(models), config, eval_data, target, names=list(names) or None, input_shapes=input_shapes or None)
+    click.echo(json.dumps(r.to_json(), indent=1) if as_json else format_quantize_report(r))
+
+
+def format_quantize_report(r) -> str:
+    """The report as the CLI prints it."""
+    s = r.scheme
+    how = (f"int8 ({s['method']}, {r.calibration_batches} calibration batches)" if s["scheme"] == "int8"
+           else f"{s['scheme']} weight-only (groups of {s['group_size']} rows)")
+    samples = max((o.samples for o in r.outputs), default=0)
+    lines = [f"smelt quantize-report: {how}, {r.target}; evaluated on {samples} samples ({r.batches} batches)"]
+    rows = [("model", "output", "max abs err", "mean abs err", "max err / range", "cosine mean", "cosine min",
+             "top-1 agreement")]
+    for o in r.outputs:
+        rows.append((o.model, o.output, f"{o.max_abs:.4g}", f"{o.mean_abs:.4g}", f"{100 * o.rel_max:.2f} %",
+                     f"{o.cosine_mean:.5f}", f"{o.cosine_min:.5f}",
+                     "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f} %"))
+    lines += _table(rows, 2)
+    ratio = r.weight_bytes_after / r.weight_bytes_before if r.weight_bytes_before else float("nan")
+    lines.append(f"  weights: {_mb(r.weight_bytes_before)} -> {_mb(r.weight_bytes_after)} ({ratio:.2f}x)")
+    lines.append("  layers, most sensitive first (estimated relative error):")
+    lines += _table([("layer", "error", "status")] + [(n, "-" if e is None else f"{100 * e:.2f} %", st)
+                                                      for n, e, st in r.layers], 4)
     return "\n".join(lines)
 
 

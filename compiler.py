@@ -22,7 +22,7 @@ from .errors import BackendError, SmeltError, error_line
 from .frontend import import_models
 from .ir import ModelInfo, Program, TensorSpec, summarize
 from .passes import (MERGED, PRECISIONS, Explainer, Int8, MergeOptions, PassManager, PipelineOptions,
-                     QuantizeInt8, Step, build_pipeline, canonicalize_passes, merge_passes)
+                     QuantizeInt8, QuantizeWeights, Step, WeightOnly, build_pipeline, canonicalize_passes, merge_passes)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class CompileOptions:
     verify_each: bool = False
     dump_ir: str | None = None
     merge: MergeOptions = field(default_factory=MergeOptions)
-    quantize: Int8 | None = None
+    quantize: Int8 | WeightOnly | None = None
 
     def to_json(self) -> dict:
         d = asdict(replace(self, quantize=None))  # calibration data is not copied into the manifest
@@ -69,7 +69,7 @@ class CompileReport:
     records_slower: dict = field(default_factory=dict)  # kernel -> why its record lost to the default
     explanations: list = field(default_factory=list)  # why rewrites fired or not (--explain)
     merge: dict = field(default_factory=dict)  # what MergeCommonStems/FuseHorizontal shared
-    quantization: dict = field(default_factory=dict)  # QuantizeInt8's report
+    quantization: dict = field(default_factory=dict)  # QuantizeInt8's or QuantizeWeights' report
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -78,7 +78,7 @@ class CompileReport:
 def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequence[str] | None = None,
             input_shapes: dict | None = None, dynamic_batch: bool = False, merge: bool | None = None,
             share_inputs: bool | None = None, share_input: dict | None = None, precision: str | None = None,
-            quantize: Int8 | None = None, options: CompileOptions | None = None,
+            quantize: Int8 | WeightOnly | None = None, options: CompileOptions | None = None,
             on_step: Callable | None = None) -> Artifact:
     """Compile ``models`` (paths, ModelProtos, ExportedPrograms or (module, example_args)) together.
 
@@ -90,6 +90,8 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     ``quantize=smelt.Int8(calib=..., method="minmax"|"percentile"|"entropy")`` runs
     convolutions and matmuls in INT8, calibrated on the given data; layers whose
     estimated error is too large stay float32 (``report.quantization``).
+    ``quantize=smelt.WeightOnly(bits=4|8, group_size=128)`` stores matmul weights in int4
+    or int8 with group-wise scales, dequantized inside the matmul kernel.
     Returns an in-memory ``Artifact``; ``art.save(dir)`` writes it, ``smelt.load(dir)`` runs it.
     """
     opts = options or CompileOptions()
@@ -103,10 +105,11 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
             raise SmeltError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         opts = replace(opts, pipeline=replace(opts.pipeline, precision=precision))
     if quantize is not None:
-        if not isinstance(quantize, Int8):
-            raise SmeltError(f"quantize={quantize!r}: expected smelt.Int8(calib=..., method=...)")
+        if not isinstance(quantize, (Int8, WeightOnly)):
+            raise SmeltError(f"quantize={quantize!r}: expected smelt.Int8(calib=..., method=...) or "
+                             "smelt.WeightOnly(bits=..., group_size=...)")
         opts = replace(opts, quantize=quantize)
-    if opts.quantize is not None and opts.merge.enabled:
+    if isinstance(opts.quantize, Int8) and opts.merge.enabled:
         raise SmeltError("INT8 quantization of merged models is not supported yet: compile without --merge")
     if opts.target.kind != target or (arch and opts.target.arch != arch):
         opts = replace(opts, target=backends.TargetOptions(target, arch or opts.target.arch, opts.target.triple,
@@ -123,8 +126,11 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     report.ops_before, report.ops_before_hist = before.num_ops, dict(before.ops)
 
     merging = merge_passes(program.models, opts.merge)
-    quantizing = [QuantizeInt8(opts.quantize, list(program.models))] if opts.quantize is not None else []
-    steps = build_pipeline(backend, tvm_target, opts.pipeline, merge=merging, quantize=quantizing)
+    int8 = [QuantizeInt8(opts.quantize, list(program.models))] if isinstance(opts.quantize, Int8) else []
+    weight_only = [QuantizeWeights(opts.quantize, list(program.models) + ([MERGED] if merging else []))] \
+        if isinstance(opts.quantize, WeightOnly) else []
+    steps = build_pipeline(backend, tvm_target, opts.pipeline, merge=merging, quantize=int8,
+                           after_precision=weight_only)
     tuned = records_passes(tvm_target, opts.tune_log_dir)
     if tuned:  # records first: default schedules only touch what they did not cover
         first = next(i for i, s in enumerate(steps) if s.phase == "schedule") if any(
@@ -156,8 +162,8 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
         explain = getattr(step.pass_, "explain", None)
         if isinstance(explain, Explainer):
             report.explanations += explain.lines()
-    if quantizing:
-        report.quantization = quantizing[0].report
+    if int8 or weight_only:
+        report.quantization = (int8 or weight_only)[0].report
     report.tuned_kernels = sum(1 for v in report.schedules.values() if v == "tuned")
     report.phase_seconds.update(manager.phase_seconds())
     report.pass_seconds = [(t.name, round(t.seconds, 4)) for t in manager.timings]

@@ -22,10 +22,12 @@ import operator
 import re
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx.inliner
 import onnx.version_converter
 from onnx import external_data_helper
+import tvm
 from tvm import relax, tirx, topi
 from tvm.relax.frontend.onnx import onnx_frontend as _tvm_onnx
 
@@ -360,6 +362,19 @@ class _KeptAsTE(Exception):
     """A converter produced a TE function with no Relax equivalent (reported with the node by _Importer)."""
 
 
+def _constant_of_shape(shape: tvm.ir.GenericConst, attrs: dict) -> relax.Constant:
+    """ConstantOfShape with a constant shape, of any rank.
+
+    Workaround: TVM 0.27's converter folds only 1-D shapes; a 0-D one (an empty shape
+    tensor, which PyTorch's exporter emits for BERT's embeddings and attention mask)
+    becomes ``broadcast_to`` of the 1-element ``value`` to rank 0 and fails.
+    """
+    value = attrs.get("value")
+    value = _tvm_onnx.get_numpy(value) if value is not None else np.zeros(1, np.float32)
+    dims = [int(d) for d in shape.value.numpy().ravel()]
+    return relax.const(np.full(dims, value.ravel()[0], value.dtype))
+
+
 class _Importer(_tvm_onnx.ONNXGraphImporter):
     """TVM's importer, with failures tagged by the node that caused them."""
 
@@ -375,6 +390,8 @@ class _Importer(_tvm_onnx.ONNXGraphImporter):
         return super()._parse_value_proto(value_proto)
 
     def _convert_operator(self, op_name, inputs, attrs, opset):
+        if op_name == "ConstantOfShape" and inputs and isinstance(inputs[0], tvm.ir.GenericConst):
+            return _constant_of_shape(inputs[0], attrs)
         try:
             return super()._convert_operator(op_name, inputs, attrs, opset)
         except FrontendError:

@@ -13,9 +13,10 @@ from .pipeline import (PHASES, MergeOptions, PipelineOptions, build_pipeline, ca
                        merge_passes)
 from .mixed_precision import PRECISIONS, ToMixedPrecision
 from .quantize_int8 import Int8, QuantizeInt8
+from .quantize_weights import QuantizeWeights, WeightOnly
 from .remove_identity_ops import RemoveIdentityOps
 
 __all__ = ["CanonicalizeOps", "Explainer", "FoldBatchNorm", "FoldConstantLayout", "FuseHorizontal", "LegalizeGroupedConv", "LiftWeights", "PHASES", "PassManager",
            "MERGED", "MergeCommonStems", "MergeOptions", "MergeReport", "PassTiming", "PipelineOptions", "RemoveIdentityOps", "Step", "build_pipeline",
            "canonicalize_passes", "fuse_passes", "merge_passes", "resolve_shared_inputs", "PRECISIONS",
-           "ToMixedPrecision", "Int8", "QuantizeInt8"]
+           "ToMixedPrecision", "Int8", "QuantizeInt8", "QuantizeWeights", "WeightOnly"]

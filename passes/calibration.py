@@ -27,6 +27,7 @@ import tvm
 from tvm import relax
 
 from ..errors import SmeltError
+from ..ir import TensorSpec, tensor_specs
 from .mutate import rebind
 
 log = logging.getLogger(__name__)
@@ -149,9 +150,15 @@ def affine(lo: float, hi: float) -> tuple[float, int]:
     return scale, int(np.clip(round(-128 - lo / scale), -128, 127))
 
 
-def read_data(calib, func_name: str, params: list[relax.Var]) -> Iterable[dict[str, np.ndarray]]:
-    """Batches ``{param name: array}`` for ``func_name`` from ``calib`` (see the module docstring)."""
-    names = [p.name for p in params]
+def input_specs(func: relax.Function) -> list[TensorSpec]:
+    """The model inputs of ``func`` (its first ``num_input`` parameters) as specs."""
+    n = int(func.attrs["num_input"]) if func.attrs is not None and "num_input" in func.attrs else len(func.params)
+    return [tensor_specs(p.ty, [p.name])[0] for p in func.params[:n]]
+
+
+def read_data(calib, func_name: str, specs: list[TensorSpec]) -> Iterable[dict[str, np.ndarray]]:
+    """Batches ``{input name: array}`` for ``func_name`` from ``calib`` (see the module docstring)."""
+    names = [t.name for t in specs]
     if isinstance(calib, (str, Path)):
         path = Path(calib)
         if path.is_dir():
@@ -174,7 +181,7 @@ def read_data(calib, func_name: str, params: list[relax.Var]) -> Iterable[dict[s
         if len(counts) != 1:
             raise SmeltError(f"{path}: the inputs of {func_name} have different sample counts: "
                              + ", ".join(f"{n} {len(a)}" for n, a in arrays.items()))
-        batch = _batch_size(params)
+        batch = _batch_size(specs)
         total = counts.pop()
         return [{n: a[i:i + batch] for n, a in arrays.items()} for i in range(0, total - batch + 1, batch)]
     if isinstance(calib, Iterable):
@@ -183,26 +190,28 @@ def read_data(calib, func_name: str, params: list[relax.Var]) -> Iterable[dict[s
                      "or an iterable of {input: array} batches")
 
 
-def _batch_size(params: list[relax.Var]) -> int:
+def _batch_size(specs: list[TensorSpec]) -> int:
     """The first dimension the model fixes (its static batch), else 16."""
-    dims = {int(p.ty.shape[0]) for p in params if isinstance(p.ty, relax.TensorType) and p.ty.shape is not None
-            and len(p.ty.shape) and isinstance(p.ty.shape[0], tvm.tirx.IntImm)}
+    dims = {t.shape[0] for t in specs if len(t.shape) and isinstance(t.shape[0], int)}
     return dims.pop() if len(dims) == 1 else 16
 
 
-def _check(func_name: str, params: list[relax.Var], batch: dict) -> list[np.ndarray]:
+def check_batch(func_name: str, specs: list[TensorSpec], batch: dict, what: str = "calibration") -> list[np.ndarray]:
+    """The arrays of ``batch`` in input order, converted to each input's dtype; ``SmeltError``
+    naming the input, the expected and the actual shape when one is missing or does not fit."""
+    if not isinstance(batch, dict):
+        raise SmeltError(f"{what} batch for {func_name}: expected a dict of input arrays, got {type(batch).__name__}")
     out = []
-    for p in params:
-        a = batch.get(f"{func_name}.{p.name}", batch.get(p.name))
+    for t in specs:
+        a = batch.get(f"{func_name}.{t.name}", batch.get(t.name))
         if a is None:
-            raise SmeltError(f"calibration batch for {func_name} has no input {p.name!r} "
+            raise SmeltError(f"{what} batch for {func_name} has no input {t.name!r} "
                              f"(it has {', '.join(map(str, batch)) or 'nothing'})")
         a = np.asarray(a)
-        shape = [d.value if isinstance(d, tvm.tirx.IntImm) else None for d in p.ty.shape]
-        if a.ndim != len(shape) or any(e is not None and e != d for e, d in zip(shape, a.shape)):
-            want = "(" + ", ".join("?" if e is None else str(e) for e in shape) + ")"
-            raise SmeltError(f"calibration input {func_name}.{p.name}: expected shape {want}, got {tuple(a.shape)}")
-        out.append(np.ascontiguousarray(a, dtype=str(p.ty.dtype)))
+        if a.ndim != len(t.shape) or any(isinstance(e, int) and e != d for e, d in zip(t.shape, a.shape)):
+            want = "(" + ", ".join(str(e) if isinstance(e, int) else "?" for e in t.shape) + ")"
+            raise SmeltError(f"{what} input {func_name}.{t.name}: expected shape {want}, got {tuple(a.shape)}")
+        out.append(np.ascontiguousarray(a, dtype=t.dtype))
     return out
 
 
@@ -230,13 +239,10 @@ def calibrate(mod: tvm.IRModule, funcs: dict[str, list[Site]], calib,
     first: dict[str, np.ndarray] = {}
     batches = 0
     for name, ss in funcs.items():
-        params = list(mod[name].params)
+        specs = input_specs(mod[name])
         seen = 0
-        for batch in read_data(calib, name, params):
-            if not isinstance(batch, dict):
-                raise SmeltError(f"calibration batch {seen} for {name}: expected a dict of input arrays, "
-                                 f"got {type(batch).__name__}")
-            arrays = _check(name, params, batch)
+        for batch in read_data(calib, name, specs):
+            arrays = check_batch(name, specs, batch)
             outs = vm[name](*[tvm.runtime.tensor(a, tvm.cpu()) for a in arrays])
             for s, tap in zip(ss, list(outs)[1:]):
                 act = tap.numpy()
@@ -246,7 +252,7 @@ def calibrate(mod: tvm.IRModule, funcs: dict[str, list[Site]], calib,
             seen += 1
         if seen == 0:
             raise SmeltError(f"calibration data for {name} holds no complete batch "
-                             f"(batch size {_batch_size(params)})")
+                             f"(batch size {_batch_size(specs)})")
         batches += seen
         log.info("calibrated %s on %d batches", name, seen)
     return hists, first, batches

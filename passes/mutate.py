@@ -58,6 +58,27 @@ def rebind(name: str, func: relax.Function, rewrite: Callable | None = None, tap
     ``func``, are returned too: the result becomes ``(result, *taps)``.
     """
     bb = relax.BlockBuilder()
+    _emit_again(bb, name, func, rewrite, taps)
+    return bb.get()[name]
+
+
+def rebind_in(mod: tvm.IRModule, name: str, rewrite: Callable) -> tvm.IRModule:
+    """``mod`` with its function ``name`` rebound as by ``rebind``; what ``rewrite`` adds
+    to the module (TIR kernels of ``bb.call_te``) comes along."""
+    bb = relax.BlockBuilder(mod)
+    temp = f"{name}__rebound"  # the builder would rename a second function called ``name``
+    _emit_again(bb, temp, mod[name], rewrite, ())
+    built = bb.get()
+    funcs = {gv: f for gv, f in built.functions_items() if gv.name_hint != temp}
+    func = mod[name]
+    symbol = func.attrs.get("global_symbol") if func.attrs is not None else None
+    new = built[temp]
+    funcs[mod.get_global_var(name)] = new.with_attr("global_symbol", symbol) if symbol else \
+        new.without_attr("global_symbol")
+    return tvm.IRModule(funcs, attrs=mod.attrs)
+
+
+def _emit_again(bb: relax.BlockBuilder, name: str, func: relax.Function, rewrite, taps) -> None:
     attrs = {k: v for k, v in func.attrs.items()} if func.attrs is not None else None
     env: dict = {}
     tapped = set(taps)
@@ -79,7 +100,6 @@ def rebind(name: str, func: relax.Function, rewrite: Callable | None = None, tap
                     env[b.var] = bb.emit(value)
             result = sub(func.body.body)
         bb.emit_func_output(relax.Tuple([result] + [sub(t) for t in taps]) if taps else result)
-    return bb.get()[name]
 
 
 def static_ints(values) -> list[int] | None:

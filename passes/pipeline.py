@@ -92,13 +92,17 @@ def fuse_passes(opts: PipelineOptions) -> list[tvm.transform.Pass]:
 
 
 def build_pipeline(backend, target: tvm.target.Target, opts: PipelineOptions | None = None,
-                   merge: list | None = None, quantize: list | None = None) -> list[Step]:
-    """The full pipeline for ``backend`` as a list of ``Step``s."""
+                   merge: list | None = None, quantize: list | None = None,
+                   after_precision: list | None = None) -> list[Step]:
+    """The full pipeline for ``backend`` as a list of ``Step``s. The quantize phase runs
+    ``quantize`` (calibrated INT8 reads float32), then ``ToMixedPrecision``, then
+    ``after_precision`` (weight-only quantization keeps the compute type it finds)."""
     opts = opts or PipelineOptions()
     phases = {
         "canonicalize": canonicalize_passes(opts),
         "merge": list(merge or []),
-        "quantize": list(quantize or []) + ([ToMixedPrecision(opts.precision)] if opts.precision != "float32" else []),
+        "quantize": list(quantize or []) + ([ToMixedPrecision(opts.precision)] if opts.precision != "float32" else [])
+        + list(after_precision or []),
         "fuse": fuse_passes(opts),
         "schedule": backend.schedule_passes(target),
         "lower": [LiftWeights] + backend.lower_passes(target),

@@ -104,7 +104,7 @@ class QuantizeInt8:
         names = {gv.name_hint for gv in mod.get_global_vars()}
         funcs = {m: sites(m, mod[m]) for m in self.models if m in names and isinstance(mod[m], relax.Function)}
         funcs = {m: ss for m, ss in funcs.items() if ss}
-        rep = {"method": self.config.method, "batches": 0, "quantized": {}, "fallback": {}, "skipped": {}}
+        rep = {"scheme": "int8", "method": self.config.method, "batches": 0, "quantized": {}, "fallback": {}, "skipped": {}}
         self.report = rep
         if not funcs:
             log.warning("INT8: no convolution or matmul with a constant weight to quantize")

@@ -148,7 +148,9 @@ def test_cli_quantize_int8(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["options"]["quantize"]["method"] == "percentile"
     r = CliRunner().invoke(main, ["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o2"), "--quantize", "int8"])
-    assert r.exit_code != 0 and "--quantize int8 and --calib go together" in r.output
+    assert r.exit_code != 0 and "--quantize int8 needs --calib" in r.output
+    r = CliRunner().invoke(main, ["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o3"), "--calib", str(path)])
+    assert r.exit_code != 0 and "--calib goes with --quantize int8" in r.output
 
 
 def test_digits_cnn_int8_within_one_point_of_float32(tmp_path):
