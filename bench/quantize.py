@@ -19,16 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime import quantization as ortq
 
 import smelt
 from smelt.examples import zoo
+from smelt.examples.reference import ort_quantize_static
 
 MODELS = {"resnet18": lambda: zoo.resnet(18, batch=1, size=112),
           "mlp": lambda: zoo.mlp(batch=16),
           "encoder": lambda: zoo.transformer_encoder(layers=2, batch=1, seq=32)}
-ORT_METHOD = {"minmax": ortq.CalibrationMethod.MinMax, "percentile": ortq.CalibrationMethod.Percentile,
-              "entropy": ortq.CalibrationMethod.Entropy}
 
 
 def _shape(m):
@@ -52,14 +50,6 @@ def _score(y, ref) -> dict:
             "rel_err": float(np.abs(y - ref).max() / np.abs(ref).max())}
 
 
-class _Reader(ortq.CalibrationDataReader):
-    def __init__(self, batches):
-        self.it = iter(batches)
-
-    def get_next(self):
-        return next(self.it, None)
-
-
 def run(name: str, methods: list[str], tmp: Path) -> list[dict]:
     m = MODELS[name]()
     inp, shape = _shape(m)
@@ -81,9 +71,7 @@ def run(name: str, methods: list[str], tmp: Path) -> list[dict]:
         rt = smelt.load(art.save(tmp / f"{name}_{method}", force=True))
         ys = [np.asarray(rt.run("m", **{inp: x})) for x in evals]
         qpath = tmp / f"{name}_{method}_ort.onnx"
-        ortq.quantize_static(str(path), str(qpath), _Reader(calib), quant_format=ortq.QuantFormat.QDQ,
-                             per_channel=True, activation_type=ortq.QuantType.QInt8,
-                             weight_type=ortq.QuantType.QInt8, calibrate_method=ORT_METHOD[method])
+        ort_quantize_static(path, qpath, calib, method)
         qs = ort.InferenceSession(str(qpath))
         os_ = [qs.run(None, {inp: x})[0] for x in evals]
         s_smelt, s_ort = _score(np.stack(ys), np.stack(refs)), _score(np.stack(os_), np.stack(refs))

@@ -224,35 +224,72 @@ def observed(mod: tvm.IRModule, funcs: dict[str, list[Site]]) -> tvm.IRModule:
     return out
 
 
-def calibrate(mod: tvm.IRModule, funcs: dict[str, list[Site]], calib,
-              bins: int = 2048) -> tuple[dict[str, Histogram], dict[str, np.ndarray], int]:
-    """Run ``calib`` through the float32 ``mod`` on the CPU: (histogram per site key, the first
-    batch's activation per site key, batches seen). An iterable serves every model: its
-    batches are kept (inputs only) when there are several, and keys may be ``model.input``."""
-    if len(funcs) > 1 and not isinstance(calib, (str, Path)) and isinstance(calib, Iterable):
+@dataclass
+class Calibration:
+    """What ``calibrate`` saw, per site key: the activation's histogram, its first batch, and
+    for matmuls the smoothing scale per input channel with the histogram of the smoothed
+    activation (``smooth`` and ``smoothed`` are empty without ``alpha``)."""
+
+    hists: dict[str, Histogram]
+    first: dict[str, np.ndarray]
+    batches: int
+    smooth: dict[str, np.ndarray]
+    smoothed: dict[str, Histogram]
+
+
+def smooth_scales(x_absmax: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant's per-input-channel scales ``s`` for ``x @ w``: ``x / s`` and ``s * w`` give
+    the same product, with activation outliers moved into the weight by ``alpha`` in [0, 1]."""
+    w_absmax = np.abs(w).max(axis=1)
+    s = np.power(np.maximum(x_absmax, 1e-5), alpha) / np.power(np.maximum(w_absmax, 1e-5), 1 - alpha)
+    return np.clip(s, 1e-4, 1e4).astype(np.float32)
+
+
+def calibrate(mod: tvm.IRModule, funcs: dict[str, list[Site]], calib, bins: int = 2048,
+              alpha: float = 0.0) -> Calibration:
+    """Run ``calib`` through the float32 ``mod`` on the CPU and fold every site's activation
+    input into a histogram. With ``alpha`` > 0, a second pass over the data histograms each
+    matmul's activation divided by its smoothing scales (known only after the first pass).
+    An iterable serves every model: its batches are kept (inputs only) when read more than
+    once, and keys may be ``model.input``."""
+    if (len(funcs) > 1 or alpha > 0) and not isinstance(calib, (str, Path)) and isinstance(calib, Iterable):
         calib = list(calib)
     target = tvm.target.Target({"kind": "llvm"})
     with target:
         ex = tvm.compile(observed(mod, funcs), target=target)
     vm = relax.VirtualMachine(ex, tvm.cpu())
-    hists = {s.key: Histogram(bins) for ss in funcs.values() for s in ss}
-    first: dict[str, np.ndarray] = {}
-    batches = 0
+    cal = Calibration({s.key: Histogram(bins) for ss in funcs.values() for s in ss}, {}, 0, {}, {})
+    absmax: dict[str, np.ndarray] = {}
     for name, ss in funcs.items():
         specs = input_specs(mod[name])
-        seen = 0
-        for batch in read_data(calib, name, specs):
-            arrays = check_batch(name, specs, batch)
-            outs = vm[name](*[tvm.runtime.tensor(a, tvm.cpu()) for a in arrays])
-            for s, tap in zip(ss, list(outs)[1:]):
-                act = tap.numpy()
-                hists[s.key].add(act)
-                if s.key not in first:
-                    first[s.key] = act
-            seen += 1
-        if seen == 0:
-            raise SmeltError(f"calibration data for {name} holds no complete batch "
-                             f"(batch size {_batch_size(specs)})")
-        batches += seen
-        log.info("calibrated %s on %d batches", name, seen)
-    return hists, first, batches
+
+        def taps():
+            seen = 0
+            for batch in read_data(calib, name, specs):
+                arrays = check_batch(name, specs, batch)
+                outs = vm[name](*[tvm.runtime.tensor(a, tvm.cpu()) for a in arrays])
+                yield [t.numpy() for t in list(outs)[1:]]
+                seen += 1
+            if seen == 0:
+                raise SmeltError(f"calibration data for {name} holds no complete batch "
+                                 f"(batch size {_batch_size(specs)})")
+
+        matmuls = [s for s in ss if s.binding.value.op.name == "relax.matmul"] if alpha > 0 else []
+        for acts in taps():
+            for s, act in zip(ss, acts):
+                cal.hists[s.key].add(act)
+                cal.first.setdefault(s.key, act)
+                if s in matmuls:
+                    m = np.abs(act).reshape(-1, act.shape[-1]).max(axis=0)
+                    absmax[s.key] = np.maximum(absmax[s.key], m) if s.key in absmax else m
+            cal.batches += 1
+        if matmuls:
+            for s in matmuls:
+                cal.smooth[s.key] = smooth_scales(absmax[s.key], s.binding.value.args[1].value.numpy(), alpha)
+                cal.smoothed[s.key] = Histogram(bins)
+            for acts in taps():
+                for s, act in zip(ss, acts):
+                    if s.key in cal.smooth:
+                        cal.smoothed[s.key].add(act / cal.smooth[s.key])
+        log.info("calibrated %s on %d batches", name, cal.batches)
+    return cal

@@ -37,7 +37,7 @@ import tvm
 from tvm import relax
 
 from ..errors import SmeltError
-from .calibration import METHODS, Site, affine, calibrate, sites
+from .calibration import METHODS, Calibration, Site, affine, calibrate, sites
 from .mutate import rebind
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ class Int8:
 
     ``calib``: a ``.npz`` path, a folder of ``<input>.npy`` files or an iterable of
     ``{input: array}`` batches; ``method``: minmax, percentile or entropy;
-    ``max_error``: sites whose estimated relative error exceeds it stay float32.
+    ``max_error``: sites whose estimated relative error exceeds it stay float32;
+    ``smooth``: SmoothQuant's migration strength alpha for matmuls (0 turns it off).
     """
 
     calib: object
@@ -57,17 +58,20 @@ class Int8:
     percentile: float = 99.99
     max_error: float = 0.05
     bins: int = 2048
+    smooth: float = 0.5
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise SmeltError(f"calibration method {self.method!r}: expected one of {', '.join(METHODS)}")
         if not 50.0 < self.percentile <= 100.0:
             raise SmeltError(f"percentile {self.percentile}: expected a value in (50, 100]")
+        if not 0.0 <= self.smooth <= 1.0:
+            raise SmeltError(f"smoothing alpha {self.smooth}: expected a value in [0, 1]")
 
     def to_json(self) -> dict:
         calib = str(self.calib) if isinstance(self.calib, (str, Path)) else f"<{type(self.calib).__name__}>"
         return {"scheme": "int8", "calib": calib, "method": self.method, "percentile": self.percentile,
-                "max_error": self.max_error}
+                "max_error": self.max_error, "smooth": self.smooth}
 
 
 def _quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,16 +108,18 @@ class QuantizeInt8:
         names = {gv.name_hint for gv in mod.get_global_vars()}
         funcs = {m: sites(m, mod[m]) for m in self.models if m in names and isinstance(mod[m], relax.Function)}
         funcs = {m: ss for m, ss in funcs.items() if ss}
-        rep = {"scheme": "int8", "method": self.config.method, "batches": 0, "quantized": {}, "fallback": {}, "skipped": {}}
+        rep = {"scheme": "int8", "method": self.config.method, "batches": 0, "quantized": {}, "fallback": {},
+               "skipped": {}, "smoothed": []}
         self.report = rep
         if not funcs:
             log.warning("INT8: no convolution or matmul with a constant weight to quantize")
             return mod
-        hists, first, rep["batches"] = calibrate(mod, funcs, self.config.calib, self.config.bins)
+        cal = calibrate(mod, funcs, self.config.calib, self.config.bins, self.config.smooth)
+        rep["batches"] = cal.batches
         plans: dict[str, dict] = {}
         for ss in funcs.values():
             for s in ss:
-                plan, why = self._plan(s, hists[s.key], first[s.key])
+                plan, why = self._plan(s, cal)
                 if plan is None:
                     rep["skipped"][s.name] = why
                 elif plan["error"] > self.config.max_error:
@@ -121,6 +127,8 @@ class QuantizeInt8:
                 else:
                     rep["quantized"][s.name] = round(plan["error"], 5)
                     plans[s.key] = plan
+                    if plan["smooth"] is not None:
+                        rep["smoothed"].append(s.name)
         if rep["fallback"]:
             log.info("INT8: %d layers stay float32 (estimated error over %g): %s", len(rep["fallback"]),
                      self.config.max_error, ", ".join(f"{k} {v:.3g}" for k, v in rep["fallback"].items()))
@@ -132,36 +140,45 @@ class QuantizeInt8:
                     m, mod[m], lambda bb, b, value: _int8(bb, value, chosen[b.var][1]) if b.var in chosen else value)
         return out
 
-    def _plan(self, s: Site, hist, x) -> tuple[dict | None, str]:
+    def _plan(self, s: Site, cal: Calibration) -> tuple[dict | None, str]:
         call = s.binding.value
         w = call.args[1].value.numpy()
         if call.op.name == "relax.nn.conv2d":
             a = call.attrs
             if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW":
                 return None, f"layout {a.data_layout}/{a.kernel_layout} (NCHW/OIHW only)"
-            axis = 0
         elif w.ndim != 2:
             return None, f"weight of rank {w.ndim} (2-D weights only)"
-        else:
-            axis = 1
-        if not math.isfinite(hist.min):
+        if not math.isfinite(cal.hists[s.key].min):
             return None, "no finite activation seen in calibration"
-        sx, zx = affine(*hist.range(self.config.method, self.config.percentile))
-        wq, sw = _quantize_weight(w, axis)
-        shape = [1] * w.ndim
-        shape[axis] = -1
-        wd = wq.astype(np.float32) * sw.reshape(shape)
-        if axis == 1:
-            error = _rel(x @ w, _fake(x, sx, zx) @ wd)
-        else:
+        x = cal.first[s.key]
+        if call.op.name == "relax.nn.conv2d":
+            sx, zx = affine(*cal.hists[s.key].range(self.config.method, self.config.percentile))
+            wq, sw = _quantize_weight(w, 0)
+            wd = wq.astype(np.float32) * sw.reshape(-1, 1, 1, 1)
             error = math.hypot(_rel(x, _fake(x, sx, zx)), _rel(w, wd))
-        return {"sx": sx, "zx": zx, "wq": wq, "sw": sw, "error": error}, ""
+            return {"sx": sx, "zx": zx, "wq": wq, "sw": sw, "error": error, "smooth": None}, ""
+        # matmul: the exact output error on the first batch, plain and smoothed; the smaller wins
+        exact = x @ w
+        best = None
+        for smooth, hist in [(None, cal.hists[s.key]), (cal.smooth.get(s.key), cal.smoothed.get(s.key))]:
+            if hist is None:
+                continue
+            xs, ws = (x, w) if smooth is None else (x / smooth, w * smooth[:, None])
+            sx, zx = affine(*hist.range(self.config.method, self.config.percentile))
+            wq, sw = _quantize_weight(ws, 1)
+            error = _rel(exact, _fake(xs, sx, zx) @ (wq.astype(np.float32) * sw))
+            if best is None or error < best["error"]:
+                best = {"sx": sx, "zx": zx, "wq": wq, "sw": sw, "error": error, "smooth": smooth}
+        return best, ""
 
 
 def _int8(bb: relax.BlockBuilder, call: relax.Call, plan: dict) -> relax.Expr:
     """The float32 result of ``call`` computed in int8 x int8 -> int32 (see the module docstring)."""
     x, sx, zx, wq, sw = call.args[0], plan["sx"], plan["zx"], plan["wq"], plan["sw"]
-    xq = relax.op.add(relax.op.round(relax.op.divide(x, relax.const(np.float32(sx)))), relax.const(np.float32(zx)))
+    # smoothing divides each input channel by its scale too: one per-channel divisor
+    div = np.float32(sx) if plan["smooth"] is None else (plan["smooth"] * np.float32(sx)).astype(np.float32)
+    xq = relax.op.add(relax.op.round(relax.op.divide(x, relax.const(div))), relax.const(np.float32(zx)))
     xq = bb.emit(relax.op.astype(relax.op.clip(xq, -128.0, 127.0), "int8"))
     if call.op.name == "relax.nn.conv2d":
         a = call.attrs

@@ -3,7 +3,8 @@
 Requires: the quantize phase, after ``ToMixedPrecision`` when a precision is asked for
 (this pass then sees float16/bfloat16 weights and activations); weights bound as
 constants; functions whose body is one dataflow block.
-Guarantees: every ``matmul`` whose second operand is a 2-D float constant ``W[K, N]``
+Guarantees: every ``matmul`` whose second operand is a float constant ``W[K, N]`` (or a
+batch ``W[..., K, N]`` that the activation batches alike: horizontally fused layers)
 becomes one TIR kernel ``decode_matmul`` reading the quantized weight and its scales:
 symmetric, one scale per group of ``group_size`` consecutive rows of K and per column
 (``w = q x scale``); int8 stored as int8, int4 stored two per byte along K (offset 8,
@@ -30,7 +31,7 @@ import tvm
 from tvm import relax, te, tirx
 
 from ..errors import SmeltError
-from .mutate import rebind_in
+from .mutate import rebind_in, static_ints
 
 log = logging.getLogger(__name__)
 
@@ -58,57 +59,61 @@ class WeightOnly:
 
 
 def quantize_groups(w: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric quantization of ``w[K, N]`` in groups of ``group`` rows: (q int8 in
-    [-2^(bits-1), 2^(bits-1)-1], scales float32 [K / group, N])."""
-    k, n = w.shape
+    """Symmetric quantization of ``w[..., K, N]`` in groups of ``group`` rows of K: (q int8 in
+    [-2^(bits-1), 2^(bits-1)-1], scales float32 ``[..., K / group, N]``)."""
+    *lead, k, n = w.shape
     top = 2 ** (bits - 1) - 1
-    g = w.astype(np.float32).reshape(k // group, group, n)
-    scale = np.abs(g).max(axis=1) / top
+    g = w.astype(np.float32).reshape(*lead, k // group, group, n)
+    scale = np.abs(g).max(axis=-2) / top
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    q = np.clip(np.round(g / scale[:, None, :]), -top - 1, top).astype(np.int8)
-    return q.reshape(k, n), scale
+    q = np.clip(np.round(g / scale[..., None, :]), -top - 1, top).astype(np.int8)
+    return q.reshape(w.shape), scale
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
-    """int4 values ``q[K, N]`` (in [-8, 7]) as bytes ``[ceil(K/2), N]``: row 2i in the low
-    nibble, row 2i+1 in the high one, each stored as q + 8."""
+    """int4 values ``q[..., K, N]`` (in [-8, 7]) as bytes ``[..., ceil(K/2), N]``: row 2i in
+    the low nibble, row 2i+1 in the high one, each stored as q + 8."""
     u = (q.astype(np.int16) + 8).astype(np.uint8)
-    if u.shape[0] % 2:
-        u = np.concatenate([u, np.full((1, u.shape[1]), 8, np.uint8)])
-    return (u[0::2] | (u[1::2] << 4)).astype(np.uint8)
+    if u.shape[-2] % 2:
+        u = np.concatenate([u, np.full(u.shape[:-2] + (1, u.shape[-1]), 8, np.uint8)], axis=-2)
+    return (u[..., 0::2, :] | (u[..., 1::2, :] << 4)).astype(np.uint8)
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """The float32 weight that ``q`` (int8 values, unpacked) and ``scale`` stand for."""
-    group = q.shape[0] // scale.shape[0]
-    return q.astype(np.float32) * np.repeat(scale, group, axis=0)
+    group = q.shape[-2] // scale.shape[-2]
+    return q.astype(np.float32) * np.repeat(scale, group, axis=-2)
 
 
 def _decode_matmul(x: te.Tensor, q: te.Tensor, s: te.Tensor, bits: int, k: int, group: int, out_dtype: str):
-    """TE: ``x @ decode(q, s)``; the decode is its own stage (see the module docstring)."""
+    """TE: ``x @ decode(q, s)`` for ``q`` of shape ``[..., K', N]`` (its leading dims match
+    the last batch dims of ``x``); the decode is its own stage (see the module docstring)."""
     wdt = x.dtype
+    first = len(x.shape) - len(q.shape)  # x's dims before the weight's batch dims
     if bits == 8:
-        w = te.compute((k, q.shape[1]), lambda i, j: q[i, j].astype(wdt) * s[i // group, j].astype(wdt),
-                       name="decode")
+        def decode(*i):
+            *b, r, c = i
+            return q[i].astype(wdt) * s[(*b, r // group, c)].astype(wdt)
     else:
-        def nibble(i, j):
-            byte = q[i // 2, j]
-            v = tirx.bitwise_and(tirx.shift_right(byte, ((i % 2) * 4).astype("uint8")), tirx.const(15, "uint8"))
-            return (v.astype("int8") - tirx.const(8, "int8")).astype(wdt) * s[i // group, j].astype(wdt)
-        w = te.compute((k, q.shape[1]), nibble, name="decode")
-    r = te.reduce_axis((0, k), name="k")
-    lead = list(x.shape[:-1])
-    return te.compute(lead + [q.shape[1]],
-                      lambda *i: te.sum(x[tuple(i[:-1]) + (r,)].astype(out_dtype) * w[r, i[-1]].astype(out_dtype),
-                                        axis=r),
-                      name="matmul")
+        def decode(*i):
+            *b, r, c = i
+            byte = q[(*b, r // 2, c)]
+            v = tirx.bitwise_and(tirx.shift_right(byte, ((r % 2) * 4).astype("uint8")), tirx.const(15, "uint8"))
+            return (v.astype("int8") - tirx.const(8, "int8")).astype(wdt) * s[(*b, r // group, c)].astype(wdt)
+    w = te.compute((*q.shape[:-2], k, q.shape[-1]), decode, name="decode")
+    red = te.reduce_axis((0, k), name="k")
+    return te.compute(
+        (*x.shape[:-1], q.shape[-1]),
+        lambda *i: te.sum(x[(*i[:-1], red)].astype(out_dtype) * w[(*i[first:-2], red, i[-1])].astype(out_dtype),
+                          axis=red),
+        name="matmul")
 
 
 def _weight(e: relax.Expr) -> np.ndarray | None:
-    """The value of a constant 2-D float weight, seen through a cast (mixed precision)."""
+    """The value of a constant float weight, seen through a cast (mixed precision)."""
     if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.astype":
         e = e.args[0]
-    if isinstance(e, tvm.ir.GenericConst) and str(e.ty.dtype).startswith(("float", "bfloat")) and e.ty.ndim == 2:
+    if isinstance(e, tvm.ir.GenericConst) and str(e.ty.dtype).startswith(("float", "bfloat")):
         return e.value.numpy()
     return None
 
@@ -161,14 +166,22 @@ class QuantizeWeights:
         x = call.args[0]
         if not isinstance(x.ty, relax.TensorType) or x.ty.ndim < 1 or not str(x.ty.dtype).startswith(("float", "bfloat")):
             return None, "activation is not a float tensor of known rank"
-        k, n = w.shape
+        if w.ndim < 2:
+            return None, f"weight of rank {w.ndim}"
+        if w.ndim > 2:  # a batch of weights (horizontally fused layers): x's last batch dims must match
+            n = x.ty.ndim
+            batch = static_ints([x.ty.shape[i] for i in range(n - w.ndim, n - 2)]) \
+                if x.ty.shape is not None and n >= w.ndim else None
+            if batch != list(w.shape[:-2]):
+                return None, f"batched weight {list(w.shape)} with activation of shape {x.ty.shape}"
+        k, n = w.shape[-2:]
         group = self.config.group_size
         if k % group:
             log.info("weight-only: K=%d is not a multiple of group size %d; one scale per column", k, group)
             group = k
         q, scale = quantize_groups(w, self.config.bits, group)
         wd = dequantize(q, scale)
-        error = float(np.linalg.norm(w.astype(np.float32) - wd) / max(np.linalg.norm(w.astype(np.float32)), 1e-30))
+        error = float(np.linalg.norm(w.astype(np.float32) - wd) / max(float(np.linalg.norm(w.astype(np.float32))), 1e-30))
         stored = q if self.config.bits == 8 else pack_int4(q)
         return {"q": stored, "scale": scale.astype(w.dtype), "k": k, "group": group, "error": error}, ""
 
