@@ -17,7 +17,9 @@ Some rules apply and produce wrong code without raising. ``MISCOMPILES`` lists e
 such rule with the compute blocks it must not take; the next rule schedules those
 kernels. Seen on the H200 (sm_90): dlight's Reduction rule on a grouped 1×1 conv
 (block ``group_conv2d_nchw``, what horizontal fusion of several CNNs makes) gave a
-relative error of 0.59; ``tests/backends/test_cuda_execution.py`` checks it.
+relative error of 0.59; ``tests/backends/test_cuda_execution.py`` checks it. Likewise
+``BREAKS_CODEGEN`` lists rules whose schedule for kernels with some input dtype does not
+build at all.
 """
 
 from __future__ import annotations
@@ -41,11 +43,22 @@ def default_rules() -> list:
 
 # rule name -> prefixes of block names whose kernels that rule miscompiles (see the docstring)
 MISCOMPILES: dict[str, tuple[str, ...]] = {"Reduction": ("group_conv2d",)}
+# rule name -> (block name prefixes, buffer dtypes all present) of kernels whose schedule by
+# that rule does not build: dlight's Matmul tensorizes int8 x int8 -> int32 matmuls with
+# wmma and TVM's CUDA codegen fails ("fragment_info_" check, seen building INT8 BERT for
+# sm_90; int8 convolutions build).
+BREAKS_CODEGEN: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
+    "Matmul": (("matmul",), frozenset({"int8", "int32"}))}
 
 
 def _block_names(func: tirx.PrimFunc) -> set[str]:
     # TVM 0.27's Python API has no TIR statement visitor; the printed blocks name them all.
     return set(re.findall(r'T\.sblock\("([^"]+)"', func.script()))
+
+
+def _buffer_dtypes(func: tirx.PrimFunc) -> set[str]:
+    # nor a buffer map: the printed parameters and allocations give every buffer's dtype
+    return set(re.findall(r'(?:T\.Buffer|alloc_buffer)\(.*?, "(\w+)"\)', func.script()))
 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyDefaultSchedules")
@@ -69,7 +82,7 @@ class ApplyDefaultSchedules:
             target = func.attrs.get("target") if func.attrs is not None else None
             target = target or tvm.target.Target.current(allow_none=False)
             sch, failures = None, []
-            blocks = None
+            blocks = dtypes = None
             for rule in self.rules:
                 rule_name = type(rule).__name__
                 if rule_name in MISCOMPILES:
@@ -77,6 +90,15 @@ class ApplyDefaultSchedules:
                     bad = [b for b in blocks if b.startswith(MISCOMPILES[rule_name])]
                     if bad:
                         failures.append(f"{rule_name}: skipped, it miscompiles {bad[0]}")
+                        continue
+                if rule_name in BREAKS_CODEGEN:
+                    prefixes, kinds = BREAKS_CODEGEN[rule_name]
+                    dtypes = _buffer_dtypes(func) if dtypes is None else dtypes
+                    blocks = _block_names(func) if blocks is None else blocks
+                    bad = [b for b in blocks if b.startswith(prefixes)]
+                    if bad and kinds <= dtypes:
+                        failures.append(f"{rule_name}: skipped, its code for {bad[0]} on "
+                                        f"{'/'.join(sorted(kinds))} does not build")
                         continue
                 try:
                     space = rule.apply(func, target, False)

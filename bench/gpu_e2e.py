@@ -45,9 +45,9 @@ def torch_ms(fn, x, reps=50) -> float:
 
 
 def smelt_run(name: str, module: torch.nn.Module, x: torch.Tensor, out_dir: Path, tune_log_dir,
-              precision: str) -> dict:
+              precision: str, quantize=None) -> dict:
     t0 = time.perf_counter()
-    art = smelt.compile([(module, (x,))], target="cuda", names=[name], precision=precision,
+    art = smelt.compile([(module, (x,))], target="cuda", names=[name], precision=precision, quantize=quantize,
                         options=smelt.CompileOptions(tune_log_dir=tune_log_dir))
     compile_s = time.perf_counter() - t0
     art.save(out_dir / name, force=True)
@@ -56,6 +56,7 @@ def smelt_run(name: str, module: torch.nn.Module, x: torch.Tensor, out_dir: Path
     y = rt.run(name, **{rt.models[name].inputs[0].name: xn})
     ms = 1e3 * statistics.median(rt.time(name, number=20, repeat=5, **{rt.models[name].inputs[0].name: xn}))
     return {"y": y, "ms": ms, "compile_s": round(compile_s, 1), "kernels": art.report.kernels,
+            "quantization": art.report.quantization, "weight_bytes": art.report.weight_bytes,
             "tuned_kernels": art.report.tuned_kernels, "fallbacks": art.report.schedule_fallbacks}
 
 

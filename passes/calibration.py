@@ -255,7 +255,9 @@ def calibrate(mod: tvm.IRModule, funcs: dict[str, list[Site]], calib, bins: int 
     if (len(funcs) > 1 or alpha > 0) and not isinstance(calib, (str, Path)) and isinstance(calib, Iterable):
         calib = list(calib)
     target = tvm.target.Target({"kind": "llvm"})
-    with target:
+    # A clean pass context: the compile that calls us may run under the GPU backend's
+    # options (CUDA graph capture), which a CPU build cannot link.
+    with tvm.transform.PassContext(opt_level=3), target:
         ex = tvm.compile(observed(mod, funcs), target=target)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     cal = Calibration({s.key: Histogram(bins) for ss in funcs.values() for s in ss}, {}, 0, {}, {})

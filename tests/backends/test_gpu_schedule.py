@@ -119,3 +119,21 @@ def test_reduction_rule_never_schedules_grouped_convolutions():
     (name,) = sched.report
     assert sched.report[name] != "Reduction"
     assert "Reduction: skipped, it miscompiles group_conv2d_nchw" in sched.fallbacks[name]
+
+
+@pytest.mark.usefixtures("requires_cuda_compiler")
+def test_int8_matmuls_build_for_cuda_without_the_matmul_rule(tmp_path):
+    """dlight's Matmul schedule of an int8 x int8 -> int32 matmul fails CUDA codegen; an
+    INT8 model must still build, its matmuls scheduled by the next rule."""
+    import numpy as np
+
+    import smelt
+    from smelt.examples import zoo
+
+    m = zoo.mlp(batch=4)
+    calib = [{"features": np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)}]
+    art = smelt.compile([m], "cuda", arch="sm_90", names=["m"], quantize=smelt.Int8(calib=calib),
+                        options=smelt.CompileOptions(tune_log_dir=None))
+    skipped = {k: v for k, v in art.report.schedule_fallbacks.items() if "Matmul: skipped" in v}
+    assert len(skipped) == 3 and all("matmul on int32/int8" in v for v in skipped.values())
+    assert all(art.report.schedules[k] != "Matmul" for k in skipped)
