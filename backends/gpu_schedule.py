@@ -44,11 +44,11 @@ def default_rules() -> list:
 # rule name -> prefixes of block names whose kernels that rule miscompiles (see the docstring)
 MISCOMPILES: dict[str, tuple[str, ...]] = {"Reduction": ("group_conv2d",)}
 # rule name -> (block name prefixes, buffer dtypes all present) of kernels whose schedule by
-# that rule does not build: dlight's Matmul tensorizes int8 x int8 -> int32 matmuls with
-# wmma and TVM's CUDA codegen fails ("fragment_info_" check, seen building INT8 BERT for
-# sm_90; int8 convolutions build).
+# that rule does not build: dlight's Matmul tensorizes int8 x int8 -> int32 matmuls and
+# convolutions with wmma and TVM's CUDA codegen fails ("fragment_info_" check, seen
+# building INT8 BERT and ResNet-50 for sm_90).
 BREAKS_CODEGEN: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
-    "Matmul": (("matmul",), frozenset({"int8", "int32"}))}
+    "Matmul": (("matmul", "conv"), frozenset({"int8", "int32"}))}
 
 
 def _block_names(func: tirx.PrimFunc) -> set[str]:
