@@ -104,6 +104,9 @@ def _parse_shape(value: str) -> tuple[str, list]:
 @click.option("--calib-percentile", default=99.99, show_default=True, type=float, help="With --calib-method percentile.")
 @click.option("--max-error", default=0.05, show_default=True, type=float,
               help="With --quantize: layers whose estimated relative error exceeds this stay float32.")
+@click.option("--smooth", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="With --quantize int8: SmoothQuant strength for matmuls (0: off); per layer, the "
+              "smoothed form is kept only where it measures more accurate.")
 @click.option("--tune-log-dir", default="tune_logs", show_default=True, type=click.Path(file_okay=False),
               help="Where tuning records are looked up.")
 @click.option("--merge", is_flag=True, help="Add the __all__ entry: shared stems computed once, same-shaped "
@@ -117,7 +120,7 @@ def _parse_shape(value: str) -> tuple[str, list]:
 @click.option("--json", "as_json", is_flag=True, help="Print the compile report as JSON.")
 def compile(models, target, arch, triple, output, names, shapes, force, emit_source, dump_ir, verify_each,
             no_cuda_graph, no_fold_batch_norm, precision, quantize, group_size, calib, calib_method, calib_percentile,
-            max_error, tune_log_dir, merge, share_inputs, share_pairs, no_horizontal, explain, quiet, as_json):
+            max_error, smooth, tune_log_dir, merge, share_inputs, share_pairs, no_horizontal, explain, quiet, as_json):
     """Compile MODELS (.onnx, .pt2) together into one artifact folder."""
     from . import CompileOptions, PipelineOptions, TargetOptions
     from .passes import MergeOptions
@@ -133,7 +136,8 @@ def compile(models, target, arch, triple, output, names, shapes, force, emit_sou
                           PipelineOptions(fold_batch_norm=not no_fold_batch_norm, precision=_PRECISION[precision]),
                           tune_log_dir, verify_each, dump_ir,
                           MergeOptions(merge, share_inputs, _share_pairs(share_pairs), not no_horizontal),
-                          _quantize_config(quantize, group_size, calib, calib_method, calib_percentile, max_error))
+                          _quantize_config(quantize, group_size, calib, calib_method, calib_percentile, max_error,
+                                           smooth))
     input_shapes = dict(_parse_shape(s) for s in shapes)
     t0 = time.perf_counter()
     show_bar = not quiet and not as_json and sys.stderr.isatty()
@@ -161,7 +165,7 @@ def compile(models, target, arch, triple, output, names, shapes, force, emit_sou
             click.echo("\n".join(format_explanations(art.report.explanations)))
 
 
-def _quantize_config(scheme, group_size, calib, method, percentile, max_error):
+def _quantize_config(scheme, group_size, calib, method, percentile, max_error, smooth=0.5):
     """``--quantize`` and its options as the API's ``Int8`` or ``WeightOnly`` (None without it)."""
     from . import Int8, WeightOnly
 
@@ -170,7 +174,7 @@ def _quantize_config(scheme, group_size, calib, method, percentile, max_error):
             raise click.UsageError("--quantize int8 needs --calib (calibration data)")
         if not scheme:
             raise click.UsageError("--calib goes with --quantize int8")
-        return Int8(calib, method, percentile, max_error)
+        return Int8(calib, method, percentile, max_error, smooth=smooth)
     if calib:
         raise click.UsageError(f"--calib goes with --quantize int8; {scheme} needs no calibration")
     return WeightOnly(int(scheme[1:]), group_size) if scheme else None
@@ -229,6 +233,7 @@ def format_compile_summary(art, path: Path, total: float) -> str:
                         if q["skipped"] else ""))
     elif q:
         lines.append(f"  int8 ({q['method']}, {q['batches']} calibration batches): {len(q['quantized'])} layers"
+                     + (f" ({len(q['smoothed'])} smoothed)" if q.get("smoothed") else "")
                      + ("; float32 (estimated error over the limit): "
                         + ", ".join(f"{k} {v:.3g}" for k, v in q["fallback"].items()) if q["fallback"] else "")
                      + ("; not handled: " + ", ".join(f"{k} ({v})" for k, v in q["skipped"].items())
@@ -264,13 +269,14 @@ def format_compile_summary(art, path: Path, total: float) -> str:
 @click.option("--calib-method", default="minmax", show_default=True, type=click.Choice(["minmax", "percentile", "entropy"]))
 @click.option("--calib-percentile", default=99.99, show_default=True, type=float)
 @click.option("--max-error", default=0.05, show_default=True, type=float)
+@click.option("--smooth", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0))
 @click.option("--group-size", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("-t", "--target", default="cpu", show_default=True, type=click.Choice(_targets()))
 @click.option("--name", "names", multiple=True, help="Model names, one per model, in order.")
 @click.option("--input-shape", "shapes", multiple=True, metavar="[MODEL.]INPUT=D1,D2,…")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def quantize_report(models, quantize, calib, eval_data, calib_method, calib_percentile, max_error, group_size,
-                    target, names, shapes, as_json):
+def quantize_report(models, quantize, calib, eval_data, calib_method, calib_percentile, max_error, smooth,
+                    group_size, target, names, shapes, as_json):
     """Per-layer and end-to-end error of quantizing MODELS, measured on evaluation data."""
     from . import quantize_report as measure
 
@@ -278,7 +284,7 @@ def quantize_report(models, quantize, calib, eval_data, calib_method, calib_perc
         raise click.BadParameter(f"{len(names)} --name values for {len(models)} models", param_hint="--name")
     if quantize != "int8" and not eval_data:
         raise click.UsageError(f"--quantize {quantize} needs --eval (evaluation data)")
-    config = _quantize_config(quantize, group_size, calib, calib_method, calib_percentile, max_error)
+    config = _quantize_config(quantize, group_size, calib, calib_method, calib_percentile, max_error, smooth)
     input_shapes = dict(_parse_shape(s) for s in shapes)
     r = measure(list(models), config, eval_data, target, names=list(names) or None, input_shapes=input_shapes or None)
     click.echo(json.dumps(r.to_json(), indent=1) if as_json else format_quantize_report(r))
