@@ -23,6 +23,7 @@ if __name__ != "smelt":
 else:
     from .accuracy import QuantizeReport, quantize_report
     from .artifact import Artifact, Runtime, load
+    from .benchmark import BenchResult, bench
     from .backends import TargetOptions
     from .compiler import CompileOptions, CompileReport, MergeAnalysis, analyze_merge, compile, import_models
     from .errors import (ArtifactError, BackendError, FrontendError, InputError, PassError, SmeltError,
@@ -33,4 +34,4 @@ else:
     __all__ = ["MergeAnalysis", "analyze_merge", "Artifact", "ArtifactError", "BackendError", "CompileOptions", "CompileReport", "FrontendError",
                "InputError", "Int8", "PassError", "PipelineOptions", "Program", "Runtime", "SmeltError", "TargetOptions",
                "UnsupportedOpsError", "WeightOnly", "compile", "import_models", "load", "QuantizeReport",
-               "quantize_report"]
+               "quantize_report", "BenchResult", "bench"]

@@ -234,14 +234,14 @@ class Runtime:
             out.append(np.ascontiguousarray(a))
         return out
 
-    def _device_args(self, model: str, inputs: dict) -> list:
+    def device_args(self, model: str, inputs: dict) -> list:
         """Checked inputs copied to the device, then the model's weights (already there)."""
         arrays = self.check_inputs(model, inputs)
         return [tvm.runtime.tensor(a, self.device) for a in arrays] + [self._weights[k] for k in self.models[model].weights]
 
     def run(self, model: str, **inputs):
         """Run ``model``; returns one array, or a tuple when the model has several outputs."""
-        args = self._device_args(model, inputs)  # checks the model name and inputs first
+        args = self.device_args(model, inputs)  # checks the model name and inputs first
         result = self.vm[model](*args)
         outs = _flatten(result)
         return outs[0] if len(outs) == 1 else tuple(outs)
@@ -249,7 +249,7 @@ class Runtime:
     def time(self, model: str, number: int = 10, repeat: int = 5, **inputs) -> list[float]:
         """Seconds per run (``repeat`` averages of ``number`` runs each), inputs and weights already
         on the device, after one warm-up run: what a deployment pays per call."""
-        args = self._device_args(model, inputs)
+        args = self.device_args(model, inputs)
         self.vm[model](*args)
         timer = self.vm.time_evaluator(model, self.device, number=number, repeat=repeat)
         return [float(r) for r in timer(*args).results]

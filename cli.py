@@ -259,6 +259,65 @@ def format_compile_summary(art, path: Path, total: float) -> str:
     return "\n".join(lines)
 
 
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("-t", "--target", default="cpu", show_default=True, type=click.Choice(_targets()))
+@click.option("--arch", help="sm_XX for cuda, gfxNNN for rocm (default: the local GPU).")
+@click.option("--tune-log-dir", default="tune_logs", show_default=True, type=click.Path(file_okay=False),
+              help="Tuning records for the tuned column ('' for none).")
+@click.option("--repeat", default=20, show_default=True, type=click.IntRange(min=1), help="Timed calls per runner.")
+@click.option("--input-shape", "shapes", multiple=True, metavar="INPUT=D1,D2,…", help="Fix a symbolic input shape.")
+@click.option("--no-peers", is_flag=True, help="Time smelt only.")
+@click.option("--profile", is_flag=True, help="Also time each smelt kernel and list the top ones.")
+@click.option("--top", default=10, show_default=True, help="Kernels listed by --profile.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--markdown", is_flag=True, help="Print one markdown table for all models.")
+def bench(models, target, arch, tune_log_dir, repeat, shapes, no_peers, profile, top, as_json, markdown):
+    """Time MODELS (.onnx, .pt2) with smelt (untuned, tuned) beside onnxruntime / torch, with errors."""
+    from . import CompileOptions, TargetOptions
+    from .benchmark import bench as run_bench
+
+    opts = CompileOptions(TargetOptions(target, arch))
+    input_shapes = dict(_parse_shape(s) for s in shapes) or None
+    results = [run_bench(m, target, name=Path(m).stem.replace("-", "_").replace(".", "_"), tune_log_dir=tune_log_dir or None,
+                         repeat=repeat, profile=profile, peers=not no_peers, input_shapes=input_shapes, options=opts)
+               for m in models]
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in results], indent=1))
+        return
+    click.echo("\n".join(format_bench(results, markdown, top)))
+
+
+def format_bench(results, markdown: bool = False, top: int = 10) -> list[str]:
+    """Results as a text table per model (or one markdown table), with ratios and the profile."""
+    lines = []
+    if markdown:
+        runners = list(dict.fromkeys(t.runner for r in results for t in r.timings))
+        lines.append("| model | " + " | ".join(f"{x} ms" for x in runners) + " | best smelt vs peers |")
+        lines.append("|---" * (len(runners) + 2) + "|")
+        for r in results:
+            ms = {t.runner: t.ms for t in r.timings}
+            ratios = ", ".join(f"{k} {v:.2f}x" for k, v in r.ratios().items())
+            lines.append(f"| {r.model} | " + " | ".join(f"{ms[x]:.3f}" if x in ms else "-" for x in runners)
+                         + f" | {ratios} |")
+        return lines
+    for r in results:
+        lines.append(f"smelt bench {r.model} ({r.target}; median of timed calls after a warm-up)")
+        rows = [("runner", "ms", "error vs reference", "peer / best smelt", "")]
+        best = r.best_smelt().ms
+        for t in r.timings:
+            rows.append((t.runner, f"{t.ms:.3f}", "-" if t.rel_err is None else f"{t.rel_err:.1e}",
+                         "" if t.runner.startswith("smelt") else f"{t.ms / best:.2f}x", t.note))
+        lines += _table(rows, 2)
+        if r.tuned_kernels == 0:
+            lines.append("  no tuning records apply to this model (no tuned column)")
+        if r.profile:
+            lines.append(f"  top kernels ({len(r.profile)} in all; per run):")
+            lines += _table([("kernel", "ms", "share")] + [(k, f"{ms:.3f}", f"{100 * sh:.1f} %")
+                                                            for k, ms, sh in r.profile[:top]], 4)
+    return lines
+
+
 @main.command("quantize-report")
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--quantize", default="int8", show_default=True, type=click.Choice(["int8", "w8", "w4"]),

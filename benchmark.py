@@ -1,0 +1,245 @@
+"""``smelt.bench``: one model through smelt and its peers in one process, side by side.
+
+For each model: smelt without tuning records and, when records apply, with them;
+onnxruntime on the same ONNX file (CPU, or CUDA when the target is cuda and ORT has it);
+torch eager and ``torch.compile`` for PyTorch models. Every runner gets the same random
+inputs (fixed seed), a warm-up call, then ``repeat`` timed calls; the result is the
+median in milliseconds. Each output is checked against the reference (onnxruntime for
+ONNX, torch eager for PyTorch): the largest deviation relative to the reference's largest
+magnitude. ``profile=True`` adds smelt's time per kernel (VM instrumentation around each
+call, device synchronized on both sides; CUDA graphs are off for that build, so every
+kernel is seen), the top kernels with their share of the total.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .artifact import load
+from .compiler import CompileOptions, compile
+from .errors import SmeltError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Timing:
+    """One runner on one model: median ms, and its error against the reference."""
+
+    runner: str
+    ms: float
+    rel_err: float | None = None
+    note: str = ""
+
+
+@dataclass
+class BenchResult:
+    """``bench``'s result for one model; ``ratios`` are peer ms / smelt ms (above 1: smelt faster)."""
+
+    model: str
+    target: str
+    timings: list[Timing] = field(default_factory=list)
+    profile: list[tuple[str, float, float]] = field(default_factory=list)  # (kernel, ms per call, share)
+    tuned_kernels: int = 0
+    kernels: int = 0
+
+    def best_smelt(self) -> Timing:
+        return min((t for t in self.timings if t.runner.startswith("smelt")), key=lambda t: t.ms)
+
+    def ratios(self) -> dict[str, float]:
+        best = self.best_smelt().ms
+        return {t.runner: t.ms / best for t in self.timings if not t.runner.startswith("smelt")}
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "ratios": self.ratios()}
+
+
+def _median_ms(fn: Callable[[], object], repeat: int, sync: Callable[[], None] = lambda: None) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def random_inputs(specs, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for ``specs`` (static shapes): standard normal floats, small non-negative integers."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for t in specs:
+        if not all(isinstance(d, int) for d in t.shape):
+            raise SmeltError(f"input {t.name} has symbolic shape {t.shape}; fix it with input_shapes / --input-shape")
+        if t.dtype.startswith(("float", "bfloat")):
+            out[t.name] = rng.standard_normal(t.shape).astype(t.dtype)
+        elif t.dtype == "bool":
+            out[t.name] = np.ones(t.shape, bool)
+        else:
+            out[t.name] = rng.integers(0, 2, t.shape).astype(t.dtype)
+    return out
+
+
+def _rel(got, ref) -> float:
+    got, ref = (got if isinstance(got, tuple) else (got,)), (ref if isinstance(ref, (tuple, list)) else (ref,))
+    worst = 0.0
+    for g, r in zip(got, ref):
+        g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
+        worst = max(worst, float(np.abs(g - r).max(initial=0.0)) / max(float(np.abs(r).max(initial=0.0)), 1e-30))
+    return worst
+
+
+def bench(model, target: str = "cpu", *, name: str = "model", tune_log_dir: str | None = "tune_logs",
+          repeat: int = 20, profile: bool = False, peers: bool = True, input_shapes: dict | None = None,
+          options: CompileOptions | None = None) -> BenchResult:
+    """Time ``model`` (an ONNX path or ``ModelProto``, a ``.pt2`` path, or ``(module, args)``)."""
+    opts = options or CompileOptions()
+    result = BenchResult(name, target)
+    with tempfile.TemporaryDirectory(prefix="smelt-bench-") as tmp:
+        untuned = compile([model], target, names=[name], input_shapes=input_shapes,
+                          options=replace(opts, tune_log_dir=None))
+        rt = load(untuned.save(Path(tmp) / "untuned"))
+        info = rt.models[name]
+        feeds = random_inputs(info.inputs)
+        ref, ref_name = _reference(model, feeds, info)
+        result.kernels = untuned.report.kernels
+        y = rt.run(name, **feeds)
+        result.timings.append(Timing("smelt untuned", 1e3 * statistics.median(rt.time(name, number=1, repeat=repeat,
+                                                                                       **feeds)),
+                                     _rel(y, ref) if ref is not None else None))
+        if tune_log_dir:
+            tuned = compile([model], target, names=[name], input_shapes=input_shapes,
+                            options=replace(opts, tune_log_dir=tune_log_dir))
+            result.tuned_kernels = tuned.report.tuned_kernels
+            if tuned.report.tuned_kernels:
+                trt = load(tuned.save(Path(tmp) / "tuned"))
+                y = trt.run(name, **feeds)
+                result.timings.append(Timing(
+                    "smelt tuned", 1e3 * statistics.median(trt.time(name, number=1, repeat=repeat, **feeds)),
+                    _rel(y, ref) if ref is not None else None,
+                    f"{tuned.report.tuned_kernels} of {tuned.report.kernels} kernels tuned"))
+        if peers:
+            result.timings += _peers(model, feeds, target, ref, repeat)
+        if profile:
+            result.profile = _profile(model, target, name, input_shapes, opts, feeds, Path(tmp), repeat)
+    log.info("bench %s: reference %s", name, ref_name)
+    return result
+
+
+def _reference(model, feeds, info):
+    """Reference outputs: onnxruntime for ONNX, torch eager for PyTorch (None when neither runs)."""
+    kind = _kind(model)
+    try:
+        if kind == "onnx":
+            from .examples.reference import ort_outputs
+
+            return ort_outputs(str(model) if isinstance(model, Path) else model, feeds), "onnxruntime"
+        if kind == "torch":
+            import torch
+
+            module, args = _torch_module(model)
+            with torch.no_grad():
+                out = module(*[torch.from_numpy(feeds[t.name]) for t in info.inputs])
+            out = out if isinstance(out, (tuple, list)) else (out,)
+            return [o.detach().numpy() for o in out], "torch eager"
+    except ImportError as e:
+        log.warning("no reference to check against: %s", e)
+    return None, ""
+
+
+def _kind(model) -> str:
+    if isinstance(model, (str, Path)):
+        return "torch" if str(model).endswith(".pt2") else "onnx"
+    if isinstance(model, tuple) or type(model).__name__ == "ExportedProgram":
+        return "torch"
+    return "onnx"
+
+
+def _torch_module(model):
+    import torch
+
+    if isinstance(model, tuple):
+        return model[0].eval(), model[1]
+    ep = torch.export.load(str(model)) if isinstance(model, (str, Path)) else model
+    return ep.module(), ep.example_inputs[0] if ep.example_inputs else ()
+
+
+def _peers(model, feeds, target, ref, repeat) -> list[Timing]:
+    out = []
+    if _kind(model) == "onnx":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return out
+        data = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+        providers = ["CPUExecutionProvider"]
+        if target == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers = ["CUDAExecutionProvider"]
+        sess = ort.InferenceSession(data, providers=providers)
+        y = sess.run(None, feeds)
+        same = providers == ["CPUExecutionProvider"]  # the reference itself
+        out.append(Timing(f"onnxruntime ({providers[0].replace('ExecutionProvider', '')})",
+                          _median_ms(lambda: sess.run(None, feeds), repeat), None if same else _rel(tuple(y), ref),
+                          "reference" if same else ""))
+        return out
+    import torch
+
+    module, _ = _torch_module(model)
+    device = "cuda" if target == "cuda" and torch.cuda.is_available() else "cpu"
+    module = module.to(device)
+    args = [torch.from_numpy(v).to(device) for v in feeds.values()]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for label, fn in (("torch eager", module), ("torch.compile", None)):
+        try:
+            if fn is None:
+                fn = torch.compile(module)
+            with torch.no_grad():
+                y = fn(*args)
+                ms = _median_ms(lambda: fn(*args), repeat, sync)
+            y = y if isinstance(y, (tuple, list)) else (y,)
+            same = label == "torch eager" and device == "cpu"
+            out.append(Timing(label, ms, None if same else _rel(tuple(o.float().cpu().numpy() for o in y), ref),
+                              "reference" if same else ""))
+        except Exception as e:  # torch.compile needs a C compiler and may fail on some modules
+            out.append(Timing(label, float("nan"), None, f"failed: {str(e).splitlines()[0][:120]}"))
+    return out
+
+
+def _profile(model, target, name, input_shapes, opts, feeds, tmp: Path, repeat: int) -> list[tuple[str, float, float]]:
+    """Time per kernel call, summed over ``repeat`` runs: (kernel, ms per run, share of kernel time)."""
+    from .backends import TargetOptions
+
+    t = opts.target
+    art = compile([model], target, names=[name], input_shapes=input_shapes,
+                  options=replace(opts, target=TargetOptions(target, t.arch, t.triple, False)))
+    rt = load(art.save(tmp / "profile"))
+    args = rt.device_args(name, feeds)
+    totals: dict[str, float] = {}
+    started: dict[str, float] = {}
+
+    def instrument(_func, symbol, before, _ret, *_args):
+        if symbol.startswith("vm.builtin."):
+            return 0
+        rt.device.sync()
+        if before:
+            started[symbol] = time.perf_counter()
+        else:
+            totals[symbol] = totals.get(symbol, 0.0) + time.perf_counter() - started.pop(symbol)
+        return 0
+
+    rt.vm[name](*args)  # warm-up, uninstrumented
+    rt.vm.set_instrument(instrument)
+    for _ in range(repeat):
+        rt.vm[name](*args)
+    total = sum(totals.values()) or 1.0
+    return sorted(((k, 1e3 * v / repeat, v / total) for k, v in totals.items()), key=lambda r: -r[1])

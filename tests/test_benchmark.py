@@ -1,0 +1,64 @@
+"""``smelt bench``: the runners, their errors against the reference, ratios and the kernel profile.
+
+No timing is asserted (speed is shown by running the command, not by tests); what is checked
+is that every runner ran on the same inputs and agrees with the reference (relative error
+<= 1e-5 for float32), and that the profile names the artifact's kernels.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import smelt
+from smelt.examples import torch_zoo, zoo
+
+
+def test_onnx_model_against_onnxruntime_with_profile(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(zoo.mlp(batch=8).SerializeToString())
+    r = smelt.bench(str(path), name="mlp", tune_log_dir=None, repeat=3, profile=True)
+    runners = {t.runner: t for t in r.timings}
+    assert set(runners) == {"smelt untuned", "onnxruntime (CPU)"}
+    assert runners["smelt untuned"].rel_err <= 1e-5 and runners["onnxruntime (CPU)"].note == "reference"
+    assert all(t.ms > 0 for t in r.timings) and set(r.ratios()) == {"onnxruntime (CPU)"}
+    kernels = [k for k, _, _ in r.profile]
+    assert len(kernels) == r.kernels == 3 and all(k.startswith("fused_matmul") for k in kernels)
+    assert sum(share for _, _, share in r.profile) == pytest.approx(1.0)
+    assert r.profile == sorted(r.profile, key=lambda p: -p[1])
+
+
+def test_torch_model_against_eager():
+    module, args = torch_zoo.mlp(batch=4)
+    r = smelt.bench((module, args), name="tmlp", tune_log_dir=None, repeat=3)
+    runners = {t.runner: t for t in r.timings}
+    assert runners["torch eager"].note == "reference" and runners["smelt untuned"].rel_err <= 1e-5
+    compiled = runners["torch.compile"]
+    assert compiled.note.startswith("failed") or compiled.rel_err <= 1e-5
+
+
+def test_cli_bench_json_and_markdown(tmp_path):
+    from click.testing import CliRunner
+
+    from smelt.cli import main
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(zoo.mlp(batch=2).SerializeToString())
+    r = CliRunner().invoke(main, ["bench", str(path), "--repeat", "2", "--json", "--tune-log-dir", ""])
+    assert r.exit_code == 0, r.output
+    (res,) = json.loads(r.output)
+    assert res["model"] == "m" and "onnxruntime (CPU)" in res["ratios"]
+    r = CliRunner().invoke(main, ["bench", str(path), "--repeat", "2", "--markdown", "--tune-log-dir", ""])
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("| model | smelt untuned ms | onnxruntime (CPU) ms | best smelt vs peers |")
+
+
+def test_symbolic_inputs_need_a_shape(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(zoo.mlp(batch="n").SerializeToString())
+    with pytest.raises(smelt.SmeltError, match="symbolic shape"):
+        smelt.bench(str(path), tune_log_dir=None, repeat=1)
+    r = smelt.bench(str(path), tune_log_dir=None, repeat=1, peers=False, input_shapes={"features": [3, 64]})
+    assert [t.runner for t in r.timings] == ["smelt untuned"] and np.isfinite(r.timings[0].ms)
