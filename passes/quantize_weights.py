@@ -31,6 +31,7 @@ import tvm
 from tvm import relax, te, tirx
 
 from ..errors import SmeltError
+from .calibration import rel_error
 from .mutate import rebind_in, static_ints
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ class QuantizeWeights:
                 out = rebind_in(out, m, lambda bb, b, value, plans=plans:
                                 self._emit(bb, b, value, plans[b.var]) if b.var in plans else value)
         if not rep["quantized"]:
-            log.warning("weight-only %s: no matmul with a constant 2-D weight to quantize", self.config.scheme)
+            log.warning("weight-only %s: no matmul with a constant weight to quantize", self.config.scheme)
         return out
 
     def _plan(self, w: np.ndarray, call: relax.Call) -> tuple[dict | None, str]:
@@ -180,8 +181,7 @@ class QuantizeWeights:
             log.info("weight-only: K=%d is not a multiple of group size %d; one scale per column", k, group)
             group = k
         q, scale = quantize_groups(w, self.config.bits, group)
-        wd = dequantize(q, scale)
-        error = float(np.linalg.norm(w.astype(np.float32) - wd) / max(float(np.linalg.norm(w.astype(np.float32))), 1e-30))
+        error = rel_error(w, dequantize(q, scale))
         stored = q if self.config.bits == 8 else pack_int4(q)
         return {"q": stored, "scale": scale.astype(w.dtype), "k": k, "group": group, "error": error}, ""
 
