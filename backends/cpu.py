@@ -10,10 +10,14 @@ import platform
 from pathlib import Path
 
 import tvm
+from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as _cpu
 
 from ..errors import BackendError
+from ..passes.convert_conv_layout import ConvertConvLayout
+from . import cpu_schedule
 from .base import TargetOptions, host_linker_options
+from .gpu_schedule import ApplyDefaultSchedules
 
 _TRIPLES = {"x86_64": "x86_64-linux-gnu", "amd64": "x86_64-linux-gnu",
             "aarch64": "aarch64-linux-gnu", "arm64": "aarch64-linux-gnu"}
@@ -53,8 +57,15 @@ class CPUBackend:
         """Cross-compiling needs a linker for the triple: fail before any work, not at save."""
         host_linker_options(self.target(opts))
 
+    def layout_passes(self, target):
+        return [ConvertConvLayout("NHWC", "HWIO")]
+
     def schedule_passes(self, target):
-        return []
+        # Constant operands of tiled kernels are repacked at compile time: the rule marks the
+        # repacking, TVM splits it into its own function and folds it on the weights.
+        return [relax.transform.AttachAttrLayoutFreeBuffers(),
+                ApplyDefaultSchedules(cpu_schedule.default_rules(), required=False),
+                relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant()]
 
     def lower_passes(self, target):
         return _cpu.dataflow_lower_passes(target) + _cpu.finalize_passes(target)

@@ -81,6 +81,9 @@ class CUDABackend:
                 raise BackendError(f"--arch {arch!r} is not supported by {nvcc}; it builds for "
                                    f"{', '.join(known)}")
 
+    def layout_passes(self, target):
+        return []
+
     def schedule_passes(self, target):
         return [ApplyDefaultSchedules()]
 

@@ -75,8 +75,9 @@ def _blocks_and_dtypes(func: tirx.PrimFunc) -> tuple[set[str], set[str]]:
 class ApplyDefaultSchedules:
     """See the module docstring. ``rules`` defaults to ``default_rules()``."""
 
-    def __init__(self, rules=None):
+    def __init__(self, rules=None, required: bool = True):
         self.rules = list(rules) if rules is not None else default_rules()
+        self.required = required
         self.report: dict[str, str] = {}
         self.fallbacks: dict[str, str] = {}
 
@@ -116,6 +117,8 @@ class ApplyDefaultSchedules:
                 break
             if failures:
                 self.fallbacks[name] = "; ".join(failures)
+            if sch is None and not self.required:
+                continue
             if sch is None:
                 tried = ", ".join(type(r).__name__ for r in self.rules)
                 why = f" (failures: {'; '.join(failures)})" if failures else ""

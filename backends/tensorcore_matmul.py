@@ -1,0 +1,278 @@
+"""TensorCoreMatmul: a default CUDA schedule for fp16/bf16 GEMMs on tensor cores (ldmatrix + mma.sync).
+
+Requires: a CUDA target with arch sm_80 or newer; a PrimFunc whose one reduction block is
+matmul-like (dlight's ``get_index_map`` accepts it: plain, batched, NN/NT/TN/TT layouts,
+with elementwise producers and consumers such as a bias add, GELU or a cast, as relax
+``LegalizeOps`` + ``FuseOps`` make them), float16 or bfloat16 inputs of one dtype, and a
+float32 accumulator (float16 inputs may also accumulate in float16, when the TIR says so).
+Declines (``apply`` returns None, logged at debug level, so the next rule takes over):
+other targets and arches, other dtypes, kernels that are not matmul-like, functions marked
+``dlight.do_not_tensorize``, and any static M, N or K of 64 or less after dlight's
+reindexing (GEMV-like kernels, where dlight's GEMV rule is the better fit).
+Guarantees: the returned schedule computes the same function; M, N, K that are not
+multiples of the tile are padded (``pad_einsum``), symbolic ones included. The kernel:
+
+- a 128x128 block tile, K step 32, four warps of 64x64 (2x2), each accumulating 4x8 m16n8k16
+  ``mma.sync`` tiles in registers and reading its operands from shared memory with ``ldmatrix``
+  (``.trans`` for operands whose global layout is the other way round, so that global reads
+  stay contiguous along the innermost axis);
+- shared memory filled by 16-byte ``cp.async`` copies in a 4-stage software pipeline, with
+  TVM's XOR "permuted layout" swizzle, so ldmatrix and the copies are free of bank conflicts;
+- the result staged through shared memory and written back with the fused epilogue;
+- thread blocks ordered in groups of up to 8 tile rows so that they share operands in L2.
+
+It uses 64 KiB of dynamic shared memory (TVM's runtime raises the kernel's limit), more than
+the 48 KiB every CUDA GPU guarantees without opting in and less than every sm_80+ GPU allows.
+``cp.async`` is emitted only under the PassContext option ``tirx.use_async_copy`` (TVM's
+``InjectPTXAsyncCopy``); without it the pipeline uses plain copies, still correct.
+Measured on an H200 (sm_90), fp16 in, fp32 accumulate, fp16 out, TFLOP/s (cuBLAS, dlight's
+WMMA Matmul): see ``bench/gemm.py`` and the table in its docstring.
+Where: first rule of ``gpu_schedule.default_rules()``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import get_root_block
+from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
+from tvm.s_tir.dlight.gpu.matmul import (
+    auto_inline_consumer_chain,
+    auto_inline_producers,
+    get_index_map,
+    get_reduction_blocks,
+)
+from tvm.target import Target
+
+log = logging.getLogger(__name__)
+
+MIN_EXTENT = 64  # static M, N or K at or below this: decline
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Block tile ``block_m x block_n x block_k``, warps of ``warp_m x warp_n``, pipeline depth."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 32
+    warp_m: int = 64
+    warp_n: int = 64
+    stages: int = 4
+    vector: int = 8  # elements per 16-byte copy
+    l2_group: int = 8  # tile rows per group of thread blocks (L2 reuse); 1 turns it off
+
+
+def _arch(target: Target) -> int:
+    arch = str(target.attrs.get("arch", ""))
+    digits = "".join(c for c in arch.removeprefix("sm_") if c.isdigit())
+    return int(digits) if arch.startswith("sm_") and digits else -1
+
+
+def _inner_axis_kind(block: s_tir.SBlock, read: int) -> str | None:
+    """'R' when operand ``read``'s innermost index is the reduction axis, 'S' when spatial, else None."""
+    index = block.reads[read].region[-1].min
+    kinds = {iv.var: iv.iter_type for iv in block.iter_vars}
+    if isinstance(index, tirx.Var) and index in kinds:
+        return "R" if kinds[index] == tirx.IterVar.CommReduce else "S"
+    return None
+
+
+def _static(extent) -> int | None:
+    return int(extent.value) if isinstance(extent, tirx.IntImm) else None
+
+
+class TensorCoreMatmul(GPUScheduleRule):
+    """See the module docstring."""
+
+    def __init__(self, config: TileConfig = TileConfig()):
+        self.config = config
+
+    def _decline(self, func_name: str, why: str) -> None:
+        log.debug("TensorCoreMatmul declines %s: %s", func_name, why)
+        return None
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        """The schedule of ``func`` for ``target``, or None where the rule does not apply."""
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        name = str(func.attrs.get("global_symbol", "?")) if func.attrs is not None else "?"
+        if target.kind.name != "cuda" or _arch(target) < 80:
+            return self._decline(name, f"target {target.kind.name} {target.attrs.get('arch', '')} is not sm_80+")
+        if func.attrs is not None and "dlight.do_not_tensorize" in func.attrs:
+            return self._decline(name, "marked dlight.do_not_tensorize")
+        sch = s_tir.Schedule(func)
+        reductions = get_reduction_blocks(sch, sch.get_child_blocks(get_root_block(sch)))
+        if reductions is None:
+            return self._decline(name, "not one reduction block among spatial blocks")
+        main = reductions[0]
+        stmt = sch.get(main)
+        index_maps = get_index_map(stmt)
+        if index_maps is None:
+            return self._decline(name, "not matmul-like")
+        a_dtype, b_dtype = (str(r.source.dtype) for r in stmt.reads[:2])
+        c_dtype = str(stmt.writes[0].source.dtype)
+        if a_dtype != b_dtype or a_dtype not in _INTRINSICS or c_dtype not in _INTRINSICS[a_dtype]:
+            return self._decline(name, f"dtypes {a_dtype} x {b_dtype} -> {c_dtype}")
+        a_inner, b_inner = _inner_axis_kind(stmt, 0), _inner_axis_kind(stmt, 1)
+        # Smem layouts follow the global ones: A as [M, K] unless its global inner axis is M, B as [N, K]
+        # only when its global inner axis is K (the NT case); ldmatrix.trans reads the other ones.
+        trans_a = a_inner == "S"
+        trans_b = b_inner == "R"
+        try:
+            return self._schedule(sch, main, index_maps, a_dtype, c_dtype, trans_a, trans_b, name)
+        except _Decline as e:
+            return self._decline(name, str(e))
+
+    def _schedule(self, sch, main, index_maps, in_dtype, acc_dtype, trans_a, trans_b, name):
+        cfg = self.config
+        matmul_map, a_map, b_map, c_map = index_maps
+        # Normalize to C[S, I, J] += A[S, I, K] * B[S, J, K] (dlight's Matmul does the same).
+        sch.transform_layout(sch.reindex(main, ("read", 0)), ("write", 0), a_map)
+        sch.transform_layout(sch.reindex(main, ("read", 1)), ("write", 0), b_map)
+        sch.transform_layout(sch.reindex(main, ("write", 0)), ("read", 0), c_map)
+        sch.transform_block_layout(main, matmul_map)
+        extents = [iv.dom.extent for iv in sch.get(main).iter_vars]
+        small = [f"{axis}={_static(e)}" for axis, e in zip("MNK", extents[1:])
+                 if _static(e) is not None and _static(e) <= MIN_EXTENT]
+        if small:
+            raise _Decline(f"{', '.join(small)} <= {MIN_EXTENT} (GEMV-like)")
+
+        sch.pad_einsum(main, [1, cfg.block_m, cfg.block_n, cfg.block_k])
+        batch, i, j, k = sch.get_loops(main)
+        i, i_mma = sch.split(i, [None, 16])
+        j, j_mma = sch.split(j, [None, 16])
+        k, k_mma = sch.split(k, [None, 16])
+        sch.reorder(i, j, k, i_mma, j_mma, k_mma)
+        inner = main
+        outer = sch.blockize(i_mma)
+
+        warps_m, warps_n = cfg.block_m // cfg.warp_m, cfg.block_n // cfg.warp_n
+        tiles_m = _static(sch.get(sch.get_loops(outer)[1]).extent)
+        group = 1
+        if tiles_m is not None:
+            tiles_m //= cfg.block_m // 16
+            group = next(g for g in (cfg.l2_group, 4, 2, 1) if g <= cfg.l2_group and tiles_m % g == 0)
+        i0, i1, i2, i3 = sch.split(i, [None, group, warps_m, cfg.warp_m // 16])
+        j0, j2, j3 = sch.split(j, [None, warps_n, cfg.warp_n // 16])
+        k0, k1 = sch.split(k, [None, cfg.block_k // 16])
+        sch.reorder(i0, j0, i1, i2, j2, k0, k1, i3, j3)
+        sch.bind(sch.fuse(batch, i0, j0, i1), "blockIdx.x")
+        block_axis = sch.get_loops(outer)[0]
+        sch.bind(i2, "threadIdx.z")
+        sch.bind(j2, "threadIdx.y")
+
+        def fetch(read: int, trans: bool, tag: str):
+            smem = sch.cache_read(outer, read, "shared.dyn")
+            sch.compute_at(smem, k0)
+            auto_inline_producers(sch, smem)
+            if trans:  # keep the global inner axis innermost in shared memory too
+                a0, a1 = sch.get_loops(smem)[-2:]
+                sch.reorder(a1, a0)
+                sch.transform_layout(smem, ("write", 0), lambda b, x, y: (b, y, x))
+            fused = sch.fuse(*sch.get_loops(smem)[-2:])
+            _, tz, ty, tx, vec = sch.split(fused, [None, warps_m, warps_n, 32, cfg.vector])
+            sch.bind(tz, "threadIdx.z")
+            sch.bind(ty, "threadIdx.y")
+            sch.bind(tx, "threadIdx.x")
+            sch.vectorize(vec)
+            sch.annotate(smem, "permuted_layout", f"g2s_{tag}")
+
+            reg = sch.cache_read(outer, read, "warp")
+            sch.compute_at(reg, k1)
+            rows, cols = (16, 16)
+            r0, r1 = sch.split(sch.get_loops(reg)[-2], [None, rows])
+            c0, c1 = sch.split(sch.get_loops(reg)[-1], [None, cols])
+            sch.reorder(r0, c0, r1, c1)
+            sch.transform_layout(reg, ("write", 0), _ldmatrix_layout)
+            sch.annotate(sch.blockize(sch.get_loops(reg)[-2]), "permuted_layout", f"s2l_{tag}")
+            return reg
+
+        reg_a = fetch(0, trans_a, "A")
+        reg_b = fetch(1, not trans_b, "B")
+
+        out_smem = sch.cache_write(outer, 0, "shared.dyn")
+        sch.reverse_compute_at(out_smem, block_axis)
+        auto_inline_consumer_chain(sch, out_smem)
+        fused = sch.fuse(*sch.get_loops(out_smem)[-2:])
+        _, tz, ty, tx, vec = sch.split(fused, [None, warps_m, warps_n, 32, cfg.vector // 2])
+        sch.bind(tz, "threadIdx.z")
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+        sch.vectorize(vec)
+        sch.annotate(out_smem, "permuted_layout", "s2g_C")
+
+        out_reg = sch.cache_write(outer, 0, "warp")
+        _, m, n = sch.get_loops(out_reg)[-3:]
+        m1, m2, m3 = sch.split(m, [warps_m, None, 16])
+        n1, n2, n3 = sch.split(n, [warps_n, None, 16])
+        sch.reorder(m1, n1, m2, n2, m3, n3)
+        sch.bind(m1, "threadIdx.z")
+        sch.bind(n1, "threadIdx.y")
+        sch.transform_layout(out_reg, ("read", 0), _ldmatrix_layout)
+        sch.annotate(sch.blockize(sch.get_loops(out_reg)[-2]), "permuted_layout", "l2s_C")
+
+        init = sch.decompose_reduction(outer, k0)
+        init_inner = sch.get_child_blocks(init)[0]
+        intrins = _intrinsics(in_dtype, acc_dtype, trans_a, trans_b)
+        try:
+            sch.tensorize(sch.get_loops(init_inner)[-2], intrins["init"])
+            sch.tensorize(sch.get_loops(reg_a)[-2], intrins["load_a"])
+            sch.tensorize(sch.get_loops(reg_b)[-2], intrins["load_b"])
+            sch.tensorize(sch.get_loops(inner)[-3], intrins["compute"])
+            sch.tensorize(sch.get_loops(out_reg)[-2], intrins["store"])
+        except Exception as e:  # tensorize raises plain TVMErrors when the body does not match
+            raise _Decline(f"tensorize failed: {str(e).strip().splitlines()[-1]}") from None
+
+        sch.annotate(k0, "software_pipeline_stage", [0, 0, cfg.stages - 1])
+        sch.annotate(k0, "software_pipeline_order", [0, 1, 2])
+        sch.annotate(k0, "software_pipeline_async_stages", [0])
+        return sch
+
+
+class _Decline(Exception):
+    """Internal: the kernel is out of the rule's reach; ``apply`` turns this into None."""
+
+
+def _ldmatrix_layout(b, x, y):
+    from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout
+
+    return (b, x // 16, y // 16, *shared_16x16_to_ldmatrix_32x8_layout(x % 16, y % 16))
+
+
+# input dtype -> accumulator dtypes the mma intrinsics support
+_INTRINSICS = {"float16": ("float32", "float16"), "bfloat16": ("float32",)}
+
+
+def _intrinsics(in_dtype: str, acc_dtype: str, trans_a: bool, trans_b: bool) -> dict[str, str]:
+    from tvm.s_tir.tensor_intrin.cuda import get_mma_intrin_group
+
+    group = get_mma_intrin_group("shared.dyn", "shared.dyn", "float16", acc_dtype, trans_a, trans_b)
+    if in_dtype == "bfloat16":
+        group = dict(group, load_a=_bf16_intrin(group["load_a"]), load_b=_bf16_intrin(group["load_b"]),
+                     compute=_bf16_intrin(group["compute"]))
+    return group
+
+
+def _bf16_intrin(fp16_name: str) -> str:
+    """The bfloat16 twin of one of TVM's fp16 ldmatrix/mma intrinsics, registered on first use.
+
+    TVM registers ldmatrix and mma.sync intrinsics for float16 only; the bf16 instructions
+    take the same operands, so the twin is the fp16 intrinsic with its dtypes renamed.
+    """
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import from_source
+
+    name = fp16_name.replace("f16", "bf16")
+    try:
+        TensorIntrin.get(name)
+        return name
+    except Exception:  # not registered yet
+        pass
+    fp16 = TensorIntrin.get(fp16_name)
+    desc, impl = (from_source(f.script().replace("float16", "bfloat16").replace('"fp16"', '"bf16"'))
+                  for f in (fp16.desc, fp16.impl))
+    TensorIntrin.register(name, desc, impl)
+    return name
