@@ -43,8 +43,9 @@ class Backend(Protocol):
     def check_toolchain(self, opts: TargetOptions) -> None:
         """Raise BackendError saying what to install when code cannot be generated here."""
 
-    def layout_passes(self, target: tvm.target.Target) -> list[tvm.transform.Pass]:
-        """Passes that put operators into this target's preferred layouts (first in the fuse phase)."""
+    def prelegalize_passes(self, target: tvm.target.Target) -> list[tvm.transform.Pass]:
+        """Target-specific Relax rewrites before LegalizeOps (first in the fuse phase): preferred
+        layouts, faster implementations of an op."""
 
     def schedule_passes(self, target: tvm.target.Target) -> list[tvm.transform.Pass]:
         """Passes that give every PrimFunc a schedule (after tuned records were applied)."""

@@ -81,7 +81,7 @@ class CUDABackend:
                 raise BackendError(f"--arch {arch!r} is not supported by {nvcc}; it builds for "
                                    f"{', '.join(known)}")
 
-    def layout_passes(self, target):
+    def prelegalize_passes(self, target):
         return []
 
     def schedule_passes(self, target):

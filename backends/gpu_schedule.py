@@ -34,13 +34,14 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
 from ..errors import BackendError, error_line
+from .tensorcore_matmul import TensorCoreMatmul
 
 log = logging.getLogger(__name__)
 
 
 def default_rules() -> list:
     """dlight's GPU rules in TVM's order: the most specific first, ``Fallback`` last."""
-    return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    return [TensorCoreMatmul(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ class ROCmBackend:
             raise BackendError(f"target rocm cannot build here: missing {' and '.join(missing)}; {_INSTALL}")
         _use_device_libs(dirs[0])
 
-    def layout_passes(self, target):
+    def prelegalize_passes(self, target):
         return []
 
     def schedule_passes(self, target):

@@ -32,9 +32,15 @@ Where: first rule of ``gpu_schedule.default_rules()``.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import re
+import sys
+import time
 from dataclasses import dataclass
 
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import get_root_block
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
@@ -103,7 +109,7 @@ class TensorCoreMatmul(GPUScheduleRule):
             return self._decline(name, f"target {target.kind.name} {target.attrs.get('arch', '')} is not sm_80+")
         if func.attrs is not None and "dlight.do_not_tensorize" in func.attrs:
             return self._decline(name, "marked dlight.do_not_tensorize")
-        sch = s_tir.Schedule(func)
+        sch = s_tir.Schedule(_int32_indices(func))
         reductions = get_reduction_blocks(sch, sch.get_child_blocks(get_root_block(sch)))
         if reductions is None:
             return self._decline(name, "not one reduction block among spatial blocks")
@@ -164,6 +170,8 @@ class TensorCoreMatmul(GPUScheduleRule):
         sch.bind(i2, "threadIdx.z")
         sch.bind(j2, "threadIdx.y")
 
+        unrolled = [k1, i3, j3]
+
         def fetch(read: int, trans: bool, tag: str):
             smem = sch.cache_read(outer, read, "shared.dyn")
             sch.compute_at(smem, k0)
@@ -180,12 +188,13 @@ class TensorCoreMatmul(GPUScheduleRule):
             sch.vectorize(vec)
             sch.annotate(smem, "permuted_layout", f"g2s_{tag}")
 
-            reg = sch.cache_read(outer, read, "warp")
+            reg = sch.cache_read(outer, read, "local")
             sch.compute_at(reg, k1)
             rows, cols = (16, 16)
             r0, r1 = sch.split(sch.get_loops(reg)[-2], [None, rows])
             c0, c1 = sch.split(sch.get_loops(reg)[-1], [None, cols])
             sch.reorder(r0, c0, r1, c1)
+            unrolled.extend([r0, c0])
             sch.transform_layout(reg, ("write", 0), _ldmatrix_layout)
             sch.annotate(sch.blockize(sch.get_loops(reg)[-2]), "permuted_layout", f"s2l_{tag}")
             return reg
@@ -202,20 +211,20 @@ class TensorCoreMatmul(GPUScheduleRule):
         sch.bind(ty, "threadIdx.y")
         sch.bind(tx, "threadIdx.x")
         sch.vectorize(vec)
-        sch.annotate(out_smem, "permuted_layout", "s2g_C")
 
-        out_reg = sch.cache_write(outer, 0, "warp")
+        out_reg = sch.cache_write(outer, 0, "local")
         _, m, n = sch.get_loops(out_reg)[-3:]
         m1, m2, m3 = sch.split(m, [warps_m, None, 16])
         n1, n2, n3 = sch.split(n, [warps_n, None, 16])
         sch.reorder(m1, n1, m2, n2, m3, n3)
+        unrolled.extend([m2, n2])
         sch.bind(m1, "threadIdx.z")
         sch.bind(n1, "threadIdx.y")
         sch.transform_layout(out_reg, ("read", 0), _ldmatrix_layout)
-        sch.annotate(sch.blockize(sch.get_loops(out_reg)[-2]), "permuted_layout", "l2s_C")
 
         init = sch.decompose_reduction(outer, k0)
         init_inner = sch.get_child_blocks(init)[0]
+        unrolled.extend(sch.get_loops(init_inner)[-4:-2])
         intrins = _intrinsics(in_dtype, acc_dtype, trans_a, trans_b)
         try:
             sch.tensorize(sch.get_loops(init_inner)[-2], intrins["init"])
@@ -226,19 +235,68 @@ class TensorCoreMatmul(GPUScheduleRule):
         except Exception as e:  # tensorize raises plain TVMErrors when the body does not match
             raise _Decline(f"tensorize failed: {str(e).strip().splitlines()[-1]}") from None
 
+        for loop in unrolled:
+            sch.unroll(loop)
         sch.annotate(k0, "software_pipeline_stage", [0, 0, cfg.stages - 1])
         sch.annotate(k0, "software_pipeline_order", [0, 1, 2])
         sch.annotate(k0, "software_pipeline_async_stages", [0])
         return sch
 
 
+def _int32_indices(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` with int32 loops and indices where every parameter is static, small and floating-point.
+
+    Relax legalizes with int64 shapes; 64-bit address arithmetic in the inner loop costs
+    integer instructions the tensor-core loop cannot spare. TVM's ``ForceNarrowIndexToInt32``
+    also narrows integer *data* buffers, hence the float-only condition.
+    """
+    for buf in func.params:
+        sizes = [_static(d) for d in buf.shape]
+        if None in sizes or not str(buf.dtype).startswith(("float", "bfloat")) or \
+                functools.reduce(lambda a, b: a * b, sizes, 1) >= 2**31:
+            return func
+    mod = tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))
+    return mod["main"]
+
+
 class _Decline(Exception):
     """Internal: the kernel is out of the rule's reach; ``apply`` turns this into None."""
 
 
-def _ldmatrix_layout(b, x, y):
-    from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout
+def _cuda_intrin():
+    """``tvm.s_tir.tensor_intrin.cuda``, imported in seconds instead of about a minute.
 
+    Workaround for a TVM 0.27 slowness: importing it parses ~250 TVMScript intrinsics, and
+    every ``@T.prim_func`` calls ``inspect.stack()``, which looks up each frame's source
+    line; for the import machinery's frames (``<frozen importlib._bootstrap>``, no file)
+    that scans all of ``sys.modules``. On a 2-core CPU the import took 50 s (dlight's WMMA
+    rule pays it too). The parser reads only the frames themselves (their source lines only
+    for functions defined in a class, which these are not), so the import runs with an
+    ``inspect.stack`` that skips the lookup.
+    """
+    name = "tvm.s_tir.tensor_intrin.cuda"
+    if name not in sys.modules:
+        original, start = inspect.stack, time.perf_counter()
+        inspect.stack = _frames_without_source
+        try:
+            __import__(name)
+        finally:
+            inspect.stack = original
+        log.debug("imported %s in %.1f s", name, time.perf_counter() - start)
+    return sys.modules[name]
+
+
+def _frames_without_source(context: int = 1) -> list[inspect.FrameInfo]:
+    frame, frames = sys._getframe(1), []
+    while frame is not None:
+        frames.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name,
+                                        None, None))
+        frame = frame.f_back
+    return frames
+
+
+def _ldmatrix_layout(b, x, y):
+    shared_16x16_to_ldmatrix_32x8_layout = _cuda_intrin().shared_16x16_to_ldmatrix_32x8_layout
     return (b, x // 16, y // 16, *shared_16x16_to_ldmatrix_32x8_layout(x % 16, y % 16))
 
 
@@ -247,32 +305,68 @@ _INTRINSICS = {"float16": ("float32", "float16"), "bfloat16": ("float32",)}
 
 
 def _intrinsics(in_dtype: str, acc_dtype: str, trans_a: bool, trans_b: bool) -> dict[str, str]:
-    from tvm.s_tir.tensor_intrin.cuda import get_mma_intrin_group
+    """Names of the per-thread twins (see ``_per_thread``) of TVM's mma intrinsic group, registered on demand."""
+    cuda = _cuda_intrin()
+    group = cuda.get_mma_intrin_group("shared.dyn", "shared.dyn", "float16", acc_dtype, trans_a, trans_b,
+                                      not_use_mma_store_intrinic=False)
+    acc = {"float32": "f32", "float16": "f16"}[acc_dtype]
+    names = {}
+    for role, name in group.items():
+        if role == "store":  # TVM registers mma_store to shared.dyn for f32 only
+            name = f"mma_store_16x16_{acc}_shared_dyn_"
+            funcs = lambda: cuda.get_mma_store_intrin(acc_dtype, 8, "shared.dyn", True)  # noqa: E731
+        else:
+            funcs = functools.partial(lambda n: (cuda.TensorIntrin.get(n).desc, cuda.TensorIntrin.get(n).impl), name)
+        if in_dtype == "bfloat16" and role in ("load_a", "load_b", "compute"):
+            names[role] = _register(f"smelt_{name.replace('f16', 'bf16')}", funcs, bf16=True)
+        else:
+            names[role] = _register(f"smelt_{name}", funcs, bf16=False)
+    return names
 
-    group = get_mma_intrin_group("shared.dyn", "shared.dyn", "float16", acc_dtype, trans_a, trans_b)
-    if in_dtype == "bfloat16":
-        group = dict(group, load_a=_bf16_intrin(group["load_a"]), load_b=_bf16_intrin(group["load_b"]),
-                     compute=_bf16_intrin(group["compute"]))
-    return group
 
+def _register(name: str, funcs, bf16: bool) -> str:
+    """Register the per-thread (and with ``bf16``, bfloat16) twin of TVM's intrinsic ``funcs()`` as ``name``.
 
-def _bf16_intrin(fp16_name: str) -> str:
-    """The bfloat16 twin of one of TVM's fp16 ldmatrix/mma intrinsics, registered on first use.
-
-    TVM registers ldmatrix and mma.sync intrinsics for float16 only; the bf16 instructions
-    take the same operands, so the twin is the fp16 intrinsic with its dtypes renamed.
+    Why per-thread: TVM keeps mma fragments in ``warp`` scope and relies on ``LowerWarpMemory``
+    to turn them into per-thread registers. In TVM 0.27 that pass lowers only the first warp
+    buffer of each statement sequence (the accumulator); the ldmatrix fragments stayed
+    warp-sized arrays indexed by ``threadIdx.x``, and common-subexpression elimination, which
+    runs first, hides the accumulator's constant indices, so nvcc kept all 128 accumulators
+    of a thread in local memory (209 ``ld.local`` in the main loop). The twins keep
+    fragments in ``local`` scope: the buffer keeps the warp-wide [32, 8] shape of each tile
+    (so the tensorize description is unchanged), but each thread reads and writes only its
+    8 elements at ``elem_offset // 32``, constant offsets nvcc maps to registers.
+    Why bf16: TVM registers these intrinsics for float16 only; the bf16 instructions take the
+    same operands.
     """
-    from tvm.s_tir import TensorIntrin
+    if _intrin_registered(name):
+        return name
+    desc, impl = funcs()
+    texts = []
+    for func, is_impl in ((desc, False), (impl, True)):
+        text = func.script().replace('scope="warp"', 'scope="local"')
+        if is_impl:
+            text, n = re.subn(r"(\w+)\.elem_offset \+ (?:8 \* tx|tx \* 8)", r"\1.elem_offset // 32", text)
+            text, m = re.subn(r"(C_warp)\.elem_offset([,)])", r"\1.elem_offset // 32\2", text)
+            if n + m == 0:
+                raise RuntimeError(f"TVM's intrinsic for {name} changed shape; cannot derive its per-thread twin")
+            # TVM 0.27 prints these calls without the dtype its parser requires
+            acc = re.search(r'C_warp: T\.Buffer\(\(32, 8\), "(\w+)"', text)
+            if acc:
+                text = re.sub(r"(T\.cuda\.mma_(?:fill|store)_legacy\(.*)\)$", rf'\1, dtype="{acc.group(1)}")', text,
+                              flags=re.M)
+        if bf16:
+            text = text.replace('"float16"', '"bfloat16"').replace('"fp16"', '"bf16"')
+        texts.append(text)
     from tvm.script import from_source
 
-    name = fp16_name.replace("f16", "bf16")
-    try:
-        TensorIntrin.get(name)
-        return name
-    except Exception:  # not registered yet
-        pass
-    fp16 = TensorIntrin.get(fp16_name)
-    desc, impl = (from_source(f.script().replace("float16", "bfloat16").replace('"fp16"', '"bf16"'))
-                  for f in (fp16.desc, fp16.impl))
-    TensorIntrin.register(name, desc, impl)
+    s_tir.TensorIntrin.register(name, *(from_source(t) for t in texts))
     return name
+
+
+def _intrin_registered(name: str) -> bool:
+    try:
+        s_tir.TensorIntrin.get(name)
+        return True
+    except Exception:  # TVM raises a plain error for unknown names
+        return False

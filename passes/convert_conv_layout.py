@@ -5,8 +5,10 @@ takes its data in ``data_layout`` and its weights in ``kernel_layout``; TVM's
 ConvertLayout carries the new layout through the elementwise ops, pooling and
 concatenations that follow, so transposes remain only where a layout-bound op or a
 model output needs the original one. Weight transposes are constants and fold away in
-the fuse phase. Numbers do not change.
-Where: fuse phase, first, for backends that ask for it (``Backend.layout_passes``).
+the fuse phase. Numbers do not change. A module without conv2d is returned as it is;
+where TVM's ConvertLayout fails (seen: its layout inference indexing out of bounds on
+the stacked inputs of merged MLPs), the module keeps its layouts and the reason is logged.
+Where: fuse phase, first, for backends that ask for it (``Backend.prelegalize_passes``).
 
 Why NHWC/HWIO on CPUs: the output channel is then the innermost axis of both the result
 and the weights, a multiple of the vector length in every common CNN, so the default
@@ -16,8 +18,14 @@ image width (7, 14, 28, 56), which vectors do not fit.
 
 from __future__ import annotations
 
+import logging
+
 import tvm
 from tvm import relax
+
+from ..errors import error_line
+
+log = logging.getLogger(__name__)
 
 
 @tvm.transform.module_pass(opt_level=0, name="ConvertConvLayout")
@@ -26,5 +34,26 @@ class ConvertConvLayout:
         self.data_layout, self.kernel_layout = data_layout, kernel_layout
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if not _has_conv2d(mod):
+            return mod
         convert = relax.transform.ConvertLayout({"relax.nn.conv2d": [self.data_layout, self.kernel_layout]})
-        return relax.transform.CanonicalizeBindings()(convert(mod))
+        try:
+            return relax.transform.CanonicalizeBindings()(convert(mod))
+        except Exception as e:  # noqa: BLE001 - TVM's layout inference; the old layout is still correct
+            log.warning("convolutions stay in their layout: TVM's ConvertLayout to %s/%s failed (%s)",
+                        self.data_layout, self.kernel_layout, error_line(e, last=True, with_type=True))
+            return mod
+
+
+def _has_conv2d(mod: tvm.IRModule) -> bool:
+    found = []
+    conv = tvm.ir.Op.get("relax.nn.conv2d")
+
+    def visit(e):
+        if isinstance(e, relax.Call) and e.op.same_as(conv):
+            found.append(e)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function) and not found:
+            relax.analysis.post_order_visit(func, visit)
+    return bool(found)

@@ -29,8 +29,8 @@ class DummyBackend:
     def check_toolchain(self, opts: TargetOptions) -> None:
         self._cpu.check_toolchain(opts)
 
-    def layout_passes(self, target):
-        return self._cpu.layout_passes(target)
+    def prelegalize_passes(self, target):
+        return self._cpu.prelegalize_passes(target)
 
     def schedule_passes(self, target):
         return self._cpu.schedule_passes(target)
