@@ -185,7 +185,8 @@ def _pack_weights(sch, block, names: set[str], n_s: int, width: int) -> None:
         cache = sch.cache_read(block, i, "global")
         ndim = len(buf.shape)
         sch.transform_layout(cache, ("write", 0), tirx.IndexMap.from_func(
-            lambda *idx: [idx[-1] // width, *idx[:-1], idx[-1] % width], ndim=ndim))
+            lambda *idx: [idx[-1] // width, *idx[:-1], idx[-1] % width], ndim=ndim,
+            index_dtype=str(buf.shape[-1].ty)))
         sch.annotate(cache, "meta_schedule.layout_rewrite_preproc", True)
 
 

@@ -44,8 +44,9 @@ def test_tune_compile_applies_records_numerics_hold(tmp_path, onnx_reference):
 
     art = smelt.compile(model, options=smelt.CompileOptions(tune_log_dir=str(tmp_path)))
     assert art.report.tune_records == [str(tmp_path / rep.target_key)]
-    # records slower than a kernel's default schedule (likely after 4 trials of a tiny kernel) stay unused
-    assert art.report.tuned_kernels >= 1 and art.report.tuned_kernels + len(art.report.records_slower) == 3
+    # records slower than a kernel's default schedule stay unused: after 4 trials, usually all of
+    # them against the tiled CPU defaults; each kernel is either tuned or named as slower
+    assert art.report.tuned_kernels + len(art.report.records_slower) == 3
     x = np.random.default_rng(1).standard_normal((1, 64)).astype("float32")
     got = smelt.load(art.save(tmp_path / "art")).run(next(iter(art.models)), features=x)
     want = onnx_reference(model, {"features": x})

@@ -1,0 +1,121 @@
+"""Default CPU schedules: the kernels are tiled, vectorized and parallel, and compute the same numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, te, topi
+
+import smelt
+from smelt.backends import cpu_schedule
+from smelt.backends.base import TargetOptions
+from smelt.backends.cpu import CPUBackend
+from smelt.examples import zoo
+from smelt.examples.reference import ort_outputs
+from smelt.passes.convert_conv_layout import ConvertConvLayout
+
+TARGET = CPUBackend().target(TargetOptions())
+
+
+def _run(func: tvm.tirx.PrimFunc, shapes: list[tuple], rng) -> list[np.ndarray]:
+    """Build ``func`` and run it on seeded inputs; returns inputs and the output."""
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
+    dev = tvm.cpu()
+    arrays = [rng.standard_normal(s).astype("float32") for s in shapes[:-1]] + [np.zeros(shapes[-1], "float32")]
+    args = [tvm.runtime.tensor(a, dev) for a in arrays]
+    lib(*args)
+    return [a.numpy() for a in args]
+
+
+def _scheduled(func, rule):
+    sch = rule.apply(func, TARGET, False)
+    assert sch is not None, f"{type(rule).__name__} declined"
+    return sch.mod["main"]
+
+
+CASES = {
+    # name: (TE builder, shapes of the arguments, output last)
+    "conv_nhwc_3x3": (lambda x, w, b: topi.nn.relu(topi.nn.conv2d_nhwc(x, w, 1, 1, 1, out_dtype="float32") + b),
+                      [(1, 14, 14, 32), (3, 3, 32, 64), (1, 1, 1, 64), (1, 14, 14, 64)]),
+    "conv_nhwc_stride2": (lambda x, w, b: topi.nn.conv2d_nhwc(x, w, 2, 1, 1, out_dtype="float32") + b,
+                          [(1, 15, 15, 16), (3, 3, 16, 48), (1, 1, 1, 48), (1, 8, 8, 48)]),
+    "conv_nchw": (lambda x, w, b: topi.nn.conv2d_nchw(x, w, 1, 1, 1, out_dtype="float32") + b,
+                  [(1, 8, 12, 12), (16, 8, 3, 3), (1, 16, 1, 1), (1, 16, 12, 12)]),
+    "matmul_odd_n": (lambda a, b, c: topi.nn.matmul(a, b) + c, [(6, 40), (40, 10), (10,), (6, 10)]),
+    "batch_matmul": (lambda a, b, c: topi.nn.batch_matmul(a, b, transpose_b=False) * c,
+                     [(3, 16, 24), (3, 24, 32), (1,), (3, 16, 32)]),
+    "max_pool_nhwc": (lambda x, _w, _b: topi.nn.pool2d(x, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), "max",
+                                                        layout="NHWC"),
+                      [(1, 9, 9, 32), (1,), (1,), (1, 5, 5, 32)]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tile_reduction_matches_the_loop_nest(case, rng):
+    """Tolerance 1e-5 relative to the largest output: only the summation order changes."""
+    build, shapes = CASES[case]
+    placeholders = [te.placeholder(s, name=f"p{i}") for i, s in enumerate(shapes[:-1])]
+    out = build(*placeholders)
+    func = te.create_prim_func([*placeholders, out])
+    scheduled = _scheduled(func, cpu_schedule.TileReduction())
+    text = scheduled.script()
+    assert "T.parallel" in text and "T.vectorized" in text
+    want = _run(func, shapes, np.random.default_rng(0))[-1]
+    got = _run(scheduled, shapes, np.random.default_rng(0))[-1]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_injective_kernels_are_parallel_and_vectorized(rng):
+    x = te.placeholder((64, 256), name="x")
+    y = topi.transpose(topi.nn.relu(x) * 2.0)
+    func = te.create_prim_func([x, y])
+    assert cpu_schedule.TileReduction().apply(func, TARGET, False) is None
+    scheduled = _scheduled(func, cpu_schedule.ParallelInjective())
+    assert "T.parallel" in scheduled.script() and "T.vectorized" in scheduled.script()
+    got = _run(scheduled, [(64, 256), (256, 64)], np.random.default_rng(1))
+    np.testing.assert_array_equal(got[1], (np.maximum(got[0], 0) * 2).T)
+
+
+def test_rules_decline_gpu_targets():
+    x = te.placeholder((16, 16), name="x")
+    func = te.create_prim_func([x, topi.nn.relu(x)])
+    gpu = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    assert cpu_schedule.ParallelInjective().apply(func, gpu, False) is None
+    assert cpu_schedule.TileReduction().apply(func, gpu, False) is None
+
+
+def test_weights_are_repacked_at_compile_time_and_names_kept(tmp_path, rng):
+    """An MLP's weights reach its kernels as [N / width, K, width] panels; no repacking runs at run time."""
+    model = zoo.mlp(batch=4)
+    art = smelt.compile(model, "cpu")
+    assert art.report.schedules == {"fused_matmul_add_relu": "TileReduction", "fused_matmul1_add_relu": "TileReduction",
+                                    "fused_matmul2_add1": "TileReduction"}
+    shapes = [art.weights[k].shape for k in art.weights.keys()]
+    # 64x256, 256x256 and 256x10 weights: 32-wide panels where 32 divides N, one 10-wide panel.
+    assert sorted(s for s in shapes if len(s) > 1) == [(1, 256, 10), (8, 64, 32), (8, 256, 32)], shapes
+    feeds = {"features": rng.standard_normal((4, 64)).astype("float32")}
+    (want,) = ort_outputs(model, feeds)
+    rt = smelt.load(art.save(tmp_path / "art"))
+    got = rt.run(next(iter(rt.models)), **feeds)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_convert_conv_layout_keeps_numbers(tmp_path, rng):
+    """ResNet-18 (112²) in NHWC/HWIO: every conv2d converted, outputs equal onnxruntime's to 1e-5."""
+    model = zoo.resnet(depth=18, size=56, classes=10)
+    prog = smelt.frontend.import_models([model], None, None, False)
+    mod = ConvertConvLayout("NHWC", "HWIO")(prog.bind())
+    convs = [line for line in mod.script().splitlines() if "R.nn.conv2d(" in line]
+    assert convs and all('data_layout="NHWC"' in c and 'kernel_layout="HWIO"' in c for c in convs)
+    feeds = {"input": rng.standard_normal((1, 3, 56, 56)).astype("float32")}
+    (want,) = ort_outputs(model, feeds)
+    rt = smelt.load(smelt.compile(model, "cpu").save(tmp_path / "art"))
+    got = rt.run(next(iter(rt.models)), **feeds)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_convert_conv_layout_leaves_modules_without_conv_alone():
+    prog = smelt.frontend.import_models([zoo.mlp()], None, None, False)
+    mod = prog.bind()
+    assert ConvertConvLayout()(mod).same_as(mod)
