@@ -91,7 +91,9 @@ class CUDABackend:
         return _cuda.dataflow_lower_passes(target) + _cuda.finalize_passes(target)
 
     def pass_config(self, opts: TargetOptions) -> dict:
-        return {"relax.backend.use_cuda_graph": bool(opts.cuda_graph)}
+        # cp.async copies (sm_80+) for the tensor-core rule's multi-stage pipeline: TVM emits
+        # them only under this option.
+        return {"relax.backend.use_cuda_graph": bool(opts.cuda_graph), "tirx.use_async_copy": True}
 
     def emit_source(self, executable, out_dir: Path) -> list[Path]:
         """``kernels.cu`` (CUDA C), ``kernels.ptx`` (PTX for the arch it was built for) and ``host.ll``."""

@@ -1,15 +1,17 @@
-"""ApplyDefaultSchedules: dlight's default GPU schedules, one rule at a time, crash-safe.
+"""ApplyDefaultSchedules: default schedules (dlight's rules and smelt's), one rule at a time, crash-safe.
 
-Requires: legalized, fused PrimFuncs and a GPU target in scope (or on the function's
-``target`` attribute).
+Requires: legalized, fused PrimFuncs and a target in scope (or on the function's
+``target`` attribute); ``rules`` default to the GPU ones (``default_rules()``), the CPU
+backend passes ``cpu_schedule.default_rules()``.
 Guarantees: every PrimFunc not already scheduled (tuned records come first) gets
 the first dlight rule that applies; a rule that raises on a function is logged
 with the reason and the next rule is tried, so one bad kernel (seen on the H200:
 dlight's Matmul rule asserting on MobileNetV3 at batch 32) costs that kernel its
 fast schedule, not the whole compile. ``report`` maps function → rule used (or
 ``tuned``); ``fallbacks`` maps function → the rules that raised, with their reasons.
-A function no rule schedules raises ``BackendError``.
-Where: schedule phase of the CUDA and ROCm backends.
+A function no rule schedules raises ``BackendError`` when ``required`` (GPUs: an
+unscheduled kernel does not build), and keeps TVM's default lowering otherwise (CPUs).
+Where: schedule phase of every backend.
 
 TVM's ``dl.ApplyDefaultSchedule`` stops at the first exception, hence this loop.
 
@@ -41,7 +43,8 @@ log = logging.getLogger(__name__)
 
 def default_rules() -> list:
     """dlight's GPU rules in TVM's order: the most specific first, ``Fallback`` last."""
-    return [TensorCoreMatmul(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    return [TensorCoreMatmul(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+            dl.gpu.Fallback()]
 
 
 @dataclass(frozen=True)

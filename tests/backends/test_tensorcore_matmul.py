@@ -94,6 +94,9 @@ def test_kernels_use_ldmatrix_mma_and_cp_async(built):
     for needle in ("mma.sync.aligned.m16n8k16", "ldmatrix.sync.aligned", "cp.async.cg.shared.global",
                    "cp.async.wait_group"):
         assert needle in code
+    case, _ = built
+    b_row_major = not case.get("trans_w")  # B read as [K, N] tiles: ldmatrix must transpose
+    assert ("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in code) == b_row_major
     assert "mma.sync.aligned.m16n8k16" in ptx and "ldmatrix" in ptx
 
 
