@@ -111,6 +111,8 @@ def main() -> None:
             r = bench(m, module, x, Path(tmp), args.tune_log_dir, args.precision)
             rows.append(r)
             print(json.dumps(r), flush=True)
+            if args.json:  # after every model: a run cut short keeps what it measured
+                Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"\n{'model':<12}{'batch':>6}{'rel err':>10}{'smelt ms':>10}{'tuned ms':>10}{'tuned':>8}{'eager ms':>10}"
           f"{'compile ms':>11}{'c-ro ms':>9}{'compile s':>10}")
     for r in rows:
@@ -119,8 +121,6 @@ def main() -> None:
         print(f"{r['model']:<12}{r['batch']:>6}{r['rel_err']:>10.1e}{r['smelt_ms']:>10.3f}{tuned}"
               f"{r['torch_eager_ms']:>10.3f}{r['torch_compile_ms']:>11.3f}{r['torch_compile_ro_ms']:>9.3f}"
               f"{r['compile_s']:>10.1f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
