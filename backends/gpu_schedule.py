@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 def default_rules() -> list:
-    """dlight's GPU rules in TVM's order: the most specific first, ``Fallback`` last."""
+    """smelt's tensor-core GEMM rule, then dlight's GPU rules in TVM's order (``Fallback`` last)."""
     return [TensorCoreMatmul(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
             dl.gpu.Fallback()]
 
