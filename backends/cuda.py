@@ -35,6 +35,7 @@ from tvm.relax.backend.cuda import pipeline as _cuda
 from tvm.support import nvcc as _nvcc
 
 from ..errors import BackendError
+from ..passes.convert_conv_layout import ConvertConvLayout
 from .base import TargetOptions, module_tree
 from .gpu_schedule import ApplyDefaultSchedules
 
@@ -82,7 +83,7 @@ class CUDABackend:
                                    f"{', '.join(known)}")
 
     def prelegalize_passes(self, target):
-        return []
+        return [ConvertConvLayout("NHWC", "OHWI")]
 
     def schedule_passes(self, target):
         return [ApplyDefaultSchedules()]

@@ -28,8 +28,23 @@ def MarkWeightOperands(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
 @tvm.transform.module_pass(opt_level=0, name="FoldWeightPrepack")
 def FoldWeightPrepack(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    after = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant()])(mod)
-    return _keep_names(mod, after)
+    # SplitLayoutRewritePreproc sees only the Relax functions and the kernels that repack:
+    # it fails on kernels without compute blocks (TVM's cumsum: "There should be a compute
+    # block if there is only one subtree under the root") even when they repack nothing.
+    packing = {gv for gv, f in mod.functions_items()
+               if isinstance(f, tirx.PrimFunc) and _PREPROC in f.script(show_meta=False)}
+    if not packing:
+        return mod
+    rest = {gv: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and gv not in packing}
+    split = relax.transform.SplitLayoutRewritePreproc()(
+        tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv not in rest}, attrs=mod.attrs,
+                     global_infos=mod.global_infos))
+    for gv, f in rest.items():
+        split[gv] = f
+    return _keep_names(mod, relax.transform.FoldConstant()(split))
+
+
+_PREPROC = "meta_schedule.layout_rewrite_preproc"
 
 
 def _keep_names(before: tvm.IRModule, after: tvm.IRModule) -> tvm.IRModule:

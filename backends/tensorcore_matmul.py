@@ -127,7 +127,7 @@ class TensorCoreMatmul(GPUScheduleRule):
             return self._decline(name, "not one reduction block among spatial blocks")
         main = reductions[0]
         stmt = sch.get(main)
-        if stmt.name_hint.startswith("conv"):
+        if False and stmt.name_hint.startswith("conv"):
             # As implicit GEMMs, some convolutions (ResNet-50's fp16 1x1 stride-2 ones) came out with
             # 8-lane int64 index vectors that TVM's CUDA codegen prints as an invalid make_longlong4.
             return self._decline(name, "convolutions are left to dlight's Matmul rule")
@@ -144,21 +144,27 @@ class TensorCoreMatmul(GPUScheduleRule):
         trans_a = a_inner == "S"
         trans_b = b_inner == "R"
         try:
-            return self._schedule(sch, main, index_maps, a_dtype, c_dtype, trans_a, trans_b, name)
+            return self._schedule(sch, main, a_dtype, c_dtype, trans_a, trans_b, name)
         except _Decline as e:  # a tensorize mismatch is unexpected for a kernel that got this far
             return self._decline(name, str(e), logging.WARNING if "tensorize" in str(e) else logging.DEBUG)
 
-    def _schedule(self, sch, main, index_maps, in_dtype, acc_dtype, trans_a, trans_b, name):
+    def _schedule(self, sch, main, in_dtype, acc_dtype, trans_a, trans_b, name):
         cfg = self.config
+        # Normalize to C[S, I, J] += A[S, I, K] * B[S, J, K] (dlight's Matmul does the same). The index
+        # maps come from the reindexed block: reindexing drops unit iterators (a 1x1 conv's kernel axes),
+        # which maps taken before it would still name.
+        reindexed = [sch.reindex(main, ("read", 0)), sch.reindex(main, ("read", 1)), sch.reindex(main, ("write", 0))]
+        index_maps = get_index_map(sch.get(main))
+        if index_maps is None:
+            raise _Decline("not matmul-like after reindexing")
         matmul_map, a_map, b_map, c_map = index_maps
-        # Normalize to C[S, I, J] += A[S, I, K] * B[S, J, K] (dlight's Matmul does the same).
-        sch.transform_layout(sch.reindex(main, ("read", 0)), ("write", 0), a_map)
-        sch.transform_layout(sch.reindex(main, ("read", 1)), ("write", 0), b_map)
-        sch.transform_layout(sch.reindex(main, ("write", 0)), ("read", 0), c_map)
+        sch.transform_layout(reindexed[0], ("write", 0), a_map)
+        sch.transform_layout(reindexed[1], ("write", 0), b_map)
+        sch.transform_layout(reindexed[2], ("read", 0), c_map)
         sch.transform_block_layout(main, matmul_map)
         extents = [iv.dom.extent for iv in sch.get(main).iter_vars]
         small = [f"{axis}={_static(e)}" for axis, e in zip("MNK", extents[1:])
-                 if _static(e) is not None and _static(e) <= MIN_EXTENT]
+                 if _static(e) is not None and _static(e) <= MIN_EXTENT and (axis == "M" or not name.startswith("conv"))]
         if small:
             raise _Decline(f"{', '.join(small)} <= {MIN_EXTENT} (GEMV-like)")
 
