@@ -1,7 +1,9 @@
 """CPU backend: LLVM code for the host (x86-64 or aarch64) or a named CPU/triple.
 
-Uses TVM's generic CPU lowering. Without tuning records the kernels keep the
-default (unscheduled) loop nests.
+Before legalization, convolutions move to NHWC/HWIO (``ConvertConvLayout``) and exp, erf,
+tanh and softmax take TVM's vectorizable fast forms. Kernels without tuning records get
+smelt's default CPU schedules (``cpu_schedule``: register-tiled, vectorized, parallel), with
+the weights of tiled kernels repacked into panels at compile time (``prepack_weights``).
 """
 
 from __future__ import annotations
