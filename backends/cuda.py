@@ -1,7 +1,8 @@
 """CUDA backend: kernels for NVIDIA GPUs (--arch sm_XX); builds without a GPU.
 
-Default schedules come from dlight (crash-safe, per kernel); CUDA graphs capture
-static-shape regions (TVM's RewriteCUDAGraph decides where that is legal).
+Default schedules come from smelt's TensorCoreMatmul, then dlight (crash-safe, per kernel);
+convolutions are converted to NHWC/OHWI first, so that TensorCoreMatmul takes them as implicit
+GEMMs. CUDA graphs capture static-shape regions (TVM's RewriteCUDAGraph decides where that is legal).
 
 Where the code is compiled: TVM 0.27 turns the generated CUDA C into a cubin at
 build time only when its CUDA runtime is loaded (a machine with a driver). Without
@@ -36,6 +37,7 @@ from tvm.support import nvcc as _nvcc
 
 from ..errors import BackendError
 from ..passes.convert_conv_layout import ConvertConvLayout
+from ..passes.legalize_grouped_conv import LegalizeGroupedConv
 from .base import TargetOptions, module_tree
 from .gpu_schedule import ApplyDefaultSchedules
 
@@ -83,7 +85,11 @@ class CUDABackend:
                                    f"{', '.join(known)}")
 
     def prelegalize_passes(self, target):
-        return [ConvertConvLayout("NHWC", "OHWI")]
+        # NHWC/OHWI: a conv is then an implicit GEMM whose A (the padded input) and B (the weights)
+        # both have the reduction axis (KH, KW, Cin) innermost, the layout TensorCoreMatmul reads with
+        # 16-byte cp.async copies and plain ldmatrix. Grouped convs are rewritten first, in NCHW
+        # (LegalizeGroupedConv handles only that layout), so they keep their batched-matmul form.
+        return [LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI")]
 
     def schedule_passes(self, target):
         return [ApplyDefaultSchedules()]

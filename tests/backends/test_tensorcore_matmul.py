@@ -1,7 +1,8 @@
 """TensorCoreMatmul: which kernels it takes, that they build to ldmatrix/mma.sync/cp.async code, and numerics.
 
 Compile-only tests need nvcc (they skip without it), not a GPU: each schedules a legalized, fused
-relax matmul for sm_90, builds it with ``tvm.compile`` and compiles the CUDA C to PTX with nvcc.
+relax matmul, or NHWC/OHWI conv2d (implicit GEMM, with its pad block and epilogue), for sm_90,
+builds it with ``tvm.compile`` and compiles the CUDA C to PTX with nvcc.
 Tests marked ``cuda`` run the kernels and compare with numpy in float64; tolerance: max |y - ref|
 at most 1e-2 * max |ref| (fp16 output rounding is 2^-11 relative; fp16 accumulation over K=512
 adds a few ulps more; a wrong tile or swizzle gives errors of order 1).
@@ -64,6 +65,49 @@ def _matmul_nt(x_shape, w_shape, dtype, out_dtype):
     return te.create_prim_func([x, w, y]).with_attr("global_symbol", "gemm")
 
 
+def fused_conv(x_shape, w_shape, stride=1, padding=0, layout=("NHWC", "OHWI"), groups=1, out_dtype="float16",
+               residual=False):
+    """The one PrimFunc relax makes of ``relu(conv2d(x, w) [.astype(f16)] + bias [+ residual])`` (float16)."""
+    data_layout, kernel_layout = layout
+    cout = w_shape[kernel_layout.index("O")]
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "float16"))
+    w = relax.Var("w", relax.TensorType(w_shape, "float16"))
+    b = relax.Var("b", relax.TensorType([cout if a == "C" else 1 for a in data_layout], "float16"))
+    params = [x, w, b]
+    with bb.function("main", params):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, w, strides=stride, padding=padding, groups=groups,
+                                           data_layout=data_layout, kernel_layout=kernel_layout,
+                                           out_dtype=out_dtype))
+            if out_dtype != "float16":  # what ToMixedPrecision makes: accumulate in float32, then cast
+                y = bb.emit(relax.op.astype(y, "float16"))
+            y = bb.emit(relax.op.add(y, b))
+            if residual:
+                r = relax.Var("r", y.ty)
+                params.append(r)
+                y = bb.emit(relax.op.add(y, r))
+            out = bb.emit_output(bb.emit(relax.op.nn.relu(y)))
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(relax.transform.AnnotateTIROpPattern()(mod)))
+    (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    return func.with_attr("global_symbol", "gemm")
+
+
+def conv_reference(x, w, stride, padding):
+    """NHWC x OHWI convolution in float64."""
+    o, kh, kw, _ = w.shape
+    xp = np.pad(x.astype("float64"), [(0, 0), (padding, padding), (padding, padding), (0, 0)])
+    oh, ow = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
+    out = np.zeros((x.shape[0], oh, ow, o))
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride]
+            out += patch @ w[:, i, j, :].astype("float64").T
+    return out
+
+
 def build(func):
     """CUDA C and PTX of ``func`` scheduled by TensorCoreMatmul (which must apply)."""
     sch = TensorCoreMatmul().apply(func, TARGET, False)
@@ -81,6 +125,46 @@ CASES = {
     "bias_fp16_accumulate": dict(x_shape=(256, 512), w_shape=(512, 384), out_dtype="float16", bias=True),
     "bf16": dict(x_shape=(256, 256), w_shape=(256, 256), dtype="bfloat16"),
 }
+
+
+# NHWC/OHWI convolutions as ResNet-50 has them (spatial sizes smaller), as implicit GEMMs
+# M = N*OH*OW, N = Cout, K = KH*KW*Cin; none of them a multiple of the 128x128x32 tile in every dimension.
+CONV_CASES = {
+    "1x1": dict(x_shape=(2, 14, 14, 128), w_shape=(96, 1, 1, 128)),
+    "1x1_stride2_residual": dict(x_shape=(1, 28, 28, 64), w_shape=(256, 1, 1, 64), stride=2, residual=True),
+    "3x3_f32_accumulate": dict(x_shape=(1, 20, 20, 64), w_shape=(64, 3, 3, 64), padding=1, out_dtype="float32"),
+    "3x3_stride2": dict(x_shape=(1, 30, 30, 32), w_shape=(128, 3, 3, 32), stride=2, padding=1),
+    "7x7_stride2_stem": dict(x_shape=(1, 32, 32, 3), w_shape=(64, 7, 7, 3), stride=2, padding=3),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONV_CASES))
+def built_conv(request, requires_cuda_compiler):
+    case = CONV_CASES[request.param]
+    return case, build(fused_conv(**case))
+
+
+def test_nhwc_convs_are_implicit_gemms_on_tensor_cores(built_conv):
+    case, (_, code, ptx) = built_conv
+    assert "mma.sync.aligned.m16n8k16" in ptx and "ldmatrix" in ptx
+    if case["x_shape"][-1] % 8 == 0:  # rows of 16 bytes: the padded input is fetched with cp.async
+        assert "cp.async.cg.shared.global" in code
+    assert "ld.local" not in ptx
+    assert "ldmatrix.sync.aligned.m8n8.x4.trans" not in code  # OHWI: B is [N, K], K innermost as in A
+
+
+@pytest.mark.parametrize("layout, groups, w_shape", [(("NCHW", "OIHW"), 1, (128, 64, 3, 3)),
+                                                     (("NHWC", "OHWI"), 2, (128, 3, 3, 32)),
+                                                     (("NHWC", "OHWI"), 64, (64, 3, 3, 1))])
+def test_declines_nchw_grouped_and_depthwise_convs(layout, groups, w_shape):
+    x_shape = (1, 64, 20, 20) if layout[0] == "NCHW" else (1, 20, 20, 64)
+    func = fused_conv(x_shape, w_shape, padding=1, layout=layout, groups=groups)
+    assert TensorCoreMatmul().apply(func, TARGET, False) is None
+
+
+def test_cuda_backend_converts_convs_to_nhwc_ohwi():
+    (convert,) = cuda_backend.CUDABackend().prelegalize_passes(TARGET)[-1:]
+    assert (convert.data_layout, convert.kernel_layout) == ("NHWC", "OHWI")
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -181,3 +265,25 @@ def test_matches_numpy_on_gpu(case, rng):
     err = np.abs(y.numpy().astype("float64") - ref).max() / np.abs(ref).max()
     assert err <= REL_TOL, f"{case}: max relative error {err:.2e}"
 
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_conv_matches_numpy_on_gpu(case, rng):
+    params = CONV_CASES[case]
+    lib, _, _ = build(fused_conv(**params))
+    x = rng.standard_normal(params["x_shape"]).astype("float16")
+    w = (rng.standard_normal(params["w_shape"]) / np.sqrt(np.prod(params["w_shape"][1:]))).astype("float16")
+    ref = conv_reference(x, w, params.get("stride", 1), params.get("padding", 0))
+    b = rng.standard_normal((1, 1, 1, ref.shape[-1])).astype("float16")
+    ref = ref + b
+    args = [x, w, b]
+    if params.get("residual"):
+        r = rng.standard_normal(ref.shape).astype("float16")
+        ref, args = ref + r, args + [r]
+    ref = np.maximum(ref, 0)
+    dev = tvm.cuda(0)
+    y = tvm.runtime.empty(ref.shape, "float16", dev)
+    lib["gemm"](*[tvm.runtime.tensor(a, dev) for a in args], y)
+    err = np.abs(y.numpy().astype("float64") - ref).max() / np.abs(ref).max()
+    assert err <= REL_TOL, f"{case}: max relative error {err:.2e}"
