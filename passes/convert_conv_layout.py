@@ -4,8 +4,10 @@ Requires: Relax before LegalizeOps (calls to ``relax.nn.conv2d``). Guarantees: e
 takes its data in ``data_layout`` and its weights in ``kernel_layout``; TVM's
 ConvertLayout carries the new layout through the elementwise ops, pooling and
 concatenations that follow, so transposes remain only where a layout-bound op or a
-model output needs the original one. Weight transposes are constants and fold away in
-the fuse phase. Numbers do not change. A module without conv2d is returned as it is;
+model output needs the original one. ``clip`` (ReLU6, hardswish), which TVM cannot carry
+a layout through, is first spelled ``minimum(maximum(x, lo), hi)``, which it can; without
+that every hardswish of MobileNetV3 sat between two transposes, outside the conv's kernel.
+Weight transposes are constants and fold away in the fuse phase. Numbers do not change. A module without conv2d is returned as it is;
 where TVM's ConvertLayout fails (seen: its layout inference indexing out of bounds on
 the stacked inputs of merged MLPs), the module keeps its layouts and the reason is logged.
 Where: fuse phase, first, for backends that ask for it (``Backend.prelegalize_passes``).
@@ -24,6 +26,7 @@ import tvm
 from tvm import relax
 
 from ..errors import error_line
+from .mutate import mutate_functions
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +41,29 @@ class ConvertConvLayout:
             return mod
         convert = relax.transform.ConvertLayout({"relax.nn.conv2d": [self.data_layout, self.kernel_layout]})
         try:
-            return relax.transform.CanonicalizeBindings()(convert(mod))
+            return relax.transform.CanonicalizeBindings()(convert(mutate_functions(_ClipAsMinMax(mod), mod)))
         except Exception as e:  # noqa: BLE001 - TVM's layout inference; the old layout is still correct
             log.warning("convolutions stay in their layout: TVM's ConvertLayout to %s/%s failed (%s)",
                         self.data_layout, self.kernel_layout, error_line(e, last=True, with_type=True))
             return mod
+
+
+@relax.expr_functor.mutator
+class _ClipAsMinMax(relax.PyExprMutator):
+    _clip = tvm.ir.Op.get("relax.clip")
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if not (isinstance(call, relax.Call) and call.op.same_as(self._clip)):
+            return call
+        x, lo, hi = call.args
+        dtype = str(x.ty.dtype)
+        # The bounds are TIR immediates (IntImm/FloatImm) in TVM 0.27's Relax.
+        bound = [relax.const(float(b.value), dtype) if isinstance(b, (tvm.tirx.IntImm, tvm.tirx.FloatImm)) else None
+                 for b in (lo, hi)]
+        if None in bound:
+            return call
+        return relax.op.minimum(relax.op.maximum(x, bound[0]), bound[1])
 
 
 def _has_conv2d(mod: tvm.IRModule) -> bool:
