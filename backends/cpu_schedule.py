@@ -65,9 +65,11 @@ class TileReduction(ScheduleRule):
     inner register tile ``rows × width``: ``width`` along the innermost output axis
     (a multiple of the vector length where the extent allows), ``rows`` along the next
     spatial axis with an extent above one. The reduction loops run between the two, so
-    the tile's accumulators stay in registers; producers (padding, casts, decode) are
-    inlined and the epilogue (bias, activation, residual add) is computed per tile while
-    it is still in cache.
+    the tile's accumulators stay in registers; producers (casts, weight decode) are
+    inlined, padding stays a parallel copy of its own (inlined, its bounds check sat in
+    the inner loop: 4.8 against 1.5 ms on a 7x7x256 conv), and the epilogue (bias,
+    activation, residual add) is computed per tile while it is still in cache. Constant
+    operands are repacked into panels at compile time (``_pack_weights``).
     """
 
     def apply(self, func: tirx.PrimFunc, target, _tunable: bool):
