@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from tvm import relax, te, topi
+from tvm import te, topi
 
 import smelt
 from smelt.backends import cpu_schedule
