@@ -109,8 +109,10 @@ class TileReduction(ScheduleRule):
         loops = sch.get_loops(block)
         if len(loops) != len(kinds):
             return None
-        extents = _const_extents(sch, loops)
-        if extents is None:
+        # Symbolic extents (a dynamic batch) may stay in the parallel grid; the register tile
+        # needs static ones.
+        extents = [int(e) if isinstance(e, tirx.IntImm) else None for e in (sch.get(lp).extent for lp in loops)]
+        if extents[n_s - 1] is None:
             return None
         out_dtype = sch.get(block).writes[0].source.dtype
         lanes = vector_lanes(target, tvm.DataType(out_dtype).bits)
@@ -123,7 +125,7 @@ class TileReduction(ScheduleRule):
             width = lanes * (2 if width_ext % (2 * lanes) == 0 else 1)
         else:
             width = _divisor(width_ext, lanes, min(4, width_ext)) or 1
-        row_axis = next((i for i in range(n_s - 2, -1, -1) if s_ext[i] > 1), None)
+        row_axis = next((i for i in range(n_s - 2, -1, -1) if s_ext[i] is not None and s_ext[i] > 1), None)
         budget = _accumulators(target) // max(1, width // lanes)
         rows = _divisor(s_ext[row_axis], max(1, budget)) if row_axis is not None else 1
 

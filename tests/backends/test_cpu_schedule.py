@@ -123,3 +123,15 @@ def test_convert_conv_layout_leaves_modules_without_conv_alone():
     prog = smelt.frontend.import_models([zoo.mlp()], None, None, False)
     mod = prog.bind()
     assert ConvertConvLayout()(mod).same_as(mod)
+
+
+def test_dynamic_batch_keeps_the_tiles(tmp_path, rng):
+    """A symbolic batch stays in the parallel grid: convolutions are still tiled, numbers hold at batch 3."""
+    model = zoo.resnet(depth=18, size=32, batch="N", classes=10)
+    art = smelt.compile(model, "cpu", dynamic_batch=True)
+    convs = {k: v for k, v in art.report.schedules.items() if "conv2d" in k}
+    assert convs and set(convs.values()) == {"TileReduction"}, convs
+    feeds = {"input": rng.standard_normal((3, 3, 32, 32)).astype("float32")}
+    (want,) = ort_outputs(model, feeds)
+    got = smelt.load(art.save(tmp_path / "art")).run(next(iter(art.models)), **feeds)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
