@@ -19,7 +19,7 @@ from ..errors import BackendError
 from ..passes.convert_conv_layout import ConvertConvLayout
 from . import cpu_schedule
 from .base import TargetOptions, host_linker_options
-from .gpu_schedule import ApplyDefaultSchedules
+from .apply_default_schedules import ApplyDefaultSchedules
 from .prepack_weights import FoldWeightPrepack, MarkWeightOperands
 
 _TRIPLES = {"x86_64": "x86_64-linux-gnu", "amd64": "x86_64-linux-gnu",

@@ -205,18 +205,15 @@ class ParallelInjective(ScheduleRule):
         infos = normalize_prim_func(sch)
         if infos is None or not infos or not all(b.is_injective() for b in infos):
             return None
+        left = [infos[-1].block_rv]  # blocks that stay at the root: the last, and what does not inline
         for b in infos[:-1]:
             try:
                 sch.compute_inline(b.block_rv)
             except Exception:
-                pass
+                left.append(b.block_rv)
         lanes = vector_lanes(target, 32)
-        for b in infos:
-            try:
-                sch.get(b.block_rv)
-            except Exception:  # inlined
-                continue
-            _schedule_root(sch, b.block_rv, lanes)
+        for block in left:
+            _schedule_root(sch, block, lanes)
         return sch
 
 

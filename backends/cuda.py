@@ -39,7 +39,7 @@ from ..errors import BackendError
 from ..passes.convert_conv_layout import ConvertConvLayout
 from ..passes.legalize_grouped_conv import LegalizeGroupedConv
 from .base import TargetOptions, module_tree
-from .gpu_schedule import ApplyDefaultSchedules
+from .apply_default_schedules import ApplyDefaultSchedules
 
 log = logging.getLogger(__name__)
 

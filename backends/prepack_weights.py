@@ -32,7 +32,8 @@ def FoldWeightPrepack(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     # it fails on kernels without compute blocks (TVM's cumsum: "There should be a compute
     # block if there is only one subtree under the root") even when they repack nothing.
     packing = {gv for gv, f in mod.functions_items()
-               if isinstance(f, tirx.PrimFunc) and _PREPROC in f.script(show_meta=False)}
+               if isinstance(f, tirx.PrimFunc) and f.attrs is not None and "layout_free_buffers" in f.attrs
+               and _PREPROC in f.script(show_meta=False)}
     if not packing:
         return mod
     rest = {gv: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and gv not in packing}

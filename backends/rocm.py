@@ -28,7 +28,7 @@ from tvm.support import rocm as _tvm_rocm
 
 from ..errors import BackendError
 from .base import TargetOptions, module_tree
-from .gpu_schedule import ApplyDefaultSchedules
+from .apply_default_schedules import ApplyDefaultSchedules
 
 log = logging.getLogger(__name__)
 

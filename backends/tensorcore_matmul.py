@@ -47,7 +47,7 @@ The large square GEMM is where mma.sync stays behind cuBLAS's Hopper wgmma kerne
 ResNet-50 fp16 end to end (``bench/gpu_e2e.py``, H200): batch 32 2.14 ms (torch.compile
 reduce-overhead 2.38 ms; 6.7 ms with convs on dlight's WMMA), batch 1 2.10 ms (0.60 ms; 3.2 ms):
 at batch 1 the 128x128 tiles leave most SMs idle and the 7x7 stage (M = 49) stays on dlight.
-Where: first rule of ``gpu_schedule.default_rules()``.
+Where: first rule of ``apply_default_schedules.default_rules()``.
 """
 
 from __future__ import annotations
@@ -210,12 +210,7 @@ class TensorCoreMatmul(GPUScheduleRule):
                 a0, a1 = sch.get_loops(smem)[-2:]
                 sch.reorder(a1, a0)
                 sch.transform_layout(smem, ("write", 0), lambda b, x, y: (b, y, x))
-            fused = sch.fuse(*sch.get_loops(smem)[-2:])
-            _, tz, ty, tx, vec = sch.split(fused, [None, warps_m, warps_n, 32, cfg.vector])
-            sch.bind(tz, "threadIdx.z")
-            sch.bind(ty, "threadIdx.y")
-            sch.bind(tx, "threadIdx.x")
-            sch.vectorize(vec)
+            _spread_over_threads(sch, smem, warps_m, warps_n, cfg.vector)
             sch.annotate(smem, "permuted_layout", f"g2s_{tag}")
 
             reg = sch.cache_read(outer, read, "local")
@@ -235,12 +230,7 @@ class TensorCoreMatmul(GPUScheduleRule):
         out_smem = sch.cache_write(outer, 0, "shared.dyn")
         sch.reverse_compute_at(out_smem, block_axis)
         auto_inline_consumer_chain(sch, out_smem)
-        fused = sch.fuse(*sch.get_loops(out_smem)[-2:])
-        _, tz, ty, tx, vec = sch.split(fused, [None, warps_m, warps_n, 32, cfg.vector // 2])
-        sch.bind(tz, "threadIdx.z")
-        sch.bind(ty, "threadIdx.y")
-        sch.bind(tx, "threadIdx.x")
-        sch.vectorize(vec)
+        _spread_over_threads(sch, out_smem, warps_m, warps_n, cfg.vector // 2)
 
         out_reg = sch.cache_write(outer, 0, "local")
         _, m, n = sch.get_loops(out_reg)[-3:]
@@ -271,6 +261,16 @@ class TensorCoreMatmul(GPUScheduleRule):
         sch.annotate(k0, "software_pipeline_order", [0, 1, 2])
         sch.annotate(k0, "software_pipeline_async_stages", [0])
         return sch
+
+
+def _spread_over_threads(sch, block, warps_m: int, warps_n: int, vector: int) -> None:
+    """``block``'s two innermost loops fused and copied by every thread of the block, ``vector`` at a time."""
+    fused = sch.fuse(*sch.get_loops(block)[-2:])
+    _, tz, ty, tx, vec = sch.split(fused, [None, warps_m, warps_n, 32, vector])
+    sch.bind(tz, "threadIdx.z")
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    sch.vectorize(vec)
 
 
 def int32_indices(func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -369,7 +369,7 @@ def _register(name: str, funcs, bf16: bool) -> str:
     Why bf16: TVM registers these intrinsics for float16 only; the bf16 instructions take the
     same operands.
     """
-    if _intrin_registered(name):
+    if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
         return name
     desc, impl = funcs()
     texts = []
@@ -395,11 +395,3 @@ def _register(name: str, funcs, bf16: bool) -> str:
 
     s_tir.TensorIntrin.register(name, *(from_source(t) for t in texts))
     return name
-
-
-def _intrin_registered(name: str) -> bool:
-    try:
-        s_tir.TensorIntrin.get(name)
-        return True
-    except Exception:  # TVM raises a plain error for unknown names
-        return False

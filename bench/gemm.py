@@ -2,7 +2,7 @@
 
 One process, one run: for each M×N×K, legalizes and fuses ``R.matmul(x, w, out_dtype="float32")``
 followed by a cast to float16 (fp16 in, fp32 accumulate, fp16 out) into one PrimFunc, schedules it
-with dlight's default rules (``gpu_schedule.default_rules()`` without TensorCoreMatmul) and with
+with dlight's default rules (``apply_default_schedules.default_rules()`` without TensorCoreMatmul) and with
 TensorCoreMatmul, builds both for the local GPU, runs them and torch.matmul on the same data, checks
 each against torch (max relative error: max |y - ref| / max |ref|) and prints median ms and TFLOP/s
 side by side. ``--no-async-copy`` builds without the PassContext option ``tirx.use_async_copy``
@@ -31,7 +31,7 @@ import tvm
 from tvm import relax
 
 from smelt.backends import cuda as _cuda  # noqa: E402,F401  (registers the nvcc compile callbacks)
-from smelt.backends.gpu_schedule import ApplyDefaultSchedules, default_rules  # noqa: E402
+from smelt.backends.apply_default_schedules import ApplyDefaultSchedules, default_rules  # noqa: E402
 from smelt.backends.tensorcore_matmul import TensorCoreMatmul  # noqa: E402
 
 DEFAULT_SHAPES = "2048x768x3072,2048x3072x768,8192x8192x8192"

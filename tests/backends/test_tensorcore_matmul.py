@@ -19,7 +19,7 @@ import tvm
 from tvm import relax, te
 
 from smelt.backends import cuda as cuda_backend
-from smelt.backends.gpu_schedule import ApplyDefaultSchedules, default_rules
+from smelt.backends.apply_default_schedules import ApplyDefaultSchedules, default_rules
 from smelt.backends.tensorcore_matmul import TensorCoreMatmul, _frames_without_source
 
 TARGET = tvm.target.Target({"kind": "cuda", "arch": "sm_90", **cuda_backend._LIMITS}, host="llvm")
@@ -37,9 +37,8 @@ def fused_matmul(x_shape, w_shape, dtype="float16", out_dtype="float32", cast=No
     x = relax.Var("x", relax.TensorType(x_shape, dtype))
     w = relax.Var("w", relax.TensorType(w_shape, dtype))
     params = [x, w]
-    n = w_shape[-2] if trans_w else w_shape[-1]
     if bias:
-        params.append(relax.Var("b", relax.TensorType((n,), cast or out_dtype)))
+        params.append(relax.Var("b", relax.TensorType((w_shape[-1],), cast or out_dtype)))
     with bb.function("main", params):
         with bb.dataflow():
             y = relax.op.matmul(x, w, out_dtype=out_dtype)
@@ -49,7 +48,12 @@ def fused_matmul(x_shape, w_shape, dtype="float16", out_dtype="float32", cast=No
                 y = relax.op.add(y, params[2])
             out = bb.emit_output(bb.emit(y))
         bb.emit_func_output(out)
-    mod = relax.transform.LegalizeOps()(bb.get())
+    return _one_kernel(bb.get())
+
+
+def _one_kernel(mod: tvm.IRModule) -> tvm.tirx.PrimFunc:
+    """The single fused PrimFunc that legalizing and fusing ``mod`` gives, named ``gemm``."""
+    mod = relax.transform.LegalizeOps()(mod)
     mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(relax.transform.AnnotateTIROpPattern()(mod)))
     (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     return func.with_attr("global_symbol", "gemm")
@@ -89,10 +93,7 @@ def fused_conv(x_shape, w_shape, stride=1, padding=0, layout=("NHWC", "OHWI"), g
                 y = bb.emit(relax.op.add(y, r))
             out = bb.emit_output(bb.emit(relax.op.nn.relu(y)))
         bb.emit_func_output(out)
-    mod = relax.transform.LegalizeOps()(bb.get())
-    mod = relax.transform.FuseTIR()(relax.transform.FuseOps()(relax.transform.AnnotateTIROpPattern()(mod)))
-    (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    return func.with_attr("global_symbol", "gemm")
+    return _one_kernel(bb.get())
 
 
 def conv_reference(x, w, stride, padding):

@@ -11,7 +11,7 @@ from tvm.s_tir import dlight as dl
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from smelt.backends.gpu_schedule import ApplyDefaultSchedules
+from smelt.backends.apply_default_schedules import ApplyDefaultSchedules
 from smelt.errors import BackendError
 
 TARGET = tvm.target.Target({"kind": "cuda", "arch": "sm_90", "max_shared_memory_per_block": 49152,
@@ -53,7 +53,7 @@ def run(pass_, mod):
 
 def test_rule_that_raises_falls_through_to_the_next(caplog):
     apply = ApplyDefaultSchedules([Exploding(), NeverApplies(), dl.gpu.Matmul(), dl.gpu.Fallback()])
-    with caplog.at_level(logging.WARNING, logger="smelt.backends.gpu_schedule"):
+    with caplog.at_level(logging.WARNING, logger="smelt.backends.apply_default_schedules"):
         mod = run(apply, prim_funcs())
     assert apply.report == {"matmul": "Matmul"}
     assert apply.fallbacks == {"matmul": "Exploding: AssertionError: block: matmul"}
