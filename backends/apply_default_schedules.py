@@ -36,15 +36,17 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
 from ..errors import BackendError, error_line
+from .small_reduction import SmallReduction
 from .tensorcore_matmul import TensorCoreMatmul
 
 log = logging.getLogger(__name__)
 
 
 def default_rules() -> list:
-    """smelt's tensor-core GEMM rule, then dlight's GPU rules in TVM's order (``Fallback`` last)."""
-    return [TensorCoreMatmul(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-            dl.gpu.Fallback()]
+    """smelt's tensor-core GEMM rule, then dlight's GPU rules in TVM's order (``Fallback`` last), with
+    smelt's ``SmallReduction`` (depthwise convs, pooling) ahead of dlight's reduction rules."""
+    return [TensorCoreMatmul(), dl.gpu.Matmul(), dl.gpu.GEMV(), SmallReduction(), dl.gpu.Reduction(),
+            dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
 @dataclass(frozen=True)

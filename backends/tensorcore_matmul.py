@@ -74,7 +74,8 @@ from tvm.target import Target
 
 log = logging.getLogger(__name__)
 
-MIN_EXTENT = 64  # static M, N or K at or below this: decline (for convolutions only M)
+MIN_EXTENT = 16  # static M, N or K at or below this: decline (for convolutions only M)
+FULL_WAVE = 128  # thread blocks that keep a large GPU busy (132 SMs on an H100/H200)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ class TileConfig:
     stages: int = 4
     vector: int = 8  # elements per 16-byte copy
     l2_group: int = 8  # tile rows per group of thread blocks (L2 reuse); 1 turns it off
+
+
+SMALL_TILE = TileConfig(block_m=64, block_n=64, warp_m=32, warp_n=32)
 
 
 def _arch(target: Target) -> int:
@@ -113,8 +117,19 @@ def _static(extent) -> int | None:
 class TensorCoreMatmul(GPUScheduleRule):
     """See the module docstring."""
 
-    def __init__(self, config: TileConfig = TileConfig()):
-        self.config = config
+    def __init__(self, config: TileConfig = TileConfig(), small: TileConfig = SMALL_TILE):
+        self.config, self.small = config, small
+
+    def _tile(self, batch, m, n) -> TileConfig:
+        """The 128x128 tile, or the 64x64 one where the large tile would leave the GPU half idle:
+        fewer than ``FULL_WAVE`` thread blocks (batch-1 convs and GEMMs), or M or N of 64 or less."""
+        cfg = self.config
+        dims = [_static(e) for e in (batch, m, n)]
+        if None in dims:
+            return cfg
+        b, m, n = dims
+        blocks = b * -(-m // cfg.block_m) * -(-n // cfg.block_n)
+        return self.small if blocks < FULL_WAVE or min(m, n) <= self.small.block_m else cfg
 
     def _decline(self, func_name: str, why: str, level: int = logging.DEBUG) -> None:
         log.log(level, "TensorCoreMatmul declines %s: %s", func_name, why)
@@ -157,7 +172,6 @@ class TensorCoreMatmul(GPUScheduleRule):
             return self._decline(name, str(e), logging.WARNING if "tensorize" in str(e) else logging.DEBUG)
 
     def _schedule(self, sch, main, conv, in_dtype, acc_dtype, trans_a, trans_b, name):
-        cfg = self.config
         # Normalize to C[S, I, J] += A[S, I, K] * B[S, J, K] (dlight's Matmul does the same). The index
         # maps come from the reindexed block: reindexing drops unit iterators (a 1x1 conv's kernel axes),
         # which maps taken before it would still name.
@@ -175,6 +189,7 @@ class TensorCoreMatmul(GPUScheduleRule):
                  if _static(e) is not None and _static(e) <= MIN_EXTENT and (axis == "M" or not conv)]
         if small:
             raise _Decline(f"{', '.join(small)} <= {MIN_EXTENT} (GEMV-like)")
+        cfg = self._tile(*extents[:3])
 
         sch.pad_einsum(main, [1, cfg.block_m, cfg.block_n, cfg.block_k])
         batch, i, j, k = sch.get_loops(main)
@@ -227,7 +242,11 @@ class TensorCoreMatmul(GPUScheduleRule):
         reg_a = fetch(0, trans_a, "A")
         reg_b = fetch(1, not trans_b, "B")
 
-        out_smem = sch.cache_write(outer, 0, "shared.dyn")
+        # The output tile is staged in static shared memory when it fits (48 KiB): in dynamic shared memory,
+        # TVM 0.27 merges it with the operand stages and, unless both happen to be the same size (the
+        # 128x128 fp32 tile), mistypes the merged buffer ("tvm_access_ptr element type must match").
+        out_scope = "shared" if cfg.block_m * cfg.block_n * _BYTES[acc_dtype] <= 48 * 1024 else "shared.dyn"
+        out_smem = sch.cache_write(outer, 0, out_scope)
         sch.reverse_compute_at(out_smem, block_axis)
         auto_inline_consumer_chain(sch, out_smem)
         _spread_over_threads(sch, out_smem, warps_m, warps_n, cfg.vector // 2)
@@ -245,7 +264,7 @@ class TensorCoreMatmul(GPUScheduleRule):
         init = sch.decompose_reduction(outer, k0)
         init_inner = sch.get_child_blocks(init)[0]
         unrolled.extend(sch.get_loops(init_inner)[-4:-2])
-        intrins = _intrinsics(in_dtype, acc_dtype, trans_a, trans_b)
+        intrins = _intrinsics(in_dtype, acc_dtype, trans_a, trans_b, out_scope)
         try:
             sch.tensorize(sch.get_loops(init_inner)[-2], intrins["init"])
             sch.tensorize(sch.get_loops(reg_a)[-2], intrins["load_a"])
@@ -332,9 +351,11 @@ def _ldmatrix_layout(b, x, y):
 
 # input dtype -> accumulator dtypes the mma intrinsics support
 _INTRINSICS = {"float16": ("float32", "float16"), "bfloat16": ("float32",)}
+_BYTES = {"float32": 4, "float16": 2}
 
 
-def _intrinsics(in_dtype: str, acc_dtype: str, trans_a: bool, trans_b: bool) -> dict[str, str]:
+def _intrinsics(in_dtype: str, acc_dtype: str, trans_a: bool, trans_b: bool,
+                out_scope: str = "shared.dyn") -> dict[str, str]:
     """Names of the per-thread twins (see ``_per_thread``) of TVM's mma intrinsic group, registered on demand."""
     cuda = _cuda_intrin()
     group = cuda.get_mma_intrin_group("shared.dyn", "shared.dyn", "float16", acc_dtype, trans_a, trans_b,
@@ -343,8 +364,8 @@ def _intrinsics(in_dtype: str, acc_dtype: str, trans_a: bool, trans_b: bool) -> 
     names = {}
     for role, name in group.items():
         if role == "store":  # TVM registers mma_store to shared.dyn for f32 only
-            name = f"mma_store_16x16_{acc}_shared_dyn_"
-            funcs = lambda: cuda.get_mma_store_intrin(acc_dtype, 8, "shared.dyn", True)  # noqa: E731
+            name = f"mma_store_16x16_{acc}_{out_scope.replace('.', '_')}_"
+            funcs = lambda: cuda.get_mma_store_intrin(acc_dtype, 8, out_scope, True)  # noqa: E731
         else:
             funcs = functools.partial(lambda n: (cuda.TensorIntrin.get(n).desc, cuda.TensorIntrin.get(n).impl), name)
         if in_dtype == "bfloat16" and role in ("load_a", "load_b", "compute"):

@@ -106,10 +106,10 @@ def test_reduction_rule_never_schedules_grouped_convolutions():
     the next rule must take it, and the report must say why."""
     import numpy as np
 
-    x = relax.Var("x", relax.TensorType((1, 512, 14, 14), "float32"))
+    x = relax.Var("x", relax.TensorType((1, 1024, 14, 14), "float32"))  # 128 products: not SmallReduction's
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
-        w = relax.const(np.zeros((512, 64, 1, 1), "float32"))
+        w = relax.const(np.zeros((512, 128, 1, 1), "float32"))
         bb.emit_func_output(bb.emit(relax.op.nn.conv2d(x, w, groups=8)))
     mod = relax.transform.LegalizeOps()(bb.get())
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})

@@ -125,6 +125,9 @@ CASES = {
     "batched_nt": dict(x_shape=(4, 256, 320), w_shape=(4, 192, 320), trans_w=True),
     "bias_fp16_accumulate": dict(x_shape=(256, 512), w_shape=(512, 384), out_dtype="float16", bias=True),
     "bf16": dict(x_shape=(256, 256), w_shape=(256, 256), dtype="bfloat16"),
+    # few thread blocks (a batch-1 FFN): the 64x64 tile
+    "small_tile_bias": dict(x_shape=(128, 3072), w_shape=(3072, 768), cast="float16", bias=True),
+    "narrow_n": dict(x_shape=(512, 256), w_shape=(256, 40), cast="float16"),
 }
 
 
@@ -136,6 +139,7 @@ CONV_CASES = {
     "3x3_f32_accumulate": dict(x_shape=(1, 20, 20, 64), w_shape=(64, 3, 3, 64), padding=1, out_dtype="float32"),
     "3x3_stride2": dict(x_shape=(1, 30, 30, 32), w_shape=(128, 3, 3, 32), stride=2, padding=1),
     "7x7_stride2_stem": dict(x_shape=(1, 32, 32, 3), w_shape=(64, 7, 7, 3), stride=2, padding=3),
+    "3x3_m49": dict(x_shape=(1, 7, 7, 256), w_shape=(256, 3, 3, 256), padding=1, out_dtype="float32"),
 }
 
 
@@ -206,10 +210,19 @@ def test_dtypes_reach_the_instruction(built):
     assert f"m16n8k16.row.col.{acc}.{dtype}.{dtype}.{acc}" in code
 
 
-@pytest.mark.parametrize("x_shape, w_shape", [((1, 512), (512, 512)), ((512, 64), (64, 512)),
-                                              ((512, 512), (512, 32))])
+@pytest.mark.parametrize("x_shape, w_shape", [((1, 512), (512, 512)), ((512, 16), (16, 512)),
+                                              ((512, 512), (512, 8))])
 def test_declines_small_dims(x_shape, w_shape):
     assert TensorCoreMatmul().apply(fused_matmul(x_shape, w_shape), TARGET, False) is None
+
+
+@pytest.mark.parametrize("batch, m, n, tile", [(1, 128, 768, 64), (1, 49, 512, 64), (1, 4096, 40, 64),
+                                               (1, 4096, 768, 128), (16, 256, 768, 128), (16, 128, 768, 64),
+                                               (1, "m", 768, 128)])
+def test_small_tile_where_large_tiles_leave_the_gpu_idle(batch, m, n, tile):
+    m = tvm.tirx.Var("m", "int64") if m == "m" else tvm.tirx.IntImm("int64", m)
+    cfg = TensorCoreMatmul()._tile(tvm.tirx.IntImm("int64", batch), m, tvm.tirx.IntImm("int64", n))
+    assert (cfg.block_m, cfg.block_n) == (tile, tile)
 
 
 def test_declines_float32_and_old_arches():

@@ -1,0 +1,110 @@
+"""SmallReduction: which kernels it takes, that they build, and numerics on a GPU.
+
+Compile-only tests need nvcc, not a GPU. Tests marked ``cuda`` run the kernels and compare
+with numpy in float64; tolerance: max |y - ref| at most 1e-2 * max |ref| (fp16 output
+rounding is 2^-11 relative; a wrong window or channel gives errors of order 1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from smelt.backends.apply_default_schedules import ApplyDefaultSchedules
+from smelt.backends.small_reduction import SmallReduction
+
+from .test_tensorcore_matmul import TARGET, _one_kernel, fused_conv, fused_matmul
+
+REL_TOL = 1e-2
+
+
+def depthwise(x_shape=(2, 20, 20, 72), k=3, stride=1):
+    c = x_shape[-1]
+    return fused_conv(x_shape, (c, k, k, 1), stride=stride, padding=k // 2, groups=c, out_dtype="float32")
+
+
+def max_pool(x_shape=(2, 20, 20, 64)):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "float16"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.max_pool2d(x, 3, 2, 1, layout="NHWC"))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return _one_kernel(bb.get())
+
+
+def softmax(shape=(4, 32)):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float16"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.softmax(x)))
+        bb.emit_func_output(out)
+    return _one_kernel(bb.get())
+
+
+def build(func):
+    sch = SmallReduction().apply(func, TARGET, False)
+    assert sch is not None
+    return tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=TARGET)
+
+
+@pytest.mark.parametrize("func", [depthwise(), depthwise(k=5, stride=2), max_pool()], ids=["dw3", "dw5s2", "pool"])
+def test_one_thread_per_output_with_the_window_unrolled(func, requires_cuda_compiler):
+    code = build(func).mod.imports[0].inspect_source("cuda")
+    assert "__shared__" not in code and "__syncthreads" not in code
+    assert "for (" not in code.split("__global__", 1)[1]  # every window loop unrolled
+
+
+def test_takes_depthwise_convs_before_dlight():
+    sched = ApplyDefaultSchedules()
+    with TARGET:
+        sched(tvm.IRModule({"dw": depthwise().with_attr("global_symbol", "dw")}))
+    assert sched.report["dw"] == "SmallReduction"
+
+
+@pytest.mark.parametrize("func", [fused_matmul((64, 256), (256, 64)), softmax(),
+                                  depthwise(x_shape=(1, 20, 20, 8), k=9)], ids=["matmul_k256", "softmax", "dw9x9"])
+def test_declines_large_or_several_reductions(func):
+    assert SmallReduction().apply(func, TARGET, False) is None
+
+
+def _run(func, args, out_shape):
+    dev = tvm.cuda(0)
+    lib = build(func)
+    out = tvm.runtime.tensor(np.zeros(out_shape, "float16"), dev)
+    lib["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
+    return out.numpy().astype("float64")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("k, stride", [(3, 1), (5, 2)])
+def test_depthwise_matches_numpy_on_gpu(k, stride, rng):
+    x = rng.standard_normal((2, 20, 20, 72)).astype("float16")
+    w = rng.standard_normal((72, k, k, 1)).astype("float16")
+    b = rng.standard_normal((1, 1, 1, 72)).astype("float16")
+    pad = k // 2
+    xp = np.pad(x.astype("float64"), [(0, 0), (pad, pad), (pad, pad), (0, 0)])
+    o = (20 + 2 * pad - k) // stride + 1
+    ref = np.zeros((2, o, o, 72))
+    for i in range(k):
+        for j in range(k):
+            ref += xp[:, i:i + stride * (o - 1) + 1:stride, j:j + stride * (o - 1) + 1:stride] * w[:, i, j, 0]
+    ref = np.maximum(ref + b, 0)
+    y = _run(depthwise(k=k, stride=stride), [x, w, b], ref.shape)
+    assert np.abs(y - ref).max() <= REL_TOL * np.abs(ref).max()
+
+
+@pytest.mark.cuda
+def test_max_pool_matches_numpy_on_gpu(rng):
+    x = rng.standard_normal((2, 20, 20, 64)).astype("float16")
+    xp = np.pad(x.astype("float64"), [(0, 0), (1, 1), (1, 1), (0, 0)], constant_values=-np.inf)
+    ref = np.full((2, 10, 10, 64), -np.inf)
+    for i in range(3):
+        for j in range(3):
+            ref = np.maximum(ref, xp[:, i:i + 19:2, j:j + 19:2])
+    y = _run(max_pool(), [x], ref.shape)
+    assert np.abs(y - ref).max() <= REL_TOL * np.abs(ref).max()
