@@ -38,8 +38,10 @@ from tvm.support import nvcc as _nvcc
 from ..errors import BackendError
 from ..passes.convert_conv_layout import ConvertConvLayout
 from ..passes.legalize_grouped_conv import LegalizeGroupedConv
+from ..passes.split_k_matmul import SplitKMatmul
 from .base import TargetOptions, module_tree
 from .apply_default_schedules import ApplyDefaultSchedules
+from .tensorcore_matmul import FULL_WAVE, SMALL_TILE
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,9 @@ class CUDABackend:
         # both have the reduction axis (KH, KW, Cin) innermost, the layout TensorCoreMatmul reads with
         # 16-byte cp.async copies and plain ldmatrix. Grouped convs are rewritten first, in NCHW
         # (LegalizeGroupedConv handles only that layout), so they keep their batched-matmul form.
-        return [LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI")]
+        # Matmuls that fill less than half the GPU with TensorCoreMatmul's tiles split their K.
+        return [LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI"),
+                SplitKMatmul(min_tiles=FULL_WAVE // 2, tile=SMALL_TILE.block_m)]
 
     def schedule_passes(self, target):
         return [ApplyDefaultSchedules()]

@@ -26,6 +26,7 @@ from .manager import Step
 from .mixed_precision import ToMixedPrecision
 from .merge_common_stems import MergeCommonStems, resolve_shared_inputs
 from .remove_identity_ops import RemoveIdentityOps
+from .sink_reshapes import SinkReshapes
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,10 @@ def merge_passes(models: dict, opts: MergeOptions) -> list[tvm.transform.Pass]:
 
 def fuse_passes(opts: PipelineOptions) -> list[tvm.transform.Pass]:
     # TVM's library dispatch picks sort/scan/sampling kernels for the target in scope.
-    passes = [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(), LegalizeGroupedConv(),
-              relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+    passes = [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(), LegalizeGroupedConv()]
+    if opts.fuse:  # reshapes between a matmul and its epilogue would keep them apart
+        passes.append(SinkReshapes())
+    passes += [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
               relax.transform.FoldConstant()]
     if opts.fuse:
         passes += [relax.transform.FuseOps(), relax.transform.FuseTIR()]

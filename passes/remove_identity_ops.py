@@ -1,8 +1,8 @@
 """RemoveIdentityOps: ops that do nothing at inference disappear.
 
 Requires: a Relax module. Guarantees: ``nn.dropout`` (inference is the identity; its
-mask output becomes unused), ``astype`` to the same dtype, ``reshape`` to the same
-shape (static, or the same symbolic dims) and ``permute_dims`` with the identity
+mask output becomes unused), ``astype`` to the same dtype, ``reshape`` and
+``broadcast_to`` to the same shape (static, or the same symbolic dims) and ``permute_dims`` with the identity
 permutation are replaced by their input.
 Where: canonicalize phase (after import, before pattern passes).
 """
@@ -51,8 +51,8 @@ class _Remover(relax.PyExprMutator):
         if name == "relax.astype" and str(x.ty.dtype) == str(call.attrs.dtype):
             self.explain.fired(call, "cast to the same dtype")
             return x
-        if name == "relax.reshape" and _same_shape(x.ty, call.ty):
-            self.explain.fired(call, "reshape to the same shape")
+        if name in ("relax.reshape", "relax.broadcast_to") and _same_shape(x.ty, call.ty):
+            self.explain.fired(call, f"{name.removeprefix('relax.')} to the same shape")
             return x
         if name == "relax.permute_dims" and _identity_permutation(call):
             self.explain.fired(call, "identity permutation")

@@ -134,9 +134,11 @@ def test_eight_merged_cnns_match_each_model(tmp_path, rng):
 
 
 @pytest.mark.parametrize("precision,tol", [("float16", 5e-3), ("bfloat16", 2e-2)])  # as on the CPU
-@pytest.mark.parametrize("name", ["resnet18", "encoder", "mobilenet"])
+@pytest.mark.parametrize("name", ["resnet18", "encoder", "mobilenet", "ffn_split_k"])
 def test_reduced_precision_against_onnxruntime_float32(name, precision, tol, tmp_path, rng):
     model, shape, inp = {"resnet18": (zoo.resnet(18, size=32), (1, 3, 32, 32), "input"),
+                         # a BERT FFN at batch 1: its 3072-long down-projection splits K (SplitKMatmul)
+                         "ffn_split_k": (zoo.mlp(batch=128, dims=(768, 3072, 768)), (128, 768), "features"),
                          "encoder": (zoo.transformer_encoder(), (1, 32, 128), "hidden"),
                          "mobilenet": (zoo.mobilenet(batch=8), (8, 3, 224, 224), "input")}[name]
     art = smelt.compile([model], target="cuda", precision=precision, options=smelt.CompileOptions(tune_log_dir=None))

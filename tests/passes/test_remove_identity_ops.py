@@ -21,7 +21,8 @@ def test_identity_ops_removed():
                 lv2 = R.astype(lv1, "float32")
                 lv3 = R.reshape(lv2, R.shape([2, 3]))
                 lv4 = R.permute_dims(lv3, axes=[0, 1])
-                gv = R.nn.relu(lv4)
+                lv5 = R.broadcast_to(lv4, R.shape([2, 3]))
+                gv = R.nn.relu(lv5)
                 R.output(gv)
             return gv
 
@@ -35,7 +36,8 @@ def test_identity_ops_removed():
                 lv2 = lv1
                 lv3 = lv2
                 lv4 = lv3
-                gv = R.nn.relu(lv4)
+                lv5 = lv4
+                gv = R.nn.relu(lv5)
                 R.output(gv)
             return gv
 
@@ -45,7 +47,8 @@ def test_identity_ops_removed():
         "RemoveIdentityOps: rewrote nn.dropout: dropout is the identity at inference",
         "RemoveIdentityOps: rewrote astype: cast to the same dtype",
         "RemoveIdentityOps: rewrote reshape: reshape to the same shape",
-        "RemoveIdentityOps: rewrote permute_dims: identity permutation"]
+        "RemoveIdentityOps: rewrote permute_dims: identity permutation",
+        "RemoveIdentityOps: rewrote broadcast_to: broadcast_to to the same shape"]
 
 
 def test_symbolic_shape_and_rank_one_reverse():
@@ -91,7 +94,8 @@ def test_real_ops_kept():
                 lv2 = R.permute_dims(y, axes=[1, 0])
                 lv3 = R.permute_dims(y)
                 lv4 = R.reshape(x, R.shape([3, n]))
-                gv = (lv, lv1, lv2, lv3, lv4)
+                lv5 = R.broadcast_to(y, R.shape([4, 2, 3]))
+                gv = (lv, lv1, lv2, lv3, lv4, lv5)
                 R.output(gv)
             return gv
 
