@@ -7,28 +7,31 @@ with elementwise producers and consumers such as a bias add, GELU or a cast, as 
 float32 accumulator (float16 inputs may also accumulate in float16, when the TIR says so).
 Declines (``apply`` returns None, logged at debug level, so the next rule takes over):
 other targets and arches, other dtypes, kernels that are not matmul-like, functions marked
-``dlight.do_not_tensorize``, and any static M, N or K of 64 or less after dlight's
+``dlight.do_not_tensorize``, and any static M, N or K of 16 or less after dlight's
 reindexing (GEMV-like kernels, where dlight's GEMV rule is the better fit).
 Convolutions: NHWC ``conv2d`` (block ``conv2d_nhwc``, weights OHWI as the CUDA backend's
 ``ConvertConvLayout`` makes them, or HWIO) is taken as an implicit GEMM, M = N*OH*OW,
 N = Cout, K = KH*KW*Cin, with the pad block inlined into the shared-memory copies (predicated
-``cp.async`` that zero-fills); only M <= 64 declines (N and K are padded). Grouped, depthwise
+``cp.async`` that zero-fills); only M <= 16 declines (N and K are padded). Grouped, depthwise
 and NCHW convolutions decline (dlight takes them).
 Guarantees: the returned schedule computes the same function; M, N, K that are not
 multiples of the tile are padded (``pad_einsum``), symbolic ones included. The kernel:
 
-- a 128x128 block tile, K step 32, four warps of 64x64 (2x2), each accumulating 4x8 m16n8k16
+- a 128x128 block tile, or 64x64 (``SMALL_TILE``, warps of 32x32) where static shapes give fewer
+  than ``FULL_WAVE`` large tiles or M or N is at most 64 (batch-1 convolutions and GEMMs);
+  K step 32, four warps (2x2) of 64x64 (32x32), each accumulating 4x8 (2x4) m16n8k16
   ``mma.sync`` tiles in registers and reading its operands from shared memory with ``ldmatrix``
   (``.trans`` for operands whose global layout is the other way round, so that global reads
   stay contiguous along the innermost axis);
 - shared memory filled by 16-byte ``cp.async`` copies in a 4-stage software pipeline, with
   TVM's XOR "permuted layout" swizzle, so ldmatrix and the copies are free of bank conflicts;
-- the result staged through shared memory (not swizzled: ``mma_store`` writes whole tiles)
+- the result staged through shared memory (static when the tile fits in 48 KiB; not swizzled:
+  ``mma_store`` writes whole tiles)
   and written back, 8 or 16 bytes per thread, with the fused epilogue;
 - thread blocks ordered in groups of up to 8 tile rows so that they share operands in L2;
 - int32 indices when every parameter is static and below 2^31 elements.
 
-It uses 64 KiB of dynamic shared memory (TVM's runtime raises the kernel's limit), more than
+The large tile uses 64 KiB of dynamic shared memory (TVM's runtime raises the kernel's limit), more than
 the 48 KiB every CUDA GPU guarantees without opting in and less than every sm_80+ GPU allows.
 ``cp.async`` is emitted only under the PassContext option ``tirx.use_async_copy`` (TVM's
 ``InjectPTXAsyncCopy``); without it the pipeline uses plain copies, still correct. Operands
@@ -44,9 +47,9 @@ cp.async on, median of 7x20 runs), TFLOP/s:
     8192 x 8192 x 8192         81                  386 (53 %)          725
 
 The large square GEMM is where mma.sync stays behind cuBLAS's Hopper wgmma kernels.
-ResNet-50 fp16 end to end (``bench/gpu_e2e.py``, H200): batch 32 2.14 ms (torch.compile
-reduce-overhead 2.38 ms; 6.7 ms with convs on dlight's WMMA), batch 1 2.10 ms (0.60 ms; 3.2 ms):
-at batch 1 the 128x128 tiles leave most SMs idle and the 7x7 stage (M = 49) stays on dlight.
+ResNet-50 fp16 end to end (``bench/gpu_e2e.py``, H200): batch 32 1.84 ms (torch.compile
+reduce-overhead 2.6 ms; 6.7 ms with convs on dlight's WMMA), batch 1 0.52 ms (0.58-0.74 ms;
+2.1 ms with 128x128 tiles only, which left most SMs idle and the 7x7 stage on dlight's WMMA).
 Where: first rule of ``apply_default_schedules.default_rules()``.
 """
 

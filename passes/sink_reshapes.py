@@ -20,6 +20,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from .canonicalize_ops import with_attr_field
 from .explain import Explainer
 from .mutate import mutate_functions, static_ints
 
@@ -120,8 +121,6 @@ class _Sinker(relax.PyExprMutator):
 
     @staticmethod
     def _with_last_axis(call: relax.Call):
-        from .canonicalize_ops import with_attr_field
-
         if call.op.name == "relax.nn.softmax":
             return with_attr_field(call.attrs, axis=-1)
         return with_attr_field(call.attrs, axes=[-1])
