@@ -248,7 +248,8 @@ class TensorCoreMatmul(GPUScheduleRule):
         # The output tile is staged in static shared memory when it fits (48 KiB): in dynamic shared memory,
         # TVM 0.27 merges it with the operand stages and, unless both happen to be the same size (the
         # 128x128 fp32 tile), mistypes the merged buffer ("tvm_access_ptr element type must match").
-        out_scope = "shared" if cfg.block_m * cfg.block_n * _BYTES[acc_dtype] <= 48 * 1024 else "shared.dyn"
+        out_bytes = cfg.block_m * cfg.block_n * tvm.DataType(acc_dtype).bits // 8
+        out_scope = "shared" if out_bytes <= 48 * 1024 else "shared.dyn"
         out_smem = sch.cache_write(outer, 0, out_scope)
         sch.reverse_compute_at(out_smem, block_axis)
         auto_inline_consumer_chain(sch, out_smem)
@@ -354,7 +355,6 @@ def _ldmatrix_layout(b, x, y):
 
 # input dtype -> accumulator dtypes the mma intrinsics support
 _INTRINSICS = {"float16": ("float32", "float16"), "bfloat16": ("float32",)}
-_BYTES = {"float32": 4, "float16": 2}
 
 
 def _intrinsics(in_dtype: str, acc_dtype: str, trans_a: bool, trans_b: bool,

@@ -102,6 +102,14 @@ def _emit_again(bb: relax.BlockBuilder, name: str, func: relax.Function, rewrite
         bb.emit_func_output(relax.Tuple([result] + [sub(t) for t in taps]) if taps else result)
 
 
+def static_shape(e: relax.Expr) -> list[int] | None:
+    """The static shape of a tensor expression, else None (not a tensor, unknown or symbolic dims)."""
+    ty = e.ty
+    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
+        return None
+    return static_ints(ty.shape.values)
+
+
 def static_ints(values) -> list[int] | None:
     """The values as ints when all are constants (a static shape), else None."""
     out = []

@@ -22,7 +22,7 @@ from tvm import relax
 
 from .canonicalize_ops import with_attr_field
 from .explain import Explainer
-from .mutate import mutate_functions, static_ints
+from .mutate import mutate_functions, static_shape as _shape
 
 _UNARY = {"relax.astype", "relax.nn.gelu", "relax.nn.gelu_tanh", "relax.nn.relu", "relax.nn.silu", "relax.sigmoid",
           "relax.tanh", "relax.exp", "relax.erf", "relax.sqrt", "relax.rsqrt", "relax.negative", "relax.clip",
@@ -30,13 +30,6 @@ _UNARY = {"relax.astype", "relax.nn.gelu", "relax.nn.gelu_tanh", "relax.nn.relu"
 _BINARY = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum",
            "relax.power"}
 _LAST_AXIS = {"relax.nn.softmax", "relax.nn.layer_norm", "relax.nn.rms_norm"}
-
-
-def _shape(e: relax.Expr) -> list[int] | None:
-    ty = e.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None or not isinstance(ty.shape, relax.ShapeExpr):
-        return None
-    return static_ints(ty.shape.values)
 
 
 def _trailing_equal(a: list[int], b: list[int]) -> int:
@@ -100,16 +93,20 @@ class _Sinker(relax.PyExprMutator):
         if pick is None:
             return None
         src_shape = pick[1]
-        new = list(args)
-        for i, (a, f) in enumerate(zip(args, found)):
-            shape = _shape(a)
+        kept = _trailing_equal(src_shape, out)
+        shapes = [_shape(a) for a in args]
+        if any(not (f is not None and f[1] == src_shape) and shape != out and (shape is None or len(shape) > kept)
+               for f, shape in zip(found, shapes)):
+            return None  # an operand that neither has the output's shape nor broadcasts over kept axes
+        new = []
+        for a, f, shape in zip(args, found, shapes):
             if f is not None and f[1] == src_shape:
-                new[i] = f[0]
+                new.append(f[0])
             elif shape == out:
-                new[i] = self.builder_.emit(relax.op.reshape(a, src_shape))
-            elif shape is None or len(shape) > _trailing_equal(src_shape, out):
-                return None
-        return new, src_shape  # operands that broadcast over the kept trailing axes stay as they are
+                new.append(self.builder_.emit(relax.op.reshape(a, src_shape)))
+            else:
+                new.append(a)  # broadcasts over the kept trailing axes
+        return new, src_shape
 
     @staticmethod
     def _last_axis_only(call: relax.Call, rank: int) -> bool:

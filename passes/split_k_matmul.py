@@ -17,11 +17,13 @@ Where: the CUDA backend's pre-legalize passes (the GPU's size sets ``min_tiles``
 
 from __future__ import annotations
 
+import math
+
 import tvm
 from tvm import relax, te
 
 from .explain import Explainer
-from .mutate import mutate_functions, static_ints
+from .mutate import mutate_functions, static_shape
 
 
 def _partial_products(x, w):
@@ -43,10 +45,9 @@ _OUT_EWISE_FUSABLE = 4  # tvm/relax OpPatternKind
 
 @relax.expr_functor.mutator
 class _Splitter(relax.PyExprMutator):
-    def __init__(self, mod, explain: Explainer, min_tiles: int, tile: int, min_k: int, min_slice: int):
+    def __init__(self, mod, opts: SplitKMatmul):
         super().__init__(mod)
-        self.explain, self.min_tiles, self.tile = explain, min_tiles, tile
-        self.min_k, self.min_slice = min_k, min_slice
+        self.opts = opts
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
@@ -54,33 +55,28 @@ class _Splitter(relax.PyExprMutator):
                 str(call.attrs.out_dtype) != "float32":
             return call
         x, w = call.args
-        xs, ws, ys = (static_ints(e.ty.shape.values) if isinstance(e.ty, relax.TensorType) and
-                      isinstance(e.ty.shape, relax.ShapeExpr) else None for e in (x, w, call))
+        xs, ws, ys = static_shape(x), static_shape(w), static_shape(call)
         if xs is None or ws is None or ys is None or len(ws) != 2 or len(xs) < 2 or \
                 str(x.ty.dtype) not in ("float16", "bfloat16") or str(w.ty.dtype) != str(x.ty.dtype):
             return call
-        rows = 1
-        for d in xs[:-1]:
-            rows *= d
-        (k, n), t = ws, self.tile
-        tiles = -(-rows // t) * -(-n // t)
-        if tiles >= self.min_tiles or k < self.min_k:
+        opts, rows, (k, n) = self.opts, math.prod(xs[:-1]), ws
+        tiles = -(-rows // opts.tile) * -(-n // opts.tile)
+        if tiles >= opts.min_tiles or k < opts.min_k:
             return call
-        split = next((s for s in (8, 4, 2) if s * tiles <= 4 * self.min_tiles and k % (32 * s) == 0
-                      and k // s >= self.min_slice), None)
+        split = next((s for s in (8, 4, 2) if s * tiles <= 4 * opts.min_tiles and k % (32 * s) == 0
+                      and k // s >= opts.min_slice), None)
         if split is None:
-            self.explain.skip(call, f"{tiles} tiles, but K={k} does not split into slices of {self.min_slice}+")
+            opts.explain.skip(call, f"{tiles} tiles, but K={k} does not split into slices of {opts.min_slice}+")
             return call
         bb = self.builder_
         x3 = bb.emit(relax.op.reshape(x, [rows, split, k // split]))
         w3 = bb.emit(relax.op.reshape(w, [split, k // split, n]))
         parts = bb.emit(bb.call_te(_partial_products, x3, w3, primfunc_name_hint="matmul_split_k"))
-        self.explain.fired(call, f"{tiles} output tiles: K={k} split in {split}")
-        total = bb.call_te(_sum_slices, parts, primfunc_name_hint="sum_split_k")
+        opts.explain.fired(call, f"{tiles} output tiles: K={k} split in {split}")
         # Marked like a matmul (TVM's kOutEWiseFusable) so that FuseOps fuses the epilogue into the
         # sum; as a plain reduction (kCommReduce) it would keep the epilogue in a kernel of its own.
-        gv = total.args[0]
-        bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", _OUT_EWISE_FUSABLE))
+        total = bb.call_te(_sum_slices, parts, primfunc_name_hint="sum_split_k",
+                           primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE})
         # The call itself is the binding's value: a variable alias in between would keep FuseOps apart.
         return total if ys == [rows, n] else relax.op.reshape(bb.emit(total), ys)
 
@@ -95,5 +91,4 @@ class SplitKMatmul:
         self.explain = explain or Explainer("SplitKMatmul")
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return mutate_functions(_Splitter(mod, self.explain, self.min_tiles, self.tile, self.min_k, self.min_slice),
-                                mod)
+        return mutate_functions(_Splitter(mod, self), mod)

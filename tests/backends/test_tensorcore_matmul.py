@@ -21,6 +21,7 @@ from tvm import relax, te
 from smelt.backends import cuda as cuda_backend
 from smelt.backends.apply_default_schedules import ApplyDefaultSchedules, default_rules
 from smelt.backends.tensorcore_matmul import TensorCoreMatmul, _frames_without_source
+from smelt.passes.convert_conv_layout import ConvertConvLayout
 
 TARGET = tvm.target.Target({"kind": "cuda", "arch": "sm_90", **cuda_backend._LIMITS}, host="llvm")
 REL_TOL = 1e-2
@@ -168,7 +169,7 @@ def test_declines_nchw_grouped_and_depthwise_convs(layout, groups, w_shape):
 
 
 def test_cuda_backend_converts_convs_to_nhwc_ohwi():
-    (convert,) = [p for p in cuda_backend.CUDABackend().prelegalize_passes(TARGET) if hasattr(p, "kernel_layout")]
+    (convert,) = [p for p in cuda_backend.CUDABackend().prelegalize_passes(TARGET) if isinstance(p, ConvertConvLayout)]
     assert (convert.data_layout, convert.kernel_layout) == ("NHWC", "OHWI")
 
 
