@@ -572,7 +572,7 @@ def _format_inspect(d: dict) -> list[str]:
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, exists=True),
               help="Print what a records folder holds (per task: weight, best latency, trials) and exit.")
 @click.option("--prune", "prune_dir", type=click.Path(file_okay=False, exists=True),
-              help="Keep only the best record per kernel in a records folder and exit.")
+              help="Keep only the best record per kernel, where it beats the default schedule, and exit.")
 @click.option("--import-records", "imports", multiple=True, type=click.Path(file_okay=False, exists=True),
               help="Add the records of this folder (a tune job elsewhere) to --log-dir and exit; repeatable.")
 @click.option("--merge", is_flag=True, help="Tune what `smelt compile --merge` builds (shared stems, fused layers).")

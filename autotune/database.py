@@ -1,4 +1,4 @@
-"""What a ``tune_logs/`` folder holds (``report``), keeping only the best record per kernel
+"""What a ``tune_logs/`` folder holds (``report``), keeping only the records a compile applies
 (``prune``), and adding another folder's records (``merge``: jobs run on several machines).
 
 Every ``<log_dir>/<target key>/`` with both database files is one target's records;
@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import SmeltError
-from .records import (RECORDS, WORKLOADS, best_seconds, lock, open_database, read_tasks, records_by_workload,
-                      write_tasks)
+from tvm.s_tir.meta_schedule.database import TuningRecord
+
+from .records import (RECORDS, WORKLOADS, best_records, best_seconds, lock, open_database, read_tasks,
+                      records_by_workload, write_tasks)
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +73,25 @@ def report(log_dir: str | Path) -> list[TargetRecords]:
 
 
 def prune(log_dir: str | Path) -> dict[str, tuple[int, int]]:
-    """Keep only the best record per workload in every record folder: {target key: (before, after)}.
+    """Keep, per workload in every record folder, only the record a compile would apply:
+    {target key: (before, after)}.
 
+    That is the best record, and only where it beats the kernel's default schedule as
+    ``tune`` measured it (``best_records``, the same choice ``records_passes`` makes);
+    records that lose to the default are dropped, workloads and all, since no compile
+    applies them (a later ``tune`` of such a kernel starts its search afresh).
     The pruned database is written beside the old one and moved over it, so a crash
     leaves either the old or the new files.
     """
     out = {}
     for d in record_dirs(log_dir):
         with lock(d), tempfile.TemporaryDirectory(dir=d) as tmp:
-            db = open_database(d)
-            before = len(db.get_all_tuning_records())
+            before = len(open_database(d, writable=False).get_all_tuning_records())
+            best, _ = best_records([d])
             pruned = open_database(tmp)
-            db.dump_pruned(pruned)
+            for rec in best.get_all_tuning_records():
+                wl = pruned.commit_workload(rec.workload.mod)
+                pruned.commit_tuning_record(TuningRecord(rec.trace, wl, rec.run_secs, rec.target, rec.args_info))
             after = len(pruned.get_all_tuning_records())
             for name in (WORKLOADS, RECORDS):
                 os.replace(Path(tmp) / name, d / name)
@@ -98,8 +107,6 @@ def merge(sources, log_dir: str | Path) -> dict[str, int]:
     join another's; tasks.json entries are merged (what ``log_dir`` knows stays, a
     default latency it lacks is taken). Records already in ``log_dir`` are not added twice.
     """
-    from tvm.s_tir.meta_schedule.database import TuningRecord
-
     out: dict[str, int] = {}
     for src in [d for s in sources for d in record_dirs(s)]:
         dst = Path(log_dir) / src.name

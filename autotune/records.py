@@ -74,7 +74,7 @@ def records_passes(target: tvm.target.Target, log_dir: str | Path | None,
     if not dirs:
         return []
     log.info("applying tuning records from %s", ", ".join(map(str, dirs)))
-    db, slower = _best_records(dirs)
+    db, slower = best_records(dirs)
     return [_ApplyRecords(db, dirs, slower)]
 
 
@@ -99,7 +99,7 @@ def write_tasks(directory: str | Path, entries: dict) -> None:
     os.replace(tmp, path)
 
 
-def _best_records(dirs: list[Path]):
+def best_records(dirs: list[Path]):
     """(a MemoryDatabase of the best record per kernel that beats its default, {kernel: why not})."""
     from tvm.s_tir import meta_schedule as ms
 

@@ -9,6 +9,7 @@ the estimated model latency with default schedules and tuned.
 fresh worker pool per batch) and ``LocalRunner`` (waits for every candidate, so nothing
 overlaps measuring), the baseline smelt's builder and runners replace.
 Usage: python bench/tune_throughput.py --models resnet50:1,bert:1 --time 300 [--devices 0,1] [--json out.json]
+       [--precision float16] [--trials-per-task 64]
        python bench/tune_throughput.py --target cpu --models zoo-resnet18:1 --time 180 [--stock]
 """
 
@@ -66,6 +67,9 @@ def main() -> None:
     ap.add_argument("--log-dir", default="tune_logs")
     ap.add_argument("--time", type=float, default=300, help="seconds")
     ap.add_argument("--trials", type=int, default=20000)
+    ap.add_argument("--trials-per-task", type=int, help="at most this many new trials per task")
+    ap.add_argument("--precision", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="tune what smelt.compile(precision=...) builds (gpu_e2e.py --precision)")
     ap.add_argument("--devices", default="", help="local GPUs, e.g. 0,1 (default: this process measures on GPU 0)")
     ap.add_argument("--target", default="cuda", choices=["cuda", "cpu", "rocm"])
     ap.add_argument("--arch", help="default: the local GPU's or CPU's")
@@ -80,9 +84,11 @@ def main() -> None:
         tune_mod.PersistentBuilder = _StockBuilder
         tune_mod.measuring = lambda target, **kw: (ms.runner.LocalRunner(timeout_sec=kw["timeout"]), 1)
     built, names = models(args.models)
-    opts = autotune.TuneOptions(trials=args.trials, seconds=args.time, progress=False,
+    opts = autotune.TuneOptions(trials=args.trials, trials_per_task=args.trials_per_task, seconds=args.time,
+                                progress=False,
                                 devices=tuple(int(d) for d in args.devices.split(",") if d))
-    rep = autotune.tune(built, args.target, args.arch, names=names, log_dir=args.log_dir, options=opts)
+    rep = autotune.tune(built, args.target, args.arch, names=names, log_dir=args.log_dir, options=opts,
+                        precision=args.precision)
     row = {"models": args.models, "builder": "stock LocalBuilder+LocalRunner" if args.stock else "smelt",
            **rep.to_json()}
     phases = sorted(((k, v) for k, v in rep.phase_seconds.items() if k != "Total"), key=lambda kv: -kv[1])[:5]

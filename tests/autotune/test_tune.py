@@ -85,6 +85,17 @@ def test_report_and_prune(tmp_path):
     assert prune(tmp_path) == {out.name: (6, 3)}
     [rep] = report(tmp_path)
     assert all(w.trials == 1 for w in rep.workloads)
+    assert {w.best_seconds for w in rep.workloads} == {1e-5 * (i + 1) for i in range(len(tasks))}
+
+
+def test_prune_drops_records_that_lose_to_the_default(tmp_path):
+    tasks, out = _commit_design_spaces(zoo.mlp(), tmp_path)
+    known = json.loads((out / records.TASKS).read_text())
+    known[tasks[0].shash]["default_seconds"] = 1e-9  # the default beats both records of this kernel
+    (out / records.TASKS).write_text(json.dumps(known))
+    assert prune(tmp_path) == {out.name: (6, 2)}
+    [rep] = report(tmp_path)
+    assert {w.name for w in rep.workloads} == {t.name for t in tasks[1:]}
 
 
 def test_cli_report_and_prune(tmp_path):
