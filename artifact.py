@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -253,6 +254,13 @@ class Runtime:
         self.vm[model](*args)
         timer = self.vm.time_evaluator(model, self.device, number=number, repeat=repeat)
         return [float(r) for r in timer(*args).results]
+
+    def timer(self, model: str, **inputs) -> Callable[[], float]:
+        """A function that runs ``model`` once per call and returns its seconds, as ``time``
+        measures (inputs and weights already on the device; TVM's evaluator warms up first)."""
+        args = self.device_args(model, inputs)
+        evaluator = self.vm.time_evaluator(model, self.device, number=1, repeat=1)
+        return lambda: float(evaluator(*args).results[0])
 
     def run_all(self, **inputs) -> dict[str, np.ndarray | tuple]:
         """Run every model at once through the merged entry (``merge=True``); inputs are named

@@ -3,8 +3,9 @@
 For each model: smelt without tuning records and, when records apply, with them;
 onnxruntime on the same ONNX file (CPU, or CUDA when the target is cuda and ORT has it);
 torch eager and ``torch.compile`` for PyTorch models. Every runner gets the same random
-inputs (fixed seed), a warm-up call, then ``repeat`` timed calls; the result is the
-median in milliseconds. Each output is checked against the reference (onnxruntime for
+inputs (fixed seed), a warm-up call, then ``repeat`` timed calls, the runners taking
+turns call by call (so a burst of load on a shared machine meets them all); the result
+is the median in milliseconds. Each output is checked against the reference (onnxruntime for
 ONNX, torch eager for PyTorch): the largest deviation relative to the reference's largest
 magnitude. ``profile=True`` adds smelt's time per kernel (VM instrumentation around each
 call, device synchronized on both sides; CUDA graphs are off for that build, so every
@@ -63,16 +64,41 @@ class BenchResult:
         return {**asdict(self), "ratios": self.ratios()}
 
 
-def _median_ms(fn: Callable[[], object], repeat: int, sync: Callable[[], None] = lambda: None) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeat):
+@dataclass
+class _Runner:
+    """One runner ready to time: ``call`` runs the model once and returns its seconds (None: it failed)."""
+
+    label: str
+    call: Callable[[], float] | None
+    rel_err: float | None = None
+    note: str = ""
+
+
+def _wall(fn: Callable[[], object], sync: Callable[[], None] = lambda: None) -> Callable[[], float]:
+    def call() -> float:
         t = time.perf_counter()
         fn()
         sync()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+        return time.perf_counter() - t
+    return call
+
+
+def _interleaved(runners: list[_Runner], repeat: int) -> list[Timing]:
+    """Median ms of ``repeat`` calls per runner, the runners taking turns call by call.
+
+    On a shared machine load comes in bursts of seconds; timed one after another, a burst
+    slowed whichever runner it met (ResNet-18 on the 2-core CPU: smelt 31 to 54 ms between
+    runs a minute apart). Taking turns, every runner meets the same bursts, so the ratios hold.
+    """
+    live = [r for r in runners if r.call is not None]
+    for r in live:  # warm-up
+        r.call()
+    times: dict[str, list[float]] = {r.label: [] for r in live}
+    for _ in range(repeat):
+        for r in live:
+            times[r.label].append(r.call())
+    return [Timing(r.label, 1e3 * statistics.median(times[r.label]) if r.call is not None else float("nan"),
+                   r.rel_err, r.note) for r in runners]
 
 
 def random_inputs(specs, seed: int = 0) -> dict[str, np.ndarray]:
@@ -122,12 +148,13 @@ def bench(model, target: str = "cpu", *, name: str = "model", tune_log_dir: str 
         info = rt.models[name]
         feeds = random_inputs(info.inputs)
         ref, ref_name = _reference(model, feeds, info)
-        result.timings.append(_time_smelt("smelt untuned", rt, name, feeds, ref, repeat))
+        runners = [_smelt_runner("smelt untuned", rt, name, feeds, ref)]
         if tuned is not None:
-            result.timings.append(_time_smelt("smelt tuned", load(tuned.save(Path(tmp) / "tuned")), name, feeds, ref,
-                                              repeat, f"{tuned.report.tuned_kernels} of {tuned.report.kernels} kernels tuned"))
+            runners.append(_smelt_runner("smelt tuned", load(tuned.save(Path(tmp) / "tuned")), name, feeds, ref,
+                                         f"{tuned.report.tuned_kernels} of {tuned.report.kernels} kernels tuned"))
         if peers:
-            result.timings += _peers(model, feeds, target, ref, repeat)
+            runners += _peers(model, feeds, target, ref)
+        result.timings = _interleaved(runners, repeat)
         if profile:  # every kernel must be a VM call: build again only if CUDA graphs would hide them
             backend = backends.get(target)
             graphs = backend.pass_config(untuned.options.target) != \
@@ -138,10 +165,9 @@ def bench(model, target: str = "cpu", *, name: str = "model", tune_log_dir: str 
     return result
 
 
-def _time_smelt(label: str, rt, name: str, feeds: dict, ref, repeat: int, note: str = "") -> Timing:
+def _smelt_runner(label: str, rt, name: str, feeds: dict, ref, note: str = "") -> _Runner:
     y = rt.run(name, **feeds)
-    ms = 1e3 * statistics.median(rt.time(name, number=1, repeat=repeat, **feeds))
-    return Timing(label, ms, _rel(y, ref) if ref is not None else None, note)
+    return _Runner(label, rt.timer(name, **feeds), _rel(y, ref) if ref is not None else None, note)
 
 
 def _reference(model, feeds, info):
@@ -182,7 +208,7 @@ def _torch_module(model):
     return ep.module(), ep.example_inputs[0] if ep.example_inputs else ()
 
 
-def _peers(model, feeds, target, ref, repeat) -> list[Timing]:
+def _peers(model, feeds, target, ref) -> list[_Runner]:
     out = []
     if _kind(model) == "onnx":
         try:
@@ -196,9 +222,9 @@ def _peers(model, feeds, target, ref, repeat) -> list[Timing]:
         sess = ort.InferenceSession(data, providers=providers)
         y = sess.run(None, feeds)
         same = providers == ["CPUExecutionProvider"]  # the reference itself
-        out.append(Timing(f"onnxruntime ({providers[0].replace('ExecutionProvider', '')})",
-                          _median_ms(lambda: sess.run(None, feeds), repeat), None if same else _rel(tuple(y), ref),
-                          "reference" if same else ""))
+        out.append(_Runner(f"onnxruntime ({providers[0].replace('ExecutionProvider', '')})",
+                           _wall(lambda: sess.run(None, feeds)), None if same else _rel(tuple(y), ref),
+                           "reference" if same else ""))
         return out
     import torch
 
@@ -213,14 +239,23 @@ def _peers(model, feeds, target, ref, repeat) -> list[Timing]:
                 fn = torch.compile(module)
             with torch.no_grad():
                 y = fn(*args)
-                ms = _median_ms(lambda: fn(*args), repeat, sync)
             y = y if isinstance(y, (tuple, list)) else (y,)
             same = label == "torch eager" and device == "cpu"
-            out.append(Timing(label, ms, None if same else _rel(tuple(o.float().cpu().numpy() for o in y), ref),
-                              "reference" if same else ""))
+            out.append(_Runner(label, _wall(_no_grad(fn, args), sync),
+                               None if same else _rel(tuple(o.float().cpu().numpy() for o in y), ref),
+                               "reference" if same else ""))
         except Exception as e:  # torch.compile needs a C compiler and may fail on some modules
-            out.append(Timing(label, float("nan"), None, f"failed: {str(e).splitlines()[0][:120]}"))
+            out.append(_Runner(label, None, None, f"failed: {str(e).splitlines()[0][:120]}"))
     return out
+
+
+def _no_grad(fn, args):
+    import torch
+
+    def call():
+        with torch.no_grad():
+            return fn(*args)
+    return call
 
 
 def _profile(rt, name: str, feeds: dict, repeat: int) -> list[tuple[str, float, float]]:
