@@ -11,8 +11,9 @@ function imports ``tvm.s_tir.tensor_intrin`` in every worker. That import takes 
 tuning spent two thirds of its time starting workers. Here the pool lives for
 ``recycle`` batches (TVM recycles pools because long-lived workers leak), and a
 worker imports TVM and smelt's code-generation callbacks once. Tensor intrinsics are
-not imported: schedules are tensorized in the tuning process, and building
-the result does not look intrinsics up by name.
+imported only for CUDA, through smelt's fast path (``import_intrinsics``, seconds):
+schedules are tensorized in the tuning process, but CUDA code generation of ``mma``
+stores calls an index map that the import registers.
 """
 
 from __future__ import annotations
@@ -40,23 +41,36 @@ def _init_worker() -> None:
             pass
 
 
-def _build(mod, target) -> str:
+def _build(mod, target, config: dict) -> str:
     from tvm.driver import build
+    from tvm.ir.transform import PassContext
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
     from tvm.support.tar import tar
 
+    if target.kind.name == "cuda":
+        # CUDA code generation of ``mma`` stores calls an index map that only importing TVM's
+        # CUDA intrinsics registers (``tirx.index_map.shared_16x16_to_ldmatrix_32x8_layout``):
+        # without it, smelt's tensor-core default schedules failed to build in a worker.
+        from ..backends.tensorcore_matmul import import_intrinsics
+
+        import_intrinsics()
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     path = os.path.join(tempfile.mkdtemp(prefix="smelt-tune-"), "candidate." + tar.output_format)
-    build(mod, target=target).export_library(path, fcompile=tar)
+    with PassContext(config=config):
+        lib = build(mod, target=target)
+    lib.export_library(path, fcompile=tar)
     return path
 
 
 @derived_object
 class PersistentBuilder(PyBuilder):
-    """Builds candidates in ``workers`` long-lived processes (default: one per logical core)."""
+    """Builds candidates in ``workers`` long-lived processes (default: one per logical core),
+    under the PassContext ``config`` a compile for the target uses (the backend's ``pass_config``)."""
 
-    def __init__(self, workers: int | None = None, timeout: float = 60.0, recycle: int = 16):
+    def __init__(self, workers: int | None = None, timeout: float = 60.0, recycle: int = 16,
+                 config: dict | None = None):
         super().__init__()
+        self.config = dict(config or {})
         self.workers = workers or cpu_count(logical=True)
         self.timeout = timeout
         self.recycle = recycle
@@ -72,7 +86,7 @@ class PersistentBuilder(PyBuilder):
         self._batches += 1
         results = []
         for r in self._pool.map_with_error_catching(lambda x: _build(*x),
-                                                    [(b.mod, b.target) for b in build_inputs]):
+                                                    [(b.mod, b.target, self.config) for b in build_inputs]):
             if r.status == StatusKind.COMPLETE:
                 results.append(BuilderResult(r.value, None))
             elif r.status == StatusKind.TIMEOUT:

@@ -72,14 +72,15 @@ def report(log_dir: str | Path) -> list[TargetRecords]:
     return out
 
 
-def prune(log_dir: str | Path) -> dict[str, tuple[int, int]]:
+def prune(log_dir: str | Path, keep_slower: bool = False) -> dict[str, tuple[int, int]]:
     """Keep, per workload in every record folder, only the record a compile would apply:
     {target key: (before, after)}.
 
     That is the best record, and only where it beats the kernel's default schedule as
     ``tune`` measured it (``best_records``, the same choice ``records_passes`` makes);
     records that lose to the default are dropped, workloads and all, since no compile
-    applies them (a later ``tune`` of such a kernel starts its search afresh).
+    applies them. ``keep_slower`` keeps those too (the best per workload), for a folder
+    that tuning goes on from: it then knows these kernels were tried.
     The pruned database is written beside the old one and moved over it, so a crash
     leaves either the old or the new files.
     """
@@ -87,7 +88,7 @@ def prune(log_dir: str | Path) -> dict[str, tuple[int, int]]:
     for d in record_dirs(log_dir):
         with lock(d), tempfile.TemporaryDirectory(dir=d) as tmp:
             before = len(open_database(d, writable=False).get_all_tuning_records())
-            best, _ = best_records([d])
+            best, _ = best_records([d], keep_slower)
             pruned = open_database(tmp)
             for rec in best.get_all_tuning_records():
                 wl = pruned.commit_workload(rec.workload.mod)

@@ -99,8 +99,9 @@ def write_tasks(directory: str | Path, entries: dict) -> None:
     os.replace(tmp, path)
 
 
-def best_records(dirs: list[Path]):
-    """(a MemoryDatabase of the best record per kernel that beats its default, {kernel: why not})."""
+def best_records(dirs: list[Path], keep_slower: bool = False):
+    """(a MemoryDatabase of the best record per kernel that beats its default, {kernel: why not});
+    ``keep_slower``: also the best of kernels whose records lose to their default."""
     from tvm.s_tir import meta_schedule as ms
 
     best: dict[str, tuple[float, object]] = {}
@@ -119,7 +120,8 @@ def best_records(dirs: list[Path]):
         name, default = defaults.get(shash, (shash, None))
         if default is not None and secs >= default:
             slower[name] = f"best record {secs * 1e6:.1f} us, default schedule {default * 1e6:.1f} us"
-            continue
+            if not keep_slower:
+                continue
         wl = mem.commit_workload(rec.workload.mod)
         mem.commit_tuning_record(ms.database.TuningRecord(rec.trace, wl, rec.run_secs, rec.target, rec.args_info))
     for name, why in slower.items():
@@ -213,6 +215,7 @@ def open_database(directory: str | Path, writable: bool = True):
     for p, n in torn.items():
         log.warning("%s: dropping a torn last record (%d bytes) left by an interrupted writer",
                     p, p.stat().st_size - n)
+    _register_intrinsics(paths)
     with contextlib.ExitStack() as stack:
         if torn and writable:
             for p, n in torn.items():
@@ -229,6 +232,19 @@ def open_database(directory: str | Path, writable: bool = True):
             paths = [tmp / p.name for p in paths]
         return ms.database.JSONDatabase(str(paths[0]), str(paths[1]), allow_missing=writable,
                                         module_equality="structural")
+
+
+def _register_intrinsics(paths: list[Path]) -> None:
+    """Register TVM's tensor intrinsics when the records tensorize: parsing such a trace looks
+    each intrinsic up by name (``wmma_fill_16x16x16_f32``: "not registered"), and nothing but
+    importing ``tvm.s_tir.tensor_intrin`` registers them."""
+    for p in paths:
+        if p.is_file() and (b'"Tensorize"' in (data := p.read_bytes()) or b"auto_tensorize" in data):
+            from ..backends.tensorcore_matmul import import_intrinsics
+
+            import_intrinsics("tvm.s_tir.tensor_intrin.cuda")  # first: the package imports it too
+            import_intrinsics("tvm.s_tir.tensor_intrin")
+            return
 
 
 @contextlib.contextmanager

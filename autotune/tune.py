@@ -205,7 +205,9 @@ def _run(tasks: list[TuneTask], target, db, work_dir: Path, opts: TuneOptions, b
          known: dict, before: dict, report: TuneReport) -> None:
     target = _with_cores(target)
     backend = backends.get(_kind(target))
-    builder = PersistentBuilder(opts.builders, timeout=opts.build_timeout)
+    # Candidates and defaults are built as a compile builds them (cp.async copies on CUDA).
+    builder = PersistentBuilder(opts.builders, timeout=opts.build_timeout,
+                                config=backend.pass_config(backends.TargetOptions(_kind(target))))
     try:
         runner, ndev = measuring(target, rpc_tracker=opts.rpc_tracker, rpc_key=opts.rpc_key, devices=opts.devices,
                                  timeout=opts.run_timeout)
@@ -279,7 +281,8 @@ def _context(task: TuneTask, target, seed):
 
 
 class _Scheduler:
-    """Which tasks get the next batches: every task once (largest weighted default latency first),
+    """Which tasks get the next batches: every task once (those without records first, so a
+    resumed run goes on where the last stopped; then largest weighted default latency first),
     then the largest weight x best latency, discounted by batches that did not improve it.
 
     MetaSchedule's own schedulers join measured batches lazily (a killed run lost up to one
@@ -301,7 +304,8 @@ class _Scheduler:
         """Up to ``k`` tasks, most promising first (only the first when it must go alone)."""
         ready = [i for i in self.alive if self.new[i] < self.per_task]
         fresh = sorted((i for i in ready if self.rounds[i] == 0),
-                       key=lambda i: (-self.states[i].weight * (self.states[i].default or 0.0), i))
+                       key=lambda i: (self.states[i].trials > 0,
+                                      -self.states[i].weight * (self.states[i].default or 0.0), i))
         seen = sorted((i for i in ready if self.rounds[i] > 0),
                       key=lambda i: (-self.states[i].weight * (self.states[i].known or 0.0) / (1 + self.stale[i]), i))
         ranked = fresh + seen

@@ -316,8 +316,8 @@ class _Decline(Exception):
     """Internal: the kernel is out of the rule's reach; ``apply`` turns this into None."""
 
 
-def _cuda_intrin():
-    """``tvm.s_tir.tensor_intrin.cuda``, imported in seconds instead of about a minute.
+def import_intrinsics(name: str = "tvm.s_tir.tensor_intrin.cuda"):
+    """TVM's tensor intrinsics module ``name`` (importing it registers them), in seconds instead of about a minute.
 
     Workaround for a TVM 0.27 slowness: importing it parses ~250 TVMScript intrinsics, and
     every ``@T.prim_func`` calls ``inspect.stack()``, which looks up each frame's source
@@ -325,9 +325,9 @@ def _cuda_intrin():
     that scans all of ``sys.modules``. On a 2-core CPU the import took 50 s (dlight's WMMA
     rule pays it too). The parser reads only the frames themselves (their source lines only
     for functions defined in a class, which these are not), so the import runs with an
-    ``inspect.stack`` that skips the lookup.
+    ``inspect.stack`` that skips the lookup. ``tvm.s_tir.tensor_intrin`` imports every
+    target's intrinsics.
     """
-    name = "tvm.s_tir.tensor_intrin.cuda"
     if name not in sys.modules:
         original, start = inspect.stack, time.perf_counter()
         inspect.stack = _frames_without_source
@@ -349,7 +349,7 @@ def _frames_without_source(context: int = 1) -> list[inspect.FrameInfo]:
 
 
 def _ldmatrix_layout(b, x, y):
-    shared_16x16_to_ldmatrix_32x8_layout = _cuda_intrin().shared_16x16_to_ldmatrix_32x8_layout
+    shared_16x16_to_ldmatrix_32x8_layout = import_intrinsics().shared_16x16_to_ldmatrix_32x8_layout
     return (b, x // 16, y // 16, *shared_16x16_to_ldmatrix_32x8_layout(x % 16, y % 16))
 
 
@@ -360,7 +360,7 @@ _INTRINSICS = {"float16": ("float32", "float16"), "bfloat16": ("float32",)}
 def _intrinsics(in_dtype: str, acc_dtype: str, trans_a: bool, trans_b: bool,
                 out_scope: str = "shared.dyn") -> dict[str, str]:
     """Names of the per-thread twins (see ``_per_thread``) of TVM's mma intrinsic group, registered on demand."""
-    cuda = _cuda_intrin()
+    cuda = import_intrinsics()
     group = cuda.get_mma_intrin_group("shared.dyn", "shared.dyn", "float16", acc_dtype, trans_a, trans_b,
                                       not_use_mma_store_intrinic=False)
     acc = {"float32": "f32", "float16": "f16"}[acc_dtype]

@@ -52,7 +52,7 @@ def models(spec: str) -> tuple[list, list[str]]:
 class _StockBuilder:
     """TVM's LocalBuilder behind the interface ``tune`` expects of its builder."""
 
-    def __new__(cls, workers=None, timeout=60.0):
+    def __new__(cls, workers=None, timeout=60.0, config=None):
         from tvm.s_tir import meta_schedule as ms
 
         b = ms.builder.LocalBuilder(max_workers=workers, timeout_sec=timeout)

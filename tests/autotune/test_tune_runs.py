@@ -252,3 +252,42 @@ def test_a_task_whose_search_raises_is_dropped_with_its_reason(tmp_path, monkeyp
                for s in rep.skipped), rep.skipped
     assert {t.name for t in rep.tasks if t.new_trials} == {"fused_matmul1_add_relu", "fused_matmul2_add1"}
     assert max(map(len, calls)) == pipeline, calls
+
+
+def test_cuda_default_schedules_build_in_tuning_workers():
+    """``tune`` times each task's default schedule through its builder first. Smelt's tensor-core
+    GEMM failed there (code generation of its ``mma`` stores needs an index map that only TVM's
+    intrinsics import registers), so no tensor-core default was ever measured and any record beat it."""
+    import shutil
+
+    import torch
+    from tvm.s_tir import meta_schedule as ms
+
+    from smelt import backends
+    from smelt.autotune.builder import PersistentBuilder
+    from smelt.autotune.tasks import extract_tasks
+    from smelt.autotune.tune import fused_module
+    from smelt.passes import PipelineOptions
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc")
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU()).eval()
+    mod, target = fused_module([(conv, (torch.randn(1, 64, 28, 28),))], "cuda", "sm_90",
+                               pipeline=PipelineOptions(precision="float16"))
+    tasks, _ = extract_tasks(mod, target, min_flops=0)
+    backend = backends.get("cuda")
+    scheduled = []
+    for t in tasks:
+        with target:
+            s = t.mod
+            for p in backend.schedule_passes(target):
+                s = p(s)
+        scheduled.append(s)
+    assert any("mma_sync" in s.script() or "mma" in str(s) for s in scheduled)
+    builder = PersistentBuilder(2, config=backend.pass_config(backends.TargetOptions("cuda")))
+    try:
+        built = builder.build([ms.builder.BuilderInput(s, target) for s in scheduled])
+    finally:
+        builder.shutdown()
+    assert [b.error_msg for b in built] == [None] * len(tasks)
