@@ -54,6 +54,14 @@ def _const_extents(sch, loops) -> list[int] | None:
     return out
 
 
+# Reductions of at most this many products per output (depthwise convs, pooling, the
+# 3-channel stem) read their input through the padding instead of a padded copy: their
+# few products per input element made the copy cost as much as the conv (a 3x3 stride-2
+# depthwise conv at 112x112x64: 0.62 against 0.45 ms, MobileNet 0.31-0.34 against
+# 0.38-0.41 of onnxruntime's speed).
+SMALL_REDUCTION = 32
+
+
 def _is_cpu(target) -> bool:
     return target.kind.name == "llvm"
 
@@ -67,7 +75,8 @@ class TileReduction(ScheduleRule):
     spatial axis with an extent above one. The reduction loops run between the two, so
     the tile's accumulators stay in registers; producers (casts, weight decode) are
     inlined, padding stays a parallel copy of its own (inlined, its bounds check sat in
-    the inner loop: 4.8 against 1.5 ms on a 7x7x256 conv), and the epilogue (bias,
+    the inner loop: 4.8 against 1.5 ms on a 7x7x256 conv) unless the reduction is small
+    (``SMALL_REDUCTION``), and the epilogue (bias,
     activation, residual add) is computed per tile while it is still in cache. Constant
     operands are repacked into panels at compile time (``_pack_weights``).
     """
@@ -91,9 +100,10 @@ class TileReduction(ScheduleRule):
         if not all(b.is_injective() for b in infos[:r] + infos[r + 1:]):
             return None
         block = red.block_rv
+        small = _reduction_size(sch, block) <= SMALL_REDUCTION
         kept = []  # producers that cannot be inlined stay at the root, scheduled below
         for producer in reversed(infos[:r]):
-            if producer.is_data_pad(sch):  # inlined, its bounds check would sit in the inner loop
+            if producer.is_data_pad(sch) and not small:  # inlined, its bounds check would sit in the inner loop
                 kept.append(producer.block_rv)
                 continue
             try:
@@ -123,8 +133,9 @@ class TileReduction(ScheduleRule):
         width_ext = s_ext[-1]
         if width_ext % lanes == 0:
             width = lanes * (2 if width_ext % (2 * lanes) == 0 else 1)
-        else:
-            width = _divisor(width_ext, lanes, min(4, width_ext)) or 1
+        else:  # half or quarter registers before odd widths (72 channels: 8 lanes, not 12)
+            width = next((v for v in (lanes // 2, lanes // 4) if v >= 4 and width_ext % v == 0), None) \
+                or _divisor(width_ext, lanes, min(4, width_ext)) or 1
         row_axis = next((i for i in range(n_s - 2, -1, -1) if s_ext[i] is not None and s_ext[i] > 1), None)
         budget = _accumulators(target) // max(1, width // lanes)
         rows = _divisor(s_ext[row_axis], max(1, budget)) if row_axis is not None else 1
@@ -159,15 +170,26 @@ class TileReduction(ScheduleRule):
         sch.reverse_compute_at(writeback, grid)
         # Vectorize the update before splitting off its init: TVM checks the loop's
         # subtree for a complete or reduction block, and the update alone is neither.
-        _vectorize_tile(sch, block, len(inner), width)
-        init = sch.decompose_reduction(block, r_loops[0])
-        _vectorize_tile(sch, init, len(inner), width)
+        # The init block keeps the update's loop kinds (vectorized, unrolled).
+        _vectorize_tile(sch, block, len(inner), width, lanes)
+        sch.decompose_reduction(block, r_loops[0])
         wb_loops = sch.get_loops(writeback)[1:]
         if wb_loops:
             _vectorize_split(sch, wb_loops[-1], lanes)
         for producer in kept:
             _schedule_root(sch, producer, lanes)
         return sch
+
+
+def _reduction_size(sch, block) -> int:
+    """Products per output of ``block`` (its reduction extents multiplied; 0 if symbolic)."""
+    n = 1
+    for iv in sch.get(block).iter_vars:
+        if iv.iter_type == tirx.IterVar.CommReduce:
+            if not isinstance(iv.dom.extent, tirx.IntImm):
+                return 0
+            n *= int(iv.dom.extent)
+    return n
 
 
 def _pack_weights(sch, block, names: set[str], n_s: int, width: int) -> None:
@@ -217,11 +239,21 @@ class ParallelInjective(ScheduleRule):
         return sch
 
 
-def _vectorize_tile(sch, block, depth: int, width: int) -> None:
-    """The innermost ``depth`` loops of ``block``: the last vectorized, the others unrolled."""
+def _vectorize_tile(sch, block, depth: int, width: int, lanes: int) -> None:
+    """The innermost ``depth`` loops of ``block``: the last vectorized in pieces of one
+    register (``lanes``), the others unrolled.
+
+    One register per vector op: with 32-lane ops on 16-lane registers, LLVM kept the
+    accumulators as 32-lane values, and the epilogue, which reads them 16 lanes at a time,
+    took them apart lane by lane (40 ``vinsertps`` per tile of a 1x1 conv).
+    """
     tile = sch.get_loops(block)[-depth:]
+    last = tile[-1]
+    if width > lanes and width % lanes == 0:
+        outer, last = sch.split(last, [None, lanes])
+        sch.unroll(outer)
     if width > 1:
-        sch.vectorize(tile[-1])
+        sch.vectorize(last)
     for loop in tile[:-1]:
         sch.unroll(loop)
 

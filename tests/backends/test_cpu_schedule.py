@@ -45,6 +45,8 @@ CASES = {
     "matmul_odd_n": (lambda a, b, c: topi.nn.matmul(a, b) + c, [(6, 40), (40, 10), (10,), (6, 10)]),
     "batch_matmul": (lambda a, b, c: topi.nn.batch_matmul(a, b, transpose_b=False) * c,
                      [(3, 16, 24), (3, 24, 32), (1,), (3, 16, 32)]),
+    "depthwise_nhwc_72": (lambda x, w, b: topi.nn.depthwise_conv2d_nhwc(x, w, 2, 1, 1, out_dtype="float32") + b,
+                          [(1, 15, 15, 72), (3, 3, 72, 1), (1, 1, 1, 72), (1, 8, 8, 72)]),
     "max_pool_nhwc": (lambda x, _w, _b: topi.nn.pool2d(x, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), "max",
                                                         layout="NHWC"),
                       [(1, 9, 9, 32), (1,), (1,), (1, 5, 5, 32)]),
@@ -64,6 +66,21 @@ def test_tile_reduction_matches_the_loop_nest(case, rng):
     want = _run(func, shapes, np.random.default_rng(0))[-1]
     got = _run(scheduled, shapes, np.random.default_rng(0))[-1]
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def _tiled(case):
+    build, shapes = CASES[case]
+    placeholders = [te.placeholder(s, name=f"p{i}") for i, s in enumerate(shapes[:-1])]
+    return _scheduled(te.create_prim_func([*placeholders, build(*placeholders)]), cpu_schedule.TileReduction()).script()
+
+
+def test_small_reductions_read_through_the_padding_and_odd_widths_take_half_registers():
+    """A depthwise conv (9 products per output) loses its padded copy; a dense 3x3 conv keeps it.
+    72 channels are vectorized 8 at a time (odd widths such as 12 made LLVM split every vector)."""
+    depthwise, dense = _tiled("depthwise_nhwc_72"), _tiled("conv_nhwc_3x3")
+    assert 'T.sblock("PaddedInput")' not in depthwise and "T.if_then_else" in depthwise
+    assert 'T.sblock("pad_temp")' in dense
+    assert "T.vectorized(8)" in depthwise, depthwise  # AVX-512 (16 lanes) and AVX2 (8) alike
 
 
 def test_injective_kernels_are_parallel_and_vectorized(rng):
