@@ -32,6 +32,28 @@ FORMAT_VERSION = 1
 LIBRARY, WEIGHTS, MANIFEST, SOURCE = "model.so", "weights.bin", "manifest.json", "source"
 
 
+def cpu_threads() -> int:
+    """Physical cores this process may run on: the size of TVM's CPU thread pool under smelt."""
+    import psutil
+
+    cores = psutil.cpu_count(logical=False) or 1
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    return max(1, min(cores, allowed))
+
+
+def _size_thread_pool() -> None:
+    """TVM sizes its CPU thread pool as half the logical CPUs, taking every core to run two
+    hyperthreads: on a 2-core machine without them, every CPU kernel ran on one core while
+    onnxruntime used two. Unless the user set ``TVM_NUM_THREADS`` (or ``OMP_NUM_THREADS``,
+    which TVM also reads), the pool gets one thread per physical core; TVM reads the
+    variable when it starts the pool, at the first parallel kernel."""
+    if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(cpu_threads())
+
+
+_size_thread_pool()
+
+
 def smelt_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

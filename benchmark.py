@@ -3,9 +3,9 @@
 For each model: smelt without tuning records and, when records apply, with them;
 onnxruntime on the same ONNX file (CPU, or CUDA when the target is cuda and ORT has it);
 torch eager and ``torch.compile`` for PyTorch models. Every runner gets the same random
-inputs (fixed seed), a warm-up call, then ``repeat`` timed calls, the runners taking
-turns call by call (so a burst of load on a shared machine meets them all); the result
-is the median in milliseconds. Each output is checked against the reference (onnxruntime for
+inputs (fixed seed), then ``repeat`` timed calls, the runners taking turns in blocks
+(so a burst of load on a shared machine meets them all); the result is the median in
+milliseconds. Each output is checked against the reference (onnxruntime for
 ONNX, torch eager for PyTorch): the largest deviation relative to the reference's largest
 magnitude. ``profile=True`` adds smelt's time per kernel (VM instrumentation around each
 call, device synchronized on both sides; CUDA graphs are off for that build, so every
@@ -83,20 +83,24 @@ def _wall(fn: Callable[[], object], sync: Callable[[], None] = lambda: None) -> 
     return call
 
 
-def _interleaved(runners: list[_Runner], repeat: int) -> list[Timing]:
-    """Median ms of ``repeat`` calls per runner, the runners taking turns call by call.
+def _interleaved(runners: list[_Runner], repeat: int, rounds: int = 4) -> list[Timing]:
+    """Median ms of ``repeat`` calls per runner, the runners taking turns in ``rounds`` blocks.
 
     On a shared machine load comes in bursts of seconds; timed one after another, a burst
     slowed whichever runner it met (ResNet-18 on the 2-core CPU: smelt 31 to 54 ms between
-    runs a minute apart). Taking turns, every runner meets the same bursts, so the ratios hold.
+    runs a minute apart). Taking turns, every runner meets the same bursts. Turns are
+    blocks, not single calls, each opened by an untimed call: a runner's thread pool
+    spins on the cores for a while after its last call (onnxruntime's by default, TVM's
+    too), and a call that started right after another runner's met those threads: with
+    turns of one call, smelt on 2 threads measured 4x slower than alone.
     """
     live = [r for r in runners if r.call is not None]
-    for r in live:  # warm-up
-        r.call()
     times: dict[str, list[float]] = {r.label: [] for r in live}
-    for _ in range(repeat):
+    for i in range(rounds):
+        block = repeat // rounds + (1 if i < repeat % rounds else 0)
         for r in live:
-            times[r.label].append(r.call())
+            r.call()  # untimed: warms up, and waits out the last runner's spinning threads
+            times[r.label] += [r.call() for _ in range(block)]
     return [Timing(r.label, 1e3 * statistics.median(times[r.label]) if r.call is not None else float("nan"),
                    r.rel_err, r.note) for r in runners]
 

@@ -185,3 +185,19 @@ def test_input_shape_keys(tmp_path):
     assert art.models["a"].inputs[0].shape == (4, 64) and art.models["b"].inputs[0].shape == ("B", 64)
     with pytest.raises(smelt.SmeltError, match="no model has such an input"):
         smelt.compile([m], names=["a"], input_shapes={"nope": [1, 64]})
+
+
+@pytest.mark.parametrize("env, want", [({}, None), ({"TVM_NUM_THREADS": "1"}, 1)])
+def test_cpu_thread_pool_takes_every_physical_core_unless_told(env, want):
+    """TVM alone sizes its pool as half the logical CPUs (one thread on a 2-core machine without SMT)."""
+    import os
+    import subprocess
+    import sys
+
+    from smelt.artifact import cpu_threads
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    code = "import smelt, tvm; print(tvm.get_global_func('runtime.NumThreads')())"
+    r = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.split()[-1]) == (want or cpu_threads())
