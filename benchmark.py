@@ -83,23 +83,28 @@ def _wall(fn: Callable[[], object], sync: Callable[[], None] = lambda: None) -> 
     return call
 
 
+SETTLE_S = 0.05
+
+
 def _interleaved(runners: list[_Runner], repeat: int, rounds: int = 4) -> list[Timing]:
     """Median ms of ``repeat`` calls per runner, the runners taking turns in ``rounds`` blocks.
 
     On a shared machine load comes in bursts of seconds; timed one after another, a burst
     slowed whichever runner it met (ResNet-18 on the 2-core CPU: smelt 31 to 54 ms between
     runs a minute apart). Taking turns, every runner meets the same bursts. Turns are
-    blocks, not single calls, each opened by an untimed call: a runner's thread pool
-    spins on the cores for a while after its last call (onnxruntime's by default, TVM's
-    too), and a call that started right after another runner's met those threads: with
-    turns of one call, smelt on 2 threads measured 4x slower than alone.
+    blocks, not single calls, each after a pause (``SETTLE_S``) and an untimed call: a
+    runner's thread pool spins on the cores for a while after its last call
+    (onnxruntime's by default, TVM's too), and a call that started right after another
+    runner's met those threads: with turns of one call, smelt on 2 threads measured 4x
+    slower than alone, and an MLP whose call takes 0.03 ms took 2.5 ms.
     """
     live = [r for r in runners if r.call is not None]
     times: dict[str, list[float]] = {r.label: [] for r in live}
     for i in range(rounds):
         block = repeat // rounds + (1 if i < repeat % rounds else 0)
         for r in live:
-            r.call()  # untimed: warms up, and waits out the last runner's spinning threads
+            time.sleep(SETTLE_S)  # the last runner's pool stops spinning
+            r.call()  # untimed: warms up
             times[r.label] += [r.call() for _ in range(block)]
     return [Timing(r.label, 1e3 * statistics.median(times[r.label]) if r.call is not None else float("nan"),
                    r.rel_err, r.note) for r in runners]
