@@ -13,9 +13,9 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import SmeltError
 from tvm.s_tir.meta_schedule.database import TuningRecord
 
+from ..errors import SmeltError
 from .records import (RECORDS, WORKLOADS, best_records, best_seconds, lock, open_database, read_tasks,
                       records_by_workload, write_tasks)
 
