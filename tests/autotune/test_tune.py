@@ -82,7 +82,9 @@ def test_report_and_prune(tmp_path):
     assert rep.target_key == out.name
     assert {w.name for w in rep.workloads} == {t.name for t in tasks}
     assert all(w.trials == 2 and w.best_seconds is not None and w.weight == 1 for w in rep.workloads)
+    size = (out / records.WORKLOADS).stat().st_size
     assert prune(tmp_path) == {out.name: (6, 3)}
+    assert (out / records.WORKLOADS).stat().st_size < 0.75 * size  # written without indentation
     [rep] = report(tmp_path)
     assert all(w.trials == 1 for w in rep.workloads)
     assert {w.best_seconds for w in rep.workloads} == {1e-5 * (i + 1) for i in range(len(tasks))}
