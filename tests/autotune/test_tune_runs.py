@@ -43,7 +43,7 @@ def test_tune_compile_applies_records_numerics_hold(tmp_path, onnx_reference):
     assert {w.name for w in summary.workloads} == {t.name for t in rep.tasks}
 
     art = smelt.compile(model, options=smelt.CompileOptions(tune_log_dir=str(tmp_path)))
-    assert art.report.tune_records == [str(tmp_path / rep.target_key)]
+    assert art.report.tune_records[0] == str(tmp_path / rep.target_key)  # then smelt's own, for this CPU
     # records slower than a kernel's default schedule stay unused: after 4 trials, usually all of
     # them against the tiled CPU defaults; each kernel is either tuned or named as slower
     assert art.report.tuned_kernels + len(art.report.records_slower) == 3
