@@ -83,7 +83,8 @@ def prune(log_dir: str | Path, keep_slower: bool = False) -> dict[str, tuple[int
     ``tune`` measured it (``best_records``, the same choice ``records_passes`` makes);
     records that lose to the default are dropped, workloads and all, since no compile
     applies them. ``keep_slower`` keeps those too (the best per workload), for a folder
-    that tuning goes on from: it then knows these kernels were tried.
+    that tuning goes on from: it then knows these kernels were tried. ``tasks.json`` keeps
+    the entries of the workloads that stay.
     The pruned database is written beside the old one and moved over it, so a crash
     leaves either the old or the new files.
     """
@@ -97,9 +98,11 @@ def prune(log_dir: str | Path, keep_slower: bool = False) -> dict[str, tuple[int
                 wl = pruned.commit_workload(rec.workload.mod)
                 pruned.commit_tuning_record(TuningRecord(rec.trace, wl, rec.run_secs, rec.target, rec.args_info))
             after = len(pruned.get_all_tuning_records())
+            kept = records_by_workload(pruned)
             _compact_workloads(Path(tmp) / WORKLOADS)
             for name in (WORKLOADS, RECORDS):
                 os.replace(Path(tmp) / name, d / name)
+            write_tasks(d, {k: v for k, v in read_tasks(d).items() if k in kept})
         log.info("%s: %d records -> %d", d.name, before, after)
         out[d.name] = (before, after)
     return out

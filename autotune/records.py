@@ -215,7 +215,7 @@ def open_database(directory: str | Path, writable: bool = True):
     for p, n in torn.items():
         log.warning("%s: dropping a torn last record (%d bytes) left by an interrupted writer",
                     p, p.stat().st_size - n)
-    _register_intrinsics(paths)
+    _register_intrinsics(paths[1])
     with contextlib.ExitStack() as stack:
         if torn and writable:
             for p, n in torn.items():
@@ -234,17 +234,15 @@ def open_database(directory: str | Path, writable: bool = True):
                                         module_equality="structural")
 
 
-def _register_intrinsics(paths: list[Path]) -> None:
+def _register_intrinsics(records: Path) -> None:
     """Register TVM's tensor intrinsics when the records tensorize: parsing such a trace looks
     each intrinsic up by name (``wmma_fill_16x16x16_f32``: "not registered"), and nothing but
     importing ``tvm.s_tir.tensor_intrin`` registers them."""
-    for p in paths:
-        if p.is_file() and (b'"Tensorize"' in (data := p.read_bytes()) or b"auto_tensorize" in data):
-            from ..backends.tensorcore_matmul import import_intrinsics
+    if records.is_file() and b'"Tensorize"' in records.read_bytes():
+        from ..backends.tensorcore_matmul import import_intrinsics
 
-            import_intrinsics("tvm.s_tir.tensor_intrin.cuda")  # first: the package imports it too
-            import_intrinsics("tvm.s_tir.tensor_intrin")
-            return
+        import_intrinsics("tvm.s_tir.tensor_intrin.cuda")  # first: the package imports it too
+        import_intrinsics("tvm.s_tir.tensor_intrin")
 
 
 @contextlib.contextmanager

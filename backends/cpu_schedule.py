@@ -16,6 +16,8 @@ what a kernel computes. ``default_rules()`` is the order the CPU backend uses th
 
 from __future__ import annotations
 
+import math
+
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight import cpu as dl_cpu
@@ -100,7 +102,8 @@ class TileReduction(ScheduleRule):
         if not all(b.is_injective() for b in infos[:r] + infos[r + 1:]):
             return None
         block = red.block_rv
-        small = _reduction_size(sch, block) <= SMALL_REDUCTION
+        red_doms = [i.dom for i in red.iters if i.kind == "R"]
+        small = all(isinstance(d, int) for d in red_doms) and math.prod(red_doms) <= SMALL_REDUCTION
         kept = []  # producers that cannot be inlined stay at the root, scheduled below
         for producer in reversed(infos[:r]):
             if producer.is_data_pad(sch) and not small:  # inlined, its bounds check would sit in the inner loop
@@ -179,17 +182,6 @@ class TileReduction(ScheduleRule):
         for producer in kept:
             _schedule_root(sch, producer, lanes)
         return sch
-
-
-def _reduction_size(sch, block) -> int:
-    """Products per output of ``block`` (its reduction extents multiplied; 0 if symbolic)."""
-    n = 1
-    for iv in sch.get(block).iter_vars:
-        if iv.iter_type == tirx.IterVar.CommReduce:
-            if not isinstance(iv.dom.extent, tirx.IntImm):
-                return 0
-            n *= int(iv.dom.extent)
-    return n
 
 
 def _pack_weights(sch, block, names: set[str], n_s: int, width: int) -> None:

@@ -284,7 +284,7 @@ def test_cuda_default_schedules_build_in_tuning_workers():
             for p in backend.schedule_passes(target):
                 s = p(s)
         scheduled.append(s)
-    assert any("mma_sync" in s.script() or "mma" in str(s) for s in scheduled)
+    assert any("mma" in s.script() for s in scheduled)  # the tensor-core default took the conv
     builder = PersistentBuilder(2, config=backend.pass_config(backends.TargetOptions("cuda")))
     try:
         built = builder.build([ms.builder.BuilderInput(s, target) for s in scheduled])
