@@ -18,6 +18,7 @@ from tvm import relax
 
 from .canonicalize_ops import CanonicalizeOps
 from .fold_batch_norm import FoldBatchNorm
+from .fence_expanding_broadcasts import FenceExpandingBroadcasts
 from .fold_constant_layout import FoldConstantLayout
 from .fuse_horizontal import FuseHorizontal
 from .legalize_grouped_conv import LegalizeGroupedConv
@@ -89,7 +90,7 @@ def fuse_passes(opts: PipelineOptions) -> list[tvm.transform.Pass]:
     passes += [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
               relax.transform.FoldConstant()]
     if opts.fuse:
-        passes += [relax.transform.FuseOps(), relax.transform.FuseTIR()]
+        passes += [FenceExpandingBroadcasts(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
     passes.append(relax.transform.DeadCodeElimination())
     return passes
 
