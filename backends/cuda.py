@@ -37,6 +37,7 @@ from tvm.support import nvcc as _nvcc
 
 from ..errors import BackendError
 from ..passes.convert_conv_layout import ConvertConvLayout
+from ..passes.fuse_operand_views import FuseOperandViews
 from ..passes.legalize_grouped_conv import LegalizeGroupedConv
 from ..passes.split_k_matmul import SplitKMatmul
 from .base import TargetOptions, module_tree
@@ -92,8 +93,9 @@ class CUDABackend:
         # 16-byte cp.async copies and plain ldmatrix. Grouped convs are rewritten first, in NCHW
         # (LegalizeGroupedConv handles only that layout), so they keep their batched-matmul form.
         # Matmuls that fill less than half the GPU with TensorCoreMatmul's tiles split their K.
+        # Transposes and slices of matmul operands (attention's q/k/v) are read inside the matmul.
         return [LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI"),
-                SplitKMatmul(min_tiles=FULL_WAVE // 2, tile=SMALL_TILE.block_m)]
+                SplitKMatmul(min_tiles=FULL_WAVE // 2, tile=SMALL_TILE.block_m), FuseOperandViews()]
 
     def schedule_passes(self, target):
         return [ApplyDefaultSchedules()]

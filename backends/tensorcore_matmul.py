@@ -104,13 +104,44 @@ def _arch(target: Target) -> int:
     return int(digits) if arch.startswith("sm_") and digits else -1
 
 
-def _inner_axis_kind(block: s_tir.SBlock, read: int) -> str | None:
-    """'R' when operand ``read``'s innermost index is the reduction axis, 'S' when spatial, else None."""
-    index = block.reads[read].region[-1].min
+def _operand_inner_kinds(sch: s_tir.Schedule, main) -> tuple[str | None, str | None]:
+    """For A and B: 'R' when the axis contiguous in global memory is the reduction axis, 'S' when
+    spatial, else None, read through every producer block (views such as transposes and
+    slices, which the shared-memory copies will inline), on a copy of ``sch``."""
+    probe = sch.copy()
+    block = probe.get(main)
+    probe_main = probe.get_sblock(block.name_hint)
+    auto_inline_producers(probe, probe_main)
+    block = probe.get(probe_main)
+    written = block.writes[0].source
+    loads = [n for n in _loads(block.body.value) if not n.source.same_as(written)] if hasattr(block.body, "value") else []
+    if len(loads) != 2:
+        return None, None
     kinds = {iv.var: iv.iter_type for iv in block.iter_vars}
-    if isinstance(index, tirx.Var) and index in kinds:
-        return "R" if kinds[index] == tirx.IterVar.CommReduce else "S"
-    return None
+    analyzer = tvm.sym.Analyzer()
+    for iv in block.iter_vars:
+        analyzer.bind(iv.var, iv.dom)
+
+    def kind(load) -> str | None:
+        index = analyzer.simplify(load.indices[-1])
+        # (... + k) % 64 (heads merged back into a row) is contiguous in runs of whole 16-byte vectors
+        if type(index).__name__ == "FloorMod" and isinstance(index.b, tirx.IntImm) and index.b.value % 8 == 0:
+            index = index.a
+        for var, iter_type in kinds.items():  # the iterator that steps the innermost index by one element
+            coef = tvm.sym.detect_linear_equation(index, [var])
+            if coef and isinstance(coef[0], tirx.IntImm) and coef[0].value == 1:
+                return "R" if iter_type == tirx.IterVar.CommReduce else "S"
+        return None
+    return kind(loads[0]), kind(loads[1])
+
+
+def _loads(expr) -> list:
+    """The buffer loads in ``expr``, left to right (the Python API of TVM 0.27 has no expression visitor)."""
+    if isinstance(expr, tvm.ir.expr.TensorLoad):  # tirx.BufferLoad is a constructor function in TVM 0.27
+        return [expr]
+    children = [getattr(expr, f, None) for f in ("a", "b", "value", "condition", "true_value", "false_value")]
+    children += list(getattr(expr, "args", []) or [])
+    return [load for c in children if isinstance(c, tvm.ir.expr.Expr) for load in _loads(c)]
 
 
 def _static(extent) -> int | None:
@@ -164,7 +195,9 @@ class TensorCoreMatmul(GPUScheduleRule):
         c_dtype = str(stmt.writes[0].source.dtype)
         if a_dtype != b_dtype or a_dtype not in _INTRINSICS or c_dtype not in _INTRINSICS[a_dtype]:
             return self._decline(name, f"dtypes {a_dtype} x {b_dtype} -> {c_dtype}")
-        a_inner, b_inner = _inner_axis_kind(stmt, 0), _inner_axis_kind(stmt, 1)
+        a_inner, b_inner = _operand_inner_kinds(sch, main)
+        if None in (a_inner, b_inner):  # the 16-byte copies would read the wrong elements
+            return self._decline(name, "no axis of an operand is contiguous in global memory")
         # Smem layouts follow the global ones: A as [M, K] unless its global inner axis is M, B as [N, K]
         # only when its global inner axis is K (the NT case); ldmatrix.trans reads the other ones.
         trans_a = a_inner == "S"

@@ -7,6 +7,8 @@ or when selected with ``-m slow``.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -36,6 +38,13 @@ def pytest_collection_modifyitems(config, items):
         for name, mark in skips.items():
             if mark is not None and name in item.keywords:
                 item.add_marker(mark)
+
+
+@pytest.fixture(scope="session")
+def requires_cuda_compiler():
+    """Compile-only CUDA tests: nvcc on PATH, no GPU needed."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc on PATH (CUDA toolkit) to build CUDA code")
 
 
 @pytest.fixture

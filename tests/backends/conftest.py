@@ -1,6 +1,6 @@
 """Backend test gates: compile-only GPU tests need a toolchain, not a GPU, and skip cleanly without one.
 
-``requires_cuda_compiler``: nvcc on PATH (what builds and checks PTX here).
+``requires_cuda_compiler`` (tests/conftest.py): nvcc on PATH (what builds and checks PTX here).
 ``requires_rocm_toolchain``: ld.lld and the ROCm device libraries.
 Use them as ``pytestmark = pytest.mark.usefixtures("requires_rocm_toolchain")``, or name them as
 parameters of module-scoped fixtures that build (those are set up before a test's own marks).
@@ -8,15 +8,7 @@ parameters of module-scoped fixtures that build (those are set up before a test'
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
-
-
-@pytest.fixture(scope="session")
-def requires_cuda_compiler():
-    if shutil.which("nvcc") is None:
-        pytest.skip("needs nvcc on PATH (CUDA toolkit) to build CUDA code")
 
 
 @pytest.fixture(scope="session")
