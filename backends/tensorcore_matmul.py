@@ -96,6 +96,7 @@ class TileConfig:
 
 
 SMALL_TILE = TileConfig(block_m=64, block_n=64, warp_m=32, warp_n=32)
+_VECTOR = TileConfig.vector
 
 
 def _arch(target: Target) -> int:
@@ -109,28 +110,31 @@ def _operand_inner_kinds(sch: s_tir.Schedule, main) -> tuple[str | None, str | N
     spatial, else None, read through every producer block (views such as transposes and
     slices, which the shared-memory copies will inline), on a copy of ``sch``."""
     probe = sch.copy()
-    block = probe.get(main)
-    probe_main = probe.get_sblock(block.name_hint)
+    probe_main = probe.get_sblock(probe.get(main).name_hint)
     auto_inline_producers(probe, probe_main)
     block = probe.get(probe_main)
-    written = block.writes[0].source
-    loads = [n for n in _loads(block.body.value) if not n.source.same_as(written)] if hasattr(block.body, "value") else []
+    value = getattr(block.body, "value", None)
+    loads = [n for n in _loads(value) if not n.source.same_as(block.writes[0].source)] if value is not None else []
     if len(loads) != 2:
         return None, None
-    kinds = {iv.var: iv.iter_type for iv in block.iter_vars}
     analyzer = tvm.sym.Analyzer()
     for iv in block.iter_vars:
         analyzer.bind(iv.var, iv.dom)
 
     def kind(load) -> str | None:
         index = analyzer.simplify(load.indices[-1])
-        # (... + k) % 64 (heads merged back into a row) is contiguous in runs of whole 16-byte vectors
-        if type(index).__name__ == "FloorMod" and isinstance(index.b, tirx.IntImm) and index.b.value % 8 == 0:
-            index = index.a
-        for var, iter_type in kinds.items():  # the iterator that steps the innermost index by one element
-            coef = tvm.sym.detect_linear_equation(index, [var])
-            if coef and isinstance(coef[0], tirx.IntImm) and coef[0].value == 1:
-                return "R" if iter_type == tirx.IterVar.CommReduce else "S"
+        # (... + k) % 64, heads merged back into a row: contiguous in whole vectors when the rest is aligned
+        wrapped = type(index).__name__ == "FloorMod" and isinstance(index.b, tirx.IntImm) and \
+            index.b.value % _VECTOR == 0
+        inner = index.a if wrapped else index
+        for iv in block.iter_vars:  # the iterator that steps the innermost index by one element
+            coef = tvm.sym.detect_linear_equation(inner, [iv.var])
+            if not coef or not isinstance(coef[0], tirx.IntImm) or coef[0].value != 1:
+                continue
+            rest = analyzer.modular_set(coef[1])
+            if wrapped and (rest.coeff % _VECTOR or rest.base % _VECTOR):
+                return None  # a vector could wrap around mid-way
+            return "R" if iv.iter_type == tirx.IterVar.CommReduce else "S"
         return None
     return kind(loads[0]), kind(loads[1])
 

@@ -94,9 +94,9 @@ class _Fuser(relax.PyExprMutator):
                 (len(sb) > 2 and sb[:-2] != sa[:-2]):
             return call
         (a_src, a_views, a_names), (b_src, b_views, b_names) = self._chain(a), self._chain(b)
-        nt = bool(b_views) and b_views[-1][1].op.name == "relax.permute_dims" and len(sb) >= 2 and \
-            b_views[-1][1].attrs.axes is not None and \
-            [int(x) for x in b_views[-1][1].attrs.axes] == [*range(len(sb) - 2), len(sb) - 1, len(sb) - 2]
+        swap_last_two = [*range(len(sb) - 2), len(sb) - 1, len(sb) - 2]
+        nt = bool(b_views) and b_views[-1][1].op.name == "relax.permute_dims" and \
+            b_views[-1][1].attrs.axes is not None and [int(x) for x in b_views[-1][1].attrs.axes] == swap_last_two
         if nt:
             b_views, b_names = b_views[:-1], b_names[:-1] + ["(NT)"]
         if not {"permute_dims", "strided_slice"} & set(a_names + b_names):

@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tvm
-from tvm import relax, te
+from tvm import relax, te, topi
 
 from smelt.backends import cuda as cuda_backend
 from smelt.backends.apply_default_schedules import ApplyDefaultSchedules, default_rules
@@ -302,3 +302,45 @@ def test_conv_matches_numpy_on_gpu(case, rng):
     lib["gemm"](*[tvm.runtime.tensor(a, dev) for a in args], y)
     err = np.abs(y.numpy().astype("float64") - ref).max() / np.abs(ref).max()
     assert err <= REL_TOL, f"{case}: max relative error {err:.2e}"
+
+
+def _viewed_matmul(b_view):
+    """C[s, i, j] = sum_k A[s, i, k] * B'[s, k, j], B' = ``b_view(src)`` of src [4, 64, 32] (float16)."""
+    a = te.placeholder((4, 64, 32), "float16", "a")
+    src = te.placeholder((4, 64, 32), "float16", "src")
+    b = b_view(src)
+    k = te.reduce_axis((0, 32), "k")
+    c = te.compute((4, 64, 64), lambda s, i, j: te.sum(a[s, i, k].astype("float32") * b[s, k, j].astype("float32"),
+                                                        axis=k), name="matmul")
+    return te.create_prim_func([a, src, c]).with_attr("global_symbol", "gemm")
+
+
+def _kinds(func):
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import get_root_block
+    from tvm.s_tir.dlight.gpu.matmul import get_reduction_blocks
+
+    from smelt.backends.tensorcore_matmul import _operand_inner_kinds
+
+    sch = s_tir.Schedule(func)
+    (main,) = get_reduction_blocks(sch, sch.get_child_blocks(get_root_block(sch)))
+    return _operand_inner_kinds(sch, main)
+
+
+def test_contiguous_axis_is_read_through_the_operand_views():
+    """A transpose hidden behind a reshape (k.transpose(-1, -2) of attention, heads merged) is still NT:
+    in global memory B's contiguous axis is the reduction axis. Judged from the main block alone
+    (B [K, N]), the 16-byte copies ran along N, 64 elements apart, and cp.async read wrong data."""
+    transposed = _viewed_matmul(lambda src: topi.reshape(topi.transpose(src, [0, 2, 1]), (4, 32, 64)))
+    assert _kinds(transposed) == ("R", "R")
+    sch = TensorCoreMatmul().apply(transposed, TARGET, False)
+    assert sch is not None
+    plain = _viewed_matmul(lambda src: topi.reshape(src, (4, 32, 64)))
+    assert _kinds(plain) == ("R", "S")
+
+
+def test_declines_views_whose_vectors_would_wrap():
+    """B'[s, k, j] = src[s, j, (k + j) % 32]: no aligned run of 8 elements is contiguous."""
+    rolled = _viewed_matmul(lambda src: te.compute((4, 32, 64), lambda s, k, j: src[s, j, (k + j) % 32], name="roll"))
+    assert _kinds(rolled)[1] is None
+    assert TensorCoreMatmul().apply(rolled, TARGET, False) is None
