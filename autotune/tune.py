@@ -347,9 +347,10 @@ def _measure_defaults(tasks: list[TuneTask], backend, target, builder, runner, k
             known.setdefault(t.shash, {})["default_seconds"] = None
     built = builder.build([ms.builder.BuilderInput(mod, target) for _, mod in scheduled])
     runs = [(t, b) for (t, _), b in zip(scheduled, built) if b.error_msg is None]
-    futures = runner.run([ms.runner.RunnerInput(b.artifact_path, _kind(target),
-                                                ms.arg_info.ArgInfo.from_prim_func(t.mod["main"]))
-                          for t, b in runs])
+    # Arguments as the kernel was built: weights the default schedule repacks come in their
+    # packed layout (the builder drops the repacking, as a compile folds it into the weights).
+    args = {t.shash: ms.arg_info.ArgInfo.from_entry_func(mod, remove_preproc=True) for t, mod in scheduled}
+    futures = runner.run([ms.runner.RunnerInput(b.artifact_path, _kind(target), args[t.shash]) for t, b in runs])
     for (t, b), fut in zip(runs, futures):
         res = fut.result()
         secs = [float(s) for s in (res.run_secs or [])]

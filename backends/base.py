@@ -47,6 +47,11 @@ class Backend(Protocol):
         """Target-specific Relax rewrites before LegalizeOps (first in the fuse phase): preferred
         layouts, faster implementations of an op."""
 
+    def postfuse_passes(self, target: tvm.target.Target) -> list[tvm.transform.Pass]:
+        """Passes after FuseOps/FuseTIR (last in the fuse phase): facts about the fused kernels
+        that tuning and the schedules both read, such as which operands are weights. Tuning
+        extracts its tasks after them, so records and compiles see the same kernels."""
+
     def schedule_passes(self, target: tvm.target.Target) -> list[tvm.transform.Pass]:
         """Passes that give every PrimFunc a schedule (after tuned records were applied)."""
 

@@ -66,9 +66,15 @@ class CPUBackend:
         # Their largest relative error, measured over the float32 range: 3.7e-7.
         return [ConvertConvLayout("NHWC", "HWIO"), relax.transform.FastMathTransform()]
 
+    def postfuse_passes(self, target):
+        # Which kernel operands are weights: the default schedules repack those at compile time,
+        # and MetaSchedule's RewriteLayout does the same for tuned ones; marked here, before tuning
+        # extracts its tasks, a record's kernel and the compiled one are the same and tuning
+        # measures the default schedule with its weights repacked, as the model runs it.
+        return [MarkWeightOperands]
+
     def schedule_passes(self, target):
-        return [MarkWeightOperands, ApplyDefaultSchedules(cpu_schedule.default_rules(), required=False),
-                FoldWeightPrepack]
+        return [ApplyDefaultSchedules(cpu_schedule.default_rules(), required=False), FoldWeightPrepack]
 
     def lower_passes(self, target):
         return _cpu.dataflow_lower_passes(target) + _cpu.finalize_passes(target)

@@ -97,6 +97,9 @@ class CUDABackend:
         return [LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI"),
                 SplitKMatmul(min_tiles=FULL_WAVE // 2, tile=SMALL_TILE.block_m), FuseOperandViews()]
 
+    def postfuse_passes(self, target):
+        return []
+
     def schedule_passes(self, target):
         return [ApplyDefaultSchedules()]
 

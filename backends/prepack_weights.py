@@ -1,9 +1,10 @@
 """Compile-time weight repacking around the default CPU schedules, with kernel names kept.
 
-Two passes bracket ``ApplyDefaultSchedules`` on CPUs:
+Two passes bracket the schedules (tuning records, then ``ApplyDefaultSchedules``) on CPUs:
 
-- ``MarkWeightOperands`` (before): TVM's ``AttachAttrLayoutFreeBuffers`` records on every
-  kernel which parameters are constants (``layout_free_buffers``), so a schedule rule may
+- ``MarkWeightOperands`` (last in the fuse phase, so that tuning's tasks carry it too): TVM's
+  ``AttachAttrLayoutFreeBuffers`` records on every kernel which parameters are constants
+  (``layout_free_buffers``), so a schedule rule, or MetaSchedule's ``RewriteLayout``, may
   choose their layout.
 - ``FoldWeightPrepack`` (after): TVM's ``SplitLayoutRewritePreproc`` moves the repacking a
   rule marked (``meta_schedule.layout_rewrite_preproc``) into its own function and
@@ -34,8 +35,8 @@ def FoldWeightPrepack(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     packing = {gv for gv, f in mod.functions_items()
                if isinstance(f, tirx.PrimFunc) and f.attrs is not None and "layout_free_buffers" in f.attrs
                and _PREPROC in f.script(show_meta=False)}
-    if not packing:
-        return mod
+    if not packing or not any(isinstance(f, relax.Function) for f in mod.functions.values()):
+        return mod  # a kernel alone (a tuning task): the builder drops its repacking blocks itself
     rest = {gv: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and gv not in packing}
     split = relax.transform.SplitLayoutRewritePreproc()(
         tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv not in rest}, attrs=mod.attrs,

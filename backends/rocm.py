@@ -87,6 +87,9 @@ class ROCmBackend:
     def prelegalize_passes(self, target):
         return []
 
+    def postfuse_passes(self, target):
+        return []
+
     def schedule_passes(self, target):
         return [ApplyDefaultSchedules()]
 

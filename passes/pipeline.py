@@ -107,7 +107,7 @@ def build_pipeline(backend, target: tvm.target.Target, opts: PipelineOptions | N
         "merge": list(merge or []),
         "quantize": list(quantize or []) + ([ToMixedPrecision(opts.precision)] if opts.precision != "float32" else [])
         + list(after_precision or []),
-        "fuse": backend.prelegalize_passes(target) + fuse_passes(opts),
+        "fuse": backend.prelegalize_passes(target) + fuse_passes(opts) + backend.postfuse_passes(target),
         "schedule": backend.schedule_passes(target),
         "lower": [LiftWeights] + backend.lower_passes(target),
     }

@@ -32,6 +32,9 @@ class DummyBackend:
     def prelegalize_passes(self, target):
         return self._cpu.prelegalize_passes(target)
 
+    def postfuse_passes(self, target):
+        return self._cpu.postfuse_passes(target)
+
     def schedule_passes(self, target):
         return self._cpu.schedule_passes(target)
 
