@@ -47,6 +47,17 @@ def test_tasks_are_fused_kernels_deduplicated():
     assert len(big) == 2 and len(small) == 1 and "min_flops" in small[0]
 
 
+def test_cpu_tasks_know_their_weight_operands():
+    """Tasks are the kernels a compile schedules: marked with the weights the default schedule
+    repacks at compile time, so MetaSchedule's RewriteLayout repacks them in tuned kernels too and
+    the default is timed with packed weights (before, tasks were unmarked: defaults were timed
+    reading weights unpacked, and records that beat only that were applied)."""
+    mod, target = fused_module(zoo.resnet(depth=18, size=32))
+    tasks, _ = extract_tasks(mod, target, min_flops=0)
+    convs = [t for t in tasks if t.name.startswith("fused_conv2d")]
+    assert convs and all(len(t.mod["main"].attrs["layout_free_buffers"]) == 2 for t in convs)  # weight, bias
+
+
 def test_records_apply_at_compile_and_numerics_hold(tmp_path, onnx_reference):
     model = zoo.mlp()
     tasks, out = _commit_design_spaces(model, tmp_path)
