@@ -24,16 +24,12 @@ import tvm
 from tvm import relax
 
 from .explain import Explainer
+from .mutate import BROADCAST, INJECTIVE, OUT_EWISE_FUSABLE, static_shape
 
-_BROADCAST, _INJECTIVE, _OUT_EWISE_FUSABLE = 1, 2, 4  # tvm/relax OpPatternKind
 
-
-def _elements(ty) -> int | None:
-    shape = getattr(ty, "shape", None)
-    if shape is None or not isinstance(shape, relax.ShapeExpr):
-        return None
-    dims = [d.value if isinstance(d, tvm.tirx.IntImm) else None for d in shape.values]
-    return None if None in dims else math.prod(dims)
+def _elements(e: relax.Expr) -> int | None:
+    shape = static_shape(e)
+    return None if shape is None else math.prod(shape)
 
 
 @tvm.transform.module_pass(opt_level=0, name="FenceExpandingBroadcasts")
@@ -64,24 +60,24 @@ class FenceExpandingBroadcasts:
             for block in func.body.blocks:
                 for binding in block.bindings:
                     value, kind = binding.value, pattern(binding.value)
-                    if kind == _OUT_EWISE_FUSABLE:
+                    if kind == OUT_EWISE_FUSABLE:
                         reduced.add(binding.var)
-                    if kind is None or kind > _BROADCAST:
+                    if kind is None or kind > BROADCAST:
                         continue
-                    out = _elements(binding.var.ty)
+                    out = _elements(binding.var)
                     args = list(_call_args(value))
-                    small = [a for a in args if a in reduced and _elements(a.ty) not in (None, out)]
+                    small = [a for a in args if a in reduced and _elements(a) not in (None, out)]
                     if not small:
                         if any(a in reduced for a in args):
                             reduced.add(binding.var)
                         continue
                     name = value.args[0].name_hint
                     if name not in fenced:
-                        fenced[name] = bb.add_func(mod[value.args[0]].with_attr("op_pattern", _INJECTIVE),
+                        fenced[name] = bb.add_func(mod[value.args[0]].with_attr("op_pattern", INJECTIVE),
                                                    f"{name}_fenced")
                     rewrites[binding.var] = relax.Call(value.op, [fenced[name], *value.args[1:]], value.attrs,
                                                        value.ty_args)
-                    self.explain.fired(value, f"{name}: an operand of {_elements(small[0].ty)} elements "
+                    self.explain.fired(value, f"{name}: an operand of {_elements(small[0])} elements "
                                               f"from a matmul/conv is expanded to {out}")
             if rewrites:
                 bb.update_func(gv, _replace_values(func, rewrites))

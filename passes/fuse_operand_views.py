@@ -25,16 +25,14 @@ import tvm
 from tvm import relax, te, topi
 
 from .explain import Explainer
-from .mutate import mutate_functions, static_ints, static_shape
+from .mutate import OUT_EWISE_FUSABLE, mutate_functions, static_ints, static_shape
 
 _VIEWS = {"relax.reshape", "relax.permute_dims", "relax.strided_slice", "relax.squeeze", "relax.expand_dims"}
-_OUT_EWISE_FUSABLE = 4  # tvm/relax OpPatternKind
 
 
 def _ints(e) -> list[int] | None:
-    if isinstance(e, relax.ShapeExpr):
-        return static_ints(e.values)
-    fields = getattr(e, "fields", None)  # a tuple of integers
+    """The integers of a strided_slice argument (a tuple of them), else None."""
+    fields = getattr(e, "fields", None)
     return None if fields is None else static_ints(fields)
 
 
@@ -120,7 +118,7 @@ class _Fuser(relax.PyExprMutator):
 
         self.explain.fired(call, f"a: {' -> '.join(a_names) or '-'}; b: {' -> '.join(b_names) or '-'}")
         return self.builder_.call_te(kernel, a_src, b_src, primfunc_name_hint="matmul",
-                                     primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE})
+                                     primfunc_attrs={"op_pattern": OUT_EWISE_FUSABLE})
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseOperandViews")

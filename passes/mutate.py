@@ -11,6 +11,9 @@ from tvm import relax, tirx
 
 from .explain import Explainer
 
+# TVM's OpPatternKind (relax ``op_pattern`` attribute), which FuseOps reads
+BROADCAST, INJECTIVE, OUT_EWISE_FUSABLE = 1, 2, 4
+
 
 def mutate_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule) -> tvm.IRModule:
     """``mod`` with each Relax function replaced by ``mutator.visit_expr(function)``."""

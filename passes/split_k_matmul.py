@@ -23,7 +23,7 @@ import tvm
 from tvm import relax, te
 
 from .explain import Explainer
-from .mutate import mutate_functions, static_shape
+from .mutate import OUT_EWISE_FUSABLE, mutate_functions, static_shape
 
 
 def _partial_products(x, w):
@@ -38,9 +38,6 @@ def _partial_products(x, w):
 def _sum_slices(parts):
     s = te.reduce_axis((0, parts.shape[0]), "s")
     return te.compute(parts.shape[1:], lambda i, j: te.sum(parts[s, i, j], axis=s), name="sum_split_k")
-
-
-_OUT_EWISE_FUSABLE = 4  # tvm/relax OpPatternKind
 
 
 @relax.expr_functor.mutator
@@ -76,7 +73,7 @@ class _Splitter(relax.PyExprMutator):
         # Marked like a matmul (TVM's kOutEWiseFusable) so that FuseOps fuses the epilogue into the
         # sum; as a plain reduction (kCommReduce) it would keep the epilogue in a kernel of its own.
         total = bb.call_te(_sum_slices, parts, primfunc_name_hint="sum_split_k",
-                           primfunc_attrs={"op_pattern": _OUT_EWISE_FUSABLE})
+                           primfunc_attrs={"op_pattern": OUT_EWISE_FUSABLE})
         # The call itself is the binding's value: a variable alias in between would keep FuseOps apart.
         return total if ys == [rows, n] else relax.op.reshape(bb.emit(total), ys)
 
