@@ -107,14 +107,15 @@ class Artifact:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:
+            from .backends import get
             from .backends.base import host_linker_options
 
-            self.executable.export_library(str(tmp / LIBRARY), **host_linker_options(self.target))
+            addons = [str(p) for p in get(self.backend).link_objects(self.target)]
+            self.executable.export_library(str(tmp / LIBRARY), addons=addons or None,
+                                           **host_linker_options(self.target))
             index = self.weights.save(tmp / WEIGHTS)
             files = [LIBRARY, WEIGHTS]
             if emit_source:
-                from .backends import get
-
                 (tmp / SOURCE).mkdir()
                 files += [str(p.relative_to(tmp)) for p in get(self.backend).emit_source(self.executable, tmp / SOURCE)]
             manifest = self.manifest()
@@ -132,10 +133,12 @@ class Artifact:
 
 
 def _target_json(target: tvm.target.Target) -> dict:
+    import tvm_ffi
+
     def clean(v):
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
+        if isinstance(v, (dict, tvm_ffi.Map)):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple, tvm_ffi.Array)):
             return [clean(x) for x in v]
         if isinstance(v, (str, int, float, bool)) or v is None:
             return v
@@ -217,6 +220,9 @@ class Runtime:
         self.manifest = read_manifest(self.path)
         verify(self.path, self.manifest)
         self.device = _device_for(self.manifest, self.path, device_id)
+        from .backends import get
+
+        get(self.manifest["backend"]).prepare_run(self.manifest["target"])
         self.models = {n: ModelInfo.from_json(m) for n, m in self.manifest["models"].items()}
         index = {k: WeightEntry.from_json(v) for k, v in self.manifest["weights"].items()}
         store = WeightStore.load(self.path / WEIGHTS, index)

@@ -112,6 +112,8 @@ def _quantize_options(command):
 @click.option("--dump-ir", type=click.Path(file_okay=False), help="Write the IR after every pass into this folder.")
 @click.option("--verify-each", is_flag=True, help="Check well-formedness after every pass.")
 @click.option("--no-cuda-graph", is_flag=True, help="Do not capture CUDA graphs.")
+@click.option("--libs", metavar="LIB[,LIB]|none", help="Vendor libraries the generated code may call "
+              "(cuda: cublaslt, the default, runs weight GEMMs on cuBLASLt); none: only generated kernels.")
 @click.option("--no-fold-batch-norm", is_flag=True, help="Keep BatchNorm as its own ops.")
 @click.option("--precision", default="float32", show_default=True, type=click.Choice(list(_PRECISION)),
               help="Compute precision (fp16, bf16); softmax, norms and reductions stay float32.")
@@ -131,7 +133,7 @@ def _quantize_options(command):
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the compile report as JSON.")
 def compile(models, target, arch, triple, output, names, shapes, force, emit_source, dump_ir, verify_each,
-            no_cuda_graph, no_fold_batch_norm, precision, quantize, group_size, calib, calib_method, calib_percentile,
+            no_cuda_graph, libs, no_fold_batch_norm, precision, quantize, group_size, calib, calib_method, calib_percentile,
             max_error, smooth, tune_log_dir, merge, share_inputs, share_pairs, no_horizontal, explain, quiet, as_json):
     """Compile MODELS (.onnx, .pt2) together into one artifact folder."""
     from . import CompileOptions, PipelineOptions, TargetOptions
@@ -144,7 +146,9 @@ def compile(models, target, arch, triple, output, names, shapes, force, emit_sou
         raise click.BadParameter(f"{len(names)} --name values for {len(models)} models", param_hint="--name")
     if (share_inputs or share_pairs or no_horizontal) and not merge:
         raise click.UsageError("--share-inputs, --share-input and --no-horizontal go with --merge")
-    opts = CompileOptions(TargetOptions(target, arch, triple, not no_cuda_graph),
+    libs = None if libs is None else () if libs.strip().lower() == "none" else \
+        tuple(x.strip() for x in libs.split(",") if x.strip())
+    opts = CompileOptions(TargetOptions(target, arch, triple, not no_cuda_graph, libs),
                           PipelineOptions(fold_batch_norm=not no_fold_batch_norm, precision=_PRECISION[precision]),
                           tune_log_dir, verify_each, dump_ir,
                           MergeOptions(merge, share_inputs, _share_pairs(share_pairs), not no_horizontal),

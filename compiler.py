@@ -112,8 +112,7 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     if isinstance(opts.quantize, Int8) and opts.merge.enabled:
         raise SmeltError("INT8 quantization of merged models is not supported yet: compile without --merge")
     if opts.target.kind != target or (arch and opts.target.arch != arch):
-        opts = replace(opts, target=backends.TargetOptions(target, arch or opts.target.arch, opts.target.triple,
-                                                           opts.target.cuda_graph))
+        opts = replace(opts, target=replace(opts.target, kind=target, arch=arch or opts.target.arch))
     backend = backends.get(opts.target.kind)
     tvm_target = backend.target(opts.target)
     backend.check_toolchain(opts.target)

@@ -17,15 +17,18 @@ import tvm
 @dataclass(frozen=True)
 class TargetOptions:
     """What the user asked for: ``kind`` (backend name), ``arch`` (sm_90, gfx942, or a CPU
-    name such as ``skylake``), ``triple`` (CPU cross-compilation) and ``cuda_graph``."""
+    name such as ``skylake``), ``triple`` (CPU cross-compilation), ``cuda_graph`` and ``libs``,
+    the vendor libraries generated code may call (None: the backend's default; ``()``: none)."""
 
     kind: str = "cpu"
     arch: str | None = None
     triple: str | None = None
     cuda_graph: bool = True
+    libs: tuple[str, ...] | None = None
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "arch": self.arch, "triple": self.triple, "cuda_graph": self.cuda_graph}
+        return {"kind": self.kind, "arch": self.arch, "triple": self.triple, "cuda_graph": self.cuda_graph,
+                "libs": None if self.libs is None else list(self.libs)}
 
 
 @runtime_checkable
@@ -63,6 +66,26 @@ class Backend(Protocol):
 
     def emit_source(self, executable, out_dir: Path) -> list[Path]:
         """Write generated source (CUDA C, LLVM IR, AMDGPU assembly) into ``out_dir``."""
+
+    def link_objects(self, target: tvm.target.Target) -> list[Path]:
+        """Object files linked into the artifact's library: the library routines that code
+        generated for ``target`` calls (``target``'s ``libs``)."""
+
+    def prepare_run(self, target: dict) -> None:
+        """Before an artifact built for ``target`` (its manifest JSON) loads: make what its
+        library calls at run time loadable; raise ArtifactError saying what is missing."""
+
+
+def check_libs(opts: TargetOptions, known: tuple[str, ...]) -> tuple[str, ...]:
+    """``opts.libs`` (the backend's default ``known`` when None), each one checked against ``known``."""
+    from ..errors import BackendError
+
+    libs = known if opts.libs is None else tuple(opts.libs)
+    for lib in libs:
+        if lib not in known:
+            raise BackendError(f"--libs {lib!r}: target {opts.kind} calls "
+                               f"{'one of ' + ', '.join(known) if known else 'no libraries'}")
+    return libs
 
 
 def module_tree(mod) -> list:

@@ -18,7 +18,7 @@ from tvm.relax.backend.cpu_generic import pipeline as _cpu
 from ..errors import BackendError
 from ..passes.convert_conv_layout import ConvertConvLayout
 from . import cpu_schedule
-from .base import TargetOptions, host_linker_options
+from .base import TargetOptions, check_libs, host_linker_options
 from .apply_default_schedules import ApplyDefaultSchedules
 from .prepack_weights import FoldWeightPrepack, MarkWeightOperands
 
@@ -44,6 +44,7 @@ class CPUBackend:
     device_type = "cpu"
 
     def target(self, opts: TargetOptions) -> tvm.target.Target:
+        check_libs(opts, ())
         triple = opts.triple or host_triple()
         cpu = opts.arch or (host_cpu() if opts.triple is None else None)
         spec = {"kind": "llvm", "mtriple": triple}
@@ -90,3 +91,9 @@ class CPUBackend:
                 p.write_text(m.inspect_source("ll"))
                 out.append(p)
         return out
+
+    def link_objects(self, target) -> list[Path]:
+        return []
+
+    def prepare_run(self, target: dict) -> None:
+        pass

@@ -1,8 +1,11 @@
 """CUDA backend: kernels for NVIDIA GPUs (--arch sm_XX); builds without a GPU.
 
+Weight GEMMs (with their bias and ReLU) run on cuBLASLt unless ``--libs none``
+(``DispatchCublasLt``; the routine is linked into the artifact, cuBLASLt opened at run time).
 Default schedules come from smelt's TensorCoreMatmul, then dlight (crash-safe, per kernel);
 convolutions are converted to NHWC/OHWI first, so that TensorCoreMatmul takes them as implicit
-GEMMs. CUDA graphs capture static-shape regions (TVM's RewriteCUDAGraph decides where that is legal).
+GEMMs. CUDA graphs capture static-shape regions, cuBLASLt calls included (TVM's
+RewriteCUDAGraph decides where that is legal).
 
 Where the code is compiled: TVM 0.27 turns the generated CUDA C into a cubin at
 build time only when its CUDA runtime is loaded (a machine with a driver). Without
@@ -37,10 +40,12 @@ from tvm.support import nvcc as _nvcc
 
 from ..errors import BackendError
 from ..passes.convert_conv_layout import ConvertConvLayout
+from ..passes.dispatch_cublaslt import DispatchCublasLt
 from ..passes.fuse_operand_views import FuseOperandViews
 from ..passes.legalize_grouped_conv import LegalizeGroupedConv
 from ..passes.split_k_matmul import SplitKMatmul
-from .base import TargetOptions, module_tree
+from . import cublaslt
+from .base import TargetOptions, check_libs, module_tree
 from .apply_default_schedules import ApplyDefaultSchedules
 from .tensorcore_matmul import FULL_WAVE, SMALL_TILE
 
@@ -69,7 +74,8 @@ class CUDABackend:
             raise BackendError(f"--arch {arch!r} is not a CUDA architecture; expected {ARCH_FORMS}")
         from .cpu import host_triple
 
-        return tvm.target.Target({"kind": "cuda", "arch": arch, **_LIMITS},
+        libs = check_libs(opts, (cublaslt.LIB,))
+        return tvm.target.Target({"kind": "cuda", "arch": arch, **_LIMITS, **({"libs": list(libs)} if libs else {})},
                                  host={"kind": "llvm", "mtriple": opts.triple or host_triple()})
 
     def check_toolchain(self, opts: TargetOptions) -> None:
@@ -94,8 +100,10 @@ class CUDABackend:
         # (LegalizeGroupedConv handles only that layout), so they keep their batched-matmul form.
         # Matmuls that fill less than half the GPU with TensorCoreMatmul's tiles split their K.
         # Transposes and slices of matmul operands (attention's q/k/v) are read inside the matmul.
-        return [LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI"),
-                SplitKMatmul(min_tiles=FULL_WAVE // 2, tile=SMALL_TILE.block_m), FuseOperandViews()]
+        # Weight GEMMs go to cuBLASLt first, when the target lists it: none of this applies to them.
+        return ([DispatchCublasLt()] if _uses_cublaslt(target) else []) + [
+            LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI"),
+            SplitKMatmul(min_tiles=FULL_WAVE // 2, tile=SMALL_TILE.block_m), FuseOperandViews()]
 
     def postfuse_passes(self, target):
         return []
@@ -110,6 +118,13 @@ class CUDABackend:
         # cp.async copies (sm_80+) for the tensor-core rule's multi-stage pipeline: TVM emits
         # them only under this option.
         return {"relax.backend.use_cuda_graph": bool(opts.cuda_graph), "tirx.use_async_copy": True}
+
+    def link_objects(self, target) -> list[Path]:
+        return [cublaslt.object_file()] if _uses_cublaslt(target) else []
+
+    def prepare_run(self, target: dict) -> None:
+        if cublaslt.LIB in (target.get("libs") or []):
+            cublaslt.preload()
 
     def emit_source(self, executable, out_dir: Path) -> list[Path]:
         """``kernels.cu`` (CUDA C), ``kernels.ptx`` (PTX for the arch it was built for) and ``host.ll``."""
@@ -135,6 +150,10 @@ class CUDABackend:
                 out.append(out_dir / "host.ll")
                 break
         return out
+
+
+def _uses_cublaslt(target: tvm.target.Target) -> bool:
+    return cublaslt.LIB in list(target.attrs.get("libs", None) or [])
 
 
 _MARKER = "// smelt-cuda-arch: "

@@ -27,7 +27,7 @@ from tvm.relax.backend.rocm import pipeline as _rocm
 from tvm.support import rocm as _tvm_rocm
 
 from ..errors import BackendError
-from .base import TargetOptions, module_tree
+from .base import TargetOptions, check_libs, module_tree
 from .apply_default_schedules import ApplyDefaultSchedules
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class ROCmBackend:
     device_type = "rocm"
 
     def target(self, opts: TargetOptions) -> tvm.target.Target:
+        check_libs(opts, ())
         arch = opts.arch or _local_arch()
         if arch not in SUPPORTED_ARCHS:
             raise BackendError(f"--arch {arch!r} is not a supported AMD GPU; supported: {', '.join(SUPPORTED_ARCHS)}")
@@ -118,6 +119,12 @@ class ROCmBackend:
                 out.append(out_dir / "host.ll")
                 break
         return out
+
+    def link_objects(self, target) -> list[Path]:
+        return []
+
+    def prepare_run(self, target: dict) -> None:
+        pass
 
 
 def _use_device_libs(folder: str) -> None:

@@ -47,6 +47,12 @@ class DummyBackend:
     def emit_source(self, executable, out_dir: Path) -> list[Path]:
         return self._cpu.emit_source(executable, out_dir)
 
+    def link_objects(self, target) -> list[Path]:
+        return self._cpu.link_objects(target)
+
+    def prepare_run(self, target: dict) -> None:
+        self._cpu.prepare_run(target)
+
 
 class NotABackend:
     """Lacks the Backend interface: smelt must refuse it with a BackendError."""

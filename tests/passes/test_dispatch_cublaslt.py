@@ -1,0 +1,165 @@
+"""DispatchCublasLt: weight GEMMs with their bias, residual and ReLU become cuBLASLt calls.
+
+Structure on the CPU (which chains are taken, which are left and why); a compile for CUDA
+whose artifact library exports the GEMM routine; and, on an NVIDIA GPU (marker ``cuda``),
+numbers against torch eager float32: float32 GEMMs within 1e-4 of the output's scale
+(cuBLASLt's float32 path, no TF32), float16 within 1e-2 (as the other fp16 GPU tests).
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+
+import smelt
+from smelt.passes import Explainer
+from smelt.passes.dispatch_cublaslt import WORKSPACE_BYTES, DispatchCublasLt
+
+M, K, N = 32, 64, 48
+
+
+def _const(rng, *shape, dtype="float32"):
+    return relax.const(rng.standard_normal(shape).astype(dtype))
+
+
+def _calls(mod, fn="main") -> list[relax.Call]:
+    out = []
+    relax.analysis.post_order_visit(mod[fn], lambda e: out.append(e) if isinstance(e, relax.Call) else None)
+    return out
+
+
+def _extern_names(mod) -> list[str]:
+    return [c.args[0].global_symbol for c in _calls(mod) if isinstance(c.op, tvm.ir.Op)
+            and c.op.name == "relax.call_dps_packed"]
+
+
+def _ops(mod) -> list[str]:
+    return [c.op.name for c in _calls(mod) if isinstance(c.op, tvm.ir.Op)]
+
+
+def _dispatch(mod):
+    explain = Explainer("DispatchCublasLt")
+    out = DispatchCublasLt(explain)(mod)
+    relax.analysis.well_formed(out)  # raises on a malformed module
+    return out, explain.lines()
+
+
+def test_linear_bias_residual_relu_is_one_call():
+    rng = np.random.default_rng(0)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, M // 2, K), "float16"))
+    r = relax.Var("r", relax.TensorType((2, M // 2, N), "float16"))
+    with bb.function("main", [x, r]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, _const(rng, K, N, dtype="float16"), out_dtype="float32"))
+            y = bb.emit(relax.op.astype(y, "float16"))
+            y = bb.emit(relax.op.add(y, _const(rng, N, dtype="float16")))
+            y = bb.emit(relax.op.add(r, y))
+            y = bb.emit_output(bb.emit(relax.op.nn.relu(y)))
+        bb.emit_func_output(y)
+    out, lines = _dispatch(bb.get())
+    assert _extern_names(out) == ["smelt_cublaslt_matmul_bias_residual"]
+    assert "relax.matmul" not in _ops(out) and "relax.nn.relu" not in _ops(out)
+    call = next(c for c in _calls(out) if isinstance(c.op, tvm.ir.Op) and c.op.name == "relax.call_dps_packed")
+    trans_b, epilogue = (int(a.value) for a in call.args[1].fields[-2:])
+    assert (trans_b, epilogue) == (0, 1)
+    d, ws = call.ty.fields
+    assert [int(v) for v in d.shape.values] == [2, M // 2, N] and str(d.dtype) == "float16"
+    assert [int(v) for v in ws.shape.values] == [WORKSPACE_BYTES]
+    assert lines == ["DispatchCublasLt: rewrote matmul: matmul + bias + residual + relu to cuBLASLt, K=64 N=48"]
+
+
+def test_transposed_weight_and_float32():
+    rng = np.random.default_rng(1)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((M, K), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(bb.emit(relax.op.matmul(x, relax.op.permute_dims(_const(rng, N, K)))))
+        bb.emit_func_output(y)
+    out, lines = _dispatch(bb.get())
+    assert _extern_names(out) == ["smelt_cublaslt_matmul"]
+    call = next(c for c in _calls(out) if isinstance(c.op, tvm.ir.Op) and c.op.name == "relax.call_dps_packed")
+    assert int(call.args[1].fields[2].value) == 1  # trans_b
+    assert "(weight transposed)" in lines[0]
+
+
+def test_what_is_left_and_why():
+    """Attention's matmul of two activations, an int8 matmul, and a matmul whose result has a
+    second user stay; the sum of two weight matmuls is one call with the other as residual."""
+    rng = np.random.default_rng(2)
+    bb = relax.BlockBuilder()
+    q = relax.Var("q", relax.TensorType((4, 16, 8), "float16"))
+    k = relax.Var("k", relax.TensorType((4, 8, 16), "float16"))
+    x = relax.Var("x", relax.TensorType((M, K), "float32"))
+    with bb.function("main", [q, k, x]):
+        with bb.dataflow():
+            att = bb.emit(relax.op.matmul(q, k))
+            a = bb.emit(relax.op.matmul(x, _const(rng, K, N)))
+            b = bb.emit(relax.op.matmul(x, _const(rng, K, N)))
+            s = bb.emit(relax.op.add(a, b))
+            c = bb.emit(relax.op.matmul(x, _const(rng, K, N)))
+            twice = bb.emit(relax.op.add(relax.op.nn.relu(c), c))
+            out = bb.emit_output(relax.Tuple([att, s, twice]))
+        bb.emit_func_output(out)
+    out, lines = _dispatch(bb.get())
+    assert sorted(_extern_names(out)) == ["smelt_cublaslt_matmul", "smelt_cublaslt_matmul",
+                                          "smelt_cublaslt_matmul_residual"]
+    assert _ops(out).count("relax.matmul") == 1  # attention's
+    assert "relax.nn.relu" in _ops(out)  # c has two users: its epilogue stays
+    assert any("left matmul: B is computed" in line for line in lines), lines
+
+
+def _mlp(d=256, hidden=512):
+    torch.manual_seed(0)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(d, hidden), torch.nn.Linear(hidden, d)
+
+        def forward(self, x):
+            return torch.relu(x + self.down(torch.relu(self.up(x))))
+
+    return Block().eval()
+
+
+def _compile(model, x, precision="float32", libs=None):
+    opts = smelt.CompileOptions(smelt.TargetOptions("cuda", "sm_90", libs=libs), tune_log_dir=None)
+    return smelt.compile([(model, (x,))], target="cuda", names=["m"], precision=precision, options=opts)
+
+
+def test_artifact_library_carries_the_gemm(requires_cuda_compiler, tmp_path):
+    art = _compile(_mlp(), torch.randn(4, 32, 256), "float16")
+    assert any(line.startswith("DispatchCublasLt: rewrote") for line in art.report.explanations)
+    path = art.save(tmp_path / "m")
+    symbols = subprocess.run(["nm", "-D", str(path / "model.so")], capture_output=True, text=True).stdout
+    assert "__tvm_ffi_smelt_cublaslt_matmul_bias" in symbols
+    assert smelt.artifact.read_manifest(path)["target"]["libs"] == ["cublaslt"]
+
+
+def test_libs_none_keeps_generated_kernels(requires_cuda_compiler):
+    art = _compile(_mlp(), torch.randn(4, 32, 256), "float16", libs=())
+    assert not any("DispatchCublasLt" in line for line in art.report.explanations)
+    assert sum(rule == "TensorCoreMatmul" for rule in art.report.schedules.values()) == 2
+
+
+def test_unknown_lib_is_an_error():
+    with pytest.raises(smelt.SmeltError, match="--libs 'cudnn': target cuda calls one of cublaslt"):
+        _compile(_mlp(), torch.randn(4, 32, 256), libs=("cudnn",))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision,tol", [("float32", 1e-4), ("float16", 1e-2)])
+def test_matches_torch_on_gpu(tmp_path, precision, tol):
+    model, x = _mlp(), torch.randn(4, 32, 256)
+    rt = smelt.load(_compile(model, x, precision).save(tmp_path / "m"))
+    y = rt.run("m", **{rt.models["m"].inputs[0].name: x.numpy()})
+    with torch.no_grad():
+        ref = model(x).numpy().astype("float64")
+    assert np.abs(y - ref).max() <= tol * np.abs(ref).max()
