@@ -6,7 +6,7 @@ against torch eager float32 on the GPU, and prints the median latency of smelt
 (untuned, tuned), torch eager and torch.compile side by side. ``--precision float16``
 compiles smelt with ``precision="float16"`` and runs torch in half precision.
 Usage: python bench/gpu_e2e.py [--models resnet50:1,bert:1,mobilenetv3:32] [--tune-log-dir tune_logs]
-       [--precision float16] [--json out.json]
+       [--precision float16] [--libs none] [--json out.json]
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ def torch_ms(fn, x, reps=50) -> float:
 
 
 def smelt_run(name: str, module: torch.nn.Module, x: torch.Tensor, out_dir: Path, tune_log_dir,
-              precision: str, quantize=None) -> dict:
+              precision: str, quantize=None, libs=None) -> dict:
     t0 = time.perf_counter()
     art = smelt.compile([(module, (x,))], target="cuda", names=[name], precision=precision, quantize=quantize,
-                        options=smelt.CompileOptions(tune_log_dir=tune_log_dir))
+                        options=smelt.CompileOptions(smelt.TargetOptions("cuda", libs=libs), tune_log_dir=tune_log_dir))
     compile_s = time.perf_counter() - t0
     art.save(out_dir / name, force=True)
     rt = smelt.load(out_dir / name)
@@ -61,11 +61,11 @@ def smelt_run(name: str, module: torch.nn.Module, x: torch.Tensor, out_dir: Path
 
 
 def bench(name: str, module: torch.nn.Module, x: torch.Tensor, out_dir: Path, tune_log_dir=None,
-          precision: str = "float32") -> dict:
+          precision: str = "float32", libs=None) -> dict:
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    untuned = smelt_run(name, module, x, out_dir, None, precision)
-    tuned = smelt_run(name, module, x, out_dir, tune_log_dir, precision) if tune_log_dir else None
+    untuned = smelt_run(name, module, x, out_dir, None, precision, libs=libs)
+    tuned = smelt_run(name, module, x, out_dir, tune_log_dir, precision, libs=libs) if tune_log_dir else None
     y = (tuned or untuned)["y"]
     gm, gx = module.cuda(), x.cuda()
     with torch.no_grad():
@@ -95,8 +95,10 @@ def main() -> None:
                     help="comma-separated MODEL:BATCH, MODEL in resnet50, bert, mobilenetv3")
     ap.add_argument("--tune-log-dir", help="also compile with the tuning records in this folder")
     ap.add_argument("--precision", default="float32", choices=["float32", "float16"])
+    ap.add_argument("--libs", help="vendor libraries smelt may call (default: the backend's, cublaslt); none")
     ap.add_argument("--json")
     args = ap.parse_args()
+    libs = None if args.libs is None else () if args.libs == "none" else tuple(args.libs.split(","))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for item in args.models.split(","):
@@ -108,7 +110,8 @@ def main() -> None:
                 module, x = torch_models.mobilenet_v3_large(), torch.randn(batch, 3, 224, 224)
             else:
                 module, x = torch_models.bert_base(), torch.randn(batch, 128, 768)
-            r = bench(m, module, x, Path(tmp), args.tune_log_dir, args.precision)
+            r = bench(m, module, x, Path(tmp), args.tune_log_dir, args.precision, libs)
+            r["libs"] = args.libs or "default"
             rows.append(r)
             print(json.dumps(r), flush=True)
             if args.json:  # after every model: a run cut short keeps what it measured
