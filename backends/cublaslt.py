@@ -37,7 +37,6 @@ def object_file() -> Path:
     import tvm_ffi
 
     source = SOURCE.read_bytes()
-    includes = tvm_ffi.libinfo.include_paths()
     digest = hashlib.sha256(source + tvm_ffi.__version__.encode()).hexdigest()[:16]  # the headers are the version's
     out = cache_dir() / f"cublaslt-{digest}.o"
     if out.is_file():
@@ -46,6 +45,11 @@ def object_file() -> Path:
     if cxx is None:
         raise BackendError("linking cuBLASLt GEMMs into a CUDA artifact needs a C++ compiler (c++ or g++ on "
                            "PATH, or CXX), or compile with --libs none")
+    try:
+        includes = tvm_ffi.libinfo.include_paths()
+    except RuntimeError as e:
+        raise BackendError(f"compiling {SOURCE.name} needs TVM-FFI's C++ headers, which this installation of "
+                           f"apache-tvm-ffi lacks ({e}); reinstall it, or compile with --libs none") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
