@@ -169,7 +169,7 @@ struct Plan {
   Algo algo{};
 };
 
-const Plan& GetPlan(const Api& api, const Key& key) {
+const Plan& GetPlan(const Api& api, const Key& key, const void* bias) {
   static std::map<Key, Plan> plans;
   auto it = plans.find(key);
   if (it != plans.end()) return it->second;
@@ -199,10 +199,8 @@ const Plan& GetPlan(const Api& api, const Key& key) {
   }
   Heuristic h{};
   int found = 0;
-  if (has_bias) {  // the heuristic only checks that a bias pointer is set; its value is per call
-    static const uint64_t dummy = 256;
-    const void* ptr = &dummy;
-    Check(api, api.desc_set(p.desc, kDESC_BIAS_POINTER, &ptr, sizeof(ptr)), "set BIAS_POINTER");
+  if (has_bias) {  // the heuristic reads the bias pointer's alignment; its value is set per call
+    Check(api, api.desc_set(p.desc, kDESC_BIAS_POINTER, &bias, sizeof(bias)), "set BIAS_POINTER");
   }
   Status s = api.heuristic(api.handle, p.desc, p.la, p.lb, p.ld, p.ld, pref, 1, &h, &found);
   api.pref_destroy(pref);
@@ -247,7 +245,8 @@ void Gemm(TensorView a, TensorView b, Optional<TensorView> bias, Optional<Tensor
   const Api& api = GetApi();
   const Plan& p = GetPlan(api, Key(m, n, k, ab_type, d_type, int(trans_b), int(epilogue), pbias != nullptr,
                                    d.device().device_id, ws_bytes, Alignment({pa, pb, pc, pd, pbias ? pbias : pd}),
-                                   residual.has_value()));
+                                   residual.has_value()),
+                          pbias);
   if (bias) Check(api, api.desc_set(p.desc, kDESC_BIAS_POINTER, &pbias, sizeof(pbias)), "set BIAS_POINTER");
   const float alpha = 1.0f, beta = residual ? 1.0f : 0.0f;
   void* stream = TVMFFIEnvGetStream(kDLCUDA, d.device().device_id);
