@@ -41,6 +41,7 @@ from tvm.support import nvcc as _nvcc
 from ..errors import BackendError
 from ..passes.convert_conv_layout import ConvertConvLayout
 from ..passes.dispatch_cublaslt import DispatchCublasLt
+from ..passes.fuse_norm_input_casts import FuseNormInputCasts
 from ..passes.fuse_operand_views import FuseOperandViews
 from ..passes.legalize_grouped_conv import LegalizeGroupedConv
 from ..passes.split_k_matmul import SplitKMatmul
@@ -101,8 +102,10 @@ class CUDABackend:
         # Matmuls that fill less than half the GPU with TensorCoreMatmul's tiles split their K.
         # Transposes and slices of matmul operands (attention's q/k/v) are read inside the matmul.
         # Weight GEMMs go to cuBLASLt first, when the target lists it: none of this applies to them.
+        # Norms read their float16 input and cast it themselves (a GEMM's epilogue would
+        # otherwise have taken that cast).
         return ([DispatchCublasLt()] if _uses_cublaslt(target) else []) + [
-            LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI"),
+            FuseNormInputCasts(), LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI"),
             SplitKMatmul(min_tiles=FULL_WAVE // 2, tile=SMALL_TILE.block_m), FuseOperandViews()]
 
     def postfuse_passes(self, target):
