@@ -96,11 +96,23 @@ def test_transformer_encoder_builds_and_saves(tmp_path):
     assert {"Reduction", "GeneralReduction"} & set(art.report.schedules.values())
 
 
+def _generated_kernels(arch: str):
+    """The MLP with its GEMMs as generated kernels (by default cuBLASLt runs them: no kernel is left)."""
+    opts = smelt.CompileOptions(smelt.TargetOptions("cuda", arch, libs=()))
+    return smelt.compile([zoo.mlp()], target="cuda", arch=arch, options=opts)
+
+
+def test_an_mlp_is_all_cublaslt_by_default():
+    art = smelt.compile([zoo.mlp()], target="cuda", arch="sm_90")
+    assert not [m for m in smelt.backends.base.module_tree(art.executable.mod) if m.kind == "cuda"]
+    assert "smelt_cublaslt_matmul_bias" in art.executable.as_text()
+
+
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
 def test_kernels_compile_to_a_cubin_for_the_arch_they_name(arch):
     """The compile callback the GPU machine runs (at build or at load) builds for the arch in the code,
     not for the local GPU: TVM's own callback has no target in scope there."""
-    art = smelt.compile([zoo.mlp()], target="cuda", arch=arch)
+    art = _generated_kernels(arch)
     (cuda_mod,) = [m for m in smelt.backends.base.module_tree(art.executable.mod) if m.kind == "cuda"]
     code = cuda_mod.inspect_source("cuda")
     assert cuda_backend.code_arch(code) == arch
@@ -114,7 +126,7 @@ def test_symptoms_of_tvms_own_compile_callback(monkeypatch):
     import tvm
     from tvm.support import nvcc
 
-    art = smelt.compile([zoo.mlp()], target="cuda", arch="sm_80")
+    art = _generated_kernels("sm_80")
     (cuda_mod,) = [m for m in smelt.backends.base.module_tree(art.executable.mod) if m.kind == "cuda"]
     code = cuda_mod.inspect_source("cuda")
     if not cuda_backend._has_nvrtc():

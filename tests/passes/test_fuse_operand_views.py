@@ -104,7 +104,17 @@ def _compile_attention(x):
 
 
 def test_attention_kernels_are_matmuls_on_tensor_cores(requires_cuda_compiler):
+    """The projections run on cuBLASLt; q @ k^T and p @ v read q, k and v through their views."""
     art = _compile_attention(torch.randn(2, 64, 128))
+    names = art.report.schedules
+    assert not [n for n in names if "strided_slice" in n], names
+    assert sum(rule == "TensorCoreMatmul" for rule in names.values()) == 2, names
+
+
+def test_attention_without_libraries_is_four_tensor_core_kernels(requires_cuda_compiler):
+    art = smelt.compile([(Attention().eval(), (torch.randn(2, 64, 128),))], target="cuda", arch="sm_90",
+                        names=["att"], precision="float16",
+                        options=smelt.CompileOptions(smelt.TargetOptions("cuda", "sm_90", libs=()), tune_log_dir=None))
     names = art.report.schedules
     assert not [n for n in names if "transpose" in n or "strided_slice" in n], names
     assert sum(rule == "TensorCoreMatmul" for rule in names.values()) == 4, names
