@@ -95,6 +95,18 @@ def test_unknown_target(models, tmp_path):
     _one_line_error(invoke("compile", models / "mlp.onnx", "-t", "tpu", "-o", tmp_path / "o"), "tpu")
 
 
+def test_libs_the_target_does_not_call(models, tmp_path):
+    _one_line_error(invoke("compile", models / "mlp.onnx", "--libs", "cublaslt", "-o", tmp_path / "o"),
+                    "--libs 'cublaslt': target cpu calls no libraries")
+
+
+def test_libs_none(models, tmp_path, requires_cuda_compiler):
+    r = invoke("compile", models / "mlp.onnx", "-t", "cuda", "--arch", "sm_90", "--libs", "none", "-o", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["target_options"]["libs"] == [] and "libs" not in manifest["target"]
+
+
 def test_existing_output_without_force(artifact, models):
     _one_line_error(invoke("compile", models / "mlp.onnx", "-o", artifact[0]), "exists", "--force")
 
