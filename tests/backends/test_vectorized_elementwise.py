@@ -1,0 +1,97 @@
+"""VectorizedElementwise: which kernels it takes, that they move 16 bytes at a time, numerics on a GPU.
+
+Compile-only tests need nvcc, not a GPU. Tests marked ``cuda`` run the kernels and compare with
+numpy in float64; tolerance: max |y - ref| at most 1e-2 * max |ref| (float16 output rounding is
+2^-11 relative; an element read from the wrong place gives errors of order 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from smelt.backends.apply_default_schedules import ApplyDefaultSchedules
+from smelt.backends.vectorized_elementwise import VectorizedElementwise
+
+from .test_tensorcore_matmul import TARGET, _one_kernel
+
+REL_TOL = 1e-2
+
+
+def _kernel(shape, body, dtype="float16", shape2=None):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, dtype))
+    args = [x] + ([relax.Var("y", relax.TensorType(shape2, dtype))] if shape2 else [])
+    with bb.function("main", args):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(body(*args)))
+        bb.emit_func_output(out)
+    return _one_kernel(bb.get())
+
+
+def gelu_reshape():  # BERT's GELU, fused with the reshape before the next GEMM
+    return _kernel((2, 8, 256), lambda x: relax.op.reshape(relax.op.nn.gelu(x), (16, 256)))
+
+
+def cast():
+    return _kernel((4, 64), lambda x: relax.op.astype(x, "float16"), dtype="float32")
+
+
+def residual_add():
+    return _kernel((4, 64), lambda x, y: relax.op.add(x, y), shape2=(4, 64))
+
+
+def build(func):
+    sch = VectorizedElementwise().apply(func, TARGET, False)
+    assert sch is not None
+    return tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=TARGET)
+
+
+@pytest.mark.parametrize("func, load", [(gelu_reshape(), "uint4"), (cast(), "float4"), (residual_add(), "uint4")],
+                         ids=["gelu", "cast", "add"])
+def test_loads_and_stores_are_16_bytes(func, load, requires_cuda_compiler):
+    code = build(func).mod.imports[0].inspect_source("cuda").split("__global__", 1)[1]
+    assert f"*({load}*)" in code
+    assert "_local_ptr[8]" in code or "_local_ptr[4]" in code  # one vector per thread, not whole rows
+
+
+@pytest.mark.parametrize("func", [
+    _kernel((4, 64), lambda x, y: relax.op.add(x, y), shape2=(64,)),  # broadcast
+    _kernel((4, 64), lambda x: relax.op.permute_dims(x)),  # transpose
+    _kernel((4, 6), lambda x: relax.op.nn.relu(x)),  # rows shorter than a vector
+], ids=["broadcast", "transpose", "short_rows"])
+def test_declines_what_is_not_a_straight_copy(func):
+    assert VectorizedElementwise().apply(func, TARGET, False) is None
+
+
+def test_takes_elementwise_kernels_before_fallback():
+    sched = ApplyDefaultSchedules()
+    with TARGET:
+        sched(tvm.IRModule({"g": gelu_reshape().with_attr("global_symbol", "g")}))
+    assert sched.report["g"] == "VectorizedElementwise"
+
+
+def _run(func, args, out_shape):
+    dev = tvm.cuda(0)
+    lib = build(func)
+    out = tvm.runtime.tensor(np.zeros(out_shape, "float16"), dev)
+    lib["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
+    return out.numpy().astype("float64")
+
+
+@pytest.mark.cuda
+def test_gelu_and_add_match_numpy_on_gpu(rng):
+    x = rng.standard_normal((2, 8, 256)).astype("float16")
+    xf = x.astype("float64")
+    erf = np.vectorize(math.erf)
+    ref = (xf * 0.5 * (1 + erf(xf / math.sqrt(2)))).reshape(16, 256)
+    y = _run(gelu_reshape(), [x], ref.shape)
+    assert np.abs(y - ref).max() <= REL_TOL * np.abs(ref).max()
+    a, b = (rng.standard_normal((4, 64)).astype("float16") for _ in range(2))
+    ref = a.astype("float64") + b
+    y = _run(residual_add(), [a, b], ref.shape)
+    assert np.abs(y - ref).max() <= REL_TOL * np.abs(ref).max()
