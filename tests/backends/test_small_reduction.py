@@ -72,12 +72,16 @@ def test_declines_large_or_several_reductions(func):
     assert SmallReduction().apply(func, TARGET, False) is None
 
 
-def _run(func, args, out_shape):
+def run_on_gpu(lib, args, out_shape) -> np.ndarray:
+    """``lib["main"](*args, out)`` on GPU 0 with a float16 ``out``; ``out`` as float64."""
     dev = tvm.cuda(0)
-    lib = build(func)
     out = tvm.runtime.tensor(np.zeros(out_shape, "float16"), dev)
     lib["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
     return out.numpy().astype("float64")
+
+
+def _run(func, args, out_shape):
+    return run_on_gpu(build(func), args, out_shape)
 
 
 @pytest.mark.cuda

@@ -17,6 +17,7 @@ from tvm import relax
 from smelt.backends.apply_default_schedules import ApplyDefaultSchedules
 from smelt.backends.vectorized_elementwise import VectorizedElementwise
 
+from .test_small_reduction import run_on_gpu
 from .test_tensorcore_matmul import TARGET, _one_kernel
 
 REL_TOL = 1e-2
@@ -76,11 +77,7 @@ def test_takes_elementwise_kernels_before_fallback():
 
 
 def _run(func, args, out_shape):
-    dev = tvm.cuda(0)
-    lib = build(func)
-    out = tvm.runtime.tensor(np.zeros(out_shape, "float16"), dev)
-    lib["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
-    return out.numpy().astype("float64")
+    return run_on_gpu(build(func), args, out_shape)
 
 
 @pytest.mark.cuda
