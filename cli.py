@@ -97,6 +97,13 @@ def _quantize_options(command):
     return command
 
 
+def _libs(value: str | None) -> tuple[str, ...] | None:
+    """``--libs``: None (the backend's default), () for ``none``, else the names."""
+    if value is None:
+        return None
+    return () if value.strip().lower() == "none" else tuple(x.strip() for x in value.split(",") if x.strip())
+
+
 @main.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-t", "--target", default="cpu", show_default=True, type=click.Choice(_targets()),
@@ -146,9 +153,7 @@ def compile(models, target, arch, triple, output, names, shapes, force, emit_sou
         raise click.BadParameter(f"{len(names)} --name values for {len(models)} models", param_hint="--name")
     if (share_inputs or share_pairs or no_horizontal) and not merge:
         raise click.UsageError("--share-inputs, --share-input and --no-horizontal go with --merge")
-    libs = None if libs is None else () if libs.strip().lower() == "none" else \
-        tuple(x.strip() for x in libs.split(",") if x.strip())
-    opts = CompileOptions(TargetOptions(target, arch, triple, not no_cuda_graph, libs),
+    opts = CompileOptions(TargetOptions(target, arch, triple, not no_cuda_graph, _libs(libs)),
                           PipelineOptions(fold_batch_norm=not no_fold_batch_norm, precision=_PRECISION[precision]),
                           tune_log_dir, verify_each, dump_ir,
                           MergeOptions(merge, share_inputs, _share_pairs(share_pairs), not no_horizontal),
@@ -585,6 +590,7 @@ def _format_inspect(d: dict) -> list[str]:
 @click.option("--precision", default="float32", show_default=True, type=click.Choice(list(_PRECISION)),
               help="Tune what `smelt compile --precision` builds.")
 @click.option("--share-inputs", is_flag=True, help="With --merge: share inputs of equal name, shape and dtype.")
+@click.option("--libs", metavar="LIB[,LIB]|none", help="Tune what `smelt compile --libs` builds.")
 @click.option("--rpc-tracker", metavar="HOST:PORT", help="Measure on the devices registered at this TVM RPC tracker.")
 @click.option("--rpc-key", metavar="KEY", help="The key those devices registered under.")
 @click.option("--devices", metavar="0,1,...", help="Measure on these local GPUs in parallel, one pinned measuring worker each.")
@@ -594,7 +600,7 @@ def _format_inspect(d: dict) -> list[str]:
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def tune(models, target, arch, names, trials, trials_per_task, wall, log_dir, report_dir, prune_dir, keep_slower, imports,
-         merge, precision, share_inputs, rpc_tracker, rpc_key, devices, builders, plot_to, quiet, as_json):
+         merge, precision, share_inputs, libs, rpc_tracker, rpc_key, devices, builders, plot_to, quiet, as_json):
     """Tune the kernels of MODELS with MetaSchedule; records go to LOG_DIR/<target key>/.
 
     Re-running the same command resumes from the records. Compiles with the same
@@ -632,7 +638,7 @@ def tune(models, target, arch, names, trials, trials_per_task, wall, log_dir, re
     try:
         rep = autotune.tune(list(models), target, arch, log_dir=log_dir, names=list(names) or None, merge=merge,
                             share_inputs=share_inputs, precision=_PRECISION[precision], options=opts,
-                            plot_to=plot_to)
+                            plot_to=plot_to, libs=_libs(libs))
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: every batch measured so far is in {log_dir}/; run the same command to resume",
                    err=True)

@@ -128,9 +128,9 @@ class TuneReport:
 
 def fused_module(models, target="cpu", arch: str | None = None, triple: str | None = None,
                  names: Sequence[str] | None = None, input_shapes: dict | None = None, pipeline=None,
-                 merge: MergeOptions | None = None):
+                 merge: MergeOptions | None = None, libs: tuple[str, ...] | None = None):
     """Import ``models`` and run smelt's pipeline to the end of the ``fuse`` phase: (module, TVM target)."""
-    topts = backends.TargetOptions(target, arch, triple)
+    topts = backends.TargetOptions(target, arch, triple, libs=libs)
     backend = backends.get(topts.kind)
     tvm_target = backend.target(topts)
     program = import_models(models, names, input_shapes)
@@ -146,13 +146,13 @@ def tune(models, target: str = "cpu", arch: str | None = None, *, trials: int = 
          names: Sequence[str] | None = None, input_shapes: dict | None = None, triple: str | None = None,
          merge: bool = False, share_inputs: bool = False, share_input: dict | None = None,
          precision: str = "float32", options: TuneOptions | None = None,
-         plot_to: str | Path | None = None) -> TuneReport:
+         plot_to: str | Path | None = None, libs: tuple[str, ...] | None = None) -> TuneReport:
     """Tune the kernels of ``models`` for ``target``; records go to ``<log_dir>/<target key>/``.
 
     Budgets: ``trials`` in total (existing records count), ``trials_per_task`` per task in
     this run, ``seconds`` of wall time; ``options`` overrides the three. ``merge`` and the
-    sharing arguments and ``precision`` are those of ``smelt.compile``: tune what such a
-    compile builds.
+    sharing arguments, ``precision`` and ``libs`` (``TargetOptions.libs``: GEMMs a vendor
+    library runs are no tasks) are those of ``smelt.compile``: tune what such a compile builds.
     ``plot_to``: where the PNG of estimated latency against tuning time goes
     (default ``<record folder>/progress.png``).
     """
@@ -163,7 +163,7 @@ def tune(models, target: str = "cpu", arch: str | None = None, *, trials: int = 
     t0 = time.perf_counter()
     merging = MergeOptions(bool(merge), bool(share_inputs), tuple((share_input or {}).items()))
     mod, tvm_target = fused_module(models, target, arch, triple, names, input_shapes,
-                                   pipeline=PipelineOptions(precision=precision), merge=merging)
+                                   pipeline=PipelineOptions(precision=precision), merge=merging, libs=libs)
     tasks, skipped = extract_tasks(mod, tvm_target, opts.min_flops)
     out = record_dir(log_dir, tvm_target)
     report = TuneReport(target_key(tvm_target), str(out), skipped=skipped)

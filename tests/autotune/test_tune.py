@@ -47,6 +47,16 @@ def test_tasks_are_fused_kernels_deduplicated():
     assert len(big) == 2 and len(small) == 1 and "min_flops" in small[0]
 
 
+def test_cuda_gemms_on_cublaslt_are_no_tasks(requires_cuda_compiler):
+    """Tuning sees what a compile builds: with cuBLASLt (the CUDA default) the MLP's GEMMs and
+    their epilogues are library calls, so nothing is left to tune; with ``libs=()`` they are tasks."""
+    mod, target = fused_module(zoo.mlp(), "cuda", "sm_90")
+    assert extract_tasks(mod, target, min_flops=0)[0] == []
+    mod, target = fused_module(zoo.mlp(), "cuda", "sm_90", libs=())
+    tasks, _ = extract_tasks(mod, target, min_flops=0)
+    assert len(tasks) == 3 and all("matmul" in t.name for t in tasks)
+
+
 def test_cpu_tasks_know_their_weight_operands():
     """Tasks are the kernels a compile schedules: marked with the weights the default schedule
     repacks at compile time, so MetaSchedule's RewriteLayout repacks them in tuned kernels too and
