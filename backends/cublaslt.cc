@@ -151,7 +151,7 @@ void* Data(const TensorView& t, const char* name) {
 }
 
 // One cuBLASLt problem: everything the algorithm choice depends on.
-using Key = std::tuple<int64_t, int64_t, int64_t, int, int, int, int, int, int, size_t, uint32_t, int>;
+using Key = std::tuple<int64_t, int64_t, int64_t, int, int, int, int, int, int, size_t, uint32_t>;
 
 // The largest power of two up to 256 that divides every address: cuBLASLt's heuristic assumes
 // 256-byte aligned operands unless told otherwise, and a view into a planned buffer may not be.
@@ -173,8 +173,8 @@ const Plan& GetPlan(const Api& api, const Key& key, const void* bias) {
   static std::map<Key, Plan> plans;
   auto it = plans.find(key);
   if (it != plans.end()) return it->second;
-  auto [m, n, k, ab_type, d_type, trans_b, epilogue, has_bias, device_id, ws_bytes, align, has_residual] = key;
-  (void)has_residual;  // C has D's layout either way; only beta differs, and it is per call
+  // A residual needs no key of its own: C has D's layout either way, and beta is per call.
+  auto [m, n, k, ab_type, d_type, trans_b, epilogue, has_bias, device_id, ws_bytes, align] = key;
   (void)device_id;  // plans are per device; the handle is not
   Plan p;
   Check(api, api.desc_create(&p.desc, kCOMPUTE_32F, kCUDA_R_32F), "cublasLtMatmulDescCreate");
@@ -244,8 +244,7 @@ void Gemm(TensorView a, TensorView b, Optional<TensorView> bias, Optional<Tensor
   std::lock_guard<std::mutex> lock(mu);
   const Api& api = GetApi();
   const Plan& p = GetPlan(api, Key(m, n, k, ab_type, d_type, int(trans_b), int(epilogue), pbias != nullptr,
-                                   d.device().device_id, ws_bytes, Alignment({pa, pb, pc, pd, pbias ? pbias : pd}),
-                                   residual.has_value()),
+                                   d.device().device_id, ws_bytes, Alignment({pa, pb, pc, pd, pbias ? pbias : pd})),
                           pbias);
   if (bias) Check(api, api.desc_set(p.desc, kDESC_BIAS_POINTER, &pbias, sizeof(pbias)), "set BIAS_POINTER");
   const float alpha = 1.0f, beta = residual ? 1.0f : 0.0f;

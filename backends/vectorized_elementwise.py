@@ -27,6 +27,7 @@ from tvm.s_tir.dlight.base import try_inline
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.target import Target
 
+from ..passes.mutate import static_ints
 from .tensorcore_matmul import _loads
 
 VECTOR_BYTES = 16
@@ -38,11 +39,6 @@ def _flat(indices, shape):
     for i, n in zip(indices, shape):
         out = out * n + i
     return out
-
-
-def _static(shape) -> list[int] | None:
-    out = [int(s) if isinstance(s, tirx.IntImm) else None for s in shape]
-    return None if None in out else out
 
 
 class VectorizedElementwise(GPUScheduleRule):
@@ -66,7 +62,7 @@ class VectorizedElementwise(GPUScheduleRule):
         store = sch.get(block).body
         if not isinstance(store, tirx.stmt.BufferStore):
             return None
-        shape = _static(store.buffer.shape)
+        shape = static_ints(store.buffer.shape)
         if shape is None:
             return None
         total = math.prod(shape)
@@ -75,7 +71,7 @@ class VectorizedElementwise(GPUScheduleRule):
         loads = _loads(store.value)
         inner = [shape[-1]]
         for load in loads:
-            src = _static(load.source.shape)
+            src = static_ints(load.source.shape)
             if src is None or math.prod(src) != total or \
                     not analyzer.can_prove_equal(_flat(load.indices, load.source.shape), flat):
                 return None

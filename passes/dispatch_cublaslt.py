@@ -28,7 +28,7 @@ import tvm
 from tvm import relax
 
 from .explain import Explainer
-from .mutate import static_shape
+from .mutate import map_vars, static_shape
 
 FUNCTION = "smelt_cublaslt_matmul"  # + "_bias" and/or "_residual"
 EPILOGUE_NONE, EPILOGUE_RELU = 0, 1
@@ -129,9 +129,8 @@ class _Rewriter:
     def __init__(self, explain: Explainer):
         self.explain = explain
 
-    def chains(self, block: relax.DataflowBlock, output: relax.Expr) -> dict:
-        """{last variable of a chain: chain}."""
-        values = {b.var: b.value for b in block.bindings}
+    def chains(self, block: relax.DataflowBlock, values: dict, output: relax.Expr) -> dict:
+        """{last variable of a chain: chain} (``values``: the block's bindings)."""
         uses = _users(block, output)
         user_of = {}
         for b in block.bindings:
@@ -171,15 +170,15 @@ class _Rewriter:
             self.explain.skip(func, "the function is not one dataflow block")
             return func
         block = body.blocks[0]
-        chains = self.chains(block, body.body)
         values = {b.var: b.value for b in block.bindings}
+        chains = self.chains(block, values, body.body)
         if not chains:
             return func
         absorbed = {v for c in chains.values() for v in c.members[:-1]}
         env: dict = {}
 
         def sub(e):
-            return _rename(e, env)
+            return map_vars(e, lambda v: env.get(v, v))
 
         bb = relax.BlockBuilder()
         attrs = {k: v for k, v in func.attrs.items()} if func.attrs is not None else None
@@ -206,12 +205,6 @@ class _Rewriter:
         # The builder names the function "f"; the original's attributes (its symbol too) return.
         return new.without_attr("global_symbol").with_attrs(func.attrs) if func.attrs is not None else \
             new.without_attr("global_symbol")
-
-
-def _rename(e: relax.Expr, env: dict) -> relax.Expr:
-    from .mutate import map_vars
-
-    return map_vars(e, lambda v: env.get(v, v))
 
 
 @tvm.transform.module_pass(opt_level=0, name="DispatchCublasLt")
