@@ -101,11 +101,12 @@ class CUDABackend:
         # (LegalizeGroupedConv handles only that layout), so they keep their batched-matmul form.
         # Matmuls that fill less than half the GPU with TensorCoreMatmul's tiles split their K.
         # Transposes and slices of matmul operands (attention's q/k/v) are read inside the matmul.
-        # Weight GEMMs go to cuBLASLt first, when the target lists it: none of this applies to them.
+        # Weight GEMMs go to cuBLASLt, when the target lists it: split-K and operand views apply only
+        # to the matmuls left. They are taken after the layout conversion, where a 1x1 conv is one GEMM too.
         # Norms read their float16 input and cast it themselves (a GEMM's epilogue would
         # otherwise have taken that cast).
-        return ([DispatchCublasLt()] if _uses_cublaslt(target) else []) + [
-            FuseNormInputCasts(), LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI"),
+        return [FuseNormInputCasts(), LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI")] + \
+            ([DispatchCublasLt()] if _uses_cublaslt(target) else []) + [
             SplitKMatmul(min_tiles=FULL_WAVE // 2, tile=SMALL_TILE.block_m), FuseOperandViews()]
 
     def postfuse_passes(self, target):

@@ -2,10 +2,12 @@
 
 Requires: a Relax module whose functions are one dataflow block each (as importers and the
 canonicalize phase leave them), static shapes.
-Guarantees: each chain ``matmul(x, W)`` [→ ``astype``] [→ ``add(·, bias)``] [→ ``add(·, residual)``]
+Guarantees: each chain ``matmul(x, W)`` (or a 1×1, stride-1, unpadded NHWC/OHWI ``conv2d``, which is the
+same GEMM with x's pixels as its rows) [→ ``astype``] [→ ``add(·, bias)``] [→ ``add(·, residual)``]
 [→ ``relu``], with ``reshape``s anywhere after the matmul that keep N last, where ``W`` is a 2-D
-constant [K, N] (or ``permute_dims`` of a constant [N, K]), ``x`` and ``W`` are float16,
-bfloat16 or float32 of one dtype, ``bias`` is a constant of N elements, ``residual`` a computed
+constant [K, N] (or ``permute_dims`` of a constant [N, K]; for the conv, the constant of its
+[N, 1, 1, K] weight, as ``permute_dims`` of a [N, K, 1, 1] constant), ``x`` and ``W`` are float16,
+bfloat16 or float32 of one dtype, ``bias`` is a constant of N elements (or a ``permute_dims`` of one), ``residual`` a computed
 tensor of the result's shape and dtype, and every intermediate result has this chain as its
 only user, becomes one ``call_dps_packed("smelt_cublaslt_matmul[_bias][_residual]",
 (x, W, [bias], [residual], trans_b, epilogue), [D, workspace])`` with D the chain's result
@@ -13,10 +15,11 @@ only user, becomes one ``call_dps_packed("smelt_cublaslt_matmul[_bias][_residual
 matmul's ``out_dtype="float32"`` asks for after ToMixedPrecision; float32 GEMMs stay exact
 float32 (no TF32). Anything else (batched matmuls with two activations, such as attention's)
 is left to the generated kernels, with the reason recorded for ``--explain``.
-Where: first in the CUDA backend's pre-legalize passes, when the target's ``libs`` names
-``cublaslt``; the backend links the implementation (``backends/cublaslt.cc``) into the artifact.
+Where: in the CUDA backend's pre-legalize passes after ``ConvertConvLayout`` (convs are NHWC then)
+and before ``SplitKMatmul``, when the target's ``libs`` names ``cublaslt``; the backend links the implementation (``backends/cublaslt.cc``) into the artifact.
 Why: on an H200 cuBLASLt's Hopper kernels (wgmma, TMA) run BERT-base's GEMMs at about
-530 TFLOP/s; smelt's generated tensor-core kernels (mma.sync) reach 190-230.
+530 TFLOP/s; smelt's generated tensor-core kernels (mma.sync) reach 190-230. A 1×1 conv is
+the same GEMM (ResNet-50's 1×1 convs carry about half its FLOPs, with its bias, residual and ReLU).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 import tvm
 from tvm import relax
 
+from ..ir.weights import exact_const
 from .explain import Explainer
 from .mutate import map_vars, static_shape
 
@@ -82,7 +86,47 @@ def _start(value: relax.Expr, values: dict) -> tuple[_Chain | None, str]:
     return _Chain(x, w, trans_b, int(n), out if out not in ("", "void", "None") else xd), ""
 
 
-def _extend(chain: _Chain, value: relax.Expr) -> bool:
+def _constant(e: relax.Expr, values: dict) -> tvm.ir.Constant | None:
+    """The constant ``e`` is, or holds in the same memory order: a ``permute_dims`` (as
+    ConvertConvLayout puts on weights and biases) that moves only axes of extent 1."""
+    e = values.get(e, e)
+    if isinstance(e, tvm.ir.Constant):
+        return e
+    if _op(e, "relax.permute_dims") and isinstance(e.args[0], tvm.ir.Constant):
+        shape = static_shape(e.args[0]) or []
+        axes = [int(a) for a in e.attrs.axes] if e.attrs.axes is not None else list(range(len(shape)))[::-1]
+        moved = [a for a in axes if shape[a] != 1]
+        if moved == sorted(moved):
+            return e.args[0]
+    return None
+
+
+def _start_conv(value: relax.Call, values: dict) -> tuple[_Chain | None, str]:
+    """The chain a 1×1 ``conv2d`` starts: in NHWC it is ``x @ W.T`` with W [N, K]."""
+    a = value.attrs
+    x = value.args[0]
+    if str(a.data_layout) != "NHWC" or str(a.kernel_layout) != "OHWI" or str(a.out_layout) != "NHWC":
+        return None, f"layout {a.data_layout}/{a.kernel_layout}, not NHWC/OHWI"
+    ws = static_shape(value.args[1]) or []
+    if len(ws) != 4 or ws[1:3] != [1, 1]:
+        return None, f"a {'x'.join(map(str, ws[1:3])) or '?'} kernel is no plain GEMM"
+    if int(a.groups) != 1 or [int(v) for v in a.strides] != [1, 1] or any(int(v) for v in a.padding) \
+            or [int(v) for v in a.dilation] != [1, 1]:
+        return None, "a strided, padded, dilated or grouped 1x1 conv is no plain GEMM"
+    w = _constant(value.args[1], values)
+    if w is None:
+        return None, "the kernel is computed, not a weight"
+    xd, out = str(x.ty.dtype), str(a.out_dtype)
+    if xd not in DTYPES or str(w.ty.dtype) != xd:
+        return None, f"operands are {xd} and {w.ty.dtype}; cuBLASLt is called for one of {', '.join(DTYPES)}"
+    if out not in ("", "void", "None", xd, "float32"):
+        return None, f"out_dtype {out}"
+    n, k = ws[0], ws[3]
+    w2 = exact_const(w.value.numpy().reshape(n, k))
+    return _Chain(x, w2, True, int(n), out if out not in ("", "void", "None") else xd), ""
+
+
+def _extend(chain: _Chain, value: relax.Expr, values: dict) -> bool:
     """Take ``value`` (the only user of the chain's result) into the chain when cuBLASLt's
     epilogue computes it; in that case update ``chain``."""
     untouched = chain.bias is None and chain.residual is None and not chain.relu
@@ -94,8 +138,9 @@ def _extend(chain: _Chain, value: relax.Expr) -> bool:
         return (static_shape(value) or [None])[-1] == chain.n
     if _op(value, "relax.add") and chain.residual is None and not chain.relu:
         a, b = value.args
-        bias = b if isinstance(b, tvm.ir.Constant) else a if isinstance(a, tvm.ir.Constant) else None
-        bs = static_shape(bias) if bias is not None else None
+        bias_arg = b if _constant(b, values) is not None else a if _constant(a, values) is not None else None
+        bias = _constant(bias_arg, values) if bias_arg is not None else None
+        bs = static_shape(bias_arg) if bias is not None else None  # as broadcast, after any permute_dims
         if chain.bias is None and bs and str(bias.ty.dtype) == chain.dtype and math.prod(bs) == chain.n \
                 and bs[-1] == chain.n and len(bs) <= len(static_shape(value) or []):
             chain.bias = bias
@@ -138,9 +183,12 @@ class _Rewriter:
                                             if isinstance(e, relax.Var) else None)
         out, claimed = {}, set()
         for b in block.bindings:
-            if not _op(b.value, "relax.matmul"):
+            if _op(b.value, "relax.matmul"):
+                chain, why = _start(b.value, values)
+            elif _op(b.value, "relax.nn.conv2d"):
+                chain, why = _start_conv(b.value, values)
+            else:
                 continue
-            chain, why = _start(b.value, values)
             if chain is None:
                 self.explain.skip(b.value, why)
                 continue
@@ -148,7 +196,7 @@ class _Rewriter:
             last = b.var
             # An add of two matmuls is the first one's residual, not both chains'.
             while uses.get(last, 0) == 1 and user_of.get(last) in values and user_of[last] not in claimed \
-                    and isinstance(last, relax.DataflowVar) and _extend(chain, values[user_of[last]]):
+                    and isinstance(last, relax.DataflowVar) and _extend(chain, values[user_of[last]], values):
                 last = user_of[last]
                 chain.members.append(last)
             claimed.update(chain.members)
@@ -191,7 +239,7 @@ class _Rewriter:
                         chain = chains[b.var]
                         outs = bb.emit(self.call(chain, b.var.ty, sub))
                         value = relax.TupleGetItem(outs, 0)
-                        parts = ["matmul"] + (["bias"] if chain.bias is not None else []) + \
+                        parts = [values[chain.members[0]].op.name.rpartition(".")[2]] + (["bias"] if chain.bias is not None else []) + \
                             (["residual"] if chain.residual is not None else []) + (["relu"] if chain.relu else [])
                         self.explain.fired(values[chain.members[0]], f"{' + '.join(parts)} to cuBLASLt, "
                                                     f"K={static_shape(chain.x)[-1]} N={chain.n}"

@@ -115,6 +115,43 @@ def test_what_is_left_and_why():
     assert any("left matmul: B is computed" in line for line in lines), lines
 
 
+def test_pointwise_conv_is_a_gemm():
+    """A 1x1 NHWC conv (weights and bias behind ConvertConvLayout's permute_dims) with bias,
+    residual and ReLU is one call on the [N, K] weight; a 3x3 and a strided 1x1 conv stay."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((N, K, 1, 1)).astype("float16")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 4, 4, K), "float16"))
+    r = relax.Var("r", relax.TensorType((2, 4, 4, N), "float16"))
+    with bb.function("main", [x, r]):
+        with bb.dataflow():
+            ohwi = bb.emit(relax.op.permute_dims(relax.const(w), [0, 2, 3, 1]))
+            y = bb.emit(relax.op.nn.conv2d(x, ohwi, data_layout="NHWC", kernel_layout="OHWI", out_dtype="float32"))
+            y = bb.emit(relax.op.astype(y, "float16"))
+            bias = bb.emit(relax.op.permute_dims(_const(rng, 1, N, 1, 1, dtype="float16"), [0, 2, 3, 1]))
+            y = bb.emit(relax.op.nn.relu(relax.op.add(r, relax.op.add(y, bias))))
+            w3 = _const(rng, N, 3, 3, N, dtype="float16")
+            z = bb.emit(relax.op.nn.conv2d(y, w3, padding=1, data_layout="NHWC", kernel_layout="OHWI"))
+            z = bb.emit(relax.op.nn.conv2d(z, _const(rng, N, 1, 1, N, dtype="float16"), strides=2,
+                                           data_layout="NHWC", kernel_layout="OHWI"))
+            out = bb.emit_output(z)
+        bb.emit_func_output(out)
+    # The nested add/relu are bound one per variable, as the importers leave them.
+    mod = relax.transform.Normalize()(bb.get())
+    out, lines = _dispatch(mod)
+    assert _extern_names(out) == ["smelt_cublaslt_matmul_bias_residual"]
+    assert _ops(out).count("relax.nn.conv2d") == 2
+    call = next(c for c in _calls(out) if isinstance(c.op, tvm.ir.Op) and c.op.name == "relax.call_dps_packed")
+    a, weight, bias_arg = call.args[1].fields[:3]
+    np.testing.assert_array_equal(weight.value.numpy(), w.reshape(N, K))
+    assert int(call.args[1].fields[-2].value) == 1  # trans_b: the weight is [N, K]
+    assert [int(v) for v in call.ty.fields[0].shape.values] == [2, 4, 4, N]
+    assert f"DispatchCublasLt: rewrote nn.conv2d: conv2d + bias + residual + relu to cuBLASLt, " \
+        f"K={K} N={N} (weight transposed)" in lines, lines
+    assert any("a 3x3 kernel is no plain GEMM" in line for line in lines), lines
+    assert any("a strided, padded, dilated or grouped 1x1 conv" in line for line in lines), lines
+
+
 def _mlp(d=256, hidden=512):
     torch.manual_seed(0)
 
@@ -127,6 +164,29 @@ def _mlp(d=256, hidden=512):
             return torch.relu(x + self.down(torch.relu(self.up(x))))
 
     return Block().eval()
+
+
+def _bottleneck(c=64, mid=32):
+    """ResNet's bottleneck: two 1x1 convs (cuBLASLt, one with the residual) around a 3x3."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = conv(c, mid, 1), conv(mid, mid, 3, padding=1), conv(mid, c, 1)
+
+        def forward(self, x):
+            return torch.relu(x + self.c(torch.relu(self.b(torch.relu(self.a(x))))))
+
+    return Block().eval()
+
+
+def test_bottleneck_compiles_its_pointwise_convs_to_calls(requires_cuda_compiler):
+    art = _compile(_bottleneck(), torch.randn(2, 64, 8, 8), "float16")
+    taken = [line for line in art.report.explanations if line.startswith("DispatchCublasLt: rewrote nn.conv2d")]
+    assert len(taken) == 2, art.report.explanations
+    assert sum(rule == "TensorCoreMatmul" for rule in art.report.schedules.values()) == 1  # the 3x3
 
 
 def _compile(model, x, precision="float32", libs=None):
@@ -156,8 +216,9 @@ def test_unknown_lib_is_an_error():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("precision,tol", [("float32", 1e-4), ("float16", 1e-2)])
-def test_matches_torch_on_gpu(tmp_path, precision, tol):
-    model, x = _mlp(), torch.randn(4, 32, 256)
+@pytest.mark.parametrize("name", ["mlp", "bottleneck"])
+def test_matches_torch_on_gpu(tmp_path, name, precision, tol):
+    model, x = (_mlp(), torch.randn(4, 32, 256)) if name == "mlp" else (_bottleneck(), torch.randn(4, 64, 14, 14))
     rt = smelt.load(_compile(model, x, precision).save(tmp_path / "m"))
     y = rt.run("m", **{rt.models["m"].inputs[0].name: x.numpy()})
     with torch.no_grad():
