@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tvm
 from tvm import te, topi
+from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
 import smelt
 from smelt.backends import cpu_schedule
@@ -81,6 +82,26 @@ def test_small_reductions_read_through_the_padding_and_odd_widths_take_half_regi
     assert 'T.sblock("PaddedInput")' not in depthwise and "T.if_then_else" in depthwise
     assert 'T.sblock("pad_temp")' in dense
     assert "T.vectorized(8)" in depthwise, depthwise  # AVX-512 (16 lanes) and AVX2 (8) alike
+
+
+def test_accumulator_tiles_live_on_the_stack(rng):
+    """A 1x1 conv's accumulator tile is a stack array LLVM keeps in registers: no workspace is
+    allocated (TVM allocates "local" tiles, and tiles of 1024 bytes or more, with a call per tile).
+    Tolerance 1e-5 relative to the largest output."""
+    x, w, b = te.placeholder((1, 28, 28, 16), name="x"), te.placeholder((1, 1, 16, 64), name="w"), \
+        te.placeholder((1, 1, 1, 64), name="b")
+    func = te.create_prim_func([x, w, b, topi.nn.relu(topi.nn.conv2d_nhwc(x, w, 1, 0, 1, out_dtype="float32") + b)])
+    scheduled = _scheduled(func, cpu_schedule.TileReduction())
+    assert 'scope="local"' not in scheduled.script()
+    # without the weight repacking, which the model's compile moves out of the kernel
+    kernel = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(tvm.IRModule({"main": scheduled}))
+    lib = tvm.compile(kernel, target=TARGET)
+    ll = "".join(m.inspect_source("ll") for m in [lib.mod, *lib.mod.imports] if m.kind == "llvm")
+    assert "load ptr, ptr @__TVMBackendAllocWorkspace" not in ll
+    shapes = [(1, 28, 28, 16), (1, 1, 16, 64), (1, 1, 1, 64), (1, 28, 28, 64)]
+    want = _run(func, shapes, np.random.default_rng(2))[-1]
+    got = _run(scheduled, shapes, np.random.default_rng(2))[-1]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
 def test_injective_kernels_are_parallel_and_vectorized(rng):
