@@ -3,8 +3,9 @@
 Requires: a GPU target; a PrimFunc that, after inlining its producers, is one spatial block
 whose every load reads the element at the output's own position in memory (same number of
 elements, the same flat index: elementwise ops, casts, and the reshapes FuseOps joins to
-them); static shapes. Declines (``apply`` returns None) anything else: broadcasts,
-transposes and reductions go to the next rule.
+them); static shapes; a number of vectors with a divisor of 64 to 256 (the threads of a block),
+or below 64. Declines (``apply`` returns None) anything else: broadcasts, transposes and
+reductions go to the next rule.
 Guarantees: the same function. Each thread takes ``vector`` consecutive elements (16 bytes of
 the widest operand: 8 when all are float16): it loads each input into registers with vector
 loads, computes element by element there, and stores the result with one vector store.
@@ -31,6 +32,7 @@ from ..passes.mutate import static_ints
 from .tensorcore_matmul import _loads
 
 VECTOR_BYTES = 16
+MIN_THREADS = 64
 
 
 def _flat(indices, shape):
@@ -82,11 +84,19 @@ class VectorizedElementwise(GPUScheduleRule):
         if vector < 2 or any(n % vector for n in inner):
             return None
 
+        # Threads per block divide the number of vectors: TVM drops the bounds check of the
+        # write-back from a local cache under a split that does not divide (threads past the
+        # end stored their vector out of bounds). A count with no divisor of at least
+        # MIN_THREADS is left to the next rule.
+        vectors = total // vector
+        threads = next(t for t in range(min(self.threads, vectors), 0, -1) if vectors % t == 0)
+        if threads < min(MIN_THREADS, vectors):
+            return None
         # The vector loop is a piece of the innermost axis alone: with every axis fused first, TVM
         # could not bound a thread's region and gave it a copy of whole rows (1536 floats).
         *outer, last = sch.get_loops(block)
         rest, vec = sch.split(last, [None, vector])
-        bx, tx = sch.split(sch.fuse(*outer, rest), [None, self.threads])
+        bx, tx = sch.split(sch.fuse(*outer, rest), [None, threads])
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
         for i in range(len(sch.get(block).reads)):

@@ -60,11 +60,20 @@ def test_loads_and_stores_are_16_bytes(func, load, requires_cuda_compiler):
     assert "_local_ptr[8]" in code or "_local_ptr[4]" in code  # one vector per thread, not whole rows
 
 
+@pytest.mark.parametrize("shape, threads", [((4, 64), 32), ((6, 1000), 250)])
+def test_threads_divide_the_vectors(shape, threads, requires_cuda_compiler):
+    """No thread runs past the end: TVM does not guard the local write-back under a split that
+    does not divide, and its vector store went out of bounds."""
+    code = build(_kernel(shape, lambda x: relax.op.nn.relu(x))).mod.imports[0].inspect_source("cuda")
+    assert f"__launch_bounds__({threads})" in code
+
+
 @pytest.mark.parametrize("func", [
     _kernel((4, 64), lambda x, y: relax.op.add(x, y), shape2=(64,)),  # broadcast
     _kernel((4, 64), lambda x: relax.op.permute_dims(x)),  # transpose
     _kernel((4, 6), lambda x: relax.op.nn.relu(x)),  # rows shorter than a vector
-], ids=["broadcast", "transpose", "short_rows"])
+    _kernel((526, 8), lambda x: relax.op.nn.relu(x)),  # 526 vectors: no block of 64 to 256 threads divides them
+], ids=["broadcast", "transpose", "short_rows", "no_thread_count"])
 def test_declines_what_is_not_a_straight_copy(func):
     assert VectorizedElementwise().apply(func, TARGET, False) is None
 
