@@ -104,6 +104,19 @@ def test_accumulator_tiles_live_on_the_stack(rng):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
+def test_matrix_vector_products_spread_accumulators_along_the_width(rng):
+    """One row: the tile takes five 8-lane accumulators along N (200 = 25 x 8, on AVX-512 and
+    AVX2 alike) instead of one chain of K FMAs. Tolerance 1e-5 relative to the largest output."""
+    a, b, c = te.placeholder((1, 64), name="a"), te.placeholder((64, 200), name="b"), te.placeholder((200,), name="c")
+    func = te.create_prim_func([a, b, c, topi.nn.matmul(a, b) + c])
+    text = _scheduled(func, cpu_schedule.TileReduction()).script()
+    assert "T.unroll(5)" in text and "T.vectorized(8)" in text, text
+    shapes = [(1, 64), (64, 200), (200,), (1, 200)]
+    want = _run(func, shapes, np.random.default_rng(3))[-1]
+    got = _run(_scheduled(func, cpu_schedule.TileReduction()), shapes, np.random.default_rng(3))[-1]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
 def test_injective_kernels_are_parallel_and_vectorized(rng):
     x = te.placeholder((64, 256), name="x")
     y = topi.transpose(topi.nn.relu(x) * 2.0)
