@@ -282,6 +282,8 @@ def _vectorize_split(sch, loop, lanes: int) -> None:
 
 
 _PARALLEL_MIN = 4096  # below this many elements, starting threads costs more than it saves
+_PARALLEL_CHUNKS = 64  # parallel iterations enough to share out evenly between threads
+_UNROLL_MAX = 16
 
 
 def _schedule_root(sch, block, lanes: int) -> None:
@@ -302,6 +304,15 @@ def _schedule_root(sch, block, lanes: int) -> None:
         lo, li = sch.split(last, [None, vec]) if vec < inner else (None, last)
         sch.vectorize(li)
         outer = rest + ([lo] if lo is not None else [])
+    elif len(loops) > 1 and inner <= _UNROLL_MAX:
+        # An axis too short to vectorize (the 3 channels of an image moved to NHWC) stays an
+        # unrolled loop of its own, and so does the one above it where the rest still makes
+        # chunks enough: fused into the parallel loop, each element paid for dividing the fused
+        # index back into coordinates (the input transpose of ResNet and MobileNet at 224x224:
+        # 0.060 against 0.008 ms alone).
+        sch.unroll(loops[-1])
+        keep = 2 if len(loops) > 2 and total // (extents[-1] * extents[-2]) >= _PARALLEL_CHUNKS else 1
+        outer = loops[:-keep]
     else:
         outer = loops
     if outer and total >= _PARALLEL_MIN:

@@ -128,6 +128,18 @@ def test_injective_kernels_are_parallel_and_vectorized(rng):
     np.testing.assert_array_equal(got[1], (np.maximum(got[0], 0) * 2).T)
 
 
+def test_short_innermost_axes_stay_out_of_the_parallel_loop():
+    """NCHW -> NHWC with 3 channels: rows in parallel, columns serial, channels unrolled (fused,
+    every element divided the index back into coordinates). Same numbers exactly."""
+    x = te.placeholder((1, 3, 64, 40), name="x")
+    func = te.create_prim_func([x, topi.transpose(x, (0, 2, 3, 1))])
+    text = _scheduled(func, cpu_schedule.ParallelInjective()).script()
+    assert "T.parallel(64)" in text and "T.unroll(3)" in text, text
+    got = _run(_scheduled(func, cpu_schedule.ParallelInjective()), [(1, 3, 64, 40), (1, 64, 40, 3)],
+               np.random.default_rng(4))
+    np.testing.assert_array_equal(got[1], got[0].transpose(0, 2, 3, 1))
+
+
 def test_rules_decline_gpu_targets():
     x = te.placeholder((16, 16), name="x")
     func = te.create_prim_func([x, topi.nn.relu(x)])
