@@ -44,7 +44,6 @@ from ..passes.dispatch_cublaslt import DispatchCublasLt
 from ..passes.fuse_norm_input_casts import FuseNormInputCasts
 from ..passes.fuse_operand_views import FuseOperandViews
 from ..passes.legalize_grouped_conv import LegalizeGroupedConv
-from ..passes.pad_conv_channels import PadConvChannels
 from ..passes.split_k_matmul import SplitKMatmul
 from . import cublaslt
 from .base import TargetOptions, check_libs, module_tree
@@ -100,14 +99,13 @@ class CUDABackend:
         # both have the reduction axis (KH, KW, Cin) innermost, the layout TensorCoreMatmul reads with
         # 16-byte cp.async copies and plain ldmatrix. Grouped convs are rewritten first, in NCHW
         # (LegalizeGroupedConv handles only that layout), so they keep their batched-matmul form.
-        # Convs with fewer input channels than a 16-byte row (RGB stems) get zero channels up to one.
         # Matmuls that fill less than half the GPU with TensorCoreMatmul's tiles split their K.
         # Transposes and slices of matmul operands (attention's q/k/v) are read inside the matmul.
         # Weight GEMMs go to cuBLASLt, when the target lists it: split-K and operand views apply only
         # to the matmuls left. They are taken after the layout conversion, where a 1x1 conv is one GEMM too.
         # Norms read their float16 input and cast it themselves (a GEMM's epilogue would
         # otherwise have taken that cast).
-        return [FuseNormInputCasts(), LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI"), PadConvChannels()] + \
+        return [FuseNormInputCasts(), LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI")] + \
             ([DispatchCublasLt()] if _uses_cublaslt(target) else []) + [
             SplitKMatmul(min_tiles=FULL_WAVE // 2, tile=SMALL_TILE.block_m), FuseOperandViews()]
 
