@@ -39,16 +39,18 @@ from ..errors import BackendError, error_line
 from .small_reduction import SmallReduction
 from .tensorcore_matmul import TensorCoreMatmul
 from .vectorized_elementwise import VectorizedElementwise
+from .warp_row_reduction import WarpRowReduction
 
 log = logging.getLogger(__name__)
 
 
 def default_rules() -> list:
     """smelt's tensor-core GEMM rule, then dlight's GPU rules in TVM's order (``Fallback`` last), with
-    smelt's ``SmallReduction`` (depthwise convs, pooling) ahead of dlight's reduction rules and its
+    smelt's ``SmallReduction`` (depthwise convs, pooling) ahead of dlight's reduction rules, its
+    ``WarpRowReduction`` (softmax, norms) ahead of ``GeneralReduction`` and its
     ``VectorizedElementwise`` ahead of ``Fallback``."""
     return [TensorCoreMatmul(), dl.gpu.Matmul(), dl.gpu.GEMV(), SmallReduction(), dl.gpu.Reduction(),
-            dl.gpu.GeneralReduction(), VectorizedElementwise(), dl.gpu.Fallback()]
+            WarpRowReduction(), dl.gpu.GeneralReduction(), VectorizedElementwise(), dl.gpu.Fallback()]
 
 
 @dataclass(frozen=True)
