@@ -8,8 +8,8 @@ extents, a row of a multiple of 32 elements, at most ``max_row``.
 Declines (``apply`` returns None) anything else, so ``GeneralReduction`` takes it.
 Guarantees: the same function. Each row is reduced by one warp: every lane takes every 32nd
 element (neighbouring lanes read neighbouring addresses), TVM lowers the cross-lane reductions
-to warp shuffles without shared memory or block-wide barriers, and the row's reduced values live
-in shared memory beside the ``rows`` other rows of the block (``threadIdx.y``).
+to warp shuffles without shared memory or barriers, which leave the row's reduced values (max,
+sum, mean) in every lane's registers; a block holds ``rows`` warps (``threadIdx.y``).
 Why not dlight: ``GeneralReduction`` gives every row a block of 256 threads that reduces across
 all of them, half of them idle on a 128-long row. BERT-base's attention softmax at batch 16
 (192 x 128 rows of 128) on an H200 took about 15 us per layer more that way than its tuned
@@ -77,16 +77,14 @@ class WarpRowReduction(GPUScheduleRule):
             sch.unroll(r)
             for info in reversed(infos[:-1]):
                 block = info.block_rv
+                # Registers, not shared memory: the warp's reduction leaves its result in every lane.
+                # (In shared memory, lane 0 stored it and TVM put no barrier before the other lanes read.)
                 for i, _ in enumerate(sch.get(block).writes):
-                    sch.set_scope(block, buffer_index=i, storage_scope="shared")
-                # At the block's loop: computed at ``ty``, the rows of a shared buffer would be
-                # relaxed over the threads and every warp would reduce all of them.
-                sch.compute_at(block, bx, preserve_unit_loops=True)
+                    sch.set_scope(block, buffer_index=i, storage_scope="local")
+                sch.compute_at(block, ty, preserve_unit_loops=True)
                 block_loops = sch.get_loops(block)
-                row_loop = sch.fuse(*block_loops[1:-trail])
-                if static_ints([sch.get(row_loop).extent]) != [rows]:  # it needs other rows than its block's
-                    return None
-                sch.bind(row_loop, "threadIdx.y")
+                if static_ints([sch.get(lp).extent for lp in block_loops[2:-trail]]) != [1] * (len(block_loops) - 2 - trail):
+                    return None  # it needs other rows than its warp's
                 r, tx = sch.split(sch.fuse(*block_loops[-trail:]), [None, WARP])
                 sch.reorder(tx, r)
                 sch.bind(tx, "threadIdx.x")
