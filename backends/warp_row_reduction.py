@@ -4,7 +4,9 @@ Requires: a GPU target; a PrimFunc that, after inlining its contiguous spatial b
 ``GeneralReduction`` does), is one or more reduction blocks over the same rows followed by one
 spatial block writing the rows: leading spatial iterators, then the row's trailing reduction
 iterators (softmax: max, sum of exps, normalize; layer norm: the sums, normalize); static
-extents, a row of a multiple of 32 elements, at most ``max_row``.
+extents, a row of a multiple of 32 elements, at most ``max_row``, and at least ``min_rows`` rows
+(fewer would leave most of the GPU idle with a warp per row: BERT-base's 128 rows at batch 1 make
+16 blocks of 8 warps, where ``GeneralReduction``'s block per row makes 128).
 Declines (``apply`` returns None) anything else, so ``GeneralReduction`` takes it.
 Guarantees: the same function. Each row is reduced by one warp: every lane takes every 32nd
 element (neighbouring lanes read neighbouring addresses), TVM lowers the cross-lane reductions
@@ -30,13 +32,16 @@ from tvm.target import Target
 from ..passes.mutate import static_ints
 
 WARP = 32
+# Blocks enough for every SM of a large GPU (132 on an H200) to hold a few; fewer rows per block
+# where the rows would not make that many.
+MIN_BLOCKS = 256
 
 
 class WarpRowReduction(GPUScheduleRule):
     """See the module docstring."""
 
-    def __init__(self, rows: int = 8, max_row: int = 4096):
-        self.rows, self.max_row = rows, max_row
+    def __init__(self, rows: int = 8, max_row: int = 4096, min_rows: int = 1024):
+        self.rows, self.max_row, self.min_rows = rows, max_row, min_rows
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         """The schedule of ``func`` for ``target``, or None where the rule does not apply."""
@@ -62,10 +67,10 @@ class WarpRowReduction(GPUScheduleRule):
         # The last block walks the rows in the reductions' order: same extents, same nesting.
         if extents is None or static_ints([sch.get(lp).extent for lp in loops]) != extents:
             return None
-        row = math.prod(extents[lead:])
-        if row % WARP or row > self.max_row:
+        row, n_rows = math.prod(extents[lead:]), math.prod(extents[:lead])
+        if row % WARP or row > self.max_row or n_rows < self.min_rows:
             return None
-        rows = next(r for r in (self.rows, 4, 2, 1) if math.prod(extents[:lead]) % r == 0)
+        rows = next(r for r in (self.rows, 4, 2, 1) if n_rows % r == 0 and n_rows // r >= MIN_BLOCKS or r == 1)
 
         try:
             bx, ty = sch.split(sch.fuse(*loops[:lead]), [None, rows])
