@@ -39,7 +39,7 @@ from .progress import Progress, TaskState, estimate, plot
 from .records import (best_seconds, lock, open_database, read_tasks, record_dir, records_by_workload,
                       target_key, write_tasks)
 from .runners import asynchronous, measuring
-from .tasks import TuneTask, extract_tasks
+from .tasks import TuneTask, extract_tasks, workload_hash
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +175,13 @@ def tune(models, target: str = "cpu", arch: str | None = None, *, trials: int = 
         remaining = opts.trials - done
         if not tasks:
             log.warning("no kernel to tune (skipped: %s)", "; ".join(skipped) or "none")
-        elif remaining <= 0:
-            log.info("the database already holds %d trials for these tasks (budget %d): nothing to do",
-                     done, opts.trials)
         else:
-            _run(tasks, tvm_target, db, out, opts, remaining, t0, known, before, report)
+            if remaining <= 0:
+                log.info("the database already holds %d trials for these tasks (budget %d): no new trials",
+                         done, opts.trials)
+            # With no trials left this still times default schedules that changed since (smelt's own
+            # got faster): a record must beat today's default to be applied.
+            _run(tasks, tvm_target, db, out, opts, max(remaining, 0), t0, known, before, report)
         _write_tasks(out, tasks, known)
         after = records_by_workload(db)
     for t in tasks:
@@ -205,6 +207,9 @@ def _run(tasks: list[TuneTask], target, db, work_dir: Path, opts: TuneOptions, b
          known: dict, before: dict, report: TuneReport) -> None:
     target = _with_cores(target)
     backend = backends.get(_kind(target))
+    defaults = _default_schedules(tasks, backend, target, known)
+    if not defaults and budget <= 0:
+        return
     # Candidates and defaults are built as a compile builds them (cp.async copies on CUDA).
     builder = PersistentBuilder(opts.builders, timeout=opts.build_timeout,
                                 config=backend.pass_config(backends.TargetOptions(_kind(target))))
@@ -212,8 +217,10 @@ def _run(tasks: list[TuneTask], target, db, work_dir: Path, opts: TuneOptions, b
         runner, ndev = measuring(target, rpc_tracker=opts.rpc_tracker, rpc_key=opts.rpc_key, devices=opts.devices,
                                  timeout=opts.run_timeout)
         report.devices = ndev
-        _measure_defaults(tasks, backend, target, builder, runner, known)
+        _measure_defaults(defaults, target, builder, runner, known)
         _write_tasks(work_dir, tasks, known)  # a run killed while tuning keeps the defaults
+        if budget <= 0:
+            return
         states = [TaskState(t.name, t.weight, len(before.get(t.shash, [])), best_seconds(before.get(t.shash, [])),
                             known.get(t.shash, {}).get("default_seconds")) for t in tasks]
         contexts = [_context(t, target, seed) for t, seed in zip(tasks, fork_seed(opts.seed, n=len(tasks)))]
@@ -329,22 +336,37 @@ def _kind(target: tvm.target.Target) -> str:
     return {"llvm": "cpu"}.get(target.kind.name, target.kind.name)
 
 
-def _measure_defaults(tasks: list[TuneTask], backend, target, builder, runner, known: dict) -> None:
-    """Time each task's default schedule once (``known[shash]["default_seconds"]``), as tuning measures."""
-    todo = [t for t in tasks if known.get(t.shash, {}).get("default_seconds") is None]
-    if not todo:
-        return
-    scheduled = []
-    for t in todo:
+def _default_schedules(tasks: list[TuneTask], backend, target, known: dict) -> list[tuple[TuneTask, tvm.IRModule]]:
+    """The tasks whose default schedule has no timing in ``known`` yet, or one of another
+    schedule (``default_hash``: the scheduled kernel's structural hash; smelt's default
+    schedules change between versions), each with that schedule."""
+    out = []
+    for t in tasks:
+        entry = known.setdefault(t.shash, {})
         try:
             with target:
                 mod = t.mod
                 for p in backend.schedule_passes(target):
                     mod = p(mod)
-            scheduled.append((t, mod))
         except Exception as e:  # noqa: BLE001 - no default schedule: the task is still tuned
             log.info("no default schedule for %s: %s", t.name, e)
-            known.setdefault(t.shash, {})["default_seconds"] = None
+            entry["default_seconds"] = None
+            continue
+        digest = workload_hash(mod)
+        if entry.get("default_seconds") is not None and entry.get("default_hash") == digest:
+            continue
+        if entry.get("default_seconds") is not None:
+            log.info("default schedule of %s may have changed since it was timed: timing it again", t.name)
+        entry["default_hash"] = digest
+        out.append((t, mod))
+    return out
+
+
+def _measure_defaults(scheduled: list[tuple[TuneTask, tvm.IRModule]], target, builder, runner, known: dict) -> None:
+    """Time each default schedule of ``scheduled`` once (``known[shash]["default_seconds"]``), as tuning measures."""
+    if not scheduled:
+        return
+    todo = [t for t, _ in scheduled]
     built = builder.build([ms.builder.BuilderInput(mod, target) for _, mod in scheduled])
     runs = [(t, b) for (t, _), b in zip(scheduled, built) if b.error_msg is None]
     # Arguments as the kernel was built: weights the default schedule repacks come in their

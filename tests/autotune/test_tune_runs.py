@@ -55,6 +55,18 @@ def test_tune_compile_applies_records_numerics_hold(tmp_path, onnx_reference):
     again = tune(model, log_dir=tmp_path, options=TuneOptions(trials=12, **FEW))
     assert again.new_trials == 0  # resumed: the budget is spent
 
+    # A default schedule timed as another schedule (an older smelt's) is timed again, with no
+    # new trials, so that a record is applied only where it beats today's default.
+    tasks_file = tmp_path / rep.target_key / "tasks.json"
+    known = json.loads(tasks_file.read_text())
+    stale = next(iter(known))
+    fresh_hash = known[stale]["default_hash"]
+    known[stale].update(default_seconds=1.0, default_hash="0" * 16)
+    tasks_file.write_text(json.dumps(known))
+    again = tune(model, log_dir=tmp_path, options=TuneOptions(trials=12, **FEW))
+    timed = json.loads(tasks_file.read_text())[stale]
+    assert again.new_trials == 0 and timed["default_hash"] == fresh_hash and timed["default_seconds"] < 0.1
+
 
 def test_wall_time_stops_after_the_batch_in_flight(tmp_path):
     first = tune(zoo.mlp(), log_dir=tmp_path, options=TuneOptions(trials=3, trials_per_task=1, **FEW))
