@@ -88,7 +88,8 @@ class WarpRowReduction(GPUScheduleRule):
                     sch.set_scope(block, buffer_index=i, storage_scope="local")
                 sch.compute_at(block, ty, preserve_unit_loops=True)
                 block_loops = sch.get_loops(block)
-                if static_ints([sch.get(lp).extent for lp in block_loops[2:-trail]]) != [1] * (len(block_loops) - 2 - trail):
+                row_loops = block_loops[2:-trail]
+                if static_ints([sch.get(lp).extent for lp in row_loops]) != [1] * len(row_loops):
                     return None  # it needs other rows than its warp's
                 r, tx = sch.split(sch.fuse(*block_loops[-trail:]), [None, WARP])
                 sch.reorder(tx, r)

@@ -2,12 +2,13 @@
 
 Requires: a Relax module whose functions are one dataflow block each (as importers and the
 canonicalize phase leave them), static shapes.
-Guarantees: each chain ``matmul(x, W)`` (or a 1×1, stride-1, unpadded NHWC/OHWI ``conv2d``, which is the
-same GEMM with x's pixels as its rows) [→ ``astype``] [→ ``add(·, bias)``] [→ ``add(·, residual)``]
-[→ ``relu``], with ``reshape``s anywhere after the matmul that keep N last, where ``W`` is a 2-D
-constant [K, N] (or ``permute_dims`` of a constant [N, K]; for the conv, the constant of its
-[N, 1, 1, K] weight, as ``permute_dims`` of a [N, K, 1, 1] constant), ``x`` and ``W`` are float16,
-bfloat16 or float32 of one dtype, ``bias`` is a constant of N elements (or a ``permute_dims`` of one), ``residual`` a computed
+Guarantees: each chain ``matmul(x, W)`` (or a 1×1, stride-1, unpadded NHWC/OHWI ``conv2d``,
+the same GEMM with x's pixels as its rows) [→ ``astype``] [→ ``add(·, bias)``]
+[→ ``add(·, residual)``] [→ ``relu``], with ``reshape``s anywhere after the matmul that keep N
+last, where ``W`` is a 2-D constant [K, N] (or ``permute_dims`` of a constant [N, K]; for the
+conv, its [N, 1, 1, K] weight, a ``permute_dims`` of a [N, K, 1, 1] constant), ``x`` and ``W``
+are float16, bfloat16 or float32 of one dtype, ``bias`` is a constant of N elements (or a
+``permute_dims`` of one), ``residual`` a computed
 tensor of the result's shape and dtype, and every intermediate result has this chain as its
 only user, becomes one ``call_dps_packed("smelt_cublaslt_matmul[_bias][_residual]",
 (x, W, [bias], [residual], trans_b, epilogue), [D, workspace])`` with D the chain's result
@@ -15,8 +16,9 @@ only user, becomes one ``call_dps_packed("smelt_cublaslt_matmul[_bias][_residual
 matmul's ``out_dtype="float32"`` asks for after ToMixedPrecision; float32 GEMMs stay exact
 float32 (no TF32). Anything else (batched matmuls with two activations, such as attention's)
 is left to the generated kernels, with the reason recorded for ``--explain``.
-Where: in the CUDA backend's pre-legalize passes after ``ConvertConvLayout`` (convs are NHWC then)
-and before ``SplitKMatmul``, when the target's ``libs`` names ``cublaslt``; the backend links the implementation (``backends/cublaslt.cc``) into the artifact.
+Where: in the CUDA backend's pre-legalize passes after ``ConvertConvLayout`` (convs are NHWC
+then) and before ``SplitKMatmul``, when the target's ``libs`` names ``cublaslt``; the backend
+links the implementation (``backends/cublaslt.cc``) into the artifact.
 Why: on an H200 cuBLASLt's Hopper kernels (wgmma, TMA) run BERT-base's GEMMs at about
 530 TFLOP/s; smelt's generated tensor-core kernels (mma.sync) reach 190-230. A 1×1 conv is
 the same GEMM (ResNet-50's 1×1 convs carry about half its FLOPs, with its bias, residual and ReLU).
@@ -239,7 +241,8 @@ class _Rewriter:
                         chain = chains[b.var]
                         outs = bb.emit(self.call(chain, b.var.ty, sub))
                         value = relax.TupleGetItem(outs, 0)
-                        parts = [values[chain.members[0]].op.name.rpartition(".")[2]] + (["bias"] if chain.bias is not None else []) + \
+                        op = values[chain.members[0]].op.name.rpartition(".")[2]
+                        parts = [op] + (["bias"] if chain.bias is not None else []) + \
                             (["residual"] if chain.residual is not None else []) + (["relu"] if chain.relu else [])
                         self.explain.fired(values[chain.members[0]], f"{' + '.join(parts)} to cuBLASLt, "
                                                     f"K={static_shape(chain.x)[-1]} N={chain.n}"
