@@ -1,7 +1,8 @@
 """CUDA backend: kernels for NVIDIA GPUs (--arch sm_XX); builds without a GPU.
 
-Weight GEMMs (with their bias and ReLU) run on cuBLASLt unless ``--libs none``
-(``DispatchCublasLt``; the routine is linked into the artifact, cuBLASLt opened at run time).
+Weight GEMMs and 1x1 convolutions (with their bias, residual and ReLU) run on cuBLASLt unless
+``--libs none`` (``DispatchCublasLt``; the routine is linked into the artifact, cuBLASLt opened
+at run time).
 Default schedules come from smelt's TensorCoreMatmul, then dlight (crash-safe, per kernel);
 convolutions are converted to NHWC/OHWI first, so that TensorCoreMatmul takes them as implicit
 GEMMs. CUDA graphs capture static-shape regions, cuBLASLt calls included (TVM's
