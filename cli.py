@@ -584,6 +584,9 @@ def _format_inspect(d: dict) -> list[str]:
               help="Keep only the best record per kernel, where it beats the default schedule, and exit.")
 @click.option("--keep-slower", is_flag=True,
               help="With --prune: keep the best record of kernels whose default is faster too (to tune on from).")
+@click.option("--min-speedup", type=click.FloatRange(min=1.0), default=1.0, show_default=True,
+              help="With --prune: keep only records at least this many times faster than the default "
+                   "(e.g. 1.1 drops gains within a noisy machine's timing spread).")
 @click.option("--import-records", "imports", multiple=True, type=click.Path(file_okay=False, exists=True),
               help="Add the records of this folder (a tune job elsewhere) to --log-dir and exit; repeatable.")
 @click.option("--merge", is_flag=True, help="Tune what `smelt compile --merge` builds (shared stems, fused layers).")
@@ -599,8 +602,8 @@ def _format_inspect(d: dict) -> list[str]:
               help="PNG of estimated model latency against tuning time (default: <record folder>/progress.png).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def tune(models, target, arch, names, trials, trials_per_task, wall, log_dir, report_dir, prune_dir, keep_slower, imports,
-         merge, precision, share_inputs, libs, rpc_tracker, rpc_key, devices, builders, plot_to, quiet, as_json):
+def tune(models, target, arch, names, trials, trials_per_task, wall, log_dir, report_dir, prune_dir, keep_slower,
+         min_speedup, imports, merge, precision, share_inputs, libs, rpc_tracker, rpc_key, devices, builders, plot_to, quiet, as_json):
     """Tune the kernels of MODELS with MetaSchedule; records go to LOG_DIR/<target key>/.
 
     Re-running the same command resumes from the records. Compiles with the same
@@ -616,7 +619,7 @@ def tune(models, target, arch, names, trials, trials_per_task, wall, log_dir, re
         return
     if report_dir or prune_dir:
         if prune_dir:
-            for key, (before, after) in autotune.prune(prune_dir, keep_slower).items():
+            for key, (before, after) in autotune.prune(prune_dir, keep_slower, min_speedup).items():
                 click.echo(f"{key}: {before} -> {after} records")
             return
         reps = autotune.report(report_dir)

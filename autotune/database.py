@@ -75,7 +75,7 @@ def report(log_dir: str | Path) -> list[TargetRecords]:
     return out
 
 
-def prune(log_dir: str | Path, keep_slower: bool = False) -> dict[str, tuple[int, int]]:
+def prune(log_dir: str | Path, keep_slower: bool = False, min_speedup: float = 1.0) -> dict[str, tuple[int, int]]:
     """Keep, per workload in every record folder, only the record a compile would apply:
     {target key: (before, after)}.
 
@@ -84,7 +84,9 @@ def prune(log_dir: str | Path, keep_slower: bool = False) -> dict[str, tuple[int
     records that lose to the default are dropped, workloads and all, since no compile
     applies them. ``keep_slower`` keeps those too (the best per workload), for a folder
     that tuning goes on from: it then knows these kernels were tried. ``tasks.json`` keeps
-    the entries of the workloads that stay.
+    the entries of the workloads that stay. ``min_speedup`` (above 1) also drops records that
+    beat the default by less than that factor: gains within the timing noise of the machine that
+    measured them, not worth shipping.
     The pruned database is written beside the old one and moved over it, so a crash
     leaves either the old or the new files.
     """
@@ -92,7 +94,7 @@ def prune(log_dir: str | Path, keep_slower: bool = False) -> dict[str, tuple[int
     for d in record_dirs(log_dir):
         with lock(d), tempfile.TemporaryDirectory(dir=d) as tmp:
             before = len(open_database(d, writable=False).get_all_tuning_records())
-            best, _ = best_records([d], keep_slower)
+            best, _ = best_records([d], keep_slower, min_speedup)
             pruned = open_database(tmp)
             for rec in best.get_all_tuning_records():
                 wl = pruned.commit_workload(rec.workload.mod)

@@ -99,9 +99,10 @@ def write_tasks(directory: str | Path, entries: dict) -> None:
     os.replace(tmp, path)
 
 
-def best_records(dirs: list[Path], keep_slower: bool = False):
+def best_records(dirs: list[Path], keep_slower: bool = False, min_speedup: float = 1.0):
     """(a MemoryDatabase of the best record per kernel that beats its default, {kernel: why not});
-    ``keep_slower``: also the best of kernels whose records lose to their default."""
+    ``keep_slower``: also the best of kernels whose records lose to their default; ``min_speedup``:
+    a record must be that many times faster than the default to count as beating it."""
     from tvm.s_tir import meta_schedule as ms
 
     best: dict[str, tuple[float, object]] = {}
@@ -118,7 +119,7 @@ def best_records(dirs: list[Path], keep_slower: bool = False):
     slower = {}
     for shash, (secs, rec) in best.items():
         name, default = defaults.get(shash, (shash, None))
-        if default is not None and secs >= default:
+        if default is not None and secs * min_speedup >= default:
             slower[name] = f"best record {secs * 1e6:.1f} us, default schedule {default * 1e6:.1f} us"
             if not keep_slower:
                 continue

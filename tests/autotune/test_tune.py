@@ -122,6 +122,17 @@ def test_prune_drops_records_that_lose_to_the_default(tmp_path):
     assert {w.name for w in rep.workloads} == {t.name for t in tasks[1:]}
 
 
+def test_prune_with_min_speedup_drops_gains_within_noise(tmp_path):
+    tasks, out = _commit_design_spaces(zoo.mlp(), tmp_path)
+    known = json.loads((out / records.TASKS).read_text())
+    known[tasks[1].shash]["default_seconds"] = 1.05 * 2e-5  # its best record (2e-5) gains 5 %
+    known[tasks[2].shash]["default_seconds"] = 1.5 * 3e-5  # 50 %
+    (out / records.TASKS).write_text(json.dumps(known))
+    assert prune(tmp_path, min_speedup=1.1) == {out.name: (6, 2)}
+    [rep] = report(tmp_path)
+    assert {w.name for w in rep.workloads} == {tasks[0].name, tasks[2].name}  # tasks[0]: no default timed
+
+
 def test_cli_report_and_prune(tmp_path):
     from click.testing import CliRunner
 
