@@ -26,10 +26,10 @@ from __future__ import annotations
 import functools
 
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.base import try_inline
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.target import Target
+
+from .rule_blocks import inlined_blocks
 
 
 class SmallReduction(GPUScheduleRule):
@@ -40,13 +40,10 @@ class SmallReduction(GPUScheduleRule):
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         """The schedule of ``func`` for ``target``, or None where the rule does not apply."""
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        opened = inlined_blocks(self, func, target)
+        if opened is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
-        infos = try_inline(sch, infos)
+        sch, infos = opened
         kinds = [info.dom_kind() for info in infos]
         if not 1 <= len(infos) <= 2 or "R" not in kinds[0] or (len(infos) == 2 and set(kinds[1]) != {"S"}):
             return None

@@ -23,12 +23,11 @@ import math
 
 import tvm
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.base import try_inline
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.target import Target
 
 from ..passes.mutate import static_ints
+from .rule_blocks import inlined_blocks
 from .tensorcore_matmul import _loads
 
 VECTOR_BYTES = 16
@@ -51,13 +50,10 @@ class VectorizedElementwise(GPUScheduleRule):
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         """The schedule of ``func`` for ``target``, or None where the rule does not apply."""
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        opened = inlined_blocks(self, func, target)
+        if opened is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
-        infos = try_inline(sch, infos)
+        sch, infos = opened
         if len(infos) != 1 or set(infos[0].dom_kind()) != {"S"}:
             return None
         block = infos[0].block_rv

@@ -24,12 +24,12 @@ from __future__ import annotations
 import math
 
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.target import Target
 
 from ..passes.mutate import static_ints
+from .rule_blocks import inlined_blocks
 
 WARP = 32
 # Blocks enough for every SM of a large GPU (132 on an H200) to hold a few; fewer rows per block
@@ -45,14 +45,11 @@ class WarpRowReduction(GPUScheduleRule):
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         """The schedule of ``func`` for ``target``, or None where the rule does not apply."""
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        opened = inlined_blocks(self, func, target, try_inline_contiguous_spatial)
+        if opened is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
-        infos = try_inline_contiguous_spatial(sch, infos)
-        if infos is None or len(infos) < 2:
+        sch, infos = opened
+        if len(infos) < 2:
             return None
         kind = infos[0].dom_kind()
         lead = len(kind) - len(kind.lstrip("S"))
