@@ -140,8 +140,7 @@ def _extend(chain: _Chain, value: relax.Expr, values: dict) -> bool:
         return (static_shape(value) or [None])[-1] == chain.n
     if _op(value, "relax.add") and chain.residual is None and not chain.relu:
         a, b = value.args
-        bias_arg = b if _constant(b, values) is not None else a if _constant(a, values) is not None else None
-        bias = _constant(bias_arg, values) if bias_arg is not None else None
+        bias_arg, bias = next(((e, c) for e in (b, a) if (c := _constant(e, values)) is not None), (None, None))
         bs = static_shape(bias_arg) if bias is not None else None  # as broadcast, after any permute_dims
         if chain.bias is None and bs and str(bias.ty.dtype) == chain.dtype and math.prod(bs) == chain.n \
                 and bs[-1] == chain.n and len(bs) <= len(static_shape(value) or []):

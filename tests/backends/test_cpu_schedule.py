@@ -109,11 +109,12 @@ def test_matrix_vector_products_spread_accumulators_along_the_width(rng):
     AVX2 alike) instead of one chain of K FMAs. Tolerance 1e-5 relative to the largest output."""
     a, b, c = te.placeholder((1, 64), name="a"), te.placeholder((64, 200), name="b"), te.placeholder((200,), name="c")
     func = te.create_prim_func([a, b, c, topi.nn.matmul(a, b) + c])
-    text = _scheduled(func, cpu_schedule.TileReduction()).script()
+    scheduled = _scheduled(func, cpu_schedule.TileReduction())
+    text = scheduled.script()
     assert "T.unroll(5)" in text and "T.vectorized(8)" in text, text
     shapes = [(1, 64), (64, 200), (200,), (1, 200)]
     want = _run(func, shapes, np.random.default_rng(3))[-1]
-    got = _run(_scheduled(func, cpu_schedule.TileReduction()), shapes, np.random.default_rng(3))[-1]
+    got = _run(scheduled, shapes, np.random.default_rng(3))[-1]
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
