@@ -42,11 +42,12 @@ from tvm.support import nvcc as _nvcc
 from ..errors import BackendError
 from ..passes.convert_conv_layout import ConvertConvLayout
 from ..passes.dispatch_cublaslt import DispatchCublasLt
+from ..passes.dispatch_cudnn import DispatchCudnn
 from ..passes.fuse_norm_input_casts import FuseNormInputCasts
 from ..passes.fuse_operand_views import FuseOperandViews
 from ..passes.legalize_grouped_conv import LegalizeGroupedConv
 from ..passes.split_k_matmul import SplitKMatmul
-from . import cublaslt
+from .vendor_libs import CUBLASLT, CUDA_LIBS, CUDNN
 from .base import TargetOptions, check_libs, module_tree
 from .apply_default_schedules import ApplyDefaultSchedules
 from .tensorcore_matmul import FULL_WAVE, SMALL_TILE
@@ -76,7 +77,7 @@ class CUDABackend:
             raise BackendError(f"--arch {arch!r} is not a CUDA architecture; expected {ARCH_FORMS}")
         from .cpu import host_triple
 
-        libs = check_libs(opts, (cublaslt.LIB,))
+        libs = check_libs(opts, tuple(CUDA_LIBS))
         return tvm.target.Target({"kind": "cuda", "arch": arch, **_LIMITS, **({"libs": list(libs)} if libs else {})},
                                  host={"kind": "llvm", "mtriple": opts.triple or host_triple()})
 
@@ -107,7 +108,8 @@ class CUDABackend:
         # Norms read their float16 input and cast it themselves (a GEMM's epilogue would
         # otherwise have taken that cast).
         return [FuseNormInputCasts(), LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI")] + \
-            ([DispatchCublasLt()] if _uses_cublaslt(target) else []) + [
+            ([DispatchCublasLt()] if _uses(target, CUBLASLT) else []) + \
+            ([DispatchCudnn()] if _uses(target, CUDNN) else []) + [
             SplitKMatmul(min_tiles=FULL_WAVE // 2, tile=SMALL_TILE.block_m), FuseOperandViews()]
 
     def postfuse_passes(self, target):
@@ -125,11 +127,11 @@ class CUDABackend:
         return {"relax.backend.use_cuda_graph": bool(opts.cuda_graph), "tirx.use_async_copy": True}
 
     def link_objects(self, target) -> list[Path]:
-        return [cublaslt.object_file()] if _uses_cublaslt(target) else []
+        return [lib.object_file() for lib in CUDA_LIBS.values() if _uses(target, lib)]
 
     def prepare_run(self, target: dict) -> None:
-        if cublaslt.LIB in (target.get("libs") or []):
-            cublaslt.preload()
+        for name in target.get("libs") or []:
+            CUDA_LIBS[name].preload()
 
     def emit_source(self, executable, out_dir: Path) -> list[Path]:
         """``kernels.cu`` (CUDA C), ``kernels.ptx`` (PTX for the arch it was built for) and ``host.ll``."""
@@ -157,8 +159,8 @@ class CUDABackend:
         return out
 
 
-def _uses_cublaslt(target: tvm.target.Target) -> bool:
-    return cublaslt.LIB in list(target.attrs.get("libs", None) or [])
+def _uses(target: tvm.target.Target, lib) -> bool:
+    return lib.name in list(target.attrs.get("libs", None) or [])
 
 
 _MARKER = "// smelt-cuda-arch: "

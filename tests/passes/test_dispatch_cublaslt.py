@@ -183,7 +183,7 @@ def _bottleneck(c=64, mid=32):
 
 
 def test_bottleneck_compiles_its_pointwise_convs_to_calls(requires_cuda_compiler):
-    art = _compile(_bottleneck(), torch.randn(2, 64, 8, 8), "float16")
+    art = _compile(_bottleneck(), torch.randn(2, 64, 8, 8), "float16", libs=("cublaslt",))
     taken = [line for line in art.report.explanations if line.startswith("DispatchCublasLt: rewrote nn.conv2d")]
     assert len(taken) == 2, art.report.explanations
     assert sum(rule == "TensorCoreMatmul" for rule in art.report.schedules.values()) == 1  # the 3x3
@@ -200,7 +200,7 @@ def test_artifact_library_carries_the_gemm(requires_cuda_compiler, tmp_path):
     path = art.save(tmp_path / "m")
     symbols = subprocess.run(["nm", "-D", str(path / "model.so")], capture_output=True, text=True).stdout
     assert "__tvm_ffi_smelt_cublaslt_matmul_bias" in symbols
-    assert smelt.artifact.read_manifest(path)["target"]["libs"] == ["cublaslt"]
+    assert smelt.artifact.read_manifest(path)["target"]["libs"] == ["cublaslt", "cudnn"]
 
 
 def test_libs_none_keeps_generated_kernels(requires_cuda_compiler):
@@ -210,8 +210,8 @@ def test_libs_none_keeps_generated_kernels(requires_cuda_compiler):
 
 
 def test_unknown_lib_is_an_error():
-    with pytest.raises(smelt.SmeltError, match="--libs 'cudnn': target cuda calls one of cublaslt"):
-        _compile(_mlp(), torch.randn(4, 32, 256), libs=("cudnn",))
+    with pytest.raises(smelt.SmeltError, match="--libs 'cutlass': target cuda calls one of cublaslt, cudnn"):
+        _compile(_mlp(), torch.randn(4, 32, 256), libs=("cutlass",))
 
 
 @pytest.mark.cuda
@@ -219,7 +219,7 @@ def test_unknown_lib_is_an_error():
 @pytest.mark.parametrize("name", ["mlp", "bottleneck"])
 def test_matches_torch_on_gpu(tmp_path, name, precision, tol):
     model, x = (_mlp(), torch.randn(4, 32, 256)) if name == "mlp" else (_bottleneck(), torch.randn(4, 64, 14, 14))
-    rt = smelt.load(_compile(model, x, precision).save(tmp_path / "m"))
+    rt = smelt.load(_compile(model, x, precision, libs=("cublaslt",)).save(tmp_path / "m"))
     y = rt.run("m", **{rt.models["m"].inputs[0].name: x.numpy()})
     with torch.no_grad():
         ref = model(x).numpy().astype("float64")

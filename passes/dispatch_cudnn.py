@@ -1,0 +1,105 @@
+"""DispatchCudnn: convolutions and their bias/residual/ReLU epilogue become calls of cuDNN.
+
+Requires: a Relax module whose functions are one dataflow block each (as importers and the
+canonicalize phase leave them), static shapes, convolutions in NHWC/OHWI (ConvertConvLayout).
+Guarantees: each chain ``conv2d(x, W)`` [→ ``astype``] [→ ``add(·, bias)``]
+[→ ``add(·, residual)``] [→ ``relu``] (epilogue_chains.py), where the conv is NHWC/OHWI with
+symmetric padding and one group, ``W`` a constant (or a ``permute_dims`` of one, which is
+applied here), ``x`` and ``W`` float16, bfloat16 or float32 of one dtype and the chain's result
+of that dtype too, ``bias`` a constant of as many elements as output channels, ``residual`` a
+computed tensor of the result's shape and dtype, becomes one
+``call_dps_packed("smelt_cudnn_conv2d[_residual]", (x, W, bias, [residual], pad_h, pad_w,
+stride_h, stride_w, dil_h, dil_w, groups, epilogue), [y, workspace])``; a chain without a bias
+gets a zero one (cuDNN's fused call always adds one). Products are accumulated in float32;
+float32 convs stay exact float32 (no TF32). Everything else keeps smelt's generated kernels,
+with the reason recorded for ``--explain``: grouped and depthwise convs, asymmetric padding, a
+float32 result of 16-bit operands.
+Where: in the CUDA backend's pre-legalize passes after ``DispatchCublasLt`` (which takes the
+1×1 convs that are plain GEMMs first), when the target's ``libs`` names ``cudnn``; the backend
+links the implementation (``backends/cudnn.cc``) into the artifact.
+Why: on an H200, smelt's generated implicit-GEMM convs (mma.sync) ran ResNet-50's 3×3 convs at
+about 0.55 ms per batch of 32 and its 7×7 stem at 0.21 ms, where cuDNN's Hopper kernels take
+0.35 and 0.06 (bench/results/h200_rn50_b32_kernels.json).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..ir.weights import exact_const
+from .epilogue_chains import WORKSPACE_BYTES, Chain, ChainRewriter, op_is, permutation
+from .explain import Explainer
+from .mutate import static_shape
+
+FUNCTION = "smelt_cudnn_conv2d"  # + "_residual"
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _weight(e: relax.Expr, values: dict) -> np.ndarray | None:
+    """The values of a constant weight, through a ``permute_dims`` of one, else None."""
+    e = values.get(e, e)
+    if isinstance(e, tvm.ir.Constant):
+        return e.value.numpy()
+    if op_is(e, "relax.permute_dims") and isinstance(e.args[0], tvm.ir.Constant):
+        return np.ascontiguousarray(e.args[0].value.numpy().transpose(permutation(e)))
+    return None
+
+
+class _Rewriter(ChainRewriter):
+    def start(self, value, values):
+        if not op_is(value, "relax.nn.conv2d"):
+            return None, ""
+        a = value.attrs
+        x = value.args[0]
+        if str(a.data_layout) != "NHWC" or str(a.kernel_layout) != "OHWI" or str(a.out_layout) != "NHWC":
+            return None, f"layout {a.data_layout}/{a.kernel_layout}/{a.out_layout}, not NHWC/OHWI/NHWC"
+        if int(a.groups) != 1:
+            return None, f"a conv of {int(a.groups)} groups keeps smelt's kernels"
+        top, left, bottom, right = (int(v) for v in a.padding)
+        if (top, left) != (bottom, right):
+            return None, f"padding {[top, left, bottom, right]} is not symmetric, which cuDNN requires"
+        if static_shape(x) is None or static_shape(value) is None:
+            return None, "shapes are not static"
+        w = _weight(value.args[1], values)
+        if w is None:
+            return None, "the kernel is computed, not a weight"
+        xd, out = str(x.ty.dtype), str(a.out_dtype)
+        if xd not in DTYPES or str(w.dtype) != xd:
+            return None, f"operands are {xd} and {w.dtype}; cuDNN is called for one of {', '.join(DTYPES)}"
+        if out not in ("", "void", "None", xd, "float32"):
+            return None, f"out_dtype {out}"
+        return Chain(x, exact_const(w), int(w.shape[0]), out if out not in ("", "void", "None") else xd), ""
+
+    def finish(self, chain):
+        xd = str(chain.x.ty.dtype)
+        if chain.dtype != xd:
+            return f"the result is {chain.dtype} of {xd} operands; cuDNN writes the operands' dtype"
+        return ""
+
+    def call(self, chain, values, result_ty, sub):
+        conv = values[chain.members[0]]
+        a = conv.attrs
+        top, left, _, _ = (int(v) for v in a.padding)
+        bias = chain.bias if chain.bias is not None else exact_const(np.zeros(chain.n, chain.dtype))
+        args = [sub(chain.x), chain.w, bias] + ([sub(chain.residual)] if chain.residual is not None else [])
+        args += [relax.prim_value(v) for v in (top, left, *(int(s) for s in a.strides), *(int(d) for d in a.dilation),
+                                               int(a.groups))] + [chain.epilogue()]
+        out_ty = [relax.TensorType(result_ty.shape, chain.dtype), relax.TensorType([WORKSPACE_BYTES], "uint8")]
+        func = FUNCTION + ("_residual" if chain.residual is not None else "")
+        kh, kw = (static_shape(chain.w) or [0, 0, 0])[1:3]
+        what = f"{chain.parts('conv2d')} to cuDNN, {kh}x{kw} stride {'x'.join(str(int(s)) for s in a.strides)}, " \
+            f"{static_shape(chain.x)[-1]}->{chain.n} channels"
+        return relax.call_dps_packed(func, relax.Tuple(args), out_ty), what
+
+
+@tvm.transform.module_pass(opt_level=0, name="DispatchCudnn")
+class DispatchCudnn:
+    """See the module docstring."""
+
+    def __init__(self, explain: Explainer | None = None):
+        self.explain = explain or Explainer("DispatchCudnn")
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return _Rewriter(self.explain).module(mod)

@@ -1,0 +1,206 @@
+"""Epilogue chains: the machinery the passes that hand ops to vendor libraries share.
+
+A chain is one op that a library computes (a weight GEMM, a convolution) followed by what the
+library's epilogue computes with it: [``astype`` float32 → 16-bit] [``add(·, bias)``]
+[``add(·, residual)``] [``relu``], with shape-preserving ``reshape``s that keep the last axis,
+each intermediate result used only by the next. ``ChainRewriter`` finds the chains of a
+function (one dataflow block, static shapes), asks its subclass which ops start one and what
+call replaces it, and rebuilds the function with the calls; every op it leaves gets a reason
+for ``--explain``. Used by DispatchCublasLt and DispatchCudnn, which are the passes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import relax
+
+from .explain import Explainer
+from .mutate import map_vars, static_shape
+
+EPILOGUE_NONE, EPILOGUE_RELU = 0, 1
+# cuBLASLt's recommended workspace on Hopper, which cuDNN's convolutions fit in too. Relax plans
+# it like any tensor; each call's is dead when the next one runs, so one buffer serves them all.
+WORKSPACE_BYTES = 32 << 20
+
+
+@dataclass
+class Chain:
+    x: relax.Expr
+    w: relax.Expr
+    n: int  # the result's last axis (GEMM columns, output channels)
+    dtype: str  # of the result so far
+    trans_b: bool = False
+    bias: relax.Expr | None = None
+    residual: relax.Expr | None = None
+    relu: bool = False
+    members: list = field(default_factory=list)  # bound variables, first the op's
+
+    def parts(self, op: str) -> str:
+        """``op + bias + residual + relu``, what the chain computes."""
+        return " + ".join([op] + (["bias"] if self.bias is not None else []) +
+                          (["residual"] if self.residual is not None else []) + (["relu"] if self.relu else []))
+
+    def epilogue(self) -> relax.Expr:
+        return relax.prim_value(EPILOGUE_RELU if self.relu else EPILOGUE_NONE)
+
+
+def op_is(e, name: str) -> bool:
+    return isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == name
+
+
+def constant(e: relax.Expr, values: dict) -> tvm.ir.Constant | None:
+    """The constant ``e`` is, or holds in the same memory order: a ``permute_dims`` (as
+    ConvertConvLayout puts on weights and biases) that moves only axes of extent 1."""
+    e = values.get(e, e)
+    if isinstance(e, tvm.ir.Constant):
+        return e
+    if op_is(e, "relax.permute_dims") and isinstance(e.args[0], tvm.ir.Constant):
+        shape = static_shape(e.args[0]) or []
+        moved = [a for a in permutation(e) if shape[a] != 1]
+        if moved == sorted(moved):
+            return e.args[0]
+    return None
+
+
+def permutation(e: relax.Call) -> list[int]:
+    """The axes of a ``permute_dims`` call (reversed when it names none)."""
+    rank = len(static_shape(e.args[0]) or [])
+    return [int(a) for a in e.attrs.axes] if e.attrs.axes is not None else list(range(rank))[::-1]
+
+
+def extend(chain: Chain, value: relax.Expr, values: dict) -> bool:
+    """Take ``value`` (the only user of the chain's result) into the chain when a library's
+    epilogue computes it; in that case update ``chain``."""
+    untouched = chain.bias is None and chain.residual is None and not chain.relu
+    if op_is(value, "relax.astype") and untouched and chain.dtype == "float32" \
+            and str(value.attrs.dtype) in ("float16", "bfloat16"):
+        chain.dtype = str(value.attrs.dtype)
+        return True
+    if op_is(value, "relax.reshape"):
+        return (static_shape(value) or [None])[-1] == chain.n
+    if op_is(value, "relax.add") and chain.residual is None and not chain.relu:
+        a, b = value.args
+        bias_arg, bias = next(((e, c) for e in (b, a) if (c := constant(e, values)) is not None), (None, None))
+        bs = static_shape(bias_arg) if bias is not None else None  # as broadcast, after any permute_dims
+        if chain.bias is None and bs and str(bias.ty.dtype) == chain.dtype and math.prod(bs) == chain.n \
+                and bs[-1] == chain.n and len(bs) <= len(static_shape(value) or []):
+            chain.bias = bias
+            return True
+        other = b if a.same_as(chain.members[-1]) else a
+        if bias is None and not other.same_as(chain.members[-1]) and static_shape(other) == static_shape(value) \
+                and str(other.ty.dtype) == chain.dtype:
+            chain.residual = other
+            return True
+    if op_is(value, "relax.nn.relu") and not chain.relu:
+        chain.relu = True
+        return True
+    return False
+
+
+def _users(block: relax.DataflowBlock, output: relax.Expr) -> dict:
+    """{variable: number of uses} in ``block`` and the function's result."""
+    counts: dict = {}
+
+    def count(e):
+        if isinstance(e, relax.Var):
+            counts[e] = counts.get(e, 0) + 1
+
+    for b in block.bindings:
+        relax.analysis.post_order_visit(b.value, count)
+    relax.analysis.post_order_visit(output, count)
+    return counts
+
+
+class ChainRewriter:
+    """Replaces each chain a subclass starts with the call it builds (see the module docstring)."""
+
+    def __init__(self, explain: Explainer):
+        self.explain = explain
+
+    def start(self, value: relax.Call, values: dict) -> tuple[Chain | None, str]:
+        """The chain ``value`` starts, or None and why not; None and "" for ops not the library's."""
+        raise NotImplementedError
+
+    def finish(self, chain: Chain) -> str:
+        """Why the library cannot compute the whole chain (then it is left), else ""."""
+        return ""
+
+    def call(self, chain: Chain, values: dict, result_ty: relax.TensorType, sub) -> tuple[relax.Expr, str]:
+        """The call computing ``chain`` (``sub`` renames its operands) and what ``--explain`` says of it."""
+        raise NotImplementedError
+
+    def chains(self, block: relax.DataflowBlock, values: dict, output: relax.Expr) -> dict:
+        """{last variable of a chain: chain} (``values``: the block's bindings)."""
+        uses = _users(block, output)
+        user_of = {}
+        for b in block.bindings:
+            relax.analysis.post_order_visit(b.value, lambda e, v=b.var: user_of.setdefault(e, v)
+                                            if isinstance(e, relax.Var) else None)
+        out, claimed = {}, set()
+        for b in block.bindings:
+            if not isinstance(b.value, relax.Call):
+                continue
+            chain, why = self.start(b.value, values)
+            if chain is None:
+                if why:
+                    self.explain.skip(b.value, why)
+                continue
+            chain.members.append(b.var)
+            last = b.var
+            # An add of two chains' results is the first one's residual, not both chains'.
+            while uses.get(last, 0) == 1 and user_of.get(last) in values and user_of[last] not in claimed \
+                    and isinstance(last, relax.DataflowVar) and extend(chain, values[user_of[last]], values):
+                last = user_of[last]
+                chain.members.append(last)
+            if why := self.finish(chain):
+                self.explain.skip(b.value, why)
+                continue
+            claimed.update(chain.members)
+            out[last] = chain
+        return out
+
+    def function(self, func: relax.Function) -> relax.Function:
+        body = func.body
+        if not isinstance(body, relax.SeqExpr) or len(body.blocks) != 1 or \
+                not isinstance(body.blocks[0], relax.DataflowBlock):
+            self.explain.skip(func, "the function is not one dataflow block")
+            return func
+        block = body.blocks[0]
+        values = {b.var: b.value for b in block.bindings}
+        chains = self.chains(block, values, body.body)
+        if not chains:
+            return func
+        absorbed = {v for c in chains.values() for v in c.members[:-1]}
+        env: dict = {}
+
+        def sub(e):
+            return map_vars(e, lambda v: env.get(v, v))
+
+        bb = relax.BlockBuilder()
+        attrs = {k: v for k, v in func.attrs.items()} if func.attrs is not None else None
+        with bb.function("f", list(func.params), attrs=attrs, pure=True):
+            with bb.dataflow():
+                for b in block.bindings:
+                    if b.var in absorbed:
+                        continue
+                    if b.var in chains:
+                        chain = chains[b.var]
+                        call, what = self.call(chain, values, b.var.ty, sub)
+                        value = relax.TupleGetItem(bb.emit(call), 0)
+                        self.explain.fired(values[chain.members[0]], what)
+                    else:
+                        value = sub(b.value)
+                    env[b.var] = bb.emit_output(value) if not isinstance(b.var, relax.DataflowVar) else bb.emit(value)
+                result = sub(body.body)
+            bb.emit_func_output(result)
+        new = bb.get()["f"]
+        # The builder names the function "f"; the original's attributes (its symbol too) return.
+        return new.without_attr("global_symbol").with_attrs(func.attrs) if func.attrs is not None else \
+            new.without_attr("global_symbol")
+
+    def module(self, mod: tvm.IRModule) -> tvm.IRModule:
+        funcs = {gv: self.function(f) if isinstance(f, relax.Function) else f for gv, f in mod.functions_items()}
+        return tvm.IRModule(funcs, attrs=mod.attrs)
