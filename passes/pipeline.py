@@ -91,7 +91,9 @@ def fuse_passes(opts: PipelineOptions) -> list[tvm.transform.Pass]:
               relax.transform.FoldConstant()]
     if opts.fuse:
         passes += [FenceExpandingBroadcasts(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
-    passes.append(relax.transform.DeadCodeElimination())
+    # Kernels that only reshape become views (TVM runs this pass after scheduling, where the
+    # schedules' cache stages hide the pattern it looks for: each reshape stayed a copy kernel).
+    passes += [relax.transform.RewriteDataflowReshape(), relax.transform.DeadCodeElimination()]
     return passes
 
 

@@ -1,0 +1,30 @@
+"""The shared fuse phase (passes/pipeline.py): what it guarantees the schedule phase."""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from smelt.passes.pipeline import PipelineOptions, fuse_passes
+
+
+def test_reshape_kernels_become_views():
+    """A reshape between two library calls (BERT's norm → reshape → cuBLASLt GEMM) fuses with
+    nothing; it leaves the fuse phase as a view (``R.reshape``), not a copy kernel for the
+    schedule phase to schedule."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 128, 768), "float16"))
+    out_ty = relax.TensorType((1, 128, 768), "float16")
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.call_dps_packed("lib_a", relax.Tuple([x]), out_ty))
+            r = bb.emit(relax.op.reshape(a, (128, 768)))
+            y = bb.emit_output(bb.emit(relax.call_dps_packed("lib_b", relax.Tuple([r]),
+                                                             relax.TensorType((128, 768), "float16"))))
+        bb.emit_func_output(y)
+    mod = tvm.transform.Sequential(fuse_passes(PipelineOptions()))(bb.get())
+    ops = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: ops.append(e.op.name) if isinstance(e, relax.Call)
+                                    and isinstance(e.op, tvm.ir.Op) else None)
+    assert "relax.reshape" in ops and "relax.call_tir" not in ops, ops
+    assert not [gv for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
