@@ -120,7 +120,8 @@ def _libs(value: str | None) -> tuple[str, ...] | None:
 @click.option("--verify-each", is_flag=True, help="Check well-formedness after every pass.")
 @click.option("--no-cuda-graph", is_flag=True, help="Do not capture CUDA graphs.")
 @click.option("--libs", metavar="LIB[,LIB]|none", help="Vendor libraries the generated code may call "
-              "(cuda: cublaslt, the default, runs weight GEMMs on cuBLASLt); none: only generated kernels.")
+              "(cuda: cublaslt runs weight GEMMs on cuBLASLt, cudnn convolutions on cuDNN; both by default); "
+              "none: only generated kernels.")
 @click.option("--no-fold-batch-norm", is_flag=True, help="Keep BatchNorm as its own ops.")
 @click.option("--precision", default="float32", show_default=True, type=click.Choice(list(_PRECISION)),
               help="Compute precision (fp16, bf16); softmax, norms and reductions stay float32.")

@@ -1,8 +1,9 @@
 """CUDA backend: kernels for NVIDIA GPUs (--arch sm_XX); builds without a GPU.
 
-Weight GEMMs and 1x1 convolutions (with their bias, residual and ReLU) run on cuBLASLt unless
-``--libs none`` (``DispatchCublasLt``; the routine is linked into the artifact, cuBLASLt opened
-at run time).
+Weight GEMMs and 1x1 convolutions (with their bias, residual and ReLU) run on cuBLASLt
+(``DispatchCublasLt``), the other convolutions of one group on cuDNN (``DispatchCudnn``), unless
+``--libs`` leaves that library out; the routines are linked into the artifact, the libraries
+opened at run time (``vendor_libs.py``).
 Default schedules come from smelt's TensorCoreMatmul, then dlight (crash-safe, per kernel);
 convolutions are converted to NHWC/OHWI first, so that TensorCoreMatmul takes them as implicit
 GEMMs. CUDA graphs capture static-shape regions, cuBLASLt calls included (TVM's
@@ -104,7 +105,8 @@ class CUDABackend:
         # Matmuls that fill less than half the GPU with TensorCoreMatmul's tiles split their K.
         # Transposes and slices of matmul operands (attention's q/k/v) are read inside the matmul.
         # Weight GEMMs go to cuBLASLt, when the target lists it: split-K and operand views apply only
-        # to the matmuls left. They are taken after the layout conversion, where a 1x1 conv is one GEMM too.
+        # to the matmuls left. They are taken after the layout conversion, where a 1x1 conv is one GEMM too;
+        # cuDNN then takes the convs cuBLASLt left, when the target lists it.
         # Norms read their float16 input and cast it themselves (a GEMM's epilogue would
         # otherwise have taken that cast).
         return [FuseNormInputCasts(), LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI")] + \

@@ -95,7 +95,7 @@ def main() -> None:
                     help="comma-separated MODEL:BATCH, MODEL in resnet50, bert, mobilenetv3")
     ap.add_argument("--tune-log-dir", help="also compile with the tuning records in this folder")
     ap.add_argument("--precision", default="float32", choices=["float32", "float16"])
-    ap.add_argument("--libs", help="vendor libraries smelt may call (default: the backend's, cublaslt); none")
+    ap.add_argument("--libs", help="vendor libraries smelt may call (default: the backend's, cublaslt,cudnn); none")
     ap.add_argument("--json")
     args = ap.parse_args()
     libs = None if args.libs is None else () if args.libs == "none" else tuple(args.libs.split(","))
