@@ -27,8 +27,8 @@ from tvm.target.codegen import llvm_get_vector_width
 
 
 def default_rules() -> list:
-    """Tiled reductions (conv, matmul, pooling) first, then dlight's CPU rules, then elementwise."""
-    return [TileReduction(), dl_cpu.GEMV(), dl_cpu.Reduction(), ParallelInjective()]
+    """Winograd transforms, tiled reductions (conv, matmul, pooling), dlight's CPU rules, then elementwise."""
+    return [WinogradTransform(), TileReduction(), dl_cpu.GEMV(), dl_cpu.Reduction(), ParallelInjective()]
 
 
 def vector_lanes(target, dtype_bits: int) -> int:
@@ -223,6 +223,66 @@ def _pack_weights(sch, block, names: set[str], n_s: int, width: int) -> None:
             lambda *idx: [idx[-1] // width, *idx[:-1], idx[-1] % width], ndim=ndim,
             index_dtype=str(buf.shape[-1].ty)))
         sch.annotate(cache, "meta_schedule.layout_rewrite_preproc", True)
+
+
+class WinogradTransform(ScheduleRule):
+    """The input and output transforms of a Winograd convolution (``RewriteConvWinograd``).
+
+    Their blocks (annotated ``winograd_tile``) pick one of 16 (input) or 4 (output)
+    expressions by the position in the tile. Here that position is an unrolled loop, so each
+    copy is one straight sum of ±1 terms; the tiles run in parallel, the channels innermost
+    and vectorized. Scheduled as any injective kernel, the choice was made per element at
+    run time (16 selects per value). The output transform's epilogue (bias, residual,
+    activation) is inlined into it.
+    """
+
+    def apply(self, func: tirx.PrimFunc, target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or not infos or not all(b.is_injective() for b in infos):
+            return None
+        tagged = [b for b in infos if "winograd_tile" in sch.get(b.block_rv).annotations]
+        if len(tagged) != 1:
+            return None
+        tile = int(sch.get(tagged[0].block_rv).annotations["winograd_tile"])
+        is_input = len(sch.get(tagged[0].block_rv).writes[0].source.shape) == 3  # [alpha^2, tiles, C]; the output is NHWC
+        for b in infos[:-1]:
+            try:
+                sch.compute_inline(b.block_rv)
+            except Exception:
+                return None
+        block = infos[-1].block_rv
+        loops = sch.get_loops(block)
+        extents = _const_extents(sch, loops)
+        if extents is None:
+            return None
+        lanes = vector_lanes(target, 32)
+        vec = lanes if extents[-1] % lanes == 0 else _divisor(extents[-1], lanes, 4)
+        if vec is None:
+            return None
+        if is_input:
+            if len(loops) != 3:
+                return None
+            pos, tiles, ch = loops
+            co, ci = sch.split(ch, [None, vec])
+            sch.reorder(tiles, co, pos, ci)
+            sch.parallel(sch.fuse(tiles, co))
+            sch.unroll(pos)
+        else:
+            if len(loops) not in (3, 4):  # a batch of one has no loop of its own
+                return None
+            *n, h, w, ch = loops
+            ho, hi = sch.split(h, [None, tile])
+            wo, wi = sch.split(w, [None, tile])
+            co, ci = sch.split(ch, [None, vec])
+            sch.reorder(*n, ho, wo, co, hi, wi, ci)
+            sch.parallel(sch.fuse(*n, ho, wo))
+            sch.unroll(hi)
+            sch.unroll(wi)
+        sch.vectorize(ci)
+        return sch
 
 
 class ParallelInjective(ScheduleRule):

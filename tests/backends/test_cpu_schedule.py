@@ -199,3 +199,55 @@ def test_dynamic_batch_keeps_the_tiles(tmp_path, rng):
     (want,) = ort_outputs(model, feeds)
     got = smelt.load(art.save(tmp_path / "art")).run(next(iter(art.models)), **feeds)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_winograd_transforms_unroll_the_tile_and_match_a_direct_conv():
+    """3x3 conv as Winograd F(2x2, 3x3): input transform, batched matmul with the transformed
+    weights, output transform with bias and ReLU. Each transform unrolls its tile position
+    (16 and 2x2), so every copy is a straight sum; scheduled as any injective kernel each value
+    chose among 16 expressions at run time. Odd sizes (7x7) take a partial last tile.
+    Tolerance 1e-5 relative to the largest output (rounding of the 0, +-1, +-1/2 coefficients)."""
+    from smelt.backends import cpu as cpu_backend
+
+    n, h, c, k = 1, 7, 16, 32
+    rule = cpu_schedule.WinogradTransform()
+    x = te.placeholder((n, h, h, c), name="x")
+    v = cpu_backend._winograd_input(x)
+    fin = _scheduled(te.create_prim_func([x, v]), rule)
+    assert "T.unroll(16)" in fin.script() and "T.vectorized(16)" in fin.script(), fin.script()
+    b = te.placeholder((1, 1, 1, k), name="b")
+    m = te.placeholder((16, int(v.shape[1]), k), name="m")
+    y = topi.nn.relu(cpu_backend._winograd_output(m, n, h, h) + b)
+    fout = _scheduled(te.create_prim_func([m, b, y]), rule)
+    assert fout.script().count("T.unroll(2)") == 2 and "T.Select" in fout.script()
+
+    rng = np.random.default_rng(5)
+    xs, ws, bs = (rng.standard_normal(s).astype("float32") for s in [(n, h, h, c), (3, 3, c, k), (1, 1, 1, k)])
+    dev = tvm.cpu()
+    lin = tvm.compile(tvm.IRModule({"main": fin}), target=TARGET)
+    vt = tvm.runtime.tensor(np.zeros([int(d) for d in v.shape], "float32"), dev)
+    lin(tvm.runtime.tensor(xs, dev), vt)
+    u = np.einsum("ai,ijck,bj->abck", cpu_backend._WINOGRAD_G, ws.astype("float64"), cpu_backend._WINOGRAD_G)
+    mm = np.matmul(vt.numpy(), u.reshape(16, c, k).astype("float32"))
+    lout = tvm.compile(tvm.IRModule({"main": fout}), target=TARGET)
+    got = tvm.runtime.tensor(np.zeros((n, h, h, k), "float32"), dev)
+    lout(tvm.runtime.tensor(mm, dev), tvm.runtime.tensor(bs, dev), got)
+    xp = np.pad(xs, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = np.maximum(sum(np.einsum("nhwc,ck->nhwk", xp[:, i:i + h, j:j + h], ws[i, j])
+                          for i in range(3) for j in range(3)) + bs, 0)
+    assert np.abs(got.numpy() - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_resnet_3x3_convs_run_as_winograd(tmp_path, rng):
+    """Every 3x3 stride-1 conv of a ResNet becomes the three Winograd kernels, the strided and
+    1x1 ones stay direct; numbers equal onnxruntime's to 1e-5 relative to the largest."""
+    model = zoo.resnet(depth=18, size=64, classes=10)
+    art = smelt.compile(model, "cpu")
+    kinds = art.report.schedules
+    assert sum(k.startswith("winograd_input") for k in kinds) == 4  # one kernel per distinct shape
+    assert all(v == "WinogradTransform" for k, v in kinds.items() if k.startswith("winograd_output")), kinds
+    assert any("conv2d" in k for k in kinds)  # the stem and the strided convs
+    feeds = {"input": rng.standard_normal((1, 3, 64, 64)).astype("float32")}
+    (want,) = ort_outputs(model, feeds)
+    got = smelt.load(art.save(tmp_path / "art")).run(next(iter(art.models)), **feeds)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
