@@ -176,6 +176,7 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     for name in kernels:  # what neither a record nor a backend rule scheduled: TVM's default lowering
         report.schedules.setdefault(name, "default")
 
+    tvm_target = _libs_called(mod, tvm_target)
     t1 = time.perf_counter()
     if on_step:
         on_step(Step("build", _BuildMarker), len(steps) + 1, len(steps) + 1)
@@ -189,6 +190,25 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     report.phase_seconds["build"] = time.perf_counter() - t1
     return Artifact(executable, lowered.models, lowered.weights, backend.name, tvm_target, opts, report,
                     [s.name for s in steps])
+
+
+def _libs_called(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.target.Target:
+    """``target`` with its ``libs`` narrowed to the vendor libraries whose routines
+    (``smelt_<lib>_*``) ``mod`` calls: the artifact links and loads only those (BERT needs no
+    cuDNN on the machine that runs it)."""
+    libs = [str(lib) for lib in target.attrs.get("libs", None) or []]
+    if not libs:
+        return target
+    called: set[str] = set()
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, lambda e: called.add(str(e.global_symbol))
+                                            if isinstance(e, relax.ExternFunc) else None)
+    used = [lib for lib in libs if any(s.startswith(f"smelt_{lib}_") for s in called)]
+    if used == libs:
+        return target
+    spec = {k: v for k, v in dict(target.export()).items() if k != "libs"}
+    return tvm.target.Target({**spec, **({"libs": used} if used else {})})
 
 
 @dataclass

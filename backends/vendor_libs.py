@@ -8,6 +8,9 @@ cuBLASLt and cuDNN, as TensorRT and torch use them; ``--libs`` chooses, ``none``
 object code. TVM 0.27's wheel has no cuBLAS or cuDNN support of its own (built with
 USE_CUBLAS=OFF and USE_CUDNN=OFF), hence these routines.
 
+A library's routines are named ``smelt_<name>_*``: a compile keeps in the target's ``libs``
+only the libraries whose routines the module calls, so an artifact links and loads no other.
+
 Each object is compiled from its source with the system C++ compiler against TVM-FFI's headers,
 once per source version, into the user's cache folder (atomically: a concurrent compile never
 sees half a file). The vendor library itself is opened when the first call runs, so building

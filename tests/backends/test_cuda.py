@@ -52,8 +52,10 @@ def kernels_in_library(lib: bytes, arch: str) -> bool:
 
 @pytest.fixture(scope="module")
 def resnet(requires_cuda_compiler, tmp_path_factory):
-    """ResNet-18 at 32×32 built for sm_90 and saved with its source."""
-    art = smelt.compile([zoo.resnet(18, size=32)], target="cuda", arch="sm_90")
+    """ResNet-18 at 32×32 built for sm_90 and saved with its source, all its kernels generated
+    (``--libs none``; by default its convs would run on cuDNN)."""
+    opts = smelt.CompileOptions(smelt.TargetOptions("cuda", "sm_90", libs=()))
+    art = smelt.compile([zoo.resnet(18, size=32)], target="cuda", options=opts)
     path = art.save(tmp_path_factory.mktemp("cuda") / "resnet18", emit_source=True)
     return art, path
 

@@ -158,6 +158,7 @@ def test_artifact_library_carries_the_conv(requires_cuda_compiler, tmp_path):
     path = art.save(tmp_path / "m")
     symbols = subprocess.run(["nm", "-D", str(path / "model.so")], capture_output=True, text=True).stdout
     assert "__tvm_ffi_smelt_cudnn_conv2d" in symbols and "__tvm_ffi_smelt_cudnn_conv2d_residual" in symbols
+    assert smelt.artifact.read_manifest(path)["target"]["libs"] == ["cudnn"]  # no GEMM: cuBLASLt is not needed
 
 
 def test_libs_cublaslt_alone_keeps_generated_convs(requires_cuda_compiler):
