@@ -32,12 +32,11 @@ import tvm
 from tvm import relax
 
 from ..ir.weights import exact_const
-from .epilogue_chains import WORKSPACE_BYTES, Chain, ChainRewriter, constant, op_is
+from .epilogue_chains import DTYPES, WORKSPACE_BYTES, Chain, ChainRewriter, constant, op_is, result_dtype
 from .explain import Explainer
 from .mutate import static_shape
 
 FUNCTION = "smelt_cublaslt_matmul"  # + "_bias" and/or "_residual"
-DTYPES = ("float16", "bfloat16", "float32")
 
 
 def _start(value: relax.Expr, values: dict) -> tuple[Chain | None, str]:
@@ -59,12 +58,12 @@ def _start(value: relax.Expr, values: dict) -> tuple[Chain | None, str]:
         return None, "x is not a static tensor of rank 2 or more"
     if xd not in DTYPES or str(w.ty.dtype) != xd:
         return None, f"operands are {xd} and {w.ty.dtype}; cuBLASLt is called for one of {', '.join(DTYPES)}"
-    if out not in ("", "void", "None", xd, "float32"):
+    if (dtype := result_dtype(out, xd)) is None:
         return None, f"out_dtype {out}"
     k, n = (ws[1], ws[0]) if trans_b else ws
     if xs[-1] != k or math.prod(xs) == 0 or n == 0:
         return None, f"x {xs} does not match the weight's K={k}"
-    return Chain(x, w, int(n), out if out not in ("", "void", "None") else xd, trans_b), ""
+    return Chain(x, w, int(n), dtype, trans_b), ""
 
 
 def _start_conv(value: relax.Call, values: dict) -> tuple[Chain | None, str]:
@@ -85,11 +84,10 @@ def _start_conv(value: relax.Call, values: dict) -> tuple[Chain | None, str]:
     xd, out = str(x.ty.dtype), str(a.out_dtype)
     if xd not in DTYPES or str(w.ty.dtype) != xd:
         return None, f"operands are {xd} and {w.ty.dtype}; cuBLASLt is called for one of {', '.join(DTYPES)}"
-    if out not in ("", "void", "None", xd, "float32"):
+    if (dtype := result_dtype(out, xd)) is None:
         return None, f"out_dtype {out}"
     n, k = ws[0], ws[3]
-    w2 = exact_const(w.value.numpy().reshape(n, k))
-    return Chain(x, w2, int(n), out if out not in ("", "void", "None") else xd, True), ""
+    return Chain(x, exact_const(w.value.numpy().reshape(n, k)), int(n), dtype, True), ""
 
 
 class _Rewriter(ChainRewriter):

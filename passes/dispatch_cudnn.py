@@ -29,12 +29,11 @@ import tvm
 from tvm import relax
 
 from ..ir.weights import exact_const
-from .epilogue_chains import WORKSPACE_BYTES, Chain, ChainRewriter, op_is, permutation
+from .epilogue_chains import DTYPES, WORKSPACE_BYTES, Chain, ChainRewriter, op_is, permutation, result_dtype
 from .explain import Explainer
 from .mutate import static_shape
 
 FUNCTION = "smelt_cudnn_conv2d"  # + "_residual"
-DTYPES = ("float16", "bfloat16", "float32")
 
 
 def _weight(e: relax.Expr, values: dict) -> np.ndarray | None:
@@ -68,9 +67,9 @@ class _Rewriter(ChainRewriter):
         xd, out = str(x.ty.dtype), str(a.out_dtype)
         if xd not in DTYPES or str(w.dtype) != xd:
             return None, f"operands are {xd} and {w.dtype}; cuDNN is called for one of {', '.join(DTYPES)}"
-        if out not in ("", "void", "None", xd, "float32"):
+        if (dtype := result_dtype(out, xd)) is None:
             return None, f"out_dtype {out}"
-        return Chain(x, exact_const(w), int(w.shape[0]), out if out not in ("", "void", "None") else xd), ""
+        return Chain(x, exact_const(w), int(w.shape[0]), dtype), ""
 
     def finish(self, chain):
         xd = str(chain.x.ty.dtype)

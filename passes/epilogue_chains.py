@@ -21,6 +21,7 @@ from .explain import Explainer
 from .mutate import map_vars, static_shape
 
 EPILOGUE_NONE, EPILOGUE_RELU = 0, 1
+DTYPES = ("float16", "bfloat16", "float32")  # what cuBLASLt and cuDNN are called for
 # cuBLASLt's recommended workspace on Hopper, which cuDNN's convolutions fit in too. Relax plans
 # it like any tensor; each call's is dead when the next one runs, so one buffer serves them all.
 WORKSPACE_BYTES = 32 << 20
@@ -45,6 +46,15 @@ class Chain:
 
     def epilogue(self) -> relax.Expr:
         return relax.prim_value(EPILOGUE_RELU if self.relu else EPILOGUE_NONE)
+
+
+def result_dtype(out_dtype, operands: str) -> str | None:
+    """What an op with ``out_dtype`` (unset: the operands' dtype) writes, when a library computes
+    it: the operands' dtype or float32 (accumulated); None for anything else."""
+    out = str(out_dtype)
+    if out in ("", "void", "None"):
+        return operands
+    return out if out in (operands, "float32") else None
 
 
 def op_is(e, name: str) -> bool:
