@@ -27,6 +27,7 @@ from .manager import Step
 from .mixed_precision import ToMixedPrecision
 from .merge_common_stems import MergeCommonStems, resolve_shared_inputs
 from .remove_identity_ops import RemoveIdentityOps
+from .rewrite_reshape_views import RewriteReshapeViews
 from .sink_reshapes import SinkReshapes
 
 log = logging.getLogger(__name__)
@@ -91,9 +92,7 @@ def fuse_passes(opts: PipelineOptions) -> list[tvm.transform.Pass]:
               relax.transform.FoldConstant()]
     if opts.fuse:
         passes += [FenceExpandingBroadcasts(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
-    # Kernels that only reshape become views (TVM runs this pass after scheduling, where the
-    # schedules' cache stages hide the pattern it looks for: each reshape stayed a copy kernel).
-    passes += [relax.transform.RewriteDataflowReshape(), relax.transform.DeadCodeElimination()]
+    passes += [RewriteReshapeViews(), relax.transform.DeadCodeElimination()]
     return passes
 
 
