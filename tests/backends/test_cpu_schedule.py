@@ -207,17 +207,17 @@ def test_winograd_transforms_unroll_the_tile_and_match_a_direct_conv():
     (16 and 2x2), so every copy is a straight sum; scheduled as any injective kernel each value
     chose among 16 expressions at run time. Odd sizes (7x7) take a partial last tile.
     Tolerance 1e-5 relative to the largest output (rounding of the 0, +-1, +-1/2 coefficients)."""
-    from smelt.backends import cpu as cpu_backend
+    from smelt.passes import rewrite_conv_winograd as wino
 
     n, h, c, k = 1, 7, 16, 32
     rule = cpu_schedule.WinogradTransform()
     x = te.placeholder((n, h, h, c), name="x")
-    v = cpu_backend._winograd_input(x)
+    v = wino.winograd_input(x)
     fin = _scheduled(te.create_prim_func([x, v]), rule)
     assert "T.unroll(16)" in fin.script() and "T.vectorized(16)" in fin.script(), fin.script()
     b = te.placeholder((1, 1, 1, k), name="b")
     m = te.placeholder((16, int(v.shape[1]), k), name="m")
-    y = topi.nn.relu(cpu_backend._winograd_output(m, n, h, h) + b)
+    y = topi.nn.relu(wino.winograd_output(m, n, h, h) + b)
     fout = _scheduled(te.create_prim_func([m, b, y]), rule)
     assert fout.script().count("T.unroll(2)") == 2 and "T.Select" in fout.script()
 
@@ -227,7 +227,7 @@ def test_winograd_transforms_unroll_the_tile_and_match_a_direct_conv():
     lin = tvm.compile(tvm.IRModule({"main": fin}), target=TARGET)
     vt = tvm.runtime.tensor(np.zeros([int(d) for d in v.shape], "float32"), dev)
     lin(tvm.runtime.tensor(xs, dev), vt)
-    u = np.einsum("ai,ijck,bj->abck", cpu_backend._WINOGRAD_G, ws.astype("float64"), cpu_backend._WINOGRAD_G)
+    u = np.einsum("ai,ijck,bj->abck", wino.WINOGRAD_G, ws.astype("float64"), wino.WINOGRAD_G)
     mm = np.matmul(vt.numpy(), u.reshape(16, c, k).astype("float32"))
     lout = tvm.compile(tvm.IRModule({"main": fout}), target=TARGET)
     got = tvm.runtime.tensor(np.zeros((n, h, h, k), "float32"), dev)
