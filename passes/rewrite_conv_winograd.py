@@ -6,7 +6,8 @@ Guarantees: each float32 ``conv2d`` with a 3x3 kernel, stride 1, pad 1, no dilat
 group, a static shape and at least 16 input and output channels becomes three kernels: the
 input transform (``winograd_input``, opaque: 4x4 tiles of the input, overlapping by two, to
 ``V[16, tiles, C]``), a batched ``matmul`` with the transformed weights (``U[16, C, K]``,
-computed here, once) and the output transform (``winograd_output``, injective). Its blocks carry ``winograd_tile``, which
+computed here, once) and the output transform (``winograd_output``, injective: the bias,
+residual and activation after it fuse into it). Its blocks carry ``winograd_tile``, which
 ``cpu_schedule.WinogradTransform`` schedules. Numbers change by rounding only (transform
 coefficients 0, +-1 and +-1/2; relative error below 1e-6 against the direct conv). Other
 convolutions stay, each with its reason recorded for ``--explain``.
@@ -61,7 +62,9 @@ class _Rewriter(relax.PyExprMutator):
         v = self.builder_.emit_te(winograd_input, x, primfunc_name_hint="winograd_input",
                                   primfunc_attrs={"op_pattern": _OPAQUE})  # nothing fuses into it
         m = self.builder_.emit(relax.op.matmul(v, relax.const(weight)))
-        return self.builder_.emit_te(winograd_output, m, *static_shape(x)[:3], primfunc_name_hint="winograd_output",
+        # Returned, not emitted: emitted, the conv's own binding would become a var-to-var
+        # alias of it, which FuseOps treats as opaque, and the epilogue stayed a kernel of its own.
+        return self.builder_.call_te(winograd_output, m, *static_shape(x)[:3], primfunc_name_hint="winograd_output",
                                      primfunc_attrs={"op_pattern": INJECTIVE})
 
     def _weight(self, call):

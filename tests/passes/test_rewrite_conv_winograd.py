@@ -7,6 +7,7 @@ import tvm
 from tvm import relax
 
 from smelt.passes import Explainer
+from smelt.passes.fence_expanding_broadcasts import FenceExpandingBroadcasts
 from smelt.passes.rewrite_conv_winograd import RewriteConvWinograd
 
 
@@ -68,27 +69,40 @@ def test_taken_and_left_with_reasons(rng):
         "RewriteConvWinograd: left nn.conv2d: weights are not a constant: the transform is computed at compile time"]
     calls = _calls(after["main"])
     assert calls.count("winograd_input") == 2 and calls.count("matmul") == 2 and calls.count("nn.conv2d") == 5, calls
+    # the output transform is the conv's own binding (no alias of it): FuseOps can fuse what follows
     assert sum(c.startswith("winograd_output") for c in calls) == 2, calls
     assert int(after["winograd_output"].attrs["op_pattern"]) == 2  # injective
     assert int(after["winograd_input"].attrs["op_pattern"]) == 8  # opaque
 
 
-def test_matches_the_direct_conv(rng, run):
-    """conv + bias + ReLU at 7x7 (a partial last tile) equals a float64 direct conv to 1e-5
-    relative to the largest output (rounding of the 0, +-1, +-1/2 transform coefficients)."""
+def _conv_bias_residual_relu(w, b, shape):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(_conv(x, relax.const(w)))
+            y = bb.emit(relax.op.add(y, relax.const(b)))
+            y = bb.emit(relax.op.add(y, x))
+            gv = bb.emit_output(relax.op.nn.relu(y))
+        bb.emit_func_output(gv)
+    return bb.get()
+
+
+def test_matches_the_direct_conv_and_the_epilogue_fuses(rng, run):
+    """conv + bias + residual + ReLU at 7x7 (a partial last tile): after FuseOps, three
+    kernels (input transform, matmul, output transform with the whole epilogue), and the numbers
+    equal a float64 direct conv to 1e-5 relative to the largest output (rounding of the
+    0, +-1, +-1/2 transform coefficients)."""
     shape, c = (1, 7, 7, 16), 16
     w = rng.standard_normal((3, 3, c, c)).astype("float32")
     b = rng.standard_normal((1, 1, 1, c)).astype("float32")
     x = rng.standard_normal(shape).astype("float32")
-    bb = relax.BlockBuilder()
-    xv = relax.Var("x", relax.TensorType(shape, "float32"))
-    with bb.function("main", [xv]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.add(bb.emit(_conv(xv, relax.const(w))), relax.const(b)))
-            gv = bb.emit_output(relax.op.nn.relu(y))
-        bb.emit_func_output(gv)
-    mod = RewriteConvWinograd()(bb.get())
-    assert "nn.conv2d" not in _calls(mod["main"])
+    mod = RewriteConvWinograd()(_conv_bias_residual_relu(w, b, shape))
+    mod = tvm.transform.Sequential([
+        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+        FenceExpandingBroadcasts(), relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+    assert _calls(mod["main"]) == ["winograd_input", "matmul", "fused_winograd_output_add_add1_relu"]
+
     got = run(mod, x)
-    want = np.maximum(_direct_conv_nhwc(x, w) + b, 0)
+    want = np.maximum(_direct_conv_nhwc(x, w) + b + x, 0)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
