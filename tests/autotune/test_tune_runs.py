@@ -286,7 +286,7 @@ def test_cuda_default_schedules_build_in_tuning_workers():
     torch.manual_seed(0)
     conv = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU()).eval()
     mod, target = fused_module([(conv, (torch.randn(1, 64, 28, 28),))], "cuda", "sm_90",
-                               pipeline=PipelineOptions(precision="float16"))
+                               pipeline=PipelineOptions(precision="float16"), libs=())  # not cuDNN's
     tasks, _ = extract_tasks(mod, target, min_flops=0)
     backend = backends.get("cuda")
     scheduled = []
