@@ -77,6 +77,18 @@ def _is_cpu(target) -> bool:
     return target.kind.name == "llvm"
 
 
+def _opened(func, target, injective: bool = False):
+    """(schedule, normalized blocks) of a kernel for the CPU, else None: another target, blocks
+    that do not normalize, or (``injective``) a reduction among them."""
+    if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+        return None
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if not infos or (injective and not all(b.is_injective() for b in infos)):
+        return None
+    return sch, infos
+
+
 class TileReduction(ScheduleRule):
     """One reduction block (conv2d, matmul, batch matmul, pooling) with injective producers and epilogue.
 
@@ -93,12 +105,9 @@ class TileReduction(ScheduleRule):
     """
 
     def apply(self, func: tirx.PrimFunc, target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+        if (opened := _opened(func, target)) is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
+        sch, infos = opened
         reductions = [i for i, b in enumerate(infos) if not b.is_injective()]
         if len(reductions) != 1:
             return None
@@ -237,12 +246,9 @@ class WinogradTransform(ScheduleRule):
     """
 
     def apply(self, func: tirx.PrimFunc, target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+        if (opened := _opened(func, target, injective=True)) is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None or not infos or not all(b.is_injective() for b in infos):
-            return None
+        sch, infos = opened
         tagged = [b for b in infos if "winograd_tile" in sch.get(b.block_rv).annotations]
         if len(tagged) != 1:
             return None
@@ -290,12 +296,9 @@ class ParallelInjective(ScheduleRule):
     the last block, whose outer loops run in parallel and innermost loop is vectorized."""
 
     def apply(self, func: tirx.PrimFunc, target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+        if (opened := _opened(func, target, injective=True)) is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None or not infos or not all(b.is_injective() for b in infos):
-            return None
+        sch, infos = opened
         left = [infos[-1].block_rv]  # blocks that stay at the root: the last, and what does not inline
         for b in infos[:-1]:
             try:

@@ -32,8 +32,7 @@ import tvm
 from tvm import relax
 
 from ..ir.weights import exact_const
-from .epilogue_chains import DTYPES, WORKSPACE_BYTES, Chain, ChainRewriter, constant, op_is, result_dtype
-from .explain import Explainer
+from .epilogue_chains import DTYPES, Chain, ChainRewriter, chain_pass, constant, op_is, result_dtype
 from .mutate import static_shape
 
 FUNCTION = "smelt_cublaslt_matmul"  # + "_bias" and/or "_residual"
@@ -102,20 +101,11 @@ class _Rewriter(ChainRewriter):
         args = [sub(chain.x), chain.w] + ([chain.bias] if chain.bias is not None else []) + \
             ([sub(chain.residual)] if chain.residual is not None else [])
         args += [relax.prim_value(int(chain.trans_b)), chain.epilogue()]
-        out_ty = [relax.TensorType(result_ty.shape, chain.dtype), relax.TensorType([WORKSPACE_BYTES], "uint8")]
         func = FUNCTION + ("_bias" if chain.bias is not None else "") + ("_residual" if chain.residual is not None else "")
         op = values[chain.members[0]].op.name.rpartition(".")[2]
         what = f"{chain.parts(op)} to cuBLASLt, K={static_shape(chain.x)[-1]} N={chain.n}" \
             f"{' (weight transposed)' if chain.trans_b else ''}"
-        return relax.call_dps_packed(func, relax.Tuple(args), out_ty), what
+        return chain.library_call(func, args, result_ty), what
 
 
-@tvm.transform.module_pass(opt_level=0, name="DispatchCublasLt")
-class DispatchCublasLt:
-    """See the module docstring."""
-
-    def __init__(self, explain: Explainer | None = None):
-        self.explain = explain or Explainer("DispatchCublasLt")
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return _Rewriter(self.explain).module(mod)
+DispatchCublasLt = chain_pass("DispatchCublasLt", _Rewriter, "See the module docstring.")

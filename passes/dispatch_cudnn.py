@@ -29,8 +29,7 @@ import tvm
 from tvm import relax
 
 from ..ir.weights import exact_const
-from .epilogue_chains import DTYPES, WORKSPACE_BYTES, Chain, ChainRewriter, op_is, permutation, result_dtype
-from .explain import Explainer
+from .epilogue_chains import DTYPES, Chain, ChainRewriter, chain_pass, op_is, permutation, result_dtype
 from .mutate import static_shape
 
 FUNCTION = "smelt_cudnn_conv2d"  # + "_residual"
@@ -85,20 +84,11 @@ class _Rewriter(ChainRewriter):
         args = [sub(chain.x), chain.w, bias] + ([sub(chain.residual)] if chain.residual is not None else [])
         args += [relax.prim_value(v) for v in (top, left, *(int(s) for s in a.strides), *(int(d) for d in a.dilation),
                                                int(a.groups))] + [chain.epilogue()]
-        out_ty = [relax.TensorType(result_ty.shape, chain.dtype), relax.TensorType([WORKSPACE_BYTES], "uint8")]
         func = FUNCTION + ("_residual" if chain.residual is not None else "")
         kh, kw = (static_shape(chain.w) or [0, 0, 0])[1:3]
         what = f"{chain.parts('conv2d')} to cuDNN, {kh}x{kw} stride {'x'.join(str(int(s)) for s in a.strides)}, " \
             f"{static_shape(chain.x)[-1]}->{chain.n} channels"
-        return relax.call_dps_packed(func, relax.Tuple(args), out_ty), what
+        return chain.library_call(func, args, result_ty), what
 
 
-@tvm.transform.module_pass(opt_level=0, name="DispatchCudnn")
-class DispatchCudnn:
-    """See the module docstring."""
-
-    def __init__(self, explain: Explainer | None = None):
-        self.explain = explain or Explainer("DispatchCudnn")
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return _Rewriter(self.explain).module(mod)
+DispatchCudnn = chain_pass("DispatchCudnn", _Rewriter, "See the module docstring.")

@@ -12,6 +12,7 @@ for ``--explain``. Used by DispatchCublasLt and DispatchCudnn, which are the pas
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import tvm
@@ -46,6 +47,12 @@ class Chain:
 
     def epilogue(self) -> relax.Expr:
         return relax.prim_value(EPILOGUE_RELU if self.relu else EPILOGUE_NONE)
+
+    def library_call(self, func: str, args: list, result_ty: relax.TensorType) -> relax.Expr:
+        """``call_dps_packed(func, args)`` writing the chain's result (``result_ty``'s shape, the
+        chain's dtype) and a workspace."""
+        out_ty = [relax.TensorType(result_ty.shape, self.dtype), relax.TensorType([WORKSPACE_BYTES], "uint8")]
+        return relax.call_dps_packed(func, relax.Tuple(args), out_ty)
 
 
 def result_dtype(out_dtype, operands: str) -> str | None:
@@ -124,23 +131,23 @@ def _users(block: relax.DataflowBlock, output: relax.Expr) -> dict:
     return counts
 
 
-class ChainRewriter:
+class ChainRewriter(ABC):
     """Replaces each chain a subclass starts with the call it builds (see the module docstring)."""
 
     def __init__(self, explain: Explainer):
         self.explain = explain
 
+    @abstractmethod
     def start(self, value: relax.Call, values: dict) -> tuple[Chain | None, str]:
         """The chain ``value`` starts, or None and why not; None and "" for ops not the library's."""
-        raise NotImplementedError
 
     def finish(self, chain: Chain) -> str:
         """Why the library cannot compute the whole chain (then it is left), else ""."""
         return ""
 
+    @abstractmethod
     def call(self, chain: Chain, values: dict, result_ty: relax.TensorType, sub) -> tuple[relax.Expr, str]:
         """The call computing ``chain`` (``sub`` renames its operands) and what ``--explain`` says of it."""
-        raise NotImplementedError
 
     def chains(self, block: relax.DataflowBlock, values: dict, output: relax.Expr) -> dict:
         """{last variable of a chain: chain} (``values``: the block's bindings)."""
@@ -214,3 +221,20 @@ class ChainRewriter:
     def module(self, mod: tvm.IRModule) -> tvm.IRModule:
         funcs = {gv: self.function(f) if isinstance(f, relax.Function) else f for gv, f in mod.functions_items()}
         return tvm.IRModule(funcs, attrs=mod.attrs)
+
+
+def chain_pass(name: str, rewriter_cls: type[ChainRewriter], doc: str):
+    """A module pass named ``name`` running ``rewriter_cls(explainer)`` over every Relax function;
+    the instance keeps its ``Explainer`` as ``.explain`` for ``--explain``."""
+
+    class _Pass:
+        __doc__ = doc
+
+        def __init__(self, explain: Explainer | None = None):
+            self.explain = explain or Explainer(name)
+
+        def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+            return rewriter_cls(self.explain).module(mod)
+
+    _Pass.__name__ = _Pass.__qualname__ = name
+    return tvm.transform.module_pass(opt_level=0, name=name)(_Pass)

@@ -18,7 +18,8 @@ from tvm import relax
 
 import smelt
 from smelt.passes import Explainer
-from smelt.passes.dispatch_cublaslt import WORKSPACE_BYTES, DispatchCublasLt
+from smelt.passes.dispatch_cublaslt import DispatchCublasLt
+from smelt.passes.epilogue_chains import WORKSPACE_BYTES
 
 M, K, N = 32, 64, 48
 
