@@ -1,7 +1,8 @@
 """DispatchCudnn: convolutions and their bias/residual/ReLU epilogue become calls of cuDNN.
 
 Requires: a Relax module whose functions are one dataflow block each (as importers and the
-canonicalize phase leave them), static shapes, convolutions in NHWC/OHWI (ConvertConvLayout).
+canonicalize phase leave them), convolutions in NHWC/OHWI (ConvertConvLayout) with a known
+number of input channels (the batch, height and width may be symbolic: cuDNN reads them per call).
 Guarantees: each chain ``conv2d(x, W)`` [→ ``astype``] [→ ``add(·, bias)``]
 [→ ``add(·, residual)``] [→ ``relu``] (epilogue_chains.py), where the conv is NHWC/OHWI with
 symmetric padding and one group, ``W`` a constant (or a ``permute_dims`` of one, which is
@@ -58,8 +59,10 @@ class _Rewriter(ChainRewriter):
         top, left, bottom, right = (int(v) for v in a.padding)
         if (top, left) != (bottom, right):
             return None, f"padding {[top, left, bottom, right]} is not symmetric, which cuDNN requires"
-        if static_shape(x) is None or static_shape(value) is None:
-            return None, "shapes are not static"
+        shape = getattr(x.ty, "shape", None)
+        if not isinstance(shape, relax.ShapeExpr) or len(shape.values) != 4 \
+                or not isinstance(shape.values[3], tvm.tirx.IntImm):
+            return None, "x is not NHWC with a known number of channels"
         w = _weight(value.args[1], values)
         if w is None:
             return None, "the kernel is computed, not a weight"
@@ -87,7 +90,7 @@ class _Rewriter(ChainRewriter):
         func = FUNCTION + ("_residual" if chain.residual is not None else "")
         kh, kw = (static_shape(chain.w) or [0, 0, 0])[1:3]
         what = f"{chain.parts('conv2d')} to cuDNN, {kh}x{kw} stride {'x'.join(str(int(s)) for s in a.strides)}, " \
-            f"{static_shape(chain.x)[-1]}->{chain.n} channels"
+            f"{(static_shape(chain.w) or [0] * 4)[3]}->{chain.n} channels"
         return chain.library_call(func, args, result_ty), what
 
 

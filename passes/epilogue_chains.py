@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from .explain import Explainer
@@ -103,11 +104,11 @@ def extend(chain: Chain, value: relax.Expr, values: dict) -> bool:
         bias_arg, bias = next(((e, c) for e in (b, a) if (c := constant(e, values)) is not None), (None, None))
         bs = static_shape(bias_arg) if bias is not None else None  # as broadcast, after any permute_dims
         if chain.bias is None and bs and str(bias.ty.dtype) == chain.dtype and math.prod(bs) == chain.n \
-                and bs[-1] == chain.n and len(bs) <= len(static_shape(value) or []):
+                and bs[-1] == chain.n and len(bs) <= value.ty.ndim:
             chain.bias = bias
             return True
         other = b if a.same_as(chain.members[-1]) else a
-        if bias is None and not other.same_as(chain.members[-1]) and static_shape(other) == static_shape(value) \
+        if bias is None and not other.same_as(chain.members[-1]) and _same_shape(other, value) \
                 and str(other.ty.dtype) == chain.dtype:
             chain.residual = other
             return True
@@ -115,6 +116,12 @@ def extend(chain: Chain, value: relax.Expr, values: dict) -> bool:
         chain.relu = True
         return True
     return False
+
+
+def _same_shape(a: relax.Expr, b: relax.Expr) -> bool:
+    """Whether two tensors have one shape, symbolic dimensions (a dynamic batch) included."""
+    sa, sb = (getattr(e.ty, "shape", None) for e in (a, b))
+    return isinstance(sa, relax.ShapeExpr) and isinstance(sb, relax.ShapeExpr) and tvm_ffi.structural_equal(sa, sb)
 
 
 def _users(block: relax.DataflowBlock, output: relax.Expr) -> dict:

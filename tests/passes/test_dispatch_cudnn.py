@@ -161,6 +161,18 @@ def test_artifact_library_carries_the_conv(requires_cuda_compiler, tmp_path):
     assert smelt.artifact.read_manifest(path)["target"]["libs"] == ["cudnn"]  # no GEMM: cuBLASLt is not needed
 
 
+def test_dynamic_batch_convs_go_to_cudnn(requires_cuda_compiler):
+    """An ONNX ResNet-18 with a symbolic batch: its 20 convs are cuDNN calls (cuDNN reads the
+    shapes per call), chains with their bias, residual and ReLU as with a static batch."""
+    from smelt.examples import zoo
+
+    model = zoo.resnet(18, batch="N", size=32)
+    art = smelt.compile([model], target="cuda", arch="sm_90", precision="float16")
+    taken = [line for line in art.report.explanations if line.startswith("DispatchCudnn: rewrote")]
+    assert len(taken) == 20, art.report.explanations
+    assert sum("residual + relu" in line for line in taken) == 8, taken  # each basic block's second conv
+
+
 def test_libs_cublaslt_alone_keeps_generated_convs(requires_cuda_compiler):
     art = _compile(_resnet(), torch.randn(2, 3, 32, 32), "float16", libs=("cublaslt",))
     assert not any("DispatchCudnn" in line for line in art.report.explanations)
