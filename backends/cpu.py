@@ -24,7 +24,6 @@ from .base import TargetOptions, check_libs, host_linker_options
 from .apply_default_schedules import ApplyDefaultSchedules
 from .prepack_weights import FoldWeightPrepack, MarkWeightOperands
 
-
 _TRIPLES = {"x86_64": "x86_64-linux-gnu", "amd64": "x86_64-linux-gnu",
             "aarch64": "aarch64-linux-gnu", "arm64": "aarch64-linux-gnu"}
 

@@ -32,7 +32,7 @@ import tvm
 from tvm import relax
 
 from ..ir.weights import exact_const
-from .epilogue_chains import DTYPES, Chain, ChainRewriter, chain_pass, constant, op_is, result_dtype
+from .epilogue_chains import DTYPES, Chain, ChainRewriter, chain_pass, constant, op_is, permutation, result_dtype
 from .mutate import static_shape
 
 FUNCTION = "smelt_cublaslt_matmul"  # + "_bias" and/or "_residual"
@@ -45,8 +45,7 @@ def _start(value: relax.Expr, values: dict) -> tuple[Chain | None, str]:
     xs, ys = static_shape(x), static_shape(value)
     xd, out = str(x.ty.dtype) if isinstance(x.ty, relax.TensorType) else "?", str(value.attrs.out_dtype)
     trans_b = False
-    if op_is(w, "relax.permute_dims") and isinstance(w.args[0], tvm.ir.Constant) and \
-            len(static_shape(w.args[0]) or []) == 2 and (w.attrs.axes is None or [int(a) for a in w.attrs.axes] == [1, 0]):
+    if op_is(w, "relax.permute_dims") and isinstance(w.args[0], tvm.ir.Constant) and permutation(w) == [1, 0]:
         w, trans_b = w.args[0], True
     if not isinstance(w, tvm.ir.Constant):
         return None, "B is computed, not a weight (a batched matmul of two activations)"

@@ -12,7 +12,7 @@ from tvm import relax, tirx
 from .explain import Explainer
 
 # TVM's OpPatternKind (relax ``op_pattern`` attribute), which FuseOps reads
-BROADCAST, INJECTIVE, OUT_EWISE_FUSABLE = 1, 2, 4
+BROADCAST, INJECTIVE, OUT_EWISE_FUSABLE, OPAQUE = 1, 2, 4, 8
 
 
 def mutate_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule) -> tvm.IRModule:

@@ -25,14 +25,13 @@ import tvm
 from tvm import relax, te, tirx
 
 from .explain import Explainer
-from .mutate import INJECTIVE, mutator_pass, static_shape
+from .mutate import INJECTIVE, OPAQUE, mutator_pass, static_shape
 
 # Y = A^T [(G g G^T) * (B^T d B)] A per 2x2 output tile.
 WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], "float64")
 WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], "float64")
 WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], "float64")
 MIN_CHANNELS = 16  # below, the transforms cost more than the products they save
-_OPAQUE = 8
 
 # TVM's own Winograd (topi ``conv2d_winograd_nhwc``) is not used: in TVM 0.27 the variant
 # with pre-transformed weights raises "LEGACY-FLOW triggered", and the other is one PrimFunc
@@ -60,7 +59,7 @@ class _Rewriter(relax.PyExprMutator):
         x = call.args[0]
         self.explain.fired(call, f"3x3 conv {static_shape(x)} x {list(weight.shape[1:])} as Winograd F(2x2, 3x3)")
         v = self.builder_.emit_te(winograd_input, x, primfunc_name_hint="winograd_input",
-                                  primfunc_attrs={"op_pattern": _OPAQUE})  # nothing fuses into it
+                                  primfunc_attrs={"op_pattern": OPAQUE})  # nothing fuses into it
         m = self.builder_.emit(relax.op.matmul(v, relax.const(weight)))
         # Returned, not emitted: emitted, the conv's own binding would become a var-to-var
         # alias of it, which FuseOps treats as opaque, and the epilogue stayed a kernel of its own.
