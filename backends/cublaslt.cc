@@ -20,8 +20,9 @@
 // the file builds with a plain C++ compiler and no CUDA toolkit.
 //
 // The call runs on TVM's current stream for the device (TVMFFIEnvGetStream), so CUDA graphs that
-// TVM captures on their own stream capture it too. Algorithms are chosen once per problem by
-// cuBLASLt's heuristic and cached; the VM's warm-up run fills the cache before a capture.
+// TVM captures on their own stream capture it too. Algorithms are chosen once per problem, the
+// fastest of cuBLASLt's heuristic's best few on the first call (cuda_timer.h), and cached; the
+// VM's warm-up run fills the cache before a capture.
 
 #include <dlfcn.h>
 #include <tvm/ffi/container/tensor.h>
@@ -36,6 +37,9 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <vector>
+
+#include "cuda_timer.h"
 
 namespace {
 
@@ -61,6 +65,7 @@ constexpr int kDESC_TRANSA = 3, kDESC_TRANSB = 4, kDESC_EPILOGUE = 7, kDESC_BIAS
 constexpr int kOP_N = 0, kOP_T = 1;
 constexpr int kEPILOGUE_DEFAULT = 1, kEPILOGUE_RELU = 2, kEPILOGUE_BIAS = 4;
 constexpr int kPREF_MAX_WORKSPACE_BYTES = 1, kPREF_MIN_ALIGNMENT_A = 5;  // then B, C, D: 6, 7, 8
+constexpr int kCandidates = 8;  // the heuristic's best, timed on the first call (cuda_timer.h)
 
 struct Api {
   Status (*create)(Handle*);
@@ -169,10 +174,8 @@ struct Plan {
   Algo algo{};
 };
 
-const Plan& GetPlan(const Api& api, const Key& key, const void* bias) {
-  static std::map<Key, Plan> plans;
-  auto it = plans.find(key);
-  if (it != plans.end()) return it->second;
+// A new problem's plan, with cuBLASLt's candidate algorithms for it, best ranked first.
+Plan NewPlan(const Api& api, const Key& key, const void* bias, std::vector<Algo>* candidates) {
   // A residual needs no key of its own: C has D's layout either way, and beta is per call.
   auto [m, n, k, ab_type, d_type, trans_b, epilogue, has_bias, device_id, ws_bytes, align] = key;
   (void)device_id;  // plans are per device; the handle is not
@@ -197,20 +200,22 @@ const Plan& GetPlan(const Api& api, const Key& key, const void* bias) {
   for (int attr = kPREF_MIN_ALIGNMENT_A; attr < kPREF_MIN_ALIGNMENT_A + 4; ++attr) {
     Check(api, api.pref_set(pref, attr, &align, sizeof(align)), "set MIN_ALIGNMENT");
   }
-  Heuristic h{};
+  Heuristic h[kCandidates] = {};
   int found = 0;
   if (has_bias) {  // the heuristic reads the bias pointer's alignment; its value is set per call
     Check(api, api.desc_set(p.desc, kDESC_BIAS_POINTER, &bias, sizeof(bias)), "set BIAS_POINTER");
   }
-  Status s = api.heuristic(api.handle, p.desc, p.la, p.lb, p.ld, p.ld, pref, 1, &h, &found);
+  Status s = api.heuristic(api.handle, p.desc, p.la, p.lb, p.ld, p.ld, pref, kCandidates, h, &found);
   api.pref_destroy(pref);
   Check(api, s, "cublasLtMatmulAlgoGetHeuristic");
-  if (found == 0) {
+  for (int i = 0; i < found; ++i) {
+    if (h[i].state == 0) candidates->push_back(h[i].algo);
+  }
+  if (candidates->empty()) {
     TVM_FFI_THROW(RuntimeError) << "smelt cuBLASLt GEMM: cuBLASLt has no algorithm for M=" << m << " N=" << n
                                 << " K=" << k;
   }
-  p.algo = h.algo;
-  return plans.emplace(key, p).first->second;
+  return p;
 }
 
 void Gemm(TensorView a, TensorView b, Optional<TensorView> bias, Optional<TensorView> residual, int64_t trans_b,
@@ -243,12 +248,25 @@ void Gemm(TensorView a, TensorView b, Optional<TensorView> bias, Optional<Tensor
   if (m == 0 || n == 0) return;
   std::lock_guard<std::mutex> lock(mu);
   const Api& api = GetApi();
-  const Plan& p = GetPlan(api, Key(m, n, k, ab_type, d_type, int(trans_b), int(epilogue), pbias != nullptr,
-                                   d.device().device_id, ws_bytes, Alignment({pa, pb, pc, pd, pbias ? pbias : pd})),
-                          pbias);
-  if (bias) Check(api, api.desc_set(p.desc, kDESC_BIAS_POINTER, &pbias, sizeof(pbias)), "set BIAS_POINTER");
   const float alpha = 1.0f, beta = residual ? 1.0f : 0.0f;
   void* stream = TVMFFIEnvGetStream(kDLCUDA, d.device().device_id);
+  Key key(m, n, k, ab_type, d_type, int(trans_b), int(epilogue), pbias != nullptr, d.device().device_id, ws_bytes,
+          Alignment({pa, pb, pc, pd, pbias ? pbias : pd}));
+  static std::map<Key, Plan> plans;
+  auto it = plans.find(key);
+  if (it == plans.end()) {
+    std::vector<Algo> algos;
+    Plan p = NewPlan(api, key, pbias, &algos);
+    if (bias) Check(api, api.desc_set(p.desc, kDESC_BIAS_POINTER, &pbias, sizeof(pbias)), "set BIAS_POINTER");
+    // Running a candidate writes d, which the call below writes again.
+    p.algo = algos[smelt_timer::Fastest(stream, int(algos.size()), [&](int i) {
+      return api.matmul(api.handle, p.desc, &alpha, pb, p.la, pa, p.lb, &beta, pc, p.ld, pd, p.ld, &algos[i], pws,
+                        ws_bytes, stream) == 0;
+    })];
+    it = plans.emplace(key, p).first;
+  }
+  const Plan& p = it->second;
+  if (bias) Check(api, api.desc_set(p.desc, kDESC_BIAS_POINTER, &pbias, sizeof(pbias)), "set BIAS_POINTER");
   Check(api,
         api.matmul(api.handle, p.desc, &alpha, pb, p.la, pa, p.lb, &beta, pc, p.ld, pd, p.ld, &p.algo, pws,
                    ws_bytes, stream),

@@ -20,8 +20,9 @@
 // cuDNN 8 has too), written out so that the file builds with a plain C++ compiler and no cuDNN.
 //
 // The call runs on TVM's current stream for the device (TVMFFIEnvGetStream), so CUDA graphs that
-// TVM captures on their own stream capture it too. Algorithms are chosen once per problem by
-// cuDNN's heuristic and cached; the VM's warm-up run fills the cache before a capture.
+// TVM captures on their own stream capture it too. Algorithms are chosen once per problem, the
+// fastest of those cuDNN's heuristic offers on the first call (cuda_timer.h), and cached; the
+// VM's warm-up run fills the cache before a capture.
 
 #include <dlfcn.h>
 #include <tvm/ffi/container/tensor.h>
@@ -34,6 +35,9 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <vector>
+
+#include "cuda_timer.h"
 
 namespace {
 
@@ -168,10 +172,8 @@ struct Plan {
   int algo = -1;
 };
 
-const Plan& GetPlan(const Api& api, const Key& key) {
-  static std::map<Key, Plan> plans;
-  auto it = plans.find(key);
-  if (it != plans.end()) return it->second;
+// A new problem's plan, with the algorithms that compute it, cuDNN's heuristic's best first.
+Plan NewPlan(const Api& api, const Key& key, std::vector<int>* algos) {
   auto& [shape, conv, dtype, epilogue, device_id, ws_bytes] = key;
   (void)device_id;  // plans are per device; the handle is not
   auto [n, h, w, c, k, r, s, p, q] = shape;
@@ -200,26 +202,26 @@ const Plan& GetPlan(const Api& api, const Key& key) {
   int found = 0;
   Check(api, api.algos(api.handle, plan.x, plan.w, plan.conv, plan.y, 16, &found, perf),
         "cudnnGetConvolutionForwardAlgorithm_v7");
-  // The heuristic's ranking, first that fits the workspace; the fused op takes an identity
+  // The heuristic's ranking, those that fit the workspace; the fused op takes an identity
   // activation only with the precomputed implicit GEMM.
-  for (int i = 0; i < found && plan.algo < 0; ++i) {
+  for (int i = 0; i < found; ++i) {
     if (perf[i].status != 0 || perf[i].memory > ws_bytes) continue;
     if (epilogue != 1 && perf[i].algo != kALGO_IMPLICIT_PRECOMP_GEMM) continue;
-    plan.algo = perf[i].algo;
+    algos->push_back(perf[i].algo);
   }
-  if (plan.algo < 0 && epilogue != 1) {
+  if (algos->empty() && epilogue != 1) {
     size_t need = 0;
     if (api.workspace_size(api.handle, plan.x, plan.w, plan.conv, plan.y, kALGO_IMPLICIT_PRECOMP_GEMM, &need) == 0 &&
         need <= ws_bytes) {
-      plan.algo = kALGO_IMPLICIT_PRECOMP_GEMM;
+      algos->push_back(kALGO_IMPLICIT_PRECOMP_GEMM);
     }
   }
-  if (plan.algo < 0) {
+  if (algos->empty()) {
     TVM_FFI_THROW(RuntimeError) << "smelt cuDNN conv2d: cuDNN has no algorithm for x [" << n << ", " << h << ", "
                                 << w << ", " << c << "], w [" << k << ", " << r << ", " << s << ", " << c / groups
                                 << "] within " << ws_bytes << " bytes of workspace";
   }
-  return plans.emplace(key, plan).first->second;
+  return plan;
 }
 
 void Conv(TensorView x, TensorView w, TensorView bias, Optional<TensorView> residual, int64_t pad_h, int64_t pad_w,
@@ -255,14 +257,25 @@ void Conv(TensorView x, TensorView w, TensorView bias, Optional<TensorView> resi
   Key key({x.size(0), x.size(1), x.size(2), x.size(3), k, w.size(1), w.size(2), y.size(1), y.size(2)},
           {pad_h, pad_w, stride_h, stride_w, dil_h, dil_w, groups}, dtype, int(epilogue), y.device().device_id,
           ws_bytes);
-  const Plan& p = GetPlan(api, key);
-  Check(api, api.set_stream(api.handle, TVMFFIEnvGetStream(kDLCUDA, y.device().device_id)), "cudnnSetStream");
+  void* stream = TVMFFIEnvGetStream(kDLCUDA, y.device().device_id);
+  Check(api, api.set_stream(api.handle, stream), "cudnnSetStream");
   // y = act(alpha1 * conv(x) + alpha2 * z + bias): the residual is z (y itself, scaled by 0, without one).
   const float alpha1 = 1.0f, alpha2 = residual ? 1.0f : 0.0f;
-  Check(api,
-        api.conv_bias_act(api.handle, &alpha1, p.x, px, p.w, pw, p.conv, p.algo, pws, ws_bytes, &alpha2, p.y, pz,
-                          p.bias, pb, p.act, p.y, py),
-        "cudnnConvolutionBiasActivationForward");
+  auto run = [&](const Plan& p, int algo) {
+    return api.conv_bias_act(api.handle, &alpha1, p.x, px, p.w, pw, p.conv, algo, pws, ws_bytes, &alpha2, p.y, pz,
+                             p.bias, pb, p.act, p.y, py);
+  };
+  static std::map<Key, Plan> plans;
+  auto it = plans.find(key);
+  if (it == plans.end()) {
+    std::vector<int> algos;
+    Plan p = NewPlan(api, key, &algos);
+    // Running a candidate writes y, which the call below writes again (a residual is read, never y).
+    p.algo = algos[smelt_timer::Fastest(stream, int(algos.size()), [&](int i) { return run(p, algos[i]) == 0; })];
+    it = plans.emplace(key, p).first;
+  }
+  const Plan& p = it->second;
+  Check(api, run(p, p.algo), "cudnnConvolutionBiasActivationForward");
 }
 
 void Conv2d(TensorView x, TensorView w, TensorView bias, int64_t pad_h, int64_t pad_w, int64_t stride_h,

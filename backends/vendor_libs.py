@@ -11,7 +11,8 @@ USE_CUBLAS=OFF and USE_CUDNN=OFF), hence these routines.
 A library's routines are named ``smelt_<name>_*``: a compile keeps in the target's ``libs``
 only the libraries whose routines the module calls, so an artifact links and loads no other.
 
-Each object is compiled from its source with the system C++ compiler against TVM-FFI's headers,
+Each object is compiled from its source (and ``cuda_timer.h``, which times a library's candidate
+algorithms on the first call) with the system C++ compiler against TVM-FFI's headers,
 once per source version, into the user's cache folder (atomically: a concurrent compile never
 sees half a file). The vendor library itself is opened when the first call runs, so building
 needs no CUDA toolkit and the artifact loads anywhere.
@@ -50,8 +51,9 @@ class VendorLib:
         """The compiled routine (position-independent object), built on first use."""
         import tvm_ffi
 
-        source = self.source.read_bytes()
-        digest = hashlib.sha256(source + tvm_ffi.__version__.encode()).hexdigest()[:16]  # the headers are the version's
+        # the source, smelt's headers beside it and TVM-FFI's (the version's)
+        text = b"".join(p.read_bytes() for p in [self.source, *sorted(self.source.parent.glob("*.h"))])
+        digest = hashlib.sha256(text + tvm_ffi.__version__.encode()).hexdigest()[:16]
         out = cache_dir() / f"{self.source.stem}-{digest}.o"
         if out.is_file():
             return out
