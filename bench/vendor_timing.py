@@ -2,7 +2,7 @@
 
 smelt's cuBLASLt and cuDNN routines time the heuristic's candidate algorithms on a problem's
 first call (backends/cuda_timer.h); ``SMELT_VENDOR_TIMING=0`` keeps the heuristic's first. This
-compiles ResNet-50 and BERT-base (float16) once, then times each artifact in fresh processes
+compiles ResNet-50, MobileNetV3-Large and BERT-base (float16) once, then times each artifact in fresh processes
 that alternate off and on, ``--rounds`` times, and prints the medians side by side.
 Usage: python bench/vendor_timing.py [--models resnet50:32,bert:16,resnet50:1,bert:1] [--rounds 2] [--json out.json]
 """
@@ -32,8 +32,9 @@ def build(models: str, out: Path) -> None:
     for item in models.split(","):
         name, _, batch = item.partition(":")
         batch = int(batch or 1)
-        m = torch_models.resnet50() if name == "resnet50" else torch_models.bert_base()
-        x = torch.randn(batch, 3, 224, 224) if name == "resnet50" else torch.randn(batch, 128, 768)
+        m = {"resnet50": torch_models.resnet50, "mobilenetv3": torch_models.mobilenet_v3_large,
+             "bert": torch_models.bert_base}[name]()
+        x = torch.randn(batch, 128, 768) if name == "bert" else torch.randn(batch, 3, 224, 224)
         art = smelt.compile([(m, (x,))], target="cuda", names=[name], precision="float16",
                             options=smelt.CompileOptions(smelt.TargetOptions("cuda"), tune_log_dir=None))
         art.save(out / item.replace(":", "_"), force=True)

@@ -98,16 +98,16 @@ def test_bare_conv_gets_a_zero_bias():
     assert int(call.args[1].fields[-1].value) == 0  # no ReLU
 
 
-@pytest.mark.parametrize("c,padded", [(3, 4), (4, 4), (12, 16), (16, 16)])
-def test_few_channels_are_padded_to_the_vector_width(c, padded):
-    """An RGB stem's 3 channels become 4 (cuDNN's first-layer kernels read 4), 12 become 16:
-    x through a zero pad, W with zero input channels, so the conv's result is unchanged."""
-    w = np.random.default_rng(3).standard_normal((O, 7, 7, c)).astype("float16")
+@pytest.mark.parametrize("c,k,padded", [(3, 7, 4), (4, 7, 4), (3, 3, 3), (12, 7, 12)])
+def test_rgb_7x7_stem_is_padded_to_four_channels(c, k, padded):
+    """A 7x7 stem's 3 channels become 4 (cuDNN's first-layer kernel reads 4): x through a zero
+    pad, W with a zero input channel, so the conv's result is unchanged. Others are left."""
+    w = np.random.default_rng(3).standard_normal((O, k, k, c)).astype("float16")
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((2, 16, 16, c), "float16"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = bb.emit_output(bb.emit(relax.op.nn.conv2d(x, relax.const(w), strides=2, padding=3,
+            y = bb.emit_output(bb.emit(relax.op.nn.conv2d(x, relax.const(w), strides=2, padding=k // 2,
                                                           data_layout="NHWC", kernel_layout="OHWI")))
         bb.emit_func_output(y)
     out, lines = _dispatch(bb.get())
@@ -115,7 +115,7 @@ def test_few_channels_are_padded_to_the_vector_width(c, padded):
     xa, wa = call.args[1].fields[:2]
     assert [int(v) for v in xa.ty.shape.values] == [2, 16, 16, padded]
     np.testing.assert_array_equal(wa.value.numpy()[..., :c], w)
-    assert not wa.value.numpy()[..., c:].any() and wa.value.numpy().shape == (O, 7, 7, padded)
+    assert not wa.value.numpy()[..., c:].any() and wa.value.numpy().shape == (O, k, k, padded)
     assert ("padded to" in lines[0]) == (c != padded)
     if c != padded:
         (pad,) = [v for b in out["main"].body.blocks[0].bindings if _op(v := b.value) == "relax.nn.pad"]
