@@ -86,6 +86,12 @@ def _wall(fn: Callable[[], object], sync: Callable[[], None] = lambda: None) -> 
 SETTLE_S = 0.05
 
 
+def time_in_turns(calls: dict[str, Callable[[], object]], repeat: int = 30) -> dict[str, float]:
+    """Median ms of each of ``calls`` ({label: run once}), timed as ``smelt bench`` times its
+    runners: taking turns, each turn after a pause and an untimed call (see ``_interleaved``)."""
+    return {t.runner: t.ms for t in _interleaved([_Runner(k, _wall(fn)) for k, fn in calls.items()], repeat)}
+
+
 def _interleaved(runners: list[_Runner], repeat: int, rounds: int = 4) -> list[Timing]:
     """Median ms of ``repeat`` calls per runner, the runners taking turns in ``rounds`` blocks.
 

@@ -4,7 +4,9 @@ For each zoo model (random weights, fixed seeds) and calibration method: the sam
 calibration batches go to smelt (``smelt.Int8``) and to ORT's ``quantize_static``
 (QDQ, per-channel int8 weights, int8 activations); both are compared with
 onnxruntime float32 on held-out inputs (cosine similarity, largest deviation relative
-to the largest output) and timed (median ms), with the float32 runs beside them.
+to the largest output) and timed (median ms), with the float32 runs beside them; all of a
+model's runners are timed taking turns, as ``smelt bench`` does (one after another, smelt met
+onnxruntime's still-spinning threads: the MLP took 8 ms instead of 0.04).
 Usage: python bench/quantize.py [--models resnet18,mlp,encoder] [--json out.json]
 """
 
@@ -12,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 import smelt
+from smelt.benchmark import time_in_turns
 from smelt.examples import zoo
 from smelt.examples.reference import ort_quantize_static
 
@@ -32,16 +33,6 @@ MODELS = {"resnet18": lambda: zoo.resnet(18, batch=1, size=112),
 def _shape(m):
     inp = m.graph.input[0]
     return inp.name, [d.dim_value for d in inp.type.tensor_type.shape.dim]
-
-
-def _ms(fn, reps=20) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
 
 
 def _score(y, ref) -> dict:
@@ -62,8 +53,8 @@ def run(name: str, methods: list[str], tmp: Path) -> list[dict]:
     refs = [fp32.run(None, {inp: x})[0] for x in evals]
     base = smelt.compile([str(path)], names=["m"], options=smelt.CompileOptions(tune_log_dir=None))
     rt32 = smelt.load(base.save(tmp / f"{name}_fp32", force=True))
-    row0 = {"model": name, "ort_fp32_ms": _ms(lambda: fp32.run(None, {inp: evals[0]})),
-            "smelt_fp32_ms": _ms(lambda: rt32.run("m", **{inp: evals[0]}))}
+    x0 = {inp: evals[0]}
+    calls = {"ort fp32": lambda: fp32.run(None, x0), "smelt fp32": lambda: rt32.run("m", **x0)}
     rows = []
     for method in methods:
         art = smelt.compile([str(path)], names=["m"], quantize=smelt.Int8(calib=calib, method=method),
@@ -74,16 +65,20 @@ def run(name: str, methods: list[str], tmp: Path) -> list[dict]:
         ort_quantize_static(path, qpath, calib, method)
         qs = ort.InferenceSession(str(qpath))
         os_ = [qs.run(None, {inp: x})[0] for x in evals]
+        calls[f"smelt {method}"] = lambda rt=rt: rt.run("m", **x0)
+        calls[f"ort {method}"] = lambda qs=qs: qs.run(None, x0)
         s_smelt, s_ort = _score(np.stack(ys), np.stack(refs)), _score(np.stack(os_), np.stack(refs))
         q = art.report.quantization
-        rows.append({**row0, "method": method, "smelt_int8_cosine": s_smelt["cosine"],
+        rows.append({"model": name, "method": method, "smelt_int8_cosine": s_smelt["cosine"],
                      "smelt_int8_rel_err": s_smelt["rel_err"], "ort_int8_cosine": s_ort["cosine"],
                      "ort_int8_rel_err": s_ort["rel_err"],
-                     "smelt_int8_ms": _ms(lambda: rt.run("m", **{inp: evals[0]})),
-                     "ort_int8_ms": _ms(lambda: qs.run(None, {inp: evals[0]})),
                      "layers_int8": len(q["quantized"]), "layers_float32": len(q["fallback"]),
                      "weights_mb": art.report.weight_bytes / 1e6, "weights_fp32_mb": base.report.weight_bytes / 1e6})
-        print(json.dumps(rows[-1]), flush=True)
+    ms = time_in_turns(calls)  # all runners in turns: see smelt.benchmark
+    for r in rows:
+        r.update(ort_fp32_ms=ms["ort fp32"], smelt_fp32_ms=ms["smelt fp32"], smelt_int8_ms=ms[f"smelt {r['method']}"],
+                 ort_int8_ms=ms[f"ort {r['method']}"])
+        print(json.dumps(r), flush=True)
     return rows
 
 

@@ -1,7 +1,8 @@
 """DispatchCublasLt: weight GEMMs and their bias/residual/ReLU epilogue become calls of cuBLASLt.
 
 Requires: a Relax module whose functions are one dataflow block each (as importers and the
-canonicalize phase leave them), static shapes.
+canonicalize phase leave them); a GEMM's K and N static (its leading dimensions, an ONNX model's
+batch, may be symbolic: the routine reads M per call and plans each M it meets once).
 Guarantees: each chain ``matmul(x, W)`` (or a 1×1, stride-1, unpadded NHWC/OHWI ``conv2d``,
 the same GEMM with x's pixels as its rows) [→ ``astype``] [→ ``add(·, bias)``]
 [→ ``add(·, residual)``] [→ ``relu``], with ``reshape``s anywhere after the matmul that keep N
@@ -32,7 +33,8 @@ import tvm
 from tvm import relax
 
 from ..ir.weights import exact_const
-from .epilogue_chains import DTYPES, Chain, ChainRewriter, chain_pass, constant, op_is, permutation, result_dtype
+from .epilogue_chains import (DTYPES, Chain, ChainRewriter, chain_pass, constant, last_dim, op_is, permutation,
+                              result_dtype)
 from .mutate import static_shape
 
 FUNCTION = "smelt_cublaslt_matmul"  # + "_bias" and/or "_residual"
@@ -42,7 +44,6 @@ def _start(value: relax.Expr, values: dict) -> tuple[Chain | None, str]:
     """The chain a ``matmul`` starts, or None and why not (``values``: the block's bindings)."""
     x, w = value.args
     w = values.get(w, w)
-    xs, ys = static_shape(x), static_shape(value)
     xd, out = str(x.ty.dtype) if isinstance(x.ty, relax.TensorType) else "?", str(value.attrs.out_dtype)
     trans_b = False
     if op_is(w, "relax.permute_dims") and isinstance(w.args[0], tvm.ir.Constant) and permutation(w) == [1, 0]:
@@ -52,15 +53,16 @@ def _start(value: relax.Expr, values: dict) -> tuple[Chain | None, str]:
     ws = static_shape(w) or []
     if len(ws) != 2:
         return None, f"the weight has shape {ws}, not rank 2"
-    if xs is None or ys is None or len(xs) < 2:
-        return None, "x is not a static tensor of rank 2 or more"
+    dims = getattr(x.ty, "shape", None)
+    if not isinstance(dims, relax.ShapeExpr) or len(dims.values) < 2:
+        return None, "x is not a tensor of known rank 2 or more"
     if xd not in DTYPES or str(w.ty.dtype) != xd:
         return None, f"operands are {xd} and {w.ty.dtype}; cuBLASLt is called for one of {', '.join(DTYPES)}"
     if (dtype := result_dtype(out, xd)) is None:
         return None, f"out_dtype {out}"
     k, n = (ws[1], ws[0]) if trans_b else ws
-    if xs[-1] != k or math.prod(xs) == 0 or n == 0:
-        return None, f"x {xs} does not match the weight's K={k}"
+    if last_dim(x) != k or k == 0 or n == 0 or 0 in (static_shape(x) or []):
+        return None, f"x {list(dims.values)} does not match the weight's K={k}"
     return Chain(x, w, int(n), dtype, trans_b), ""
 
 
@@ -71,6 +73,8 @@ def _start_conv(value: relax.Call, values: dict) -> tuple[Chain | None, str]:
     if str(a.data_layout) != "NHWC" or str(a.kernel_layout) != "OHWI" or str(a.out_layout) != "NHWC":
         return None, f"layout {a.data_layout}/{a.kernel_layout}, not NHWC/OHWI"
     ws = static_shape(value.args[1]) or []
+    if last_dim(x) is None:
+        return None, "x has no known number of channels"
     if len(ws) != 4 or ws[1:3] != [1, 1]:
         return None, f"a {'x'.join(map(str, ws[1:3])) or '?'} kernel is no plain GEMM"
     if int(a.groups) != 1 or [int(v) for v in a.strides] != [1, 1] or any(int(v) for v in a.padding) \
@@ -102,7 +106,7 @@ class _Rewriter(ChainRewriter):
         args += [relax.prim_value(int(chain.trans_b)), chain.epilogue()]
         func = FUNCTION + ("_bias" if chain.bias is not None else "") + ("_residual" if chain.residual is not None else "")
         op = values[chain.members[0]].op.name.rpartition(".")[2]
-        what = f"{chain.parts(op)} to cuBLASLt, K={static_shape(chain.x)[-1]} N={chain.n}" \
+        what = f"{chain.parts(op)} to cuBLASLt, K={last_dim(chain.x)} N={chain.n}" \
             f"{' (weight transposed)' if chain.trans_b else ''}"
         return chain.library_call(func, args, result_ty), what
 

@@ -4,7 +4,7 @@ A chain is one op that a library computes (a weight GEMM, a convolution) followe
 library's epilogue computes with it: [``astype`` float32 → 16-bit] [``add(·, bias)``]
 [``add(·, residual)``] [``relu``], with shape-preserving ``reshape``s that keep the last axis,
 each intermediate result used only by the next. ``ChainRewriter`` finds the chains of a
-function (one dataflow block, static shapes), asks its subclass which ops start one and what
+function (one dataflow block; leading dimensions may be symbolic), asks its subclass which ops start one and what
 call replaces it, and rebuilds the function with the calls; every op it leaves gets a reason
 for ``--explain``. Used by DispatchCublasLt and DispatchCudnn, which are the passes.
 """
@@ -98,7 +98,7 @@ def extend(chain: Chain, value: relax.Expr, values: dict) -> bool:
         chain.dtype = str(value.attrs.dtype)
         return True
     if op_is(value, "relax.reshape"):
-        return (static_shape(value) or [None])[-1] == chain.n
+        return last_dim(value) == chain.n
     if op_is(value, "relax.add") and chain.residual is None and not chain.relu:
         a, b = value.args
         bias_arg, bias = next(((e, c) for e in (b, a) if (c := constant(e, values)) is not None), (None, None))
@@ -116,6 +116,14 @@ def extend(chain: Chain, value: relax.Expr, values: dict) -> bool:
         chain.relu = True
         return True
     return False
+
+
+def last_dim(e: relax.Expr) -> int | None:
+    """A tensor's last dimension when it is static (the others may be symbolic), else None."""
+    shape = getattr(e.ty, "shape", None)
+    if not isinstance(shape, relax.ShapeExpr) or not shape.values or not isinstance(shape.values[-1], tvm.tirx.IntImm):
+        return None
+    return int(shape.values[-1])
 
 
 def _same_shape(a: relax.Expr, b: relax.Expr) -> bool:

@@ -50,14 +50,19 @@ def test_transformer_encoder_matches_onnxruntime(tmp_path, rng):
         check(rt.run(name, hidden=x), ort_outputs(model, {"hidden": x})[0], rtol=2e-3, scale_atol=2e-3)
 
 
-def test_symbolic_batch_runs_at_several_batches(tmp_path, rng):
-    model = zoo.transformer_encoder(layers=1, batch="N")
+@pytest.mark.parametrize("name,library", [("encoder", "DispatchCublasLt"), ("resnet18", "DispatchCudnn")])
+def test_symbolic_batch_runs_at_several_batches(tmp_path, rng, name, library):
+    """A symbolic batch: the GEMMs (cuBLASLt) and convs (cuDNN) read it per call."""
+    model, shape = (zoo.transformer_encoder(layers=1, batch="N"), (32, 128)) if name == "encoder" else \
+        (zoo.resnet(18, batch="N", size=32), (3, 32, 32))
     art, rt = build_and_load(model, tmp_path)
     assert "cuda_graph" not in art.executable.as_text()
-    (name,) = rt.models
+    assert any(line.startswith(f"{library}: rewrote") for line in art.report.explanations)
+    (fn,) = rt.models
+    (inp,) = rt.models[fn].inputs
     for batch in (1, 3, 2):
-        x = rng.standard_normal((batch, 32, 128)).astype("float32")
-        check(rt.run(name, hidden=x), ort_outputs(model, {"hidden": x})[0], rtol=2e-3, scale_atol=2e-3)
+        x = rng.standard_normal((batch, *shape)).astype("float32")
+        check(rt.run(fn, **{inp.name: x}), ort_outputs(model, {inp.name: x})[0], rtol=2e-3, scale_atol=2e-3)
 
 
 def test_artifact_built_without_a_gpu_compiles_when_loaded(tmp_path, rng, monkeypatch):

@@ -75,6 +75,30 @@ def test_linear_bias_residual_relu_is_one_call():
     assert lines == ["DispatchCublasLt: rewrote matmul: matmul + bias + residual + relu to cuBLASLt, K=64 N=48"]
 
 
+def test_symbolic_leading_dims_and_reshape():
+    """x [n, 8, K] with a symbolic n: the matmul, its bias and a reshape to [n * 8, N] are one call
+    writing the reshape's symbolic shape; a reshape that moves N off the last axis ends the chain."""
+    rng = np.random.default_rng(4)
+    n = tvm.tirx.Var("n", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((n, 8, K), "float16"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, _const(rng, K, N, dtype="float16")))
+            y = bb.emit(relax.op.add(y, _const(rng, N, dtype="float16")))
+            y = bb.emit(relax.op.reshape(y, (n * 8, N)))
+            y = bb.emit(relax.op.reshape(y, (n * 8 * N // 2, 2)))
+            y = bb.emit_output(y)
+        bb.emit_func_output(y)
+    out, lines = _dispatch(bb.get())
+    assert _extern_names(out) == ["smelt_cublaslt_matmul_bias"]
+    call = next(c for c in _calls(out) if isinstance(c.op, tvm.ir.Op) and c.op.name == "relax.call_dps_packed")
+    d, _ = call.ty.fields
+    tvm.ir.assert_structural_equal(d.shape, relax.ShapeExpr([n * 8, N]))
+    assert _ops(out).count("relax.reshape") == 1
+    assert lines == [f"DispatchCublasLt: rewrote matmul: matmul + bias to cuBLASLt, K={K} N={N}"]
+
+
 def test_transposed_weight_and_float32():
     rng = np.random.default_rng(1)
     bb = relax.BlockBuilder()
@@ -193,6 +217,18 @@ def test_bottleneck_compiles_its_pointwise_convs_to_calls(requires_cuda_compiler
 def _compile(model, x, precision="float32", libs=None):
     opts = smelt.CompileOptions(smelt.TargetOptions("cuda", "sm_90", libs=libs), tune_log_dir=None)
     return smelt.compile([(model, (x,))], target="cuda", names=["m"], precision=precision, options=opts)
+
+
+def test_symbolic_batch_gemms_are_calls(requires_cuda_compiler):
+    """An ONNX MLP with a symbolic batch: its three GEMMs are cuBLASLt calls (the routine reads M
+    per call), as with a static one; the result keeps the symbolic shape."""
+    from smelt.examples import zoo
+
+    art = smelt.compile([zoo.mlp(batch="N")], target="cuda", arch="sm_90", precision="float16")
+    taken = [line for line in art.report.explanations if line.startswith("DispatchCublasLt: rewrote")]
+    assert taken == ["DispatchCublasLt: rewrote matmul: matmul + bias + relu to cuBLASLt, K=64 N=256",
+                     "DispatchCublasLt: rewrote matmul: matmul + bias + relu to cuBLASLt, K=256 N=256",
+                     "DispatchCublasLt: rewrote matmul: matmul + bias to cuBLASLt, K=256 N=10"], taken
 
 
 def test_artifact_library_carries_the_gemm(requires_cuda_compiler, tmp_path):
