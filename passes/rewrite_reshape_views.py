@@ -21,7 +21,7 @@ import tvm
 from tvm import relax
 
 from .explain import Explainer
-from .mutate import mutator_pass, static_shape
+from .mutate import mutator_pass
 
 
 @relax.expr_functor.mutator
@@ -40,8 +40,8 @@ class _Rewriter(relax.PyExprMutator):
         if not isinstance(func, tvm.tirx.PrimFunc) or len(call.args) > 2 or not isinstance(args, relax.Tuple) \
                 or len(args.fields) != 1 or not relax.analysis.has_reshape_pattern(func):
             return call
-        x, shape = args.fields[0], static_shape(call)
-        if shape is None:
+        x, shape = args.fields[0], getattr(call.ty, "shape", None)
+        if not isinstance(shape, relax.ShapeExpr):  # symbolic dimensions (a batch N) are fine
             return call
         if x in self.params:
             self.explain.skip(call, f"{kernel.name_hint} reshapes the parameter {x.name}: it stays a copy")
