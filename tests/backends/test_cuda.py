@@ -159,7 +159,9 @@ def test_cuda_graph_off_when_asked():
 def test_no_cuda_graph_for_symbolic_batch():
     art = smelt.compile([zoo.mlp(batch="N")], target="cuda", arch="sm_90")
     assert art.models["mlp"].inputs[0].shape[0] == "N"
-    assert "cuda_graph" not in art.executable.as_text()
+    # No captured graph (it would replay one batch's launches); the static cuBLASLt workspace may
+    # come from TVM's cached allocation (``cuda_graph.get_cached_alloc``).
+    assert "cuda_graph.run_or_capture" not in art.executable.as_text()
 
 
 @pytest.mark.parametrize("arch", ["sm90", "90", "compute_90", "gfx942", "sm_9"])
