@@ -27,8 +27,12 @@ from tvm.target.codegen import llvm_get_vector_width
 
 
 def default_rules() -> list:
-    """Winograd transforms, tiled reductions (conv, matmul, pooling), dlight's CPU rules, then elementwise."""
-    return [WinogradTransform(), TileReduction(), dl_cpu.GEMV(), dl_cpu.Reduction(), ParallelInjective()]
+    """Winograd transforms, tiled reductions (int8 dot products first; conv, matmul, pooling),
+    dlight's CPU rules, then elementwise."""
+    from .cpu_int8_dot import Int8DotTile  # built on this module's helpers
+
+    return [WinogradTransform(), Int8DotTile(), TileReduction(), dl_cpu.GEMV(), dl_cpu.Reduction(),
+            ParallelInjective()]
 
 
 def vector_lanes(target, dtype_bits: int) -> int:
@@ -89,6 +93,49 @@ def _opened(func, target, injective: bool = False):
     return sch, infos
 
 
+def open_reduction(func, target, keep_pads: bool = False):
+    """``func`` opened for a tiling rule: (schedule, the reduction's dlight BlockInfo, its number
+    of spatial iterators (which come first), the producers kept at the root, the epilogue
+    blocks), where every producer that may be is inlined (a data pad stays at the root, unless
+    the reduction is small and not ``keep_pads``) and the epilogue is inlined into its last
+    block. None where the kernel is not one reduction block with injective producers and
+    epilogue, or its loops do not match its iterators."""
+    if (opened := _opened(func, target)) is None:
+        return None
+    sch, infos = opened
+    reductions = [i for i, b in enumerate(infos) if not b.is_injective()]
+    if len(reductions) != 1:
+        return None
+    r = reductions[0]
+    red = infos[r]
+    kinds = red.dom_kind()
+    n_s = len(kinds) - len(kinds.lstrip("S"))
+    if n_s == 0 or kinds[n_s:] != "R" * (len(kinds) - n_s):
+        return None
+    if not all(b.is_injective() for b in infos[:r] + infos[r + 1:]):
+        return None
+    red_doms = [i.dom for i in red.iters if i.kind == "R"]
+    small = all(isinstance(d, int) for d in red_doms) and math.prod(red_doms) <= SMALL_REDUCTION and not keep_pads
+    kept = []  # producers that cannot be inlined stay at the root, scheduled below
+    for producer in reversed(infos[:r]):
+        if producer.is_data_pad(sch) and not small:  # inlined, its bounds check would sit in the inner loop
+            kept.append(producer.block_rv)
+            continue
+        try:
+            sch.compute_inline(producer.block_rv)
+        except Exception:
+            kept.append(producer.block_rv)
+    epilogue = infos[r + 1:]
+    for b in epilogue[:-1]:
+        try:
+            sch.compute_inline(b.block_rv)
+        except Exception:
+            return None
+    if len(sch.get_loops(red.block_rv)) != len(kinds):
+        return None
+    return sch, red, n_s, kept, epilogue
+
+
 class TileReduction(ScheduleRule):
     """One reduction block (conv2d, matmul, batch matmul, pooling) with injective producers and epilogue.
 
@@ -105,41 +152,11 @@ class TileReduction(ScheduleRule):
     """
 
     def apply(self, func: tirx.PrimFunc, target, _tunable: bool):
-        if (opened := _opened(func, target)) is None:
+        if (opened := open_reduction(func, target)) is None:
             return None
-        sch, infos = opened
-        reductions = [i for i, b in enumerate(infos) if not b.is_injective()]
-        if len(reductions) != 1:
-            return None
-        r = reductions[0]
-        red = infos[r]
-        kinds = red.dom_kind()
-        n_s = len(kinds) - len(kinds.lstrip("S"))
-        if n_s == 0 or kinds[n_s:] != "R" * (len(kinds) - n_s):
-            return None
-        if not all(b.is_injective() for b in infos[:r] + infos[r + 1:]):
-            return None
+        sch, red, n_s, kept, epilogue = opened
         block = red.block_rv
-        red_doms = [i.dom for i in red.iters if i.kind == "R"]
-        small = all(isinstance(d, int) for d in red_doms) and math.prod(red_doms) <= SMALL_REDUCTION
-        kept = []  # producers that cannot be inlined stay at the root, scheduled below
-        for producer in reversed(infos[:r]):
-            if producer.is_data_pad(sch) and not small:  # inlined, its bounds check would sit in the inner loop
-                kept.append(producer.block_rv)
-                continue
-            try:
-                sch.compute_inline(producer.block_rv)
-            except Exception:
-                kept.append(producer.block_rv)
-        epilogue = infos[r + 1:]
-        for b in epilogue[:-1]:
-            try:
-                sch.compute_inline(b.block_rv)
-            except Exception:
-                return None
         loops = sch.get_loops(block)
-        if len(loops) != len(kinds):
-            return None
         # Symbolic extents (a dynamic batch) may stay in the parallel grid; the register tile
         # needs static ones.
         extents = [int(e) if isinstance(e, tirx.IntImm) else None for e in (sch.get(lp).extent for lp in loops)]

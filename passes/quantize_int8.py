@@ -3,14 +3,16 @@
 Requires: the quantize phase (after merging, before legalization), float32 weights
 bound as constants, calibration data for the models to quantize (``calibration``).
 Guarantees: every site (a conv2d in NCHW/OIHW or a matmul with a 2-D constant weight)
-whose estimated error stays under ``max_error`` computes int8 x int8 -> int32:
+whose estimated error stays under ``max_error`` computes uint8 x int8 -> int32:
 activations asymmetric int8 per tensor (scale and zero point from the calibrated
-range), weights symmetric int8 per output channel. The zero-point term
-(zero point x the weight's channel sum) is folded into a per-channel constant, and
+range), carried as uint8 (value + 128, as x86's VNNI dot products take them), weights
+symmetric int8 per output channel. The zero-point term
+(zero point x the weight's channel sum) is folded into a per-channel constant, subtracted
+from the int32 result before it becomes float32 (exactly: the terms outgrow float32), and
 convolutions pad with the zero point (an explicit pad) so that borders are exact. The
 int32 result is rescaled to float32 in place, so the op's epilogue (bias, activation)
 and the next site's quantize are elementwise and ``FuseOps`` fuses them into the
-kernel: between quantized layers the tensors that travel are int8 (requantization),
+kernel: between quantized layers the tensors that travel are 8-bit (requantization),
 not float32. Sites over ``max_error`` stay float32 and are listed in ``report`` with
 their error; so are sites the pass does not handle, with the reason.
 
@@ -20,7 +22,7 @@ convolution, sqrt(ex² + ew²) of the relative quantization errors of its activa
 weight (a first-order estimate; the exact output would need a convolution here).
 
 TVM 0.27 has Q/DQ ops but no calibration and no rewrite to integer kernels; this pass
-emits plain Relax (``astype``/``round``/``clip``, int8 ``conv2d``/``matmul`` with
+emits plain Relax (``astype``/``round``/``clip``, uint8 x int8 ``conv2d``/``matmul`` with
 ``out_dtype="int32"``), which every backend legalizes.
 """
 
@@ -173,22 +175,26 @@ def _int8(bb: relax.BlockBuilder, call: relax.Call, plan: dict) -> relax.Expr:
     x, sx, zx, wq, sw = call.args[0], plan["sx"], plan["zx"], plan["wq"], plan["sw"]
     # smoothing divides each input channel by its scale too: one per-channel divisor
     div = np.float32(sx) if plan["smooth"] is None else (plan["smooth"] * np.float32(sx)).astype(np.float32)
-    xq = relax.op.add(relax.op.round(relax.op.divide(x, relax.const(div))), relax.const(np.float32(zx)))
-    xq = bb.emit(relax.op.astype(relax.op.clip(xq, -128.0, 127.0), "int8"))
+    # The int8 value q travels as q + 128 in uint8, with zero point zx + 128: the same numbers,
+    # in the form x86's dot-product instructions (VNNI) multiply, unsigned by signed.
+    zq = zx + 128
+    xq = relax.op.add(relax.op.round(relax.op.divide(x, relax.const(div))), relax.const(np.float32(zq)))
+    xq = bb.emit(relax.op.astype(relax.op.clip(xq, 0.0, 255.0), "uint8"))
     if call.op.name == "relax.nn.conv2d":
         a = call.attrs
         top, left, bottom, right = (int(p) for p in a.padding)
         if top or left or bottom or right:
-            xq = bb.emit(relax.op.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx)))
+            xq = bb.emit(relax.op.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zq)))
         acc = bb.emit(relax.op.nn.conv2d(xq, relax.const(wq), strides=[int(s) for s in a.strides], padding=0,
                                          dilation=[int(d) for d in a.dilation], groups=int(a.groups),
                                          out_dtype="int32"))
         shape = (1, -1, 1, 1)
-        zero_term = zx * wq.reshape(wq.shape[0], -1).astype(np.int64).sum(axis=1)
+        zero_term = zq * wq.reshape(wq.shape[0], -1).astype(np.int64).sum(axis=1)
     else:
         acc = bb.emit(relax.op.matmul(xq, relax.const(wq), out_dtype="int32"))
         shape = (-1,)
-        zero_term = zx * wq.astype(np.int64).sum(axis=0)
-    out = relax.op.subtract(relax.op.astype(acc, "float32"),
-                            relax.const(zero_term.astype(np.float32).reshape(shape)))
+        zero_term = zq * wq.astype(np.int64).sum(axis=0)
+    # Subtracted in int32, exactly: the two terms reach 255 * 127 * K (1.5e8 for K = 4608), past
+    # float32's 2^24 of exact integers, while their difference is the signal.
+    out = relax.op.astype(relax.op.subtract(acc, relax.const(zero_term.astype(np.int32).reshape(shape))), "float32")
     return relax.op.multiply(out, relax.const((sx * sw).astype(np.float32).reshape(shape)))

@@ -1,0 +1,73 @@
+"""Int8DotTile: INT8 convolutions and matmuls on x86's VNNI dot products compute the same integers.
+
+A quantized CNN and transformer encoder compile with the rule and without it (TileReduction
+then widens to int32): the outputs must be equal bit for bit, as both add the same integers
+and run the same float epilogue. Executing needs a CPU with AVX-512 VNNI (skipped elsewhere);
+which kernels the rule takes, and which it declines, is checked on any x86 host by compiling
+for ``znver4``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tvm.target.codegen import target_has_features
+
+import smelt
+from smelt.backends import cpu_schedule
+from smelt.backends.base import TargetOptions
+from smelt.backends.cpu import CPUBackend
+from smelt.examples import zoo
+
+HOST = CPUBackend().target(TargetOptions())
+needs_vnni = pytest.mark.skipif(not ("x86" in str(HOST.attrs.get("mtriple", "")) and
+                                     target_has_features("avx512vnni", HOST)), reason="needs AVX-512 VNNI")
+
+MODELS = {
+    # a narrow ResNet-18 (16 channels: 3x3, strided and 1x1 convs) with a 16-class head, and an encoder
+    "resnet18": (lambda: zoo.resnet(18, size=32, classes=16, width=16), "input", (3, 32, 32)),
+    "encoder": (lambda: zoo.transformer_encoder(layers=1, seq=16, d_model=64, heads=4, ffn=128), "hidden", (16, 64)),
+}
+
+
+def _compile(name, arch=None, vnni=True, monkeypatch=None):
+    build, inp, shape = MODELS[name]
+    rng = np.random.default_rng(0)
+    calib = [{inp: rng.standard_normal((1, *shape)).astype("float32")} for _ in range(4)]
+    if not vnni:
+        rules = cpu_schedule.default_rules
+        monkeypatch.setattr(cpu_schedule, "default_rules",
+                            lambda: [r for r in rules() if type(r).__name__ != "Int8DotTile"])
+    opts = smelt.CompileOptions(TargetOptions("cpu", arch), tune_log_dir=None)
+    return smelt.compile([build()], target="cpu", quantize=smelt.Int8(calib=calib), options=opts)
+
+
+def test_takes_the_int8_kernels_it_can():
+    """Every quantized conv and matmul of 16k output channels and 4k inputs per position is taken;
+    the stem (3 input channels) is declined."""
+    rules = _compile("resnet18", arch="znver4").report.schedules
+    sites = {k: v for k, v in rules.items() if "conv2d" in k or "matmul" in k}
+    stem = next(k for k in sites if k.startswith("fused_conv2d_"))  # the first conv's kernel
+    assert sites.pop(stem) == "TileReduction"
+    assert len(sites) >= 8 and set(sites.values()) == {"Int8DotTile"}, sites  # shared kernels count once
+
+
+def test_declined_without_vnni():
+    rules = _compile("resnet18", arch="haswell").report.schedules
+    assert "Int8DotTile" not in rules.values() and "TileReduction" in rules.values()
+
+
+@needs_vnni
+@pytest.mark.parametrize("name", list(MODELS))
+def test_same_integers_as_widening(name, tmp_path, monkeypatch):
+    _, inp, shape = MODELS[name]
+    x = np.random.default_rng(1).standard_normal((1, *shape)).astype("float32")
+    outs = []
+    for vnni in (True, False):
+        art = _compile(name, vnni=vnni, monkeypatch=monkeypatch)
+        assert ("Int8DotTile" in art.report.schedules.values()) == vnni
+        rt = smelt.load(art.save(tmp_path / str(vnni)))
+        (fn,) = rt.models
+        outs.append(np.asarray(rt.run(fn, **{inp: x})))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert np.abs(outs[0]).max() > 0
