@@ -9,7 +9,8 @@ range), carried as uint8 (value + 128, as x86's VNNI dot products take them), we
 symmetric int8 per output channel. The zero-point term
 (zero point x the weight's channel sum) is folded into a per-channel constant, subtracted
 from the int32 result before it becomes float32 (exactly: the terms outgrow float32), and
-convolutions pad with the zero point (an explicit pad) so that borders are exact. The
+convolutions pad with the zero point (an explicit pad) so that borders are exact, and pad
+their input channels to a multiple of 4 (zero weights) for 4-wide dot products. The
 int32 result is rescaled to float32 in place, so the op's epilogue (bias, activation)
 and the next site's quantize are elementwise and ``FuseOps`` fuses them into the
 kernel: between quantized layers the tensors that travel are 8-bit (requantization),
@@ -183,8 +184,13 @@ def _int8(bb: relax.BlockBuilder, call: relax.Call, plan: dict) -> relax.Expr:
     if call.op.name == "relax.nn.conv2d":
         a = call.attrs
         top, left, bottom, right = (int(p) for p in a.padding)
-        if top or left or bottom or right:
-            xq = bb.emit(relax.op.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zq)))
+        # Input channels up to a multiple of 4 (an image's 3), for dot products that take 4 at
+        # a time: the extra channels hold the zero point and meet zero weights, adding nothing.
+        extra = -wq.shape[1] % 4 if int(a.groups) == 1 else 0
+        if extra:
+            wq = np.pad(wq, [(0, 0), (0, extra), (0, 0), (0, 0)])
+        if top or left or bottom or right or extra:
+            xq = bb.emit(relax.op.nn.pad(xq, [0, 0, 0, extra, top, bottom, left, right], pad_value=float(zq)))
         acc = bb.emit(relax.op.nn.conv2d(xq, relax.const(wq), strides=[int(s) for s in a.strides], padding=0,
                                          dilation=[int(d) for d in a.dilation], groups=int(a.groups),
                                          out_dtype="int32"))
