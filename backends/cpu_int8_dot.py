@@ -15,7 +15,7 @@ accumulators, the epilogue (rescale, bias, activation, the next layer's quantize
 Why: widened to int32 (16 multiplies per instruction, against float32's 16 FMAs), a quantized
 ResNet-18 at 112x112 took 8.25 ms on a 2-core Zen 4, 0.61x smelt's own float32; with this rule
 2.82 ms, and 2.28 ms once QuantizeInt8 padded the stem's 3 channels to 4 for it: 2.3x faster
-than float32, 3.2x faster than onnxruntime's INT8 (bench/quantize.py).
+than float32, 3.0-3.7x faster than onnxruntime's INT8 (bench/quantize.py).
 Where: ``cpu_schedule.default_rules()``, before TileReduction.
 """
 
