@@ -7,7 +7,7 @@ onnxruntime float32 on held-out inputs (cosine similarity, largest deviation rel
 to the largest output) and timed (median ms), with the float32 runs beside them; all of a
 model's runners are timed taking turns, as ``smelt bench`` does (one after another, smelt met
 onnxruntime's still-spinning threads: the MLP took 8 ms instead of 0.04).
-Usage: python bench/quantize.py [--models resnet18,mlp,encoder] [--json out.json]
+Usage: python bench/quantize.py [--models resnet18,mlp,encoder (or resnet50)] [--json out.json]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from smelt.examples import zoo
 from smelt.examples.reference import ort_quantize_static
 
 MODELS = {"resnet18": lambda: zoo.resnet(18, batch=1, size=112),
+          "resnet50": lambda: zoo.resnet(50, batch=1, size=224),
           "mlp": lambda: zoo.mlp(batch=16),
           "encoder": lambda: zoo.transformer_encoder(layers=2, batch=1, seq=32)}
 
