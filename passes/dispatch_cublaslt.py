@@ -27,8 +27,6 @@ the same GEMM (ResNet-50's 1×1 convs carry about half its FLOPs, with its bias,
 
 from __future__ import annotations
 
-import math
-
 import tvm
 from tvm import relax
 

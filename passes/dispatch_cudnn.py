@@ -11,9 +11,9 @@ of that dtype too, ``bias`` a constant of as many elements as output channels, `
 computed tensor of the result's shape and dtype, becomes one
 ``call_dps_packed("smelt_cudnn_conv2d[_residual]", (x, W, bias, [residual], pad_h, pad_w,
 stride_h, stride_w, dil_h, dil_w, groups, epilogue), [y, workspace])``; a chain without a bias
-gets a zero one (cuDNN's fused call always adds one); 16-bit convs of few channels (an image's 3)
-get a zero channel, in x and W, for cuDNN's first-layer kernel (``_channel_pad``). Products are accumulated in float32;
-float32 convs stay exact float32 (no TF32). Everything else keeps smelt's generated kernels,
+gets a zero one (cuDNN's fused call always adds one); a 16-bit 7×7 conv of 3 channels (an RGB
+stem) gets a zero fourth one, in x and W, for cuDNN's first-layer kernel (``_channel_pad``).
+Products are accumulated in float32; float32 convs stay exact float32 (no TF32). Everything else keeps smelt's generated kernels,
 with the reason recorded for ``--explain``: grouped and depthwise convs, asymmetric padding, a
 float32 result of 16-bit operands.
 Where: in the CUDA backend's pre-legalize passes after ``DispatchCublasLt`` (which takes the
@@ -95,8 +95,8 @@ class _Rewriter(ChainRewriter):
         top, left, _, _ = (int(v) for v in a.padding)
         bias = chain.bias if chain.bias is not None else exact_const(np.zeros(chain.n, chain.dtype))
         x, w = sub(chain.x), chain.w
-        c = (static_shape(w) or [0] * 4)[3]
-        if (extra := _channel_pad(c, tuple((static_shape(w) or [0] * 4)[1:3]), chain.dtype)):
+        _, kh, kw, c = static_shape(w)
+        if (extra := _channel_pad(c, (kh, kw), chain.dtype)):
             # zero channels in x and W add nothing; the pad fuses into the kernel that computes x
             x = relax.op.nn.pad(x, [0, 0, 0, 0, 0, 0, 0, extra])
             w = exact_const(np.pad(w.value.numpy(), [(0, 0)] * 3 + [(0, extra)]))
@@ -104,7 +104,6 @@ class _Rewriter(ChainRewriter):
         args += [relax.prim_value(v) for v in (top, left, *(int(s) for s in a.strides), *(int(d) for d in a.dilation),
                                                int(a.groups))] + [chain.epilogue()]
         func = FUNCTION + ("_residual" if chain.residual is not None else "")
-        kh, kw = (static_shape(chain.w) or [0, 0, 0])[1:3]
         what = f"{chain.parts('conv2d')} to cuDNN, {kh}x{kw} stride {'x'.join(str(int(s)) for s in a.strides)}, " \
             f"{c}->{chain.n} channels" + (f" (padded to {c + extra})" if extra else "")
         return chain.library_call(func, args, result_ty), what

@@ -4,9 +4,9 @@ A chain is one op that a library computes (a weight GEMM, a convolution) followe
 library's epilogue computes with it: [``astype`` float32 → 16-bit] [``add(·, bias)``]
 [``add(·, residual)``] [``relu``], with shape-preserving ``reshape``s that keep the last axis,
 each intermediate result used only by the next. ``ChainRewriter`` finds the chains of a
-function (one dataflow block; leading dimensions may be symbolic), asks its subclass which ops start one and what
-call replaces it, and rebuilds the function with the calls; every op it leaves gets a reason
-for ``--explain``. Used by DispatchCublasLt and DispatchCudnn, which are the passes.
+function (one dataflow block; leading dimensions may be symbolic), asks its subclass which ops
+start one and what call replaces it, and rebuilds the function with the calls; every op it
+leaves gets a reason for ``--explain``. Used by DispatchCublasLt and DispatchCudnn, which are the passes.
 """
 
 from __future__ import annotations
