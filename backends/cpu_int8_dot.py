@@ -29,7 +29,8 @@ from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
 from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
 
-from .cpu_schedule import _STACK_BYTES, _divisor, _schedule_root, _vectorize_split, open_reduction, vector_lanes
+from .cpu_schedule import (_STACK_BYTES, _divisor, _schedule_root, _vectorize_split, open_reduction, tile_loops,
+                           vector_lanes)
 
 LANES, DEPTH = 16, 4  # the intrinsic's output channels and products per channel
 ACCUMULATORS = 12  # of AVX-512's 32 registers: the rest hold A's broadcasts and W's loads
@@ -125,17 +126,9 @@ class Int8DotTile(ScheduleRule):
 
         writeback = epilogue[-1].block_rv if epilogue else sch.cache_write(block, 0, "global")
         s_loops, r_loops = loops[:n_s], loops[n_s:]
-        wo, wi = sch.split(s_loops[-1], [None, width])
+        outer, inner, wi = tile_loops(sch, s_loops, width, row_axis, rows)
         wio, wii = sch.split(wi, [None, LANES])
         ko, ki = sch.split(r_loops[-1], [None, DEPTH])
-        outer, inner = [wo], []
-        for i, loop in enumerate(s_loops[:-1]):
-            if i == row_axis:
-                ro, ri = sch.split(loop, [None, rows])
-                outer.append(ro)
-                inner.append(ri)
-            else:
-                outer.append(loop)
         sch.reorder(*outer, *r_loops[:-1], ko, *inner, wio, wii, ki)
         grid = sch.fuse(*outer)
         sch.parallel(grid)

@@ -197,18 +197,7 @@ class TileReduction(ScheduleRule):
         else:
             writeback = sch.cache_write(block, 0, "global")
 
-        wo, wi = sch.split(s_loops[-1], [None, width])
-        outer, inner = [], []
-        for i, loop in enumerate(s_loops[:-1]):
-            if i == row_axis:
-                ro, ri = sch.split(loop, [None, rows])
-                outer.append(ro)
-                inner.append(ri)
-            else:
-                outer.append(loop)
-        # Output-channel tiles outermost: each thread's consecutive tiles reuse one slice of
-        # the weights from cache (for a 3x3x256x256 conv, 7 times fewer weight reads).
-        outer.insert(0, wo)
+        outer, inner, wi = tile_loops(sch, s_loops, width, row_axis, rows)
         inner.append(wi)
         sch.reorder(*outer, *r_loops, *inner)
         grid = sch.fuse(*outer)
@@ -225,6 +214,23 @@ class TileReduction(ScheduleRule):
         for producer in kept:
             _schedule_root(sch, producer, lanes)
         return sch
+
+
+def tile_loops(sch, s_loops: list, width: int, row_axis: int | None, rows: int) -> tuple[list, list, object]:
+    """The spatial loops split into the register tile: (grid loops, the tile's row loop if any,
+    its width loop). Output-channel tiles come first in the grid: each thread's consecutive
+    tiles reuse one slice of the weights from cache (for a 3x3x256x256 conv, 7 times fewer
+    weight reads)."""
+    wo, wi = sch.split(s_loops[-1], [None, width])
+    outer, inner = [wo], []
+    for i, loop in enumerate(s_loops[:-1]):
+        if i == row_axis:
+            ro, ri = sch.split(loop, [None, rows])
+            outer.append(ro)
+            inner.append(ri)
+        else:
+            outer.append(loop)
+    return outer, inner, wi
 
 
 def _pack_weights(sch, block, names: set[str], n_s: int, width: int) -> None:
