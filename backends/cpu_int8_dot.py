@@ -29,8 +29,8 @@ from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
 from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
 
-from .cpu_schedule import (_STACK_BYTES, _divisor, _schedule_root, _vectorize_split, open_reduction, tile_loops,
-                           vector_lanes)
+from .cpu_schedule import (_STACK_BYTES, _divisor, _schedule_root, _vectorize_split, loop_extents, open_reduction,
+                           tile_loops, tile_row_axis, vector_lanes)
 
 LANES, DEPTH = 16, 4  # the intrinsic's output channels and products per channel
 ACCUMULATORS = 12  # of AVX-512's 32 registers: the rest hold A's broadcasts and W's loads
@@ -99,16 +99,15 @@ class Int8DotTile(ScheduleRule):
         if not (w.indices[-1].same_as(n_var) and w.indices[-2].same_as(k_var) and a.indices[-1].same_as(k_var)):
             return None
         loops = sch.get_loops(block)
-        extents = [int(e) if isinstance(e, tirx.IntImm) else None for e in (sch.get(lp).extent for lp in loops)]
+        extents = loop_extents(sch, loops)
         n_ext, k_ext = extents[n_s - 1], extents[-1]
-        if n_ext is None or k_ext is None or n_ext % LANES or k_ext % DEPTH or \
-                any(int(d) % m for d, m in ((w.source.shape[-1], LANES), (w.source.shape[-2], DEPTH))):
+        if n_ext is None or k_ext is None or n_ext % LANES or k_ext % DEPTH:
             return None
 
         # Register tile: rows x width int32 accumulators, as TileReduction's.
         s_ext = extents[:n_s]
         width = 2 * LANES if n_ext % (2 * LANES) == 0 else LANES
-        row_axis = next((i for i in range(n_s - 2, -1, -1) if s_ext[i] is not None and s_ext[i] > 1), None)
+        row_axis = tile_row_axis(s_ext)
         most = min(ACCUMULATORS // (width // LANES), (_STACK_BYTES - 1) // (width * 4))
         rows = _divisor(s_ext[row_axis], most) if row_axis is not None else 1
         if rows == 1:  # one row (a matrix-vector product): the accumulators go along the width

@@ -159,7 +159,7 @@ class TileReduction(ScheduleRule):
         loops = sch.get_loops(block)
         # Symbolic extents (a dynamic batch) may stay in the parallel grid; the register tile
         # needs static ones.
-        extents = [int(e) if isinstance(e, tirx.IntImm) else None for e in (sch.get(lp).extent for lp in loops)]
+        extents = loop_extents(sch, loops)
         if extents[n_s - 1] is None:
             return None
         out_dtype = sch.get(block).writes[0].source.dtype
@@ -174,7 +174,7 @@ class TileReduction(ScheduleRule):
         else:  # half or quarter registers before odd widths (72 channels: 8 lanes, not 12)
             width = next((v for v in (lanes // 2, lanes // 4) if v >= 4 and width_ext % v == 0), None) \
                 or _divisor(width_ext, lanes, min(4, width_ext)) or 1
-        row_axis = next((i for i in range(n_s - 2, -1, -1) if s_ext[i] is not None and s_ext[i] > 1), None)
+        row_axis = tile_row_axis(s_ext)
         out_bytes = tvm.DataType(out_dtype).bits // 8
         budget = _accumulators(target) // max(1, width // lanes)
         budget = min(budget, (_STACK_BYTES - 1) // (width * out_bytes))
@@ -214,6 +214,17 @@ class TileReduction(ScheduleRule):
         for producer in kept:
             _schedule_root(sch, producer, lanes)
         return sch
+
+
+def loop_extents(sch, loops) -> list[int | None]:
+    """Each loop's extent, None where it is symbolic (a dynamic batch)."""
+    return [int(e) if isinstance(e, tirx.IntImm) else None for e in (sch.get(lp).extent for lp in loops)]
+
+
+def tile_row_axis(s_ext: list[int | None]) -> int | None:
+    """The register tile's row axis: the innermost spatial axis before the last (the channels)
+    whose extent is static and above one; None where there is none."""
+    return next((i for i in range(len(s_ext) - 2, -1, -1) if s_ext[i] is not None and s_ext[i] > 1), None)
 
 
 def tile_loops(sch, s_loops: list, width: int, row_axis: int | None, rows: int) -> tuple[list, list, object]:

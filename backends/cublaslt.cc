@@ -254,19 +254,16 @@ void Gemm(TensorView a, TensorView b, Optional<TensorView> bias, Optional<Tensor
           Alignment({pa, pb, pc, pd, pbias ? pbias : pd}));
   static std::map<Key, Plan> plans;
   auto it = plans.find(key);
-  if (it == plans.end()) {
-    std::vector<Algo> algos;
-    Plan p = NewPlan(api, key, pbias, &algos);
-    if (bias) Check(api, api.desc_set(p.desc, kDESC_BIAS_POINTER, &pbias, sizeof(pbias)), "set BIAS_POINTER");
-    // Running a candidate writes d, which the call below writes again.
+  std::vector<Algo> algos;  // a new problem's candidates
+  if (it == plans.end()) it = plans.emplace(key, NewPlan(api, key, pbias, &algos)).first;
+  Plan& p = it->second;
+  if (bias) Check(api, api.desc_set(p.desc, kDESC_BIAS_POINTER, &pbias, sizeof(pbias)), "set BIAS_POINTER");
+  if (!algos.empty()) {  // running a candidate writes d, which the call below writes again
     p.algo = algos[smelt_timer::Fastest(stream, int(algos.size()), [&](int i) {
       return api.matmul(api.handle, p.desc, &alpha, pb, p.la, pa, p.lb, &beta, pc, p.ld, pd, p.ld, &algos[i], pws,
                         ws_bytes, stream) == 0;
     })];
-    it = plans.emplace(key, p).first;
   }
-  const Plan& p = it->second;
-  if (bias) Check(api, api.desc_set(p.desc, kDESC_BIAS_POINTER, &pbias, sizeof(pbias)), "set BIAS_POINTER");
   Check(api,
         api.matmul(api.handle, p.desc, &alpha, pb, p.la, pa, p.lb, &beta, pc, p.ld, pd, p.ld, &p.algo, pws,
                    ws_bytes, stream),

@@ -5,9 +5,10 @@
 // same reason). Fastest() runs each candidate on the call's stream and returns the quickest,
 // measured with CUDA events, each run after a write of twice the L2 cache's size: in a model the
 // weights come from memory, not from the cache a back-to-back loop keeps them in (timed in a
-// hot loop, BERT-base's batch-1 GEMMs chose algorithms 10 % slower in the model on an H200). It times only outside stream capture (a CUDA graph's capture run
-// must not synchronize): the first call of a problem, the VM's warm-up run, times; a problem first
-// seen during a capture keeps the heuristic's choice. SMELT_VENDOR_TIMING=0 turns timing off.
+// hot loop, BERT-base's batch-1 GEMMs chose algorithms 10 % slower in the model on an H200).
+// It times only outside stream capture (a CUDA graph's capture run must not synchronize): the
+// first call of a problem, the VM's warm-up run, times; a problem first seen during a capture
+// keeps the heuristic's choice. SMELT_VENDOR_TIMING=0 turns timing off.
 //
 // The CUDA driver (libcuda.so.1, present wherever a GPU is) is opened with dlopen, as the
 // libraries are: the object builds with a plain C++ compiler and no CUDA toolkit.

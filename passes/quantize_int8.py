@@ -6,11 +6,11 @@ Guarantees: every site (a conv2d in NCHW/OIHW or a matmul with a 2-D constant we
 whose estimated error stays under ``max_error`` computes uint8 x int8 -> int32:
 activations asymmetric int8 per tensor (scale and zero point from the calibrated
 range), carried as uint8 (value + 128, as x86's VNNI dot products take them), weights
-symmetric int8 per output channel. The zero-point term
-(zero point x the weight's channel sum) is folded into a per-channel constant, subtracted
-from the int32 result before it becomes float32 (exactly: the terms outgrow float32), and
-convolutions pad with the zero point (an explicit pad) so that borders are exact, and pad
-their input channels to a multiple of 4 (zero weights) for 4-wide dot products. The
+symmetric int8 per output channel. The zero-point term (zero point x the weight's channel
+sum) is folded into a per-channel constant, subtracted from the int32 result before it becomes
+float32 (exactly: the terms outgrow float32). Convolutions pad with the zero point (an explicit
+pad) so that borders are exact, and their input channels to a multiple of 4 (meeting zero
+weights) for 4-wide dot products. The
 int32 result is rescaled to float32 in place, so the op's epilogue (bias, activation)
 and the next site's quantize are elementwise and ``FuseOps`` fuses them into the
 kernel: between quantized layers the tensors that travel are 8-bit (requantization),
