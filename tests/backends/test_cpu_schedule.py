@@ -156,8 +156,11 @@ def test_weights_are_repacked_at_compile_time_and_names_kept(tmp_path, rng):
     assert art.report.schedules == {"fused_matmul_add_relu": "TileReduction", "fused_matmul1_add_relu": "TileReduction",
                                     "fused_matmul2_add1": "TileReduction"}
     shapes = [art.weights[k].shape for k in art.weights.keys()]
-    # 64x256, 256x256 and 256x10 weights: 32-wide panels where 32 divides N, one 10-wide panel.
-    assert sorted(s for s in shapes if len(s) > 1) == [(1, 256, 10), (8, 64, 32), (8, 256, 32)], shapes
+    # 64x256, 256x256 and 256x10 weights: panels two vectors wide where that divides N; 10 columns
+    # take one 10-wide panel of 16-lane (AVX-512) tiles, or two 5-wide ones of 8-lane (AVX2) tiles.
+    w = 2 * cpu_schedule.vector_lanes(TARGET, 32)
+    last = (1, 256, 10) if w == 32 else (2, 256, 5)
+    assert sorted(s for s in shapes if len(s) > 1) == sorted([last, (256 // w, 64, w), (256 // w, 256, w)]), shapes
     feeds = {"features": rng.standard_normal((4, 64)).astype("float32")}
     (want,) = ort_outputs(model, feeds)
     rt = smelt.load(art.save(tmp_path / "art"))
@@ -214,7 +217,8 @@ def test_winograd_transforms_unroll_the_tile_and_match_a_direct_conv():
     x = te.placeholder((n, h, h, c), name="x")
     v = wino.winograd_input(x)
     fin = _scheduled(te.create_prim_func([x, v]), rule)
-    assert "T.unroll(16)" in fin.script() and "T.vectorized(16)" in fin.script(), fin.script()
+    lanes = cpu_schedule.vector_lanes(TARGET, 32)
+    assert "T.unroll(16)" in fin.script() and f"T.vectorized({lanes})" in fin.script(), fin.script()
     b = te.placeholder((1, 1, 1, k), name="b")
     m = te.placeholder((16, int(v.shape[1]), k), name="m")
     y = topi.nn.relu(wino.winograd_output(m, n, h, h) + b)
@@ -256,3 +260,18 @@ def test_resnet_3x3_convs_run_as_winograd(tmp_path, rng):
     (want,) = ort_outputs(model, feeds)
     got = smelt.load(art.save(tmp_path / "art")).run(next(iter(art.models)), **feeds)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("cpu,lanes,accumulators", [("haswell", 8, 10), ("znver3", 8, 10), ("skylake-avx512", 16, 16),
+                                                     ("znver4", 16, 16), ("x86-64", 4, 10)])
+def test_tiles_follow_the_cpus_vector_registers(cpu, lanes, accumulators):
+    """AVX2 CPUs get 8-lane float32 tiles and AVX-512 ones 16 (TVM's own vector-width query says
+    512 bits for every x86 CPU); the tile's accumulators fit the CPU's register file."""
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})
+    assert cpu_schedule.vector_lanes(target, 32) == lanes
+    a, b = te.placeholder((128, 256), name="a"), te.placeholder((256, 512), name="b")
+    func = te.create_prim_func([a, b, topi.nn.matmul(a, b)])
+    text = cpu_schedule.TileReduction().apply(func, target, False).mod["main"].script()
+    assert f"T.vectorized({lanes})" in text and f"T.vectorized({2 * lanes})" not in text, text
+    rows = int(text.split("T.unroll(")[1].split(")")[0])  # the register tile's row loop comes first
+    assert rows * 2 <= accumulators, text
