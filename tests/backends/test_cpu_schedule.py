@@ -275,3 +275,13 @@ def test_tiles_follow_the_cpus_vector_registers(cpu, lanes, accumulators):
     assert f"T.vectorized({lanes})" in text and f"T.vectorized({2 * lanes})" not in text, text
     rows = int(text.split("T.unroll(")[1].split(")")[0])  # the register tile's row loop comes first
     assert rows * 2 <= accumulators, text
+
+
+@pytest.mark.parametrize("rows_ext,lanes,accumulators,want", [
+    (14, 8, 10, (7, 8)), (49, 8, 10, (7, 8)), (7, 8, 10, (7, 8)),  # AVX2: no divisor up to 5 rows of two vectors
+    (128, 8, 10, (4, 16)), (56, 8, 10, (4, 16)), (30, 8, 10, (5, 16)),
+    (14, 16, 16, (7, 32)), (128, 16, 16, (4, 32)),  # AVX-512: 7 rows of two vectors fit the stack tile
+    (1, 8, 10, (1, 16)),  # one row: TileReduction spreads the accumulators along the width
+])
+def test_register_tiles_keep_the_fma_units_busy(rows_ext, lanes, accumulators, want):
+    assert cpu_schedule.register_tile(512, rows_ext, lanes, accumulators, 4) == want
