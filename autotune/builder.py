@@ -51,7 +51,7 @@ def _build(mod, target, config: dict) -> str:
         # CUDA code generation of ``mma`` stores calls an index map that only importing TVM's
         # CUDA intrinsics registers (``tirx.index_map.shared_16x16_to_ldmatrix_32x8_layout``):
         # without it, smelt's tensor-core default schedules failed to build in a worker.
-        from ..backends.tensorcore_matmul import import_intrinsics
+        from ..backends.tensor_intrinsics import import_intrinsics
 
         import_intrinsics()
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)

@@ -240,7 +240,7 @@ def _register_intrinsics(records: Path) -> None:
     each intrinsic up by name (``wmma_fill_16x16x16_f32``: "not registered"), and nothing but
     importing ``tvm.s_tir.tensor_intrin`` registers them."""
     if records.is_file() and b'"Tensorize"' in records.read_bytes():
-        from ..backends.tensorcore_matmul import import_intrinsics
+        from ..backends.tensor_intrinsics import import_intrinsics
 
         import_intrinsics("tvm.s_tir.tensor_intrin.cuda")  # first: the package imports it too
         import_intrinsics("tvm.s_tir.tensor_intrin")

@@ -56,10 +56,8 @@ Where: first rule of ``apply_default_schedules.default_rules()``.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import re
-import sys
 import time
 from dataclasses import dataclass
 
@@ -74,6 +72,8 @@ from tvm.s_tir.dlight.gpu.matmul import (
     get_reduction_blocks,
 )
 from tvm.target import Target
+
+from .tensor_intrinsics import import_intrinsics
 
 log = logging.getLogger(__name__)
 
@@ -351,38 +351,6 @@ def int32_indices(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 class _Decline(Exception):
     """Internal: the kernel is out of the rule's reach; ``apply`` turns this into None."""
-
-
-def import_intrinsics(name: str = "tvm.s_tir.tensor_intrin.cuda"):
-    """TVM's tensor intrinsics module ``name`` (importing it registers them), in seconds instead of about a minute.
-
-    Workaround for a TVM 0.27 slowness: importing it parses ~250 TVMScript intrinsics, and
-    every ``@T.prim_func`` calls ``inspect.stack()``, which looks up each frame's source
-    line; for the import machinery's frames (``<frozen importlib._bootstrap>``, no file)
-    that scans all of ``sys.modules``. On a 2-core CPU the import took 50 s (dlight's WMMA
-    rule pays it too). The parser reads only the frames themselves (their source lines only
-    for functions defined in a class, which these are not), so the import runs with an
-    ``inspect.stack`` that skips the lookup. ``tvm.s_tir.tensor_intrin`` imports every
-    target's intrinsics.
-    """
-    if name not in sys.modules:
-        original, start = inspect.stack, time.perf_counter()
-        inspect.stack = _frames_without_source
-        try:
-            __import__(name)
-        finally:
-            inspect.stack = original
-        log.debug("imported %s in %.1f s", name, time.perf_counter() - start)
-    return sys.modules[name]
-
-
-def _frames_without_source(context: int = 1) -> list[inspect.FrameInfo]:
-    frame, frames = sys._getframe(1), []
-    while frame is not None:
-        frames.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name,
-                                        None, None))
-        frame = frame.f_back
-    return frames
 
 
 def _ldmatrix_layout(b, x, y):

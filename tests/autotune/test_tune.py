@@ -176,7 +176,7 @@ def test_records_that_tensorize_open_in_a_fresh_process(tmp_path):
     from tvm import te
     from tvm.s_tir import meta_schedule as ms
 
-    from smelt.backends.tensorcore_matmul import import_intrinsics
+    from smelt.backends.tensor_intrinsics import import_intrinsics
 
     import_intrinsics()
     a, b = te.placeholder((256, 256), "float16", name="A"), te.placeholder((256, 256), "float16", name="B")

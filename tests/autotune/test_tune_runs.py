@@ -303,3 +303,16 @@ def test_cuda_default_schedules_build_in_tuning_workers():
     finally:
         builder.shutdown()
     assert [b.error_msg for b in built] == [None] * len(tasks)
+
+
+def test_winograd_transforms_are_not_tuning_tasks():
+    """A ResNet's 3x3 convs run as Winograd: its batched matmuls are tasks, its transforms
+    keep their default schedule (MetaSchedule's space for them hardly builds)."""
+    from smelt.autotune.tasks import extract_tasks
+    from smelt.autotune.tune import fused_module
+
+    mod, target = fused_module(zoo.resnet(depth=18, size=32, classes=10))
+    tasks, skipped = extract_tasks(mod, target)
+    assert any(t.name.startswith("matmul") for t in tasks), [t.name for t in tasks]
+    assert not any("winograd" in t.name for t in tasks), [t.name for t in tasks]
+    assert any(s.startswith("winograd_input") and "Winograd transform" in s for s in skipped), skipped

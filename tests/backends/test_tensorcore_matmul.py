@@ -20,7 +20,8 @@ from tvm import relax, te, topi
 
 from smelt.backends import cuda as cuda_backend
 from smelt.backends.apply_default_schedules import ApplyDefaultSchedules, default_rules
-from smelt.backends.tensorcore_matmul import TensorCoreMatmul, _frames_without_source
+from smelt.backends.tensor_intrinsics import _frames_without_source
+from smelt.backends.tensorcore_matmul import TensorCoreMatmul
 from smelt.passes.convert_conv_layout import ConvertConvLayout
 
 TARGET = tvm.target.Target({"kind": "cuda", "arch": "sm_90", **cuda_backend._LIMITS}, host="llvm")
