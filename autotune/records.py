@@ -102,11 +102,13 @@ def write_tasks(directory: str | Path, entries: dict) -> None:
 def best_records(dirs: list[Path], keep_slower: bool = False, min_speedup: float = 1.0):
     """(a MemoryDatabase of the best record per kernel that beats its default, {kernel: why not});
     ``keep_slower``: also the best of kernels whose records lose to their default; ``min_speedup``:
-    a record must be that many times faster than the default to count as beating it."""
+    a record must be that many times faster than the default to count as beating it. Where
+    ``tune`` timed that very record in turns with the default (``side_by_side``), their ratio
+    decides; else the two timings ``tune`` took apart."""
     from tvm.s_tir import meta_schedule as ms
 
     best: dict[str, tuple[float, object]] = {}
-    defaults: dict[str, tuple[str, float | None]] = {}
+    entries: dict[str, dict] = {}
     for d in dirs:
         for shash, recs in records_by_workload(open_database(d, writable=False)).items():
             for rec in recs:
@@ -114,12 +116,19 @@ def best_records(dirs: list[Path], keep_slower: bool = False, min_speedup: float
                 if secs is not None and (shash not in best or secs < best[shash][0]):
                     best[shash] = (secs, rec)
         for shash, t in read_tasks(d).items():
-            defaults.setdefault(shash, (t.get("name", shash), t.get("default_seconds")))
+            entries.setdefault(shash, t)
     mem = ms.database.MemoryDatabase(module_equality="structural")
     slower = {}
     for shash, (secs, rec) in best.items():
-        name, default = defaults.get(shash, (shash, None))
-        if default is not None and secs * min_speedup >= default:
+        entry = entries.get(shash, {})
+        name, default = entry.get("name", shash), entry.get("default_seconds")
+        checked = entry.get("side_by_side", {})
+        if checked.get("record_seconds") == secs:  # this record, timed in turns with the default
+            if checked["speedup"] <= min_speedup:
+                slower[name] = f"best record {checked['speedup']:.2f}x the default schedule, timed side by side"
+                if not keep_slower:
+                    continue
+        elif default is not None and secs * min_speedup >= default:
             slower[name] = f"best record {secs * 1e6:.1f} us, default schedule {default * 1e6:.1f} us"
             if not keep_slower:
                 continue

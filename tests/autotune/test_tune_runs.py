@@ -316,3 +316,26 @@ def test_winograd_transforms_are_not_tuning_tasks():
     assert any(t.name.startswith("matmul") for t in tasks), [t.name for t in tasks]
     assert not any("winograd" in t.name for t in tasks), [t.name for t in tasks]
     assert any(s.startswith("winograd_input") and "Winograd transform" in s for s in skipped), skipped
+
+
+def test_records_are_timed_side_by_side_with_the_default(tmp_path):
+    """A default timed in a slow minute (here: 1 s) lets no record in: the run's end times each
+    best record in turns with its default, and the compile decides by that ratio."""
+    model = zoo.mlp()
+    rep = tune(model, log_dir=tmp_path, options=TuneOptions(trials=6, trials_per_task=2, **FEW))
+    tasks_file = tmp_path / rep.target_key / "tasks.json"
+    known = json.loads(tasks_file.read_text())
+    for entry in known.values():
+        entry.update(default_seconds=1.0)
+        entry.pop("side_by_side", None)
+    tasks_file.write_text(json.dumps(known))
+    tune(model, log_dir=tmp_path, options=TuneOptions(trials=12, trials_per_task=2, **FEW))
+    known = json.loads(tasks_file.read_text())
+    checked = {k: v["side_by_side"] for k, v in known.items() if "side_by_side" in v}
+    assert len(checked) == 3, known  # every kernel has a record under 1 s
+    best = {k: records.best_seconds(v) for k, v in records_by_workload(
+        records.open_database(tmp_path / rep.target_key, writable=False)).items()}
+    assert all(c["record_seconds"] == best[k] and 0.05 < c["speedup"] < 20 for k, c in checked.items()), checked
+    _, slower = records.best_records([tmp_path / rep.target_key])
+    losing = {known[k]["name"] for k, c in checked.items() if c["speedup"] <= 1.0}
+    assert set(slower) == losing, (slower, checked)
