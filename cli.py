@@ -664,14 +664,19 @@ def tune(models, target, arch, names, trials, trials_per_task, wall, log_dir, re
 
 
 def _tune_table(rows) -> list[str]:
-    """Per task: weight, default and best latency, their ratio, trials (largest weighted latency first)."""
+    """Per task: weight, default and best latency, their ratio (as timed in turns where it was),
+    trials (largest weighted latency first)."""
     def us(v):
         return "-" if v is None else f"{v * 1e6:.1f} us"
 
+    def speedup(w):
+        if w.side_by_side is not None:
+            return f"{w.side_by_side:.2f}x side by side"
+        return f"{w.default_seconds / w.best_seconds:.2f}x" if w.default_seconds and w.best_seconds else "-"
+
     return _table([("task", "weight", "default", "best", "speedup", "trials")] + [
         (w.name, "?" if w.weight is None else f"{w.weight:g}", us(w.default_seconds), us(w.best_seconds),
-         f"{w.default_seconds / w.best_seconds:.2f}x" if w.default_seconds and w.best_seconds else "-",
-         str(w.trials)) for w in rows], indent=2)
+         speedup(w), str(w.trials)) for w in rows], indent=2)
 
 
 def _device_list(value: str | None) -> tuple[int, ...]:

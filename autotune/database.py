@@ -20,7 +20,7 @@ from tvm.s_tir.meta_schedule.database import TuningRecord
 
 from ..errors import SmeltError
 from .records import (RECORDS, WORKLOADS, best_records, best_seconds, lock, open_database, read_tasks,
-                      records_by_workload, write_tasks)
+                      records_by_workload, side_by_side, write_tasks)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class RecordSummary:
     """One workload's records: ``best_seconds`` is the lowest mean of the runs that succeeded;
-    ``default_seconds`` the default schedule's, as measured by ``tune`` (None if unknown)."""
+    ``default_seconds`` the default schedule's, as measured by ``tune`` (None if unknown);
+    ``side_by_side`` the best record's speedup over the default timed in turns (None if not)."""
 
     name: str
     shash: str
@@ -36,6 +37,7 @@ class RecordSummary:
     trials: int
     best_seconds: float | None
     default_seconds: float | None = None
+    side_by_side: float | None = None
 
 
 @dataclass
@@ -68,8 +70,9 @@ def report(log_dir: str | Path) -> list[TargetRecords]:
         entry = TargetRecords(d.name, str(d))
         for shash, recs in records_by_workload(open_database(d, writable=False)).items():
             t = tasks.get(shash, {})
+            best = best_seconds(recs)
             entry.workloads.append(RecordSummary(t.get("name", f"workload-{shash}"), shash, t.get("weight"),
-                                                 len(recs), best_seconds(recs), t.get("default_seconds")))
+                                                 len(recs), best, t.get("default_seconds"), side_by_side(t, best)))
         entry.workloads.sort(key=lambda w: -(w.weight or 0) * (w.best_seconds or 0))
         out.append(entry)
     return out

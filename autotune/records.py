@@ -122,10 +122,10 @@ def best_records(dirs: list[Path], keep_slower: bool = False, min_speedup: float
     for shash, (secs, rec) in best.items():
         entry = entries.get(shash, {})
         name, default = entry.get("name", shash), entry.get("default_seconds")
-        checked = entry.get("side_by_side", {})
-        if checked.get("record_seconds") == secs:  # this record, timed in turns with the default
-            if checked["speedup"] <= min_speedup:
-                slower[name] = f"best record {checked['speedup']:.2f}x the default schedule, timed side by side"
+        speedup = side_by_side(entry, secs)
+        if speedup is not None:  # this record, timed in turns with the default
+            if speedup <= min_speedup:
+                slower[name] = f"best record {speedup:.2f}x the default schedule, timed side by side"
                 if not keep_slower:
                     continue
         elif default is not None and secs * min_speedup >= default:
@@ -148,6 +148,13 @@ def records_by_workload(db) -> dict[str, list]:
             keys[rec.workload] = workload_hash(rec.workload.mod)
         out.setdefault(keys[rec.workload], []).append(rec)
     return out
+
+
+def side_by_side(entry: dict, best: float | None) -> float | None:
+    """The record-over-default speedup ``tune`` timed in turns for a ``tasks.json`` entry, if it
+    timed the record whose latency is ``best`` (else None: a newer record, or none timed)."""
+    checked = entry.get("side_by_side", {})
+    return checked.get("speedup") if best is not None and checked.get("record_seconds") == best else None
 
 
 def best_seconds(records) -> float | None:

@@ -39,7 +39,7 @@ from ..passes import MergeOptions, PassManager, PipelineOptions, build_pipeline,
 from .builder import PersistentBuilder
 from .progress import Progress, TaskState, estimate, plot
 from .records import (best_seconds, lock, open_database, read_tasks, record_dir, records_by_workload,
-                      target_key, write_tasks)
+                      side_by_side, target_key, write_tasks)
 from .runners import asynchronous, measuring
 from .tasks import TuneTask, extract_tasks, workload_hash
 
@@ -89,6 +89,7 @@ class TaskResult:
     new_trials: int
     best_seconds: float | None
     default_seconds: float | None = None
+    side_by_side: float | None = None  # the best record's speedup over the default, timed in turns
 
     @property
     def gflops(self) -> float | None:
@@ -188,9 +189,11 @@ def tune(models, target: str = "cpu", arch: str | None = None, *, trials: int = 
         after = records_by_workload(db)
     for t in tasks:
         recs = after.get(t.shash, [])
+        best = best_seconds(recs)
         report.tasks.append(TaskResult(t.name, t.shash, t.weight, t.flops, len(recs),
-                                       len(recs) - len(before.get(t.shash, [])), best_seconds(recs),
-                                       known.get(t.shash, {}).get("default_seconds")))
+                                       len(recs) - len(before.get(t.shash, [])), best,
+                                       known.get(t.shash, {}).get("default_seconds"),
+                                       side_by_side(known.get(t.shash, {}), best)))
     report.new_trials = sum(r.new_trials for r in report.tasks)
     states = [TaskState(r.name, r.weight, r.trials, r.best_seconds, r.default_seconds) for r in report.tasks]
     default, missing = estimate(states, lambda s: s.default)
