@@ -350,10 +350,7 @@ def _default_schedules(tasks: list[TuneTask], backend, target, known: dict) -> l
     for t in tasks:
         entry = known.setdefault(t.shash, {})
         try:
-            with target:
-                mod = t.mod
-                for p in backend.schedule_passes(target):
-                    mod = p(mod)
+            mod = _default_schedule(t, backend, target)
         except Exception as e:  # noqa: BLE001 - no default schedule: the task is still tuned
             log.info("no default schedule for %s: %s", t.name, e)
             entry["default_seconds"] = None
@@ -366,6 +363,15 @@ def _default_schedules(tasks: list[TuneTask], backend, target, known: dict) -> l
         entry["default_hash"] = digest
         out.append((t, mod))
     return out
+
+
+def _default_schedule(task: TuneTask, backend, target) -> tvm.IRModule:
+    """``task``'s kernel under the backend's default schedules, as a compile without records builds it."""
+    with target:
+        mod = task.mod
+        for p in backend.schedule_passes(target):
+            mod = p(mod)
+    return mod
 
 
 def _measure_defaults(scheduled: list[tuple[TuneTask, tvm.IRModule]], target, builder, runner, known: dict) -> None:
@@ -417,13 +423,10 @@ def _side_by_side(tasks: list[TuneTask], backend, target, db, builder, runner, k
         secs = best_seconds(recs)
         if not recs or secs is None or entry.get("default_seconds") is None or secs >= entry["default_seconds"]:
             continue
-        if entry.get("side_by_side", {}).get("record_seconds") == secs:
+        if side_by_side(entry, secs) is not None:
             continue  # this record was already timed against this default
         try:
-            with target:
-                default = t.mod
-                for p in backend.schedule_passes(target):
-                    default = p(default)
+            default = _default_schedule(t, backend, target)
             sch = s_tir.Schedule(t.mod)
             recs[0].trace.apply_to_schedule(sch, remove_postproc=False)
         except Exception as e:  # noqa: BLE001 - the comparison is skipped, the timed one stands
