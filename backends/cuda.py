@@ -214,11 +214,32 @@ def _nvcc_archs(nvcc: str) -> tuple[str, ...]:
 
 
 def _postproc(code: str, target) -> str:
-    """smelt's ``tvm_callback_cuda_postproc``: record the target arch in the code's first line."""
+    """smelt's ``tvm_callback_cuda_postproc``: record the target arch in the code's first line, and
+    repair TVM's 16-lane 8-bit constants (``_byte_vectors``)."""
     if _previous_postproc is not None:
         code = _previous_postproc(code, target)
+    code = _byte_vectors(code)
     arch = target.attrs.get("arch") if target is not None else None
     return f"{_MARKER}{arch}\n{code}" if arch and code_arch(code) is None else code
+
+
+_BYTE = r"\((?:uchar|signed char|char)\)\(?(-?\d+)\)?"
+_BYTE_VECTOR = re.compile(rf"make_(u?int)4\({_BYTE}((?:, {_BYTE}){{15}})\)")
+
+
+def _byte_vectors(code: str) -> str:
+    """TVM 0.27 prints a 16-lane 8-bit broadcast (the zero that fills padded int8 tiles) as
+    ``make_uint4`` of 16 bytes, which has 4 parameters (nvcc: "too many arguments"); here the
+    bytes become 4 words. Only the case TVM emits is handled: all 16 bytes the same constant."""
+
+    def words(m: re.Match) -> str:
+        values = {int(m.group(2))} | {int(v) for v in re.findall(_BYTE, m.group(3))}
+        if len(values) != 1:
+            return m.group(0)
+        word = f"0x{(values.pop() & 0xFF) * 0x01010101:08x}"
+        return f"make_{m.group(1)}4({', '.join([word] * 4)})"
+
+    return _BYTE_VECTOR.sub(words, code)
 
 
 def _compile_callback(code: str) -> bytes:

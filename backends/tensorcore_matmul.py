@@ -96,7 +96,12 @@ class TileConfig:
 
 
 SMALL_TILE = TileConfig(block_m=64, block_n=64, warp_m=32, warp_n=32)
-_VECTOR = TileConfig.vector
+# 8-bit operands: K steps of 64 (two m16n8k32 mma), 16 elements per 16-byte copy, and a 128x64 tile
+# whose int32 result (32 KiB) is staged in static shared memory (see ``_schedule``). The small tile
+# keeps 3 stages: static and dynamic shared memory together stay within the 48 KiB a kernel gets
+# without opting in (TVM's runtime opts in only for more than 48 KiB of *dynamic* shared memory).
+INT8_TILE = TileConfig(block_m=128, block_n=64, block_k=64, warp_m=64, warp_n=32, vector=16)
+INT8_SMALL_TILE = TileConfig(block_m=64, block_n=64, block_k=64, warp_m=32, warp_n=32, stages=3, vector=16)
 
 
 def _arch(target: Target) -> int:
@@ -105,10 +110,11 @@ def _arch(target: Target) -> int:
     return int(digits) if arch.startswith("sm_") and digits else -1
 
 
-def _operand_inner_kinds(sch: s_tir.Schedule, main) -> tuple[str | None, str | None]:
+def _operand_inner_kinds(sch: s_tir.Schedule, main, vector: int = 8) -> tuple[str | None, str | None]:
     """For A and B: 'R' when the axis contiguous in global memory is the reduction axis, 'S' when
     spatial, else None, read through every producer block (views such as transposes and
-    slices, which the shared-memory copies will inline), on a copy of ``sch``."""
+    slices, which the shared-memory copies will inline), on a copy of ``sch``. ``vector``: the
+    elements of one 16-byte copy."""
     probe = sch.copy()
     probe_main = probe.get_sblock(probe.get(main).name_hint)
     auto_inline_producers(probe, probe_main)
@@ -125,14 +131,14 @@ def _operand_inner_kinds(sch: s_tir.Schedule, main) -> tuple[str | None, str | N
         index = analyzer.simplify(load.indices[-1])
         # (... + k) % 64, heads merged back into a row: contiguous in whole vectors when the rest is aligned
         wrapped = type(index).__name__ == "FloorMod" and isinstance(index.b, tirx.IntImm) and \
-            index.b.value % _VECTOR == 0
+            index.b.value % vector == 0
         inner = index.a if wrapped else index
         for iv in block.iter_vars:  # the iterator that steps the innermost index by one element
             coef = tvm.sym.detect_linear_equation(inner, [iv.var])
             if not coef or not isinstance(coef[0], tirx.IntImm) or coef[0].value != 1:
                 continue
             rest = analyzer.modular_set(coef[1])
-            if wrapped and (rest.coeff % _VECTOR or rest.base % _VECTOR):
+            if wrapped and (rest.coeff % vector or rest.base % vector):
                 return None  # a vector could wrap around mid-way
             return "R" if iv.iter_type == tirx.IterVar.CommReduce else "S"
         return None
@@ -155,19 +161,21 @@ def _static(extent) -> int | None:
 class TensorCoreMatmul(GPUScheduleRule):
     """See the module docstring."""
 
-    def __init__(self, config: TileConfig = TileConfig(), small: TileConfig = SMALL_TILE):
+    def __init__(self, config: TileConfig = TileConfig(), small: TileConfig = SMALL_TILE,
+                 int8: TileConfig = INT8_TILE, int8_small: TileConfig = INT8_SMALL_TILE):
         self.config, self.small = config, small
+        self.int8, self.int8_small = int8, int8_small
 
-    def _tile(self, batch, m, n) -> TileConfig:
-        """The 128x128 tile, or the 64x64 one where the large tile would leave the GPU half idle:
+    def _tile(self, batch, m, n, eight_bit: bool = False) -> TileConfig:
+        """The large tile, or the 64x64 one where the large tile would leave the GPU half idle:
         fewer than ``FULL_WAVE`` thread blocks (batch-1 convs and GEMMs), or M or N of 64 or less."""
-        cfg = self.config
+        cfg, small = (self.int8, self.int8_small) if eight_bit else (self.config, self.small)
         dims = [_static(e) for e in (batch, m, n)]
         if None in dims:
             return cfg
         b, m, n = dims
         blocks = b * -(-m // cfg.block_m) * -(-n // cfg.block_n)
-        return self.small if blocks < FULL_WAVE or min(m, n) <= self.small.block_m else cfg
+        return small if blocks < FULL_WAVE or min(m, n) <= small.block_m else cfg
 
     def _decline(self, func_name: str, why: str, level: int = logging.DEBUG) -> None:
         log.log(level, "TensorCoreMatmul declines %s: %s", func_name, why)
@@ -197,21 +205,24 @@ class TensorCoreMatmul(GPUScheduleRule):
             return self._decline(name, "not matmul-like")
         a_dtype, b_dtype = (str(r.source.dtype) for r in stmt.reads[:2])
         c_dtype = str(stmt.writes[0].source.dtype)
-        if a_dtype != b_dtype or a_dtype not in _INTRINSICS or c_dtype not in _INTRINSICS[a_dtype]:
+        if c_dtype not in _INTRINSICS.get((a_dtype, b_dtype), ()):
             return self._decline(name, f"dtypes {a_dtype} x {b_dtype} -> {c_dtype}")
-        a_inner, b_inner = _operand_inner_kinds(sch, main)
+        eight_bit = tvm.DataType(a_dtype).bits == 8
+        a_inner, b_inner = _operand_inner_kinds(sch, main, 16 if eight_bit else 8)
         if None in (a_inner, b_inner):  # the 16-byte copies would read the wrong elements
             return self._decline(name, "no axis of an operand is contiguous in global memory")
         # Smem layouts follow the global ones: A as [M, K] unless its global inner axis is M, B as [N, K]
         # only when its global inner axis is K (the NT case); ldmatrix.trans reads the other ones.
         trans_a = a_inner == "S"
         trans_b = b_inner == "R"
+        if eight_bit and (trans_a or not trans_b):  # ldmatrix.trans moves 16-bit elements: no 8-bit form
+            return self._decline(name, "8-bit operands must be K-contiguous in global memory (A [M, K], B [N, K])")
         try:
-            return self._schedule(sch, main, conv, a_dtype, c_dtype, trans_a, trans_b, name)
+            return self._schedule(sch, main, conv, (a_dtype, b_dtype), c_dtype, trans_a, trans_b, name)
         except _Decline as e:  # a tensorize mismatch is unexpected for a kernel that got this far
             return self._decline(name, str(e), logging.WARNING if "tensorize" in str(e) else logging.DEBUG)
 
-    def _schedule(self, sch, main, conv, in_dtype, acc_dtype, trans_a, trans_b, name):
+    def _schedule(self, sch, main, conv, in_dtypes, acc_dtype, trans_a, trans_b, name):
         # Normalize to C[S, I, J] += A[S, I, K] * B[S, J, K] (dlight's Matmul does the same). The index
         # maps come from the reindexed block: reindexing drops unit iterators (a 1x1 conv's kernel axes),
         # which maps taken before it would still name.
@@ -229,13 +240,18 @@ class TensorCoreMatmul(GPUScheduleRule):
                  if _static(e) is not None and _static(e) <= MIN_EXTENT and (axis == "M" or not conv)]
         if small:
             raise _Decline(f"{', '.join(small)} <= {MIN_EXTENT} (GEMV-like)")
-        cfg = self._tile(*extents[:3])
+        eight_bit = tvm.DataType(in_dtypes[0]).bits == 8
+        cfg = self._tile(*extents[:3], eight_bit)
+        mma_k = 32 if eight_bit else 16  # one 16x16 tile of mma: m16n8k32 for 8-bit inputs, m16n8k16 else
+        layout = _ldmatrix_layout_8bit if eight_bit else _ldmatrix_layout
 
         sch.pad_einsum(main, [1, cfg.block_m, cfg.block_n, cfg.block_k])
+        if eight_bit:
+            sch, main = _rows_clamped(sch, main)
         batch, i, j, k = sch.get_loops(main)
         i, i_mma = sch.split(i, [None, 16])
         j, j_mma = sch.split(j, [None, 16])
-        k, k_mma = sch.split(k, [None, 16])
+        k, k_mma = sch.split(k, [None, mma_k])
         sch.reorder(i, j, k, i_mma, j_mma, k_mma)
         inner = main
         outer = sch.blockize(i_mma)
@@ -248,7 +264,7 @@ class TensorCoreMatmul(GPUScheduleRule):
             group = next(g for g in (cfg.l2_group, 4, 2, 1) if g <= cfg.l2_group and tiles_m % g == 0)
         i0, i1, i2, i3 = sch.split(i, [None, group, warps_m, cfg.warp_m // 16])
         j0, j2, j3 = sch.split(j, [None, warps_n, cfg.warp_n // 16])
-        k0, k1 = sch.split(k, [None, cfg.block_k // 16])
+        k0, k1 = sch.split(k, [None, cfg.block_k // mma_k])
         sch.reorder(i0, j0, i1, i2, j2, k0, k1, i3, j3)
         sch.bind(sch.fuse(batch, i0, j0, i1), "blockIdx.x")
         block_axis = sch.get_loops(outer)[0]
@@ -266,17 +282,24 @@ class TensorCoreMatmul(GPUScheduleRule):
                 sch.reorder(a1, a0)
                 sch.transform_layout(smem, ("write", 0), lambda b, x, y: (b, y, x))
             _spread_over_threads(sch, smem, warps_m, warps_n, cfg.vector)
-            sch.annotate(smem, "permuted_layout", f"g2s_{tag}")
+            # TVM's XOR swizzle permutes 8-element chunks, half a 16-byte copy or ldmatrix row of 8-bit
+            # elements; those rows get 16 bytes of padding instead, which spreads ldmatrix's 8 rows of
+            # 16 bytes over all 32 banks (a row stride of 80 bytes for K steps of 64).
+            if eight_bit:
+                sch.storage_align(smem, 0, axis=-2, factor=cfg.block_k, offset=cfg.vector)
+            else:
+                sch.annotate(smem, "permuted_layout", f"g2s_{tag}")
 
             reg = sch.cache_read(outer, read, "local")
             sch.compute_at(reg, k1)
-            rows, cols = (16, 16)
-            r0, r1 = sch.split(sch.get_loops(reg)[-2], [None, rows])
-            c0, c1 = sch.split(sch.get_loops(reg)[-1], [None, cols])
+            r0, r1 = sch.split(sch.get_loops(reg)[-2], [None, 16])
+            c0, c1 = sch.split(sch.get_loops(reg)[-1], [None, mma_k])
             sch.reorder(r0, c0, r1, c1)
             unrolled.extend([r0, c0])
-            sch.transform_layout(reg, ("write", 0), _ldmatrix_layout)
-            sch.annotate(sch.blockize(sch.get_loops(reg)[-2]), "permuted_layout", f"s2l_{tag}")
+            sch.transform_layout(reg, ("write", 0), layout)
+            fragment = sch.blockize(sch.get_loops(reg)[-2])
+            if not eight_bit:
+                sch.annotate(fragment, "permuted_layout", f"s2l_{tag}")
             return reg
 
         reg_a = fetch(0, trans_a, "A")
@@ -285,12 +308,13 @@ class TensorCoreMatmul(GPUScheduleRule):
         # The output tile is staged in static shared memory when it fits (48 KiB): in dynamic shared memory,
         # TVM 0.27 merges it with the operand stages and, unless both happen to be the same size (the
         # 128x128 fp32 tile), mistypes the merged buffer ("tvm_access_ptr element type must match").
+        # Hence the 8-bit tiles of at most 128x64 int32 (32 KiB), whose padded operand stages differ in size.
         out_bytes = cfg.block_m * cfg.block_n * tvm.DataType(acc_dtype).bits // 8
         out_scope = "shared" if out_bytes <= 48 * 1024 else "shared.dyn"
         out_smem = sch.cache_write(outer, 0, out_scope)
         sch.reverse_compute_at(out_smem, block_axis)
         auto_inline_consumer_chain(sch, out_smem)
-        _spread_over_threads(sch, out_smem, warps_m, warps_n, cfg.vector // 2)
+        _spread_over_threads(sch, out_smem, warps_m, warps_n, 4)  # 16 bytes of float32 or int32
 
         out_reg = sch.cache_write(outer, 0, "local")
         _, m, n = sch.get_loops(out_reg)[-3:]
@@ -305,7 +329,7 @@ class TensorCoreMatmul(GPUScheduleRule):
         init = sch.decompose_reduction(outer, k0)
         init_inner = sch.get_child_blocks(init)[0]
         unrolled.extend(sch.get_loops(init_inner)[-4:-2])
-        intrins = _intrinsics(in_dtype, acc_dtype, trans_a, trans_b, out_scope)
+        intrins = _intrinsics(in_dtypes, acc_dtype, trans_a, trans_b, out_scope)
         try:
             sch.tensorize(sch.get_loops(init_inner)[-2], intrins["init"])
             sch.tensorize(sch.get_loops(reg_a)[-2], intrins["load_a"])
@@ -334,23 +358,62 @@ def _spread_over_threads(sch, block, warps_m: int, warps_n: int, vector: int) ->
 
 
 def int32_indices(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """``func`` with int32 loops and indices where every parameter is static, small and floating-point.
+    """``func`` with int32 loops and indices where every parameter is static, small and not of a 64-bit integer type.
 
     Relax legalizes with int64 shapes; 64-bit address arithmetic in the inner loop costs
     integer instructions the tensor-core loop cannot spare. TVM's ``ForceNarrowIndexToInt32``
-    also narrows integer *data* buffers, hence the float-only condition.
+    also narrows int64 *data* buffers, hence the dtype condition (8- and 32-bit data stay as they are).
     """
     for buf in func.params:
         sizes = [_static(d) for d in buf.shape]
-        if None in sizes or not str(buf.dtype).startswith(("float", "bfloat")) or \
+        if None in sizes or str(buf.dtype) in ("int64", "uint64") or \
                 functools.reduce(lambda a, b: a * b, sizes, 1) >= 2**31:
             return func
     mod = tirx.transform.ForceNarrowIndexToInt32()(tvm.IRModule({"main": func}))
     return mod["main"]
 
 
+# A pad block of pad_einsum that pads an operand along M or N only: buf_pad[b, i, k] = if i < M: buf[b, i, k] else 0
+_ROW_PAD = re.compile(r"T\.if_then_else\((v\w*) < (?:T\.int64\((\d+)\)|(\d+)), (\w+)\[(v\w*), \1, (v\w*)\], "
+                      r"T\.u?int8\(0\)\)")
+
+
+def _rows_clamped(sch: s_tir.Schedule, main) -> tuple[s_tir.Schedule, object]:
+    """``sch`` with the 8-bit operand rows that pad_einsum added past M (N) repeating the last row, not zeros.
+
+    Why: TVM 0.27's InjectPTXAsyncCopy makes a zero-filling ``cp.async`` of a predicated copy only when
+    the fill value is a *float* zero; 8-bit tiles padded with integer zeros were copied synchronously,
+    outside the software pipeline. Rows past M (N) only reach results that are never stored, so any
+    row in bounds does. Zeros along K, which do reach the results, stay. TVM's schedule has no
+    primitive for a pad value, hence the rewrite of the function's script (which round-trips).
+    """
+    text = sch.mod["main"].script()
+
+    def clamp(m: re.Match) -> str:
+        last = f"T.int64({int(m.group(2)) - 1})" if m.group(2) else str(int(m.group(3)) - 1)
+        return f"{m.group(4)}[{m.group(5)}, T.min({m.group(1)}, {last}), {m.group(6)}]"
+
+    clamped, n = _ROW_PAD.subn(clamp, text)
+    if not n:
+        return sch, main
+    from tvm.script import from_source
+
+    name = sch.get(main).name_hint
+    sch = s_tir.Schedule(from_source(clamped))
+    return sch, sch.get_sblock(name)
+
+
 class _Decline(Exception):
     """Internal: the kernel is out of the rule's reach; ``apply`` turns this into None."""
+
+
+def shared_memory_bytes(cfg: TileConfig, in_bytes: int, acc_bytes: int) -> tuple[int, int]:
+    """(static, dynamic) shared memory of a kernel with tile ``cfg``: the pipelined operand stages
+    (8-bit rows padded by 16 bytes) and the staged result (static when it fits in 48 KiB)."""
+    row = cfg.block_k * in_bytes + (16 if in_bytes == 1 else 0)
+    operands = (cfg.block_m + cfg.block_n) * row * cfg.stages
+    out = cfg.block_m * cfg.block_n * acc_bytes
+    return (out, operands) if out <= 48 * 1024 else (0, max(out, operands))
 
 
 def _ldmatrix_layout(b, x, y):
@@ -358,33 +421,50 @@ def _ldmatrix_layout(b, x, y):
     return (b, x // 16, y // 16, *shared_16x16_to_ldmatrix_32x8_layout(x % 16, y % 16))
 
 
-# input dtype -> accumulator dtypes the mma intrinsics support
-_INTRINSICS = {"float16": ("float32", "float16"), "bfloat16": ("float32",)}
+def _ldmatrix_layout_8bit(b, x, y):
+    shared_16x32_to_ldmatrix_32x16_layout = import_intrinsics().shared_16x32_to_ldmatrix_32x16_layout
+    return (b, x // 16, y // 32, *shared_16x32_to_ldmatrix_32x16_layout(x % 16, y % 32))
 
 
-def _intrinsics(in_dtype: str, acc_dtype: str, trans_a: bool, trans_b: bool,
+# (A, B) input dtypes -> accumulator dtypes the mma intrinsics support
+_INTRINSICS = {("float16", "float16"): ("float32", "float16"), ("bfloat16", "bfloat16"): ("float32",),
+               ("int8", "int8"): ("int32",), ("uint8", "int8"): ("int32",)}
+
+
+def _intrinsics(in_dtypes: tuple[str, str], acc_dtype: str, trans_a: bool, trans_b: bool,
                 out_scope: str = "shared.dyn") -> dict[str, str]:
-    """Names of the per-thread twins (see ``_per_thread``) of TVM's mma intrinsic group, registered on demand."""
+    """Names of the per-thread twins (see ``_register``) of TVM's mma intrinsic group, registered on demand."""
     cuda = import_intrinsics()
-    group = cuda.get_mma_intrin_group("shared.dyn", "shared.dyn", "float16", acc_dtype, trans_a, trans_b,
-                                      not_use_mma_store_intrinic=False)
-    acc = {"float32": "f32", "float16": "f16"}[acc_dtype]
+    eight_bit = acc_dtype == "int32"
+    group = cuda.get_mma_intrin_group("shared.dyn", "shared.dyn", "int8" if eight_bit else "float16", acc_dtype,
+                                      trans_a, trans_b, not_use_mma_store_intrinic=False)
+    acc = {"float32": "f32", "float16": "f16", "int32": "i32"}[acc_dtype]
     names = {}
     for role, name in group.items():
         if role == "store":  # TVM registers mma_store to shared.dyn for f32 only
             name = f"mma_store_16x16_{acc}_{out_scope.replace('.', '_')}_"
             funcs = lambda: cuda.get_mma_store_intrin(acc_dtype, 8, out_scope, True)  # noqa: E731
+        elif eight_bit and role.startswith("load"):  # TVM registers 8-bit ldmatrix from static shared memory only
+            funcs = functools.partial(cuda.get_ldmatrix_intrin, 32, "int8", role[-1].upper(), role == "load_b",
+                                      "shared.dyn")
         else:
             funcs = functools.partial(lambda n: (cuda.TensorIntrin.get(n).desc, cuda.TensorIntrin.get(n).impl), name)
-        if in_dtype == "bfloat16" and role in ("load_a", "load_b", "compute"):
-            names[role] = _register(f"smelt_{name.replace('f16', 'bf16')}", funcs, bf16=True)
-        else:
-            names[role] = _register(f"smelt_{name}", funcs, bf16=False)
+        retype = []
+        if in_dtypes[0] == "bfloat16" and role in ("load_a", "load_b", "compute"):
+            name, retype = name.replace("f16", "bf16"), [('"float16"', '"bfloat16"')]
+            retype += [('"fp16"', '"bf16"')] if role == "compute" else []  # the instruction's operand types
+        elif in_dtypes[0] == "uint8" and role == "load_a":
+            name, retype = name.replace("i8", "u8"), [('"int8"', '"uint8"')]
+        elif in_dtypes[0] == "uint8" and role == "compute":  # A's buffer and the instruction's A type
+            name, retype = name.replace("i8i8", "u8i8"), [('A: T.Buffer((32, 16), "int8"', 'A: T.Buffer((32, 16), "uint8"'),
+                                                           ('"int8", "int8", "int32"', '"uint8", "int8", "int32"')]
+        names[role] = _register(f"smelt_{name}", funcs, retype)
     return names
 
 
-def _register(name: str, funcs, bf16: bool) -> str:
-    """Register the per-thread (and with ``bf16``, bfloat16) twin of TVM's intrinsic ``funcs()`` as ``name``.
+def _register(name: str, funcs, retype: list[tuple[str, str]] = ()) -> str:
+    """Register the per-thread twin of TVM's intrinsic ``funcs()`` as ``name``, its script text
+    retyped by the ``(old, new)`` replacements of ``retype``.
 
     Why per-thread: TVM keeps mma fragments in ``warp`` scope and relies on ``LowerWarpMemory``
     to turn them into per-thread registers. In TVM 0.27 that pass lowers only the first warp
@@ -395,8 +475,9 @@ def _register(name: str, funcs, bf16: bool) -> str:
     fragments in ``local`` scope: the buffer keeps the warp-wide [32, 8] shape of each tile
     (so the tensorize description is unchanged), but each thread reads and writes only its
     8 elements at ``elem_offset // 32``, constant offsets nvcc maps to registers.
-    Why bf16: TVM registers these intrinsics for float16 only; the bf16 instructions take the
-    same operands.
+    Why retyped: TVM registers these intrinsics for float16 and int8 only; the bf16 instructions take
+    the same operands as the float16 ones, and mma multiplies unsigned by signed 8-bit integers
+    (``.u8.s8``), the form smelt's INT8 quantization gives (uint8 activations, int8 weights).
     """
     if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
         return name
@@ -405,7 +486,8 @@ def _register(name: str, funcs, bf16: bool) -> str:
     for func, is_impl in ((desc, False), (impl, True)):
         text = func.script().replace('scope="warp"', 'scope="local"')
         if is_impl:
-            text, n = re.subn(r"(\w+)\.elem_offset \+ (?:8 \* tx|tx \* 8)", r"\1.elem_offset // 32", text)
+            text, n = re.subn(r"(\w+)\.elem_offset \+ (?:(?:8|16) \* tx|tx \* (?:8|16))", r"\1.elem_offset // 32",
+                              text)
             text, m = re.subn(r"(C_warp)\.elem_offset([,)])", r"\1.elem_offset // 32\2", text)
             if n + m == 0:
                 raise RuntimeError(f"TVM's intrinsic for {name} changed shape; cannot derive its per-thread twin")
@@ -417,9 +499,11 @@ def _register(name: str, funcs, bf16: bool) -> str:
                 if dtype and f"T.{call}(" in text:
                     text = re.sub(rf"(T\.{re.escape(call)}\(.*)\)$", rf'\1, dtype="{dtype.group(1)}")', text,
                                   flags=re.M)
-        if bf16:
-            text = text.replace('"float16"', '"bfloat16"').replace('"fp16"', '"bf16"')
         texts.append(text)
+    for old, new in retype:
+        if not any(old in t for t in texts):
+            raise RuntimeError(f"TVM's intrinsic for {name} changed: no {old} to retype")
+        texts = [t.replace(old, new) for t in texts]
     from tvm.script import from_source
 
     s_tir.TensorIntrin.register(name, *(from_source(t) for t in texts))

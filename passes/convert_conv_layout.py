@@ -7,6 +7,9 @@ concatenations that follow, so transposes remain only where a layout-bound op or
 model output needs the original one. ``clip`` (ReLU6, hardswish), which TVM cannot carry
 a layout through, is first spelled ``minimum(maximum(x, lo), hi)``, which it can; without
 that every hardswish of MobileNetV3 sat between two transposes, outside the conv's kernel.
+TVM cannot carry a layout through ``nn.pad`` either (the explicit zero-point pad of INT8
+convolutions): ConvertLayout leaves it between a transpose to the old layout and one back,
+which is then rewritten as one pad in the new layout (its widths permuted).
 Weight transposes are constants and fold away in the fuse phase. Numbers do not change. A module without conv2d is returned as it is;
 where TVM's ConvertLayout fails (seen: its layout inference indexing out of bounds on
 the stacked inputs of merged MLPs), the module keeps its layouts and the reason is logged.
@@ -41,7 +44,8 @@ class ConvertConvLayout:
             return mod
         convert = relax.transform.ConvertLayout({"relax.nn.conv2d": [self.data_layout, self.kernel_layout]})
         try:
-            return relax.transform.CanonicalizeBindings()(convert(mutate_functions(_ClipAsMinMax(mod), mod)))
+            mod = relax.transform.CanonicalizeBindings()(convert(mutate_functions(_ClipAsMinMax(mod), mod)))
+            return relax.transform.DeadCodeElimination()(mutate_functions(_PadInNewLayout(mod), mod))
         except Exception as e:  # noqa: BLE001 - TVM's layout inference; the old layout is still correct
             log.warning("convolutions stay in their layout: TVM's ConvertLayout to %s/%s failed (%s)",
                         self.data_layout, self.kernel_layout, error_line(e, last=True, with_type=True))
@@ -64,6 +68,36 @@ class _ClipAsMinMax(relax.PyExprMutator):
         if None in bound:
             return call
         return relax.op.minimum(relax.op.maximum(x, bound[0]), bound[1])
+
+
+@relax.expr_functor.mutator
+class _PadInNewLayout(relax.PyExprMutator):
+    """``permute_dims(pad(permute_dims(x, p)), q)``, q undoing p, as ``pad(x)`` with the widths permuted."""
+
+    _pad = tvm.ir.Op.get("relax.nn.pad")
+    _permute = tvm.ir.Op.get("relax.permute_dims")
+
+    def _bound(self, expr: relax.Expr, op) -> relax.Call | None:
+        value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+        return value if isinstance(value, relax.Call) and value.op.same_as(op) else None
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if not (isinstance(call, relax.Call) and call.op.same_as(self._permute)):
+            return call
+        pad = self._bound(call.args[0], self._pad)
+        inner = self._bound(pad.args[0], self._permute) if pad is not None else None
+        if inner is None or inner.attrs.axes is None or call.attrs.axes is None:
+            return call
+        p, q = [int(a) for a in inner.attrs.axes], [int(a) for a in call.attrs.axes]
+        if [p[a] for a in q] != list(range(len(p))):
+            return call
+        widths = [int(w) for w in pad.attrs.pad_width]
+        new = [0] * len(widths)
+        for d, axis in enumerate(p):  # axis d of the padded tensor is axis p[d] of x
+            new[2 * axis:2 * axis + 2] = widths[2 * d:2 * d + 2]
+        return relax.op.nn.pad(inner.args[0], new, pad_value=float(pad.attrs.pad_value),
+                               pad_mode=str(pad.attrs.pad_mode))
 
 
 def _has_conv2d(mod: tvm.IRModule) -> bool:

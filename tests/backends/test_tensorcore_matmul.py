@@ -21,7 +21,8 @@ from tvm import relax, te, topi
 from smelt.backends import cuda as cuda_backend
 from smelt.backends.apply_default_schedules import ApplyDefaultSchedules, default_rules
 from smelt.backends.tensor_intrinsics import _frames_without_source
-from smelt.backends.tensorcore_matmul import TensorCoreMatmul
+from smelt.backends.tensorcore_matmul import (INT8_SMALL_TILE, INT8_TILE, SMALL_TILE, TensorCoreMatmul, TileConfig,
+                                               shared_memory_bytes)
 from smelt.passes.convert_conv_layout import ConvertConvLayout
 
 TARGET = tvm.target.Target({"kind": "cuda", "arch": "sm_90", **cuda_backend._LIMITS}, host="llvm")
@@ -61,9 +62,9 @@ def _one_kernel(mod: tvm.IRModule) -> tvm.tirx.PrimFunc:
     return func.with_attr("global_symbol", "gemm")
 
 
-def _matmul_nt(x_shape, w_shape, dtype, out_dtype):
+def _matmul_nt(x_shape, w_shape, dtype, out_dtype, w_dtype=None):
     x = te.placeholder(x_shape, dtype, "x")
-    w = te.placeholder(w_shape, dtype, "w")
+    w = te.placeholder(w_shape, w_dtype or dtype, "w")
     k = te.reduce_axis((0, x_shape[-1]), "k")
     y = te.compute((*x_shape[:-1], w_shape[-2]),
                    lambda *i: te.sum(x[(*i[:-1], k)].astype(out_dtype) * w[(*i[:-2], i[-1], k)].astype(out_dtype),
@@ -94,6 +95,24 @@ def fused_conv(x_shape, w_shape, stride=1, padding=0, layout=("NHWC", "OHWI"), g
                 params.append(r)
                 y = bb.emit(relax.op.add(y, r))
             out = bb.emit_output(bb.emit(relax.op.nn.relu(y)))
+        bb.emit_func_output(out)
+    return _one_kernel(bb.get())
+
+
+def fused_int8_conv(x_shape, w_shape, stride=1, padding=0):
+    """What INT8 quantization makes of a conv (NHWC/OHWI here): ``float32(conv(x_u8, w_i8) - zero) * scale``."""
+    cout = w_shape[0]
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "uint8"))
+    w = relax.Var("w", relax.TensorType(w_shape, "int8"))
+    zero = relax.Var("zero", relax.TensorType((1, 1, 1, cout), "int32"))
+    scale = relax.Var("scale", relax.TensorType((1, 1, 1, cout), "float32"))
+    with bb.function("main", [x, w, zero, scale]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, w, strides=stride, padding=padding, data_layout="NHWC",
+                                           kernel_layout="OHWI", out_dtype="int32"))
+            y = relax.op.multiply(relax.op.astype(relax.op.subtract(y, zero), "float32"), scale)
+            out = bb.emit_output(bb.emit(y))
         bb.emit_func_output(out)
     return _one_kernel(bb.get())
 
@@ -303,6 +322,93 @@ def test_conv_matches_numpy_on_gpu(case, rng):
     lib["gemm"](*[tvm.runtime.tensor(a, dev) for a in args], y)
     err = np.abs(y.numpy().astype("float64") - ref).max() / np.abs(ref).max()
     assert err <= REL_TOL, f"{case}: max relative error {err:.2e}"
+
+
+# 8-bit operands (uint8 activations and int8 weights, as INT8 quantization gives them, or int8 x int8):
+# m16n8k32 mma with int32 accumulators, exact, so the GPU tests compare integers for equality.
+INT8_CASES = {
+    "nt_small_tile": dict(x_shape=(512, 512), w_shape=(256, 512), dtype="uint8"),
+    "nt_large_tile_padded": dict(x_shape=(4000, 320), w_shape=(200, 320), dtype="uint8"),
+    "nt_signed": dict(x_shape=(2, 256, 192), w_shape=(2, 128, 192), dtype="int8"),
+}
+INT8_CONV_CASES = {
+    "3x3": dict(x_shape=(4, 20, 20, 64), w_shape=(64, 3, 3, 64), padding=1),
+    "1x1_stride2": dict(x_shape=(2, 28, 28, 64), w_shape=(256, 1, 1, 64), stride=2),
+    "7x7_stride2_stem": dict(x_shape=(1, 32, 32, 4), w_shape=(64, 7, 7, 4), stride=2, padding=3),
+}
+
+
+def _int8_kernel(case: str):
+    if case in INT8_CASES:
+        p = INT8_CASES[case]
+        return _matmul_nt(p["x_shape"], p["w_shape"], p["dtype"], "int32", w_dtype="int8")
+    return fused_int8_conv(**INT8_CONV_CASES[case])
+
+
+@pytest.fixture(scope="module", params=sorted(INT8_CASES) + sorted(INT8_CONV_CASES))
+def built_int8(request, requires_cuda_compiler):
+    return request.param, build(_int8_kernel(request.param))
+
+
+def test_8bit_operands_take_m16n8k32_mma(built_int8):
+    case, (_, code, ptx) = built_int8
+    a = INT8_CASES.get(case, {}).get("dtype", "uint8")
+    assert f"mma.sync.aligned.m16n8k32.row.col.s32.{'u8' if a == 'uint8' else 's8'}.s8.s32" in code
+    assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in code and ".trans" not in code
+    assert "ld.local" not in ptx and "st.local" not in ptx
+    if case != "7x7_stride2_stem":  # 4 input channels: 4-byte rows, copied without cp.async
+        assert "cp.async.cg.shared.global" in code  # padded rows too (``_rows_clamped``)
+        assert "* 80)" in code  # shared rows of 64 bytes padded to 80: conflict-free ldmatrix
+
+
+def test_8bit_tiles():
+    """128x64 tiles (a 32 KiB int32 result, staged in static shared memory), 64x64 for few thread blocks; K steps of 64."""
+    rule = TensorCoreMatmul()
+    i64 = lambda v: tvm.tirx.IntImm("int64", v)  # noqa: E731
+    large, small = rule._tile(i64(1), i64(4096), i64(768), True), rule._tile(i64(1), i64(512), i64(256), True)
+    assert (large.block_m, large.block_n, large.block_k, small.block_m, small.block_n) == (128, 64, 64, 64, 64)
+
+
+@pytest.mark.parametrize("cfg, in_bytes, acc_bytes", [(TileConfig(), 2, 4), (TileConfig(), 2, 2), (SMALL_TILE, 2, 4),
+                                                      (INT8_TILE, 1, 4), (INT8_SMALL_TILE, 1, 4)])
+def test_shared_memory_launches_without_opt_in_or_with_it(cfg, in_bytes, acc_bytes):
+    """A kernel gets 48 KiB of shared memory unless it opts in, which TVM's runtime does only for more
+    than 48 KiB of dynamic shared memory: static + dynamic above 48 KiB with dynamic below fails to
+    launch (CUDA_ERROR_INVALID_VALUE, seen with 3 + 1 stages of the small 8-bit tile)."""
+    static, dynamic = shared_memory_bytes(cfg, in_bytes, acc_bytes)
+    assert static + dynamic <= 48 * 1024 or dynamic > 48 * 1024
+    assert static + dynamic <= 227 * 1024  # what an sm_90 block can have
+
+
+def test_declines_8bit_operands_that_are_not_k_contiguous():
+    """ldmatrix has no transposing form for 8-bit elements: B as [K, N] (a plain matmul weight) declines."""
+    func = fused_matmul((256, 256), (256, 128), dtype="uint8", out_dtype="int32")
+    assert TensorCoreMatmul().apply(func, TARGET, False) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", sorted(INT8_CASES) + sorted(INT8_CONV_CASES))
+def test_8bit_kernels_are_exact_on_gpu(case, rng):
+    lib, _, _ = build(_int8_kernel(case))
+    p = {**INT8_CASES, **INT8_CONV_CASES}[case]
+    a_dtype = p.get("dtype", "uint8")
+    lo, hi = (0, 256) if a_dtype == "uint8" else (-128, 128)
+    x = rng.integers(lo, hi, p["x_shape"]).astype(a_dtype)
+    w = rng.integers(-127, 128, p["w_shape"]).astype("int8")
+    dev = tvm.cuda(0)
+    if case in INT8_CASES:
+        ref = np.matmul(x.astype("int64"), np.swapaxes(w, -1, -2).astype("int64"))
+        y = tvm.runtime.empty(ref.shape, "int32", dev)
+        lib["gemm"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(w, dev), y)
+        np.testing.assert_array_equal(y.numpy(), ref)
+        return
+    acc = conv_reference(x, w, p.get("stride", 1), p.get("padding", 0)).astype("int64")  # exact in float64
+    zero = rng.integers(-1000, 1000, (1, 1, 1, acc.shape[-1])).astype("int32")
+    scale = rng.uniform(1e-4, 1e-3, (1, 1, 1, acc.shape[-1])).astype("float32")
+    ref = (acc - zero).astype("float32") * scale
+    y = tvm.runtime.empty(ref.shape, "float32", dev)
+    lib["gemm"](*[tvm.runtime.tensor(a, dev) for a in (x, w, zero, scale)], y)
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-6, atol=0)  # integers exact; one float32 rounding
 
 
 def _viewed_matmul(b_view):
