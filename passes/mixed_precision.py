@@ -7,7 +7,9 @@ Guarantees: float32 weights feed the compute as ``dtype`` (constants are convert
 the weight store holds them at half the size); inputs stay float32 at the function
 boundary and are cast once; outputs are cast back to float32, so a model's signature
 does not change. Convolutions and matmuls take ``dtype`` operands and accumulate in
-float32 (``out_dtype``), then round to ``dtype``. ``KEEP_FLOAT32`` ops (softmax,
+float32 (``out_dtype``), then round to ``dtype``; integer ones (INT8 quantization's, which may
+run first) stay as they are, the op that rescales their int32 result (cast to float32) computes in
+float32 (the accumulator outgrows float16), and what follows continues in ``dtype``. ``KEEP_FLOAT32`` ops (softmax,
 normalizations, reductions, exp/log/sqrt/pow/erf) read float32 operands and produce
 float32; everything else runs in ``dtype``. Explicit casts in the model are kept.
 Where: quantize phase (after merging, before legalization and fusion).
@@ -51,12 +53,19 @@ def _is_float(e: relax.Expr, dtype: str | None = None) -> bool:
         (dtype is None or str(ty.dtype) == dtype)
 
 
+def _from_integer(v: relax.Expr) -> bool:
+    """``v`` is ``astype`` of an integer tensor to a float type."""
+    return isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.astype" and \
+        isinstance(v.args[0].ty, relax.TensorType) and str(v.args[0].ty.dtype).startswith(("int", "uint"))
+
+
 class _Rewriter:
     def __init__(self, dtype: str):
         self.dtype = dtype
         self.bb = relax.BlockBuilder()
         self.env: dict = {}
         self.casts: dict = {}
+        self.wide: set = set()  # float32 values cast from integers: their first op computes in float32
 
     def cast(self, e: relax.Expr, dtype: str) -> relax.Expr:
         if not _is_float(e) or _is_float(e, dtype):
@@ -81,10 +90,13 @@ class _Rewriter:
             args = [self.arg(a) for a in v.args]
             if name in _LEAVE:
                 return relax.Call(v.op, args, v.attrs, v.ty_args)
-            if name in KEEP_FLOAT32:
+            # An integer accumulator (INT8's, up to 255 * 127 * K) outgrows float16 (65504) until its
+            # rescale: the op that reads it as float runs in float32.
+            if name in KEEP_FLOAT32 or any(isinstance(a, relax.Var) and a in self.wide for a in args):
                 return relax.Call(v.op, [self.cast(a, "float32") for a in args], v.attrs, v.ty_args)
             args = [self.cast(a, self.dtype) for a in args]
-            if name in ACCUMULATE and "out_dtype" in attr_fields(v.attrs):
+            # integer convolutions and matmuls (INT8 quantization's) keep their int32 accumulator
+            if name in ACCUMULATE and "out_dtype" in attr_fields(v.attrs) and all(_is_float(a) for a in args[:2]):
                 acc = self.bb.emit(relax.Call(v.op, args, with_attr_field(v.attrs, out_dtype="float32"), v.ty_args))
                 return relax.op.astype(acc, self.dtype)
             return relax.Call(v.op, args, v.attrs, v.ty_args)
@@ -117,6 +129,8 @@ class _Rewriter:
                     if not isinstance(b, relax.VarBinding):
                         return None
                     new = self.bb.emit(self.value(b.value))
+                    if _from_integer(b.value):
+                        self.wide.add(new)
                     # a block output leaves in float32
                     self.env[b.var] = new if isinstance(b.var, relax.DataflowVar) else \
                         self.bb.emit_output(self.restore(new))

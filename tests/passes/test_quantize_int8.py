@@ -88,6 +88,22 @@ def test_int8_against_onnxruntime_float32(tmp_path, model, method):
     assert np.abs(y - ref).max() <= 0.05 * np.abs(ref).max()
 
 
+def test_int8_with_float16_in_between(tmp_path):
+    """INT8 convolutions with the rest of the network (epilogues, residual adds, pooling) in float16:
+    the integer convs keep their int32 accumulators (ToMixedPrecision runs after QuantizeInt8).
+    Tolerance: that of INT8 alone, float16 rounding adds about 1e-3."""
+    m = zoo.resnet(18, batch=1, size=64)
+    path, name, shape = _calib_file(tmp_path, m, n=8)
+    x = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
+    ref = ort.InferenceSession(m.SerializeToString()).run(None, {name: x})[0]
+    art = smelt.compile([m], names=["m"], quantize=smelt.Int8(calib=str(path)), precision="float16",
+                        options=smelt.CompileOptions(tune_log_dir=None))
+    assert len(art.report.quantization["quantized"]) >= 10
+    y = np.asarray(smelt.load(art.save(tmp_path / "out")).run("m", **{name: x}))
+    assert _cos(y, ref) >= 0.999
+    assert np.abs(y - ref).max() <= 0.05 * np.abs(ref).max()
+
+
 def test_layers_over_the_error_limit_stay_float32(tmp_path):
     m = zoo.mlp(batch=4)
     path, name, shape = _calib_file(tmp_path, m)
