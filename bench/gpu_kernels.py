@@ -5,7 +5,8 @@ profiler, which records every kernel the process launches (TVM's too, CUDA-graph
 included), so both columns come from the device's own timestamps rather than host timers.
 For each side: kernels per call, summed kernel time per call, and the top kernels with their
 time per call and count. Kernel time leaves out launch gaps; the wall time is printed beside it.
-Usage: python bench/gpu_kernels.py [--models bert:16,mobilenetv3:32] [--top 25] [--json out.json]
+With ``--int8``, smelt's side is INT8 (calibrated on 4 random batches, minmax), with float16 in between.
+Usage: python bench/gpu_kernels.py [--models bert:16,mobilenetv3:32] [--int8] [--top 25] [--json out.json]
 """
 
 from __future__ import annotations
@@ -53,8 +54,12 @@ def kernels(fn, reps: int) -> dict:
             "launches": sum(r[2] for r in rows), "rows": rows}
 
 
-def smelt_side(name: str, module, x, tmp: Path, graphs: bool) -> dict:
-    art = smelt.compile([(module, (x,))], target="cuda", names=[name], precision="float16",
+def smelt_side(name: str, module, x, tmp: Path, graphs: bool, int8: bool = False) -> dict:
+    quantize = None
+    if int8:
+        input_name = smelt.import_models([(module, (x,))], [name]).models[name].inputs[0].name
+        quantize = smelt.Int8(calib=[{input_name: torch.randn_like(x).numpy()} for _ in range(4)])
+    art = smelt.compile([(module, (x,))], target="cuda", names=[name], precision="float16", quantize=quantize,
                         options=smelt.CompileOptions(target=smelt.TargetOptions(kind="cuda", cuda_graph=graphs)))
     rt = smelt.load(art.save(tmp / f"{name}-{graphs}", force=True))
     args = rt.device_args(name, {rt.models[name].inputs[0].name: x.numpy()})
@@ -79,6 +84,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="bert:16", help="comma-separated MODEL:BATCH, MODEL in " + ", ".join(MODELS))
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--int8", action="store_true", help="smelt's side in INT8 (float16 in between)")
     ap.add_argument("--json")
     args = ap.parse_args()
     out = {}
@@ -87,7 +93,8 @@ def main() -> None:
             m, _, batch = item.partition(":")
             make, shape = MODELS[m]
             x = torch.randn(int(batch or 1), *shape)
-            res = {"smelt": smelt_side(m, make(), x, Path(tmp), graphs=True), "torch.compile ro": torch_side(make(), x)}
+            res = {"smelt int8" if args.int8 else "smelt": smelt_side(m, make(), x, Path(tmp), True, args.int8),
+                   "torch.compile ro": torch_side(make(), x)}
             for label, r in res.items():
                 show(f"{item} {label}", r, args.top)
             out[item] = res

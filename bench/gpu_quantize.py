@@ -31,6 +31,7 @@ VARIANTS = {  # name -> (precision, quantize factory taking calibration batches)
     "fp16": ("float16", None),
     "bf16": ("bfloat16", None),
     "int8": ("float32", lambda calib: smelt.Int8(calib=calib, method="minmax")),
+    "int8-fp16": ("float16", lambda calib: smelt.Int8(calib=calib, method="minmax")),
     "w8": ("float32", lambda calib: smelt.WeightOnly(8, 128)),
     "w4-fp16": ("float16", lambda calib: smelt.WeightOnly(4, 128)),
 }

@@ -39,6 +39,8 @@ KEEP_FLOAT32 = frozenset({
     "relax.nn.group_norm", "relax.nn.instance_norm", "relax.nn.batch_norm", "relax.mean", "relax.sum",
     "relax.variance", "relax.std", "relax.prod", "relax.cumsum", "relax.exp", "relax.log", "relax.sqrt",
     "relax.rsqrt", "relax.power", "relax.erf", "relax.nn.adaptive_avg_pool2d", "relax.nn.avg_pool2d",
+    # INT8's quantize step; TVM 0.27's CUDA code for a float16 round calls ``hnearbyint``, which CUDA lacks
+    "relax.round",
 })
 # operands in the low precision, accumulation in float32 via out_dtype
 ACCUMULATE = frozenset({"relax.nn.conv1d", "relax.nn.conv2d", "relax.nn.conv3d", "relax.matmul",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import struct
 
+import numpy as np
 import pytest
 
 import smelt
@@ -87,6 +88,21 @@ def test_emitted_cuda_c_and_ptx_target_the_arch(resnet):
     # Every scheduled kernel of the report is in the CUDA C (one __global__ each, "_kernel" suffix).
     assert {f"{k}_kernel" for k in art.report.schedules} <= kernels
     assert "target triple" in (path / "source" / "host.ll").read_text()
+
+
+def test_int8_resnet_with_float16_in_between_builds_on_tensor_cores(requires_cuda_compiler, tmp_path):
+    """INT8 convolutions are uint8 x int8 implicit GEMMs on mma.sync; the rest is float16. The PTX
+    is built by nvcc (``emit_source``): TVM's float16 ``round`` called a function CUDA lacks."""
+    m = zoo.resnet(18, size=32)
+    calib = [{m.graph.input[0].name: np.random.default_rng(i).standard_normal((1, 3, 32, 32)).astype("float32")}
+             for i in range(2)]
+    art = smelt.compile([m], target="cuda", arch="sm_90", precision="float16", quantize=smelt.Int8(calib=calib))
+    convs = {k: v for k, v in art.report.schedules.items() if "conv2d" in k}
+    # at 32x32 the last stages have M = N*OH*OW of 16 or less: GEMV-like, other rules take them
+    assert sum(v == "TensorCoreMatmul" for v in convs.values()) >= 4, convs
+    assert not any(k.startswith(("fused_transpose", "transpose")) and "pad" in k for k in art.report.schedules)
+    path = art.save(tmp_path / "int8", emit_source=True)
+    assert "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32" in (path / "source" / "kernels.ptx").read_text()
 
 
 def test_transformer_encoder_builds_and_saves(tmp_path):
