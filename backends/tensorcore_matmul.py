@@ -215,8 +215,8 @@ class TensorCoreMatmul(GPUScheduleRule):
         # only when its global inner axis is K (the NT case); ldmatrix.trans reads the other ones.
         trans_a = a_inner == "S"
         trans_b = b_inner == "R"
-        if eight_bit and (trans_a or not trans_b):  # ldmatrix.trans moves 16-bit elements: no 8-bit form
-            return self._decline(name, "8-bit operands must be K-contiguous in global memory (A [M, K], B [N, K])")
+        if eight_bit and trans_a:  # ldmatrix.trans moves 16-bit elements: no 8-bit form
+            return self._decline(name, "8-bit A must be K-contiguous in global memory ([M, K])")
         try:
             return self._schedule(sch, main, conv, (a_dtype, b_dtype), c_dtype, trans_a, trans_b, name)
         except _Decline as e:  # a tensorize mismatch is unexpected for a kernel that got this far
@@ -277,11 +277,18 @@ class TensorCoreMatmul(GPUScheduleRule):
             smem = sch.cache_read(outer, read, "shared.dyn")
             sch.compute_at(smem, k0)
             auto_inline_producers(sch, smem)
+            vector = cfg.vector
             if trans:  # keep the global inner axis innermost in shared memory too
                 a0, a1 = sch.get_loops(smem)[-2:]
                 sch.reorder(a1, a0)
-                sch.transform_layout(smem, ("write", 0), lambda b, x, y: (b, y, x))
-            _spread_over_threads(sch, smem, warps_m, warps_n, cfg.vector)
+                if eight_bit:
+                    # No ldmatrix transposes 8-bit elements: shared memory stays [N, K], filled by byte
+                    # copies whose threads walk the global inner axis (coalesced reads, no cp.async;
+                    # a [K, N] matmul weight, as INT8 quantization stores it).
+                    vector = 1
+                else:
+                    sch.transform_layout(smem, ("write", 0), lambda b, x, y: (b, y, x))
+            _spread_over_threads(sch, smem, warps_m, warps_n, vector)
             # TVM's XOR swizzle permutes 8-element chunks, half a 16-byte copy or ldmatrix row of 8-bit
             # elements; those rows get 16 bytes of padding instead, which spreads ldmatrix's 8 rows of
             # 16 bytes over all 32 banks (a row stride of 80 bytes for K steps of 64).
@@ -329,7 +336,7 @@ class TensorCoreMatmul(GPUScheduleRule):
         init = sch.decompose_reduction(outer, k0)
         init_inner = sch.get_child_blocks(init)[0]
         unrolled.extend(sch.get_loops(init_inner)[-4:-2])
-        intrins = _intrinsics(in_dtypes, acc_dtype, trans_a, trans_b, out_scope)
+        intrins = _intrinsics(in_dtypes, acc_dtype, trans_a, trans_b or eight_bit, out_scope)
         try:
             sch.tensorize(sch.get_loops(init_inner)[-2], intrins["init"])
             sch.tensorize(sch.get_loops(reg_a)[-2], intrins["load_a"])

@@ -29,7 +29,8 @@ TARGET = tvm.target.Target({"kind": "cuda", "arch": "sm_90", **cuda_backend._LIM
 REL_TOL = 1e-2
 
 
-def fused_matmul(x_shape, w_shape, dtype="float16", out_dtype="float32", cast=None, bias=False, trans_w=False):
+def fused_matmul(x_shape, w_shape, dtype="float16", out_dtype="float32", cast=None, bias=False, trans_w=False,
+                 w_dtype=None):
     """The one PrimFunc relax makes of ``matmul(x, w, out_dtype)`` [+ astype(cast)] [+ bias].
 
     With ``trans_w``, ``x @ w.T`` as TE writes it (relax's FuseOps leaves a transpose outside).
@@ -38,7 +39,7 @@ def fused_matmul(x_shape, w_shape, dtype="float16", out_dtype="float32", cast=No
         return _matmul_nt(x_shape, w_shape, dtype, out_dtype)
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(x_shape, dtype))
-    w = relax.Var("w", relax.TensorType(w_shape, dtype))
+    w = relax.Var("w", relax.TensorType(w_shape, w_dtype or dtype))
     params = [x, w]
     if bias:
         params.append(relax.Var("b", relax.TensorType((w_shape[-1],), cast or out_dtype)))
@@ -330,6 +331,7 @@ INT8_CASES = {
     "nt_small_tile": dict(x_shape=(512, 512), w_shape=(256, 512), dtype="uint8"),
     "nt_large_tile_padded": dict(x_shape=(4000, 320), w_shape=(200, 320), dtype="uint8"),
     "nt_signed": dict(x_shape=(2, 256, 192), w_shape=(2, 128, 192), dtype="int8"),
+    "kn_weight": dict(x_shape=(32, 2048), w_shape=(2048, 1000), dtype="uint8", w_kn=True),  # ResNet-50's FC
 }
 INT8_CONV_CASES = {
     "3x3": dict(x_shape=(4, 20, 20, 64), w_shape=(64, 3, 3, 64), padding=1),
@@ -341,6 +343,8 @@ INT8_CONV_CASES = {
 def _int8_kernel(case: str):
     if case in INT8_CASES:
         p = INT8_CASES[case]
+        if p.get("w_kn"):  # a [K, N] weight: B's rows gathered into [N, K] tiles
+            return fused_matmul(p["x_shape"], p["w_shape"], p["dtype"], "int32", w_dtype="int8")
         return _matmul_nt(p["x_shape"], p["w_shape"], p["dtype"], "int32", w_dtype="int8")
     return fused_int8_conv(**INT8_CONV_CASES[case])
 
@@ -356,7 +360,7 @@ def test_8bit_operands_take_m16n8k32_mma(built_int8):
     assert f"mma.sync.aligned.m16n8k32.row.col.s32.{'u8' if a == 'uint8' else 's8'}.s8.s32" in code
     assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in code and ".trans" not in code
     assert "ld.local" not in ptx and "st.local" not in ptx
-    if case != "7x7_stride2_stem":  # 4 input channels: 4-byte rows, copied without cp.async
+    if case not in ("7x7_stride2_stem", "kn_weight"):  # 4-byte rows; a gathered B: copies without cp.async
         assert "cp.async.cg.shared.global" in code  # padded rows too (``_rows_clamped``)
         assert "* 80)" in code  # shared rows of 64 bytes padded to 80: conflict-free ldmatrix
 
@@ -380,9 +384,14 @@ def test_shared_memory_launches_without_opt_in_or_with_it(cfg, in_bytes, acc_byt
     assert static + dynamic <= 227 * 1024  # what an sm_90 block can have
 
 
-def test_declines_8bit_operands_that_are_not_k_contiguous():
-    """ldmatrix has no transposing form for 8-bit elements: B as [K, N] (a plain matmul weight) declines."""
-    func = fused_matmul((256, 256), (256, 128), dtype="uint8", out_dtype="int32")
+def test_declines_8bit_a_that_is_not_k_contiguous():
+    """ldmatrix has no transposing form for 8-bit elements: A stored [K, M] declines (B is gathered)."""
+    x = te.placeholder((256, 128), "uint8", "x")
+    w = te.placeholder((256, 64), "int8", "w")
+    k = te.reduce_axis((0, 256), "k")
+    y = te.compute((128, 64), lambda i, j: te.sum(x[k, i].astype("int32") * w[k, j].astype("int32"), axis=k),
+                   name="matmul")
+    func = te.create_prim_func([x, w, y]).with_attr("global_symbol", "gemm")
     assert TensorCoreMatmul().apply(func, TARGET, False) is None
 
 
@@ -397,7 +406,7 @@ def test_8bit_kernels_are_exact_on_gpu(case, rng):
     w = rng.integers(-127, 128, p["w_shape"]).astype("int8")
     dev = tvm.cuda(0)
     if case in INT8_CASES:
-        ref = np.matmul(x.astype("int64"), np.swapaxes(w, -1, -2).astype("int64"))
+        ref = np.matmul(x.astype("int64"), (w if p.get("w_kn") else np.swapaxes(w, -1, -2)).astype("int64"))
         y = tvm.runtime.empty(ref.shape, "int32", dev)
         lib["gemm"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(w, dev), y)
         np.testing.assert_array_equal(y.numpy(), ref)
