@@ -1,10 +1,16 @@
-"""TensorCoreMatmul: a default CUDA schedule for fp16/bf16 GEMMs on tensor cores (ldmatrix + mma.sync).
+"""TensorCoreMatmul: a default CUDA schedule for fp16/bf16/INT8 GEMMs on tensor cores (ldmatrix + mma.sync).
 
 Requires: a CUDA target with arch sm_80 or newer; a PrimFunc whose one reduction block is
 matmul-like (dlight's ``get_index_map`` accepts it: plain, batched, NN/NT/TN/TT layouts,
 with elementwise producers and consumers such as a bias add, GELU or a cast, as relax
-``LegalizeOps`` + ``FuseOps`` make them), float16 or bfloat16 inputs of one dtype, and a
-float32 accumulator (float16 inputs may also accumulate in float16, when the TIR says so).
+``LegalizeOps`` + ``FuseOps`` make them), float16 or bfloat16 inputs of one dtype and a
+float32 accumulator (float16 inputs may also accumulate in float16, when the TIR says so),
+or 8-bit inputs (uint8 or int8 A, int8 B: what INT8 quantization makes) into int32.
+8-bit operands: m16n8k32 mma, K steps of 64, tiles of 128x64 or 64x64; A must be
+K-contiguous in global memory (ldmatrix cannot transpose bytes), a [K, N] B is gathered into
+[N, K] shared tiles by byte copies; shared rows are padded by 16 bytes instead of swizzled, and
+rows pad_einsum adds past M or N repeat the last row so that their copies stay ``cp.async``
+(``_rows_clamped``).
 Declines (``apply`` returns None, logged at debug level, so the next rule takes over):
 other targets and arches, other dtypes, kernels that are not matmul-like, functions marked
 ``dlight.do_not_tensorize``, and any static M, N or K of 16 or less after dlight's
