@@ -1,25 +1,30 @@
-"""Int8DotTile: uint8 x int8 -> int32 convolutions and matmuls on x86's VNNI dot products.
+"""Int8DotTile: uint8 x int8 -> int32 convolutions and matmuls on x86's dot-product instructions.
 
-Requires: an x86 LLVM target with AVX-512 VNNI (``vpdpbusd``); a kernel of one reduction block
-``C[..., n] += int32(A[..., k]) * int32(W[..., k, n])`` (QuantizeInt8's convs in NHWC/HWIO and
-its matmuls) with A uint8, W an int8 weight the kernel may repack (``layout_free_buffers``), n
-the innermost output axis, static and a multiple of 16, and k the innermost reduction axis,
-static and a multiple of 4, indexing A's last axis. Declines anything else (TileReduction then
-widens both operands to int32 and multiplies in 32-bit lanes).
-Guarantees: the same integers. Each instruction multiplies 4 consecutive k of A with 16
-output channels and adds into 16 int32 accumulators (``vpdpbusd``, ``INTRIN`` below); W is
-repacked at compile time into [N / 16, ..., K / 4, 16, 4], so each instruction's 64 weights are
-one contiguous load. Grid, register tile and epilogue are as in TileReduction: the output
-channel tiles outermost and parallel, the reduction loops, then ``rows`` x ``width`` int32
-accumulators, the epilogue (rescale, bias, activation, the next layer's quantize) per tile.
+Requires: an x86 LLVM target with AVX-512 VNNI (``vpdpbusd``) or AVX2 (``vpmaddwd``); a kernel
+of one reduction block ``C[..., n] += int32(A[..., k]) * int32(W[..., k, n])`` (QuantizeInt8's
+convs in NHWC/HWIO and its matmuls) with A uint8, W an int8 weight the kernel may repack
+(``layout_free_buffers``), n the innermost output axis, static and a multiple of the
+instruction's lanes (16 VNNI, 8 AVX2), and k the innermost reduction axis, static and a
+multiple of its depth (4, 2), indexing A's last axis. Declines anything else (TileReduction
+then widens both operands to int32 and multiplies in 32-bit lanes).
+Guarantees: the same integers. Each instruction multiplies ``depth`` consecutive k of A with
+``lanes`` output channels and adds into ``lanes`` int32 accumulators (``DOTS`` below); W is
+repacked at compile time into [N / lanes, ..., K / depth, lanes, depth], so each instruction's
+weights are one contiguous load. Grid, register tile and epilogue are as in TileReduction: the
+output channel tiles outermost and parallel, the reduction loops, then ``rows`` x ``width``
+int32 accumulators, the epilogue (rescale, bias, activation, the next layer's quantize) per tile.
 Why: widened to int32 (16 multiplies per instruction, against float32's 16 FMAs), a quantized
-ResNet-18 at 112x112 took 8.25 ms on a 2-core Zen 4, 0.61x smelt's own float32; with this rule
+ResNet-18 at 112x112 took 8.25 ms on a 2-core Zen 4, 0.61x smelt's own float32; with VNNI
 2.82 ms, and 2.28 ms once QuantizeInt8 padded the stem's 3 channels to 4 for it: 2.3x faster
-than float32, 3.0-3.7x faster than onnxruntime's INT8 (bench/quantize.py).
+than float32, 3.0-3.7x faster than onnxruntime's INT8 (bench/quantize.py). AVX2 has no byte dot
+product that cannot saturate (``vpmaddubsw`` adds two u8 x s8 products in int16); ``vpmaddwd``
+multiplies int16 pairs into int32, exactly, after the bytes are widened to int16.
 Where: ``cpu_schedule.default_rules()``, before TileReduction.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import tvm
 from tvm import tirx
@@ -31,8 +36,6 @@ from tvm.target.codegen import target_has_features
 from .cpu_schedule import (_STACK_BYTES, _divisor, _schedule_root, _vectorize_split, loop_extents, open_reduction,
                            tile_loops, tile_row_axis, vector_lanes)
 
-LANES, DEPTH = 16, 4  # the intrinsic's output channels and products per channel
-ACCUMULATORS = 12  # of AVX-512's 32 registers: the rest hold A's broadcasts and W's loads
 
 
 # What the instruction computes: TVM's ``dot_product_16x4_u8i8i32_desc``, written out here because
@@ -67,8 +70,49 @@ def _dot_16x4_vnni(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16,
             dtype="int32x16")
 
 
-INTRIN = "smelt_dot_16x4_vnni"
-TensorIntrin.register(INTRIN, _dot_16x4_desc, _dot_16x4_vnni, override=True)
+@T.prim_func(s_tir=True)
+def _dot_8x2_desc(A: T.Buffer((2,), "uint8", offset_factor=1), B: T.Buffer((8, 2), "int8", offset_factor=1),
+                  C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        for i in T.serial(0, 8):
+            for k in T.serial(0, 2):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+# AVX2: A's two bytes widened to int16 and broadcast as one 32-bit pair, W's 16 bytes sign-extended
+# to int16 (vpmovsxbw); vpmaddwd multiplies the pairs and adds each into one int32 lane.
+@T.prim_func(s_tir=True)
+def _dot_8x2_avx2(A: T.Buffer((2,), "uint8", offset_factor=1), B: T.Buffer((8, 2), "int8", offset_factor=1),
+                  C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        a_pair = T.reinterpret(T.Cast("int16x2", A.vload([0], "uint8x2")), dtype="int32")
+        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), T.Cast("int16x16", B.vload([0, 0], dtype="int8x16")),
+            T.reinterpret(T.broadcast(a_pair, 8), dtype="int16x16"), dtype="int32x8")
+
+
+@dataclass(frozen=True)
+class Dot:
+    """A dot-product instruction: the CPU feature, output lanes, products per lane, its intrinsic, and
+    how many int32 accumulator registers a register tile may take (the rest hold A and W)."""
+
+    feature: str
+    lanes: int
+    depth: int
+    intrin: str
+    accumulators: int
+
+
+DOTS = [Dot("avx512vnni", 16, 4, "smelt_dot_16x4_vnni", 12),  # of AVX-512's 32 registers
+        Dot("avx2", 8, 2, "smelt_dot_8x2_avx2", 10)]  # of AVX2's 16
+TensorIntrin.register(DOTS[0].intrin, _dot_16x4_desc, _dot_16x4_vnni, override=True)
+TensorIntrin.register(DOTS[1].intrin, _dot_8x2_desc, _dot_8x2_avx2, override=True)
 
 
 def _operands(stmt: tirx.SBlock):
@@ -96,8 +140,12 @@ class Int8DotTile(ScheduleRule):
     """See the module docstring."""
 
     def apply(self, func: tirx.PrimFunc, target, _tunable: bool):
-        if "x86" not in str(target.attrs.get("mtriple", "")) or not target_has_features("avx512vnni", target):
+        if "x86" not in str(target.attrs.get("mtriple", "")):
             return None
+        dot = next((d for d in DOTS if target_has_features(d.feature, target)), None)
+        if dot is None:
+            return None
+        lanes, depth = dot.lanes, dot.depth
         if (opened := open_reduction(func, target, keep_pads=True)) is None:
             return None
         sch, red, n_s, kept, epilogue = opened
@@ -116,33 +164,34 @@ class Int8DotTile(ScheduleRule):
         loops = sch.get_loops(block)
         extents = loop_extents(sch, loops)
         n_ext, k_ext = extents[n_s - 1], extents[-1]
-        if n_ext is None or k_ext is None or n_ext % LANES or k_ext % DEPTH:
+        if n_ext is None or k_ext is None or n_ext % lanes or k_ext % depth:
             return None
 
         # Register tile: rows x width int32 accumulators, as TileReduction's.
         s_ext = extents[:n_s]
-        width = 2 * LANES if n_ext % (2 * LANES) == 0 else LANES
+        width = 2 * lanes if n_ext % (2 * lanes) == 0 else lanes
         row_axis = tile_row_axis(s_ext)
-        most = min(ACCUMULATORS // (width // LANES), (_STACK_BYTES - 1) // (width * 4))
+        most = min(dot.accumulators // (width // lanes), (_STACK_BYTES - 1) // (width * 4))
         rows = _divisor(s_ext[row_axis], most) if row_axis is not None else 1
         if rows == 1:  # one row (a matrix-vector product): the accumulators go along the width
-            groups = n_ext // LANES
-            width = LANES * max(m for m in range(1, min(ACCUMULATORS, (_STACK_BYTES - 1) // (LANES * 4)) + 1)
+            groups = n_ext // lanes
+            width = lanes * max(m for m in range(1, min(dot.accumulators, (_STACK_BYTES - 1) // (lanes * 4)) + 1)
                                 if groups % m == 0)
 
-        # W as [N / 16, ..., K / 4, 16, 4], repacked once at compile time (SplitLayoutRewritePreproc).
+        # W as [N / lanes, ..., K / depth, lanes, depth], repacked once at compile time
+        # (SplitLayoutRewritePreproc).
         index = next(i for i, r in enumerate(stmt.reads) if r.source.same_as(w.source))
         packed = sch.cache_read(block, index, "global")
         sch.transform_layout(packed, ("write", 0), tirx.IndexMap.from_func(
-            lambda *idx: [idx[-1] // LANES, *idx[:-2], idx[-2] // DEPTH, idx[-1] % LANES, idx[-2] % DEPTH],
+            lambda *idx: [idx[-1] // lanes, *idx[:-2], idx[-2] // depth, idx[-1] % lanes, idx[-2] % depth],
             ndim=len(w.source.shape), index_dtype=str(w.source.shape[-1].ty)))
         sch.annotate(packed, "meta_schedule.layout_rewrite_preproc", True)
 
         writeback = epilogue[-1].block_rv if epilogue else sch.cache_write(block, 0, "global")
         s_loops, r_loops = loops[:n_s], loops[n_s:]
         outer, inner, wi = tile_loops(sch, s_loops, width, row_axis, rows)
-        wio, wii = sch.split(wi, [None, LANES])
-        ko, ki = sch.split(r_loops[-1], [None, DEPTH])
+        wio, wii = sch.split(wi, [None, lanes])
+        ko, ki = sch.split(r_loops[-1], [None, depth])
         sch.reorder(*outer, *r_loops[:-1], ko, *inner, wio, wii, ki)
         grid = sch.fuse(*outer)
         sch.parallel(grid)
@@ -151,7 +200,7 @@ class Int8DotTile(ScheduleRule):
         sch.vectorize(sch.get_loops(init)[-1])
         for loop in sch.get_loops(init)[1:-1]:
             sch.unroll(loop)
-        sch.tensorize(wii, INTRIN)
+        sch.tensorize(wii, dot.intrin)
         for loop in (*inner, wio):
             sch.unroll(loop)
         wb_loops = sch.get_loops(writeback)[1:]

@@ -1,10 +1,11 @@
-"""Int8DotTile: INT8 convolutions and matmuls on x86's VNNI dot products compute the same integers.
+"""Int8DotTile: INT8 convolutions and matmuls on x86's dot products (VNNI, AVX2) compute the same integers.
 
 A quantized CNN and transformer encoder compile with the rule and without it (TileReduction
 then widens to int32): the outputs must be equal bit for bit, as both add the same integers
-and run the same float epilogue. Executing needs a CPU with AVX-512 VNNI (skipped elsewhere);
-which kernels the rule takes, and which it declines, is checked on any x86 host by compiling
-for ``znver4``.
+and run the same float epilogue. Executing needs a CPU with AVX-512 VNNI or AVX2 (skipped
+elsewhere; the host's best instruction is the one tested); which kernels the rule takes, and
+which it declines, is checked on any x86 host by compiling for ``znver4``, ``haswell`` and
+``sandybridge`` (AVX without AVX2).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from smelt.backends.cpu import CPUBackend
 from smelt.examples import zoo
 
 HOST = CPUBackend().target(TargetOptions())
-needs_vnni = pytest.mark.skipif(not ("x86" in str(HOST.attrs.get("mtriple", "")) and
-                                     target_has_features("avx512vnni", HOST)), reason="needs AVX-512 VNNI")
+needs_dot = pytest.mark.skipif(not ("x86" in str(HOST.attrs.get("mtriple", "")) and
+                                    target_has_features("avx2", HOST)), reason="needs AVX2 or AVX-512 VNNI")
 
 MODELS = {
     # a narrow ResNet-18 (16 channels: 3x3, strided and 1x1 convs) with a 16-class head, and an encoder
@@ -42,20 +43,27 @@ def _compile(name, arch=None, vnni=True, monkeypatch=None):
     return smelt.compile([build()], target="cpu", quantize=smelt.Int8(calib=calib), options=opts)
 
 
-def test_takes_the_int8_kernels_it_can():
+@pytest.mark.parametrize("arch", ["znver4", "haswell"])
+def test_takes_the_int8_kernels_it_can(arch):
     """Every quantized conv and matmul of 16k output channels is taken, the RGB stem too
-    (QuantizeInt8 pads its 3 input channels to 4)."""
-    rules = _compile("resnet18", arch="znver4").report.schedules
+    (QuantizeInt8 pads its 3 input channels to 4), with VNNI (znver4) or AVX2 (haswell)."""
+    rules = _compile("resnet18", arch=arch).report.schedules
     sites = {k: v for k, v in rules.items() if "conv2d" in k or "matmul" in k}
     assert len(sites) >= 9 and set(sites.values()) == {"Int8DotTile"}, sites  # shared kernels count once
 
 
-def test_declined_without_vnni():
-    rules = _compile("resnet18", arch="haswell").report.schedules
+def test_avx2_code_multiplies_int16_pairs():
+    art = _compile("encoder", arch="haswell")
+    asm = "".join(m.inspect_source("asm") for m in art.executable.mod.imports if m.kind == "llvm")
+    assert "vpmaddwd" in asm and "vpdpbusd" not in asm
+
+
+def test_declined_without_avx2():
+    rules = _compile("resnet18", arch="sandybridge").report.schedules
     assert "Int8DotTile" not in rules.values() and "TileReduction" in rules.values()
 
 
-@needs_vnni
+@needs_dot
 @pytest.mark.parametrize("name", list(MODELS))
 def test_same_integers_as_widening(name, tmp_path, monkeypatch):
     _, inp, shape = MODELS[name]
