@@ -37,21 +37,24 @@ from .cpu_schedule import (_STACK_BYTES, _divisor, _schedule_root, _vectorize_sp
                            tile_loops, tile_row_axis, vector_lanes)
 
 
+# What the instructions compute, ``lanes`` int32 sums of ``depth`` products: TVM's
+# ``dot_product_16x4_u8i8i32_desc`` for VNNI, written out here because importing it from
+# ``tvm.s_tir.tensor_intrin.x86`` imports every target's intrinsics (10 s of every CPU compile's
+# start on a 2-core machine, 70 s before ``tensor_intrinsics``).
+def _dot_desc(lanes: int, depth: int):
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((depth,), "uint8", offset_factor=1), B: T.Buffer((lanes, depth), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:depth])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, depth):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
-# What the instruction computes: TVM's ``dot_product_16x4_u8i8i32_desc``, written out here because
-# importing it from ``tvm.s_tir.tensor_intrin.x86`` imports every target's intrinsics (10 s of
-# every CPU compile's start on a 2-core machine, 70 s before ``tensor_intrinsics``).
-@T.prim_func(s_tir=True)
-def _dot_16x4_desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-                   C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        for i in T.serial(0, 16):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+    return desc
 
 
 # TVM's own ``dot_16x4_vnni`` passes vpdpbusd its bytes as <16 x i32>; LLVM 22 (TVM 0.27's) declares
@@ -68,19 +71,6 @@ def _dot_16x4_vnni(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16,
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C.vload([0], dtype="int32x16"),
             T.reinterpret(T.broadcast(a_i32, 16), dtype="int8x64"), B.vload([0, 0], dtype="int8x64"),
             dtype="int32x16")
-
-
-@T.prim_func(s_tir=True)
-def _dot_8x2_desc(A: T.Buffer((2,), "uint8", offset_factor=1), B: T.Buffer((8, 2), "int8", offset_factor=1),
-                  C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
 
 # AVX2: A's two bytes widened to int16 and broadcast as one 32-bit pair, W's 16 bytes sign-extended
@@ -111,8 +101,8 @@ class Dot:
 
 DOTS = [Dot("avx512vnni", 16, 4, "smelt_dot_16x4_vnni", 12),  # of AVX-512's 32 registers
         Dot("avx2", 8, 2, "smelt_dot_8x2_avx2", 10)]  # of AVX2's 16
-TensorIntrin.register(DOTS[0].intrin, _dot_16x4_desc, _dot_16x4_vnni, override=True)
-TensorIntrin.register(DOTS[1].intrin, _dot_8x2_desc, _dot_8x2_avx2, override=True)
+TensorIntrin.register(DOTS[0].intrin, _dot_desc(16, 4), _dot_16x4_vnni, override=True)
+TensorIntrin.register(DOTS[1].intrin, _dot_desc(8, 2), _dot_8x2_avx2, override=True)
 
 
 def _operands(stmt: tirx.SBlock):
