@@ -169,6 +169,11 @@ class TensorCoreMatmul(GPUScheduleRule):
 
     def __init__(self, config: TileConfig = TileConfig(), small: TileConfig = SMALL_TILE,
                  int8: TileConfig = INT8_TILE, int8_small: TileConfig = INT8_SMALL_TILE):
+        for cfg, in_bytes in ((config, 2), (small, 2), (int8, 1), (int8_small, 1)):
+            static, dynamic = shared_memory_bytes(cfg, in_bytes, 4)
+            if static + dynamic > 48 * 1024 >= dynamic or static + dynamic > 227 * 1024:
+                raise ValueError(f"tile {cfg} needs {static} + {dynamic} bytes of static + dynamic shared "
+                                 "memory: it would not launch (see shared_memory_bytes)")
         self.config, self.small = config, small
         self.int8, self.int8_small = int8, int8_small
 
@@ -422,7 +427,12 @@ class _Decline(Exception):
 
 def shared_memory_bytes(cfg: TileConfig, in_bytes: int, acc_bytes: int) -> tuple[int, int]:
     """(static, dynamic) shared memory of a kernel with tile ``cfg``: the pipelined operand stages
-    (8-bit rows padded by 16 bytes) and the staged result (static when it fits in 48 KiB)."""
+    (8-bit rows padded by 16 bytes) and the staged result (static when it fits in 48 KiB).
+
+    A kernel gets 48 KiB unless it opts in, which TVM's runtime does only for more than 48 KiB of
+    *dynamic* shared memory: static + dynamic above 48 KiB with dynamic below fails to launch
+    (CUDA_ERROR_INVALID_VALUE, seen with 4 stages of the small 8-bit tile); an sm_90 block has
+    227 KiB at most. ``TensorCoreMatmul`` refuses tiles that would not launch."""
     row = cfg.block_k * in_bytes + (16 if in_bytes == 1 else 0)
     operands = (cfg.block_m + cfg.block_n) * row * cfg.stages
     out = cfg.block_m * cfg.block_n * acc_bytes

@@ -384,6 +384,11 @@ def test_shared_memory_launches_without_opt_in_or_with_it(cfg, in_bytes, acc_byt
     assert static + dynamic <= 227 * 1024  # what an sm_90 block can have
 
 
+def test_tiles_that_would_not_launch_are_refused():
+    with pytest.raises(ValueError, match="would not launch"):
+        TensorCoreMatmul(int8_small=TileConfig(block_m=64, block_n=64, block_k=64, warp_m=32, warp_n=32, vector=16))
+
+
 def test_declines_8bit_a_that_is_not_k_contiguous():
     """ldmatrix has no transposing form for 8-bit elements: A stored [K, M] declines (B is gathered)."""
     x = te.placeholder((256, 128), "uint8", "x")
