@@ -285,3 +285,26 @@ def test_tiles_follow_the_cpus_vector_registers(cpu, lanes, accumulators):
 ])
 def test_register_tiles_keep_the_fma_units_busy(rows_ext, lanes, accumulators, want):
     assert cpu_schedule.register_tile(512, rows_ext, lanes, accumulators, 4) == want
+
+
+@pytest.mark.parametrize("rows_ext,reduction,want", [
+    (14, 80, (2, 32)), (14, 128, (2, 32)),  # a 32-wide panel of 80 or 128 floats stays in L1
+    (14, 1024, (7, 8)),  # ... of 1024 floats does not: one vector of 7 rows
+    (28, 80, (4, 16)),  # 4x16 loads as little as 2x32
+    (7, 80, (7, 8)),  # two rows do not divide 7
+])
+def test_four_vector_tiles_where_the_weight_panel_fits_in_l1(rows_ext, reduction, want):
+    assert cpu_schedule.register_tile(480 if rows_ext != 14 else 512, rows_ext, 8, 10, 4, reduction * 4) == want
+
+
+@pytest.mark.parametrize("k,want", [(80, "2x32"), (1024, "7x8")])
+def test_tile_reduction_sizes_the_weight_panel_from_the_reduction(k, want):
+    """TileReduction passes the reduction's extent and the weight's element size to the tile choice."""
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3"})
+    a, b = te.placeholder((14, k), name="a"), te.placeholder((k, 512), name="b")
+    text = cpu_schedule.TileReduction().apply(te.create_prim_func([a, b, topi.nn.matmul(a, b)]), target,
+                                              False).mod["main"].script()
+    rows, width = want.split("x")
+    unrolls = [int(u.split(")")[0].split("(")[-1]) for u in text.split("T.unroll(")[1:3]]
+    assert unrolls[0] == int(rows) and "T.vectorized(8)" in text, text
+    assert (unrolls[1] == int(width) // 8) if int(width) > 8 else True, text
