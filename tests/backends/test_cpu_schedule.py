@@ -129,16 +129,30 @@ def test_injective_kernels_are_parallel_and_vectorized(rng):
     np.testing.assert_array_equal(got[1], (np.maximum(got[0], 0) * 2).T)
 
 
-def test_short_innermost_axes_stay_out_of_the_parallel_loop():
-    """NCHW -> NHWC with 3 channels: rows in parallel, columns serial, channels unrolled (fused,
-    every element divided the index back into coordinates). Same numbers exactly."""
-    x = te.placeholder((1, 3, 64, 40), name="x")
-    func = te.create_prim_func([x, topi.transpose(x, (0, 2, 3, 1))])
-    text = _scheduled(func, cpu_schedule.ParallelInjective()).script()
-    assert "T.parallel(64)" in text and "T.unroll(3)" in text, text
-    got = _run(_scheduled(func, cpu_schedule.ParallelInjective()), [(1, 3, 64, 40), (1, 64, 40, 3)],
-               np.random.default_rng(4))
-    np.testing.assert_array_equal(got[1], got[0].transpose(0, 2, 3, 1))
+@pytest.mark.parametrize("shape,perm,want", [
+    ((1, 14, 14, 64), (0, 3, 1, 2), "T.vectorized(8)"),  # NHWC -> NCHW: along the channels, not 7-lane gathers
+    ((1, 3, 64, 40), (0, 2, 3, 1), "T.vectorized(8)"),  # the 3-channel image to NHWC: along its width
+    ((1, 64, 10, 10), (0, 2, 3, 1), "T.vectorized(8)"),  # 64 channels out, 10 in: the output's (not 5 lanes)
+])
+def test_transposes_vectorize_along_the_longer_contiguous_axis(shape, perm, want):
+    """A transpose vectorizes along its input's contiguous axis where that is the longer one
+    (contiguous loads, scattered stores), else along its output's. Same numbers exactly."""
+    x = te.placeholder(shape, name="x")
+    func = te.create_prim_func([x, topi.transpose(x, perm)])
+    scheduled = _scheduled(func, cpu_schedule.ParallelInjective())
+    text = scheduled.script()
+    assert want in text and text.count("T.vectorized(") == 1 and "T.parallel" in text, text
+    out = tuple(shape[p] for p in perm)
+    got = _run(scheduled, [shape, out], np.random.default_rng(4))
+    np.testing.assert_array_equal(got[1], got[0].transpose(perm))
+
+
+def test_moved_last_axis_names_the_axis_an_input_is_contiguous_along():
+    x = te.placeholder((2, 5, 6, 7), name="x")
+    for perm, want in [((0, 3, 1, 2), 1), ((0, 2, 3, 1), 2), ((0, 2, 1, 3), None)]:
+        sch = tvm.s_tir.Schedule(te.create_prim_func([x, topi.transpose(x, perm)]))
+        block = sch.get_sblock("T_transpose")
+        assert cpu_schedule._moved_last_axis(sch, block, 4) == want, perm
 
 
 def test_rules_decline_gpu_targets():
