@@ -4,7 +4,7 @@ One process, one run per model: each model is built in code (ONNX, fixed seeds),
 for the local CPU, checked against onnxruntime and timed (median of ``--repeat`` calls after
 a warm-up), with the top kernels of smelt's profile. Prints the markdown table of
 ``smelt bench --markdown`` and writes every result with ``--json``.
-Usage: python bench/cpu_zoo.py [--models resnet50,resnet18,mobilenet,bert_base,minilm,encoder,mlp]
+Usage: python bench/cpu_zoo.py [--models resnet50,resnet18,mobilenet,detector,bert_base,minilm,encoder,mlp]
        [--repeat 20] [--tune-log-dir tune_logs] [--json out.json]
 """
 
@@ -27,6 +27,7 @@ MODELS = {
     "resnet50": lambda d: zoo.resnet(depth=50, size=224),
     "resnet18": lambda d: zoo.resnet(depth=18, size=224),
     "mobilenet": lambda d: zoo.mobilenet(size=224),
+    "detector": lambda d: zoo.detector(size=320),
     "bert_base": lambda d: zoo.transformer_encoder(layers=12, seq=128, d_model=768, heads=12, ffn=3072),
     "minilm": lambda d: onnx.load(_minilm(d)),
     "encoder": lambda d: zoo.transformer_encoder(),

@@ -145,6 +145,36 @@ def resnet(depth: int = 50, batch: int | str = 1, size: int = 224, classes: int 
     return g.model([_image_input(batch, size)], [_logits_output(batch, classes)])
 
 
+def detector(batch: int | str = 1, size: int = 320, classes: int = 80, anchors: int = 3, width: int = 64,
+             seed: int = 0) -> onnx.ModelProto:
+    """Single-stage detector: a ResNet-18-style backbone and a YOLO-style head on each of its
+    stride-8, 16 and 32 features (3x3 conv + ReLU, then a 1x1 conv to ``anchors * (5 + classes)``
+    channels: 255 for 80 classes). Its outputs are NCHW feature maps ``p3``, ``p4``, ``p5``
+    (``[batch, 255, size/8, size/8]`` ...), not logits: what a camera pipeline's detector hands on."""
+    g = GraphBuilder("detector", seed)
+    x = g.conv_bn("input", 3, width, 7, 2)
+    x = g.op("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    cin, features = width, []
+    for stage in range(4):
+        cout = width * 2**stage
+        for i in range(2):
+            stride = 2 if (i == 0 and stage > 0) else 1
+            y = g.conv_bn(g.conv_bn(x, cin, cout, 3, stride), cout, cout, 3, act=None, gamma_scale=RESIDUAL_GAMMA)
+            short = x if (stride == 1 and cin == cout) else g.conv_bn(x, cin, cout, 1, stride, act=None)
+            x = g.op("Relu", [g.op("Add", [y, short])])
+            cin = cout
+        if stage >= 1:
+            features.append((x, cout))
+    outputs, per_cell = [], anchors * (5 + classes)
+    for level, (f, c) in zip(("p3", "p4", "p5"), features):
+        h = g.conv_bn(f, c, c, 3)
+        g.conv(h, c, per_cell, 1, bias=True)
+        g.nodes[-1].output[0] = level
+        side = size // {"p3": 8, "p4": 16, "p5": 32}[level]
+        outputs.append(helper.make_tensor_value_info(level, TensorProto.FLOAT, [batch, per_cell, side, side]))
+    return g.model([_image_input(batch, size)], outputs)
+
+
 def mobilenet(batch: int | str = 1, size: int = 224, classes: int = 1000, width: float = 1.0,
               seed: int = 0) -> onnx.ModelProto:
     """MobileNet-style network: inverted residuals with depthwise 3×3 convs and HardSwish."""

@@ -78,6 +78,7 @@ def _weight(name, shape, seed=0):
 ZOO = {  # name: (model, input name, input shape after the batch dim)
     "resnet18": (lambda: zoo.resnet(18, batch="N", size=32, classes=10), "input", (3, 32, 32)),
     "mobilenet": (lambda: zoo.mobilenet(batch=1, size=64, classes=10, width=0.5), "input", (3, 64, 64)),
+    "detector": (lambda: zoo.detector(batch=1, size=64, classes=4, width=16), "input", (3, 64, 64)),  # 3 NCHW maps
     "encoder": (lambda: zoo.transformer_encoder(layers=2, batch="N", seq=16, d_model=64, heads=4, ffn=128),
                 "hidden", (16, 64)),
     "mlp": (lambda: zoo.mlp(batch="N"), "features", (64,)),
