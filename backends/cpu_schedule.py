@@ -451,10 +451,14 @@ def _vectorize_split(sch, loop, lanes: int) -> None:
 
 def _moved_last_axis(sch, block, n_loops: int) -> int | None:
     """The block's axis that its inputs' last (contiguous) axis indexes, where that is one axis
-    and not the block's own last one (a transpose NHWC -> NCHW); else None."""
+    and not the block's own last one, which an input reads too (a transpose NHWC -> NCHW, not
+    a broadcast along the last axis); else None."""
     stmt = sch.get(block)
     iters = [iv.var for iv in stmt.iter_vars]
     if len(iters) != n_loops or n_loops < 2:
+        return None
+    read = [v for region in stmt.reads for r in region.region for v in tirx.analysis.undefined_vars(r.min)]
+    if not any(v.same_as(iters[-1]) for v in read):
         return None
     axes = set()
     for region in stmt.reads:

@@ -153,6 +153,10 @@ def test_moved_last_axis_names_the_axis_an_input_is_contiguous_along():
         sch = tvm.s_tir.Schedule(te.create_prim_func([x, topi.transpose(x, perm)]))
         block = sch.get_sblock("T_transpose")
         assert cpu_schedule._moved_last_axis(sch, block, 4) == want, perm
+    # A broadcast along the last axis reads no input along it: its stores stay contiguous.
+    v = te.placeholder((64,), name="v")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([v, te.compute((64, 16), lambda i, j: v[i] * 2.0, name="b")]))
+    assert cpu_schedule._moved_last_axis(sch, sch.get_sblock("b"), 2) is None
 
 
 def test_rules_decline_gpu_targets():
