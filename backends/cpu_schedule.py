@@ -187,7 +187,7 @@ class TileReduction(ScheduleRule):
         width_ext = s_ext[-1]
         row_axis = tile_row_axis(s_ext)
         out_bytes = tvm.DataType(out_dtype).bits // 8
-        column_bytes = _reduction_bytes(sch, block, r_loops, n_s)
+        column_bytes = _column_bytes(sch.get(block), n_s, extents[n_s:])
         rows, width = register_tile(width_ext, s_ext[row_axis] if row_axis is not None else 1, lanes,
                                     _accumulators(target), out_bytes, column_bytes)
         vec = min(width, lanes)  # lanes of one vector op
@@ -272,19 +272,22 @@ def register_tile(width_ext: int, row_ext: int, lanes: int, accumulators: int, o
     return best[1], best[2]
 
 
-def _reduction_bytes(sch, block, r_loops: list, n_s: int) -> int | None:
-    """Bytes of one column of the weight operand over the whole reduction (its product
-    of reduction extents times the size of the operand read along the tile's width),
-    None where an extent is symbolic."""
-    extents = loop_extents(sch, r_loops)
-    if any(e is None for e in extents):
+def _column_bytes(stmt, n_s: int, r_extents: list[int | None]) -> int | None:
+    """Bytes of one column of the weight operand over the whole reduction (the product of the
+    reduction extents ``r_extents`` times the size of what the block reads along the tile's
+    width), None where an extent is symbolic."""
+    if any(e is None for e in r_extents):
         return None
-    stmt = sch.get(block)
-    width_var = stmt.iter_vars[n_s - 1].var
-    along = [r.source for r in stmt.reads
-             if r.region[-1].min.same_as(width_var) and r.source != stmt.writes[0].source]
+    along = [r.source for _, r in _reads_along_width(stmt, n_s) if not r.source.same_as(stmt.writes[0].source)]
     bits = max((tvm.DataType(b.dtype).bits for b in along), default=32)
-    return math.prod(extents) * bits // 8
+    return math.prod(r_extents) * bits // 8
+
+
+def _reads_along_width(stmt, n_s: int) -> list:
+    """(index, region) of each read of ``stmt`` whose last axis the innermost spatial iterator
+    (the register tile's width) indexes."""
+    width_var = stmt.iter_vars[n_s - 1].var
+    return [(i, r) for i, r in enumerate(stmt.reads) if r.region[-1].min.same_as(width_var)]
 
 
 def loop_extents(sch, loops) -> list[int | None]:
@@ -323,13 +326,9 @@ def _pack_weights(sch, block, names: set[str], n_s: int, width: int) -> None:
     marked as layout preprocessing: ``SplitLayoutRewritePreproc`` moves it out of the
     kernel and ``FoldConstant`` runs it once, at compile time.
     """
-    stmt = sch.get(block)
-    vec_var = stmt.iter_vars[n_s - 1].var
-    for i, region in enumerate(stmt.reads):
+    for i, region in _reads_along_width(sch.get(block), n_s):
         buf = region.source
-        if buf.name not in names or not region.region[-1].min.same_as(vec_var):
-            continue
-        if int(buf.shape[-1]) % width:
+        if buf.name not in names or int(buf.shape[-1]) % width:
             continue
         cache = sch.cache_read(block, i, "global")
         ndim = len(buf.shape)
@@ -494,13 +493,14 @@ def _schedule_root(sch, block, lanes: int) -> None:
     extents = _const_extents(sch, loops)
     if extents is None:
         return
+    total = math.prod(extents)
     moved = _moved_last_axis(sch, block, len(loops))
     if moved is not None and extents[moved] > extents[-1] and (vec := _divisor(extents[moved], lanes, 4)) is not None:
         vo, vi = sch.split(loops[moved], [None, vec])
         rest = loops[:moved] + [vo] + loops[moved + 1:]
         sch.reorder(*rest, vi)
         sch.vectorize(vi)
-        if math.prod(extents) >= _PARALLEL_MIN:
+        if total >= _PARALLEL_MIN:
             # The loops down to the moved axis's tiles when they make chunks enough: the rest
             # stay plain loops (fused too, each store paid for dividing the index back up).
             head = moved + 1 if math.prod(extents[:moved]) * (extents[moved] // vec) >= _PARALLEL_CHUNKS else len(rest)
@@ -508,9 +508,6 @@ def _schedule_root(sch, block, lanes: int) -> None:
         return
     inner = extents[-1]
     vec = lanes if inner % lanes == 0 else _divisor(inner, lanes, 4) if inner >= 4 else None
-    total = 1
-    for e in extents:
-        total *= e
     if vec:
         *rest, last = loops
         lo, li = sch.split(last, [None, vec]) if vec < inner else (None, last)
