@@ -224,7 +224,8 @@ def _run(tasks: list[TuneTask], target, db, work_dir: Path, opts: TuneOptions, b
         report.devices = ndev
         _measure_defaults(defaults, target, builder, runner, known)
         _write_tasks(work_dir, tasks, known)  # a run killed while tuning keeps the defaults
-        if budget <= 0:
+        if budget <= 0:  # records timed against a default that changed are timed again
+            _side_by_side(tasks, backend, target, db, builder, runner, known)
             return
         states = [TaskState(t.name, t.weight, len(before.get(t.shash, [])), best_seconds(before.get(t.shash, [])),
                             known.get(t.shash, {}).get("default_seconds")) for t in tasks]
@@ -361,6 +362,7 @@ def _default_schedules(tasks: list[TuneTask], backend, target, known: dict) -> l
         if entry.get("default_seconds") is not None:
             log.info("default schedule of %s may have changed since it was timed: timing it again", t.name)
         entry["default_hash"] = digest
+        entry.pop("side_by_side", None)  # its record was timed against the old default
         out.append((t, mod))
     return out
 

@@ -83,7 +83,7 @@ class CPUBackend:
         return _cpu.dataflow_lower_passes(target) + _cpu.finalize_passes(target)
 
     def pass_config(self, opts: TargetOptions) -> dict:
-        return {}
+        return dict(cpu_schedule.TAIL_PASS_CONFIG)
 
     def emit_source(self, executable, out_dir: Path) -> list[Path]:
         out = []

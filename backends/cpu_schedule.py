@@ -158,7 +158,8 @@ class TileReduction(ScheduleRule):
     The reduction's spatial loops are split into an outer grid, run in parallel, and an
     inner register tile ``rows × width``: ``width`` along the innermost output axis
     (a multiple of the vector length where the extent allows), ``rows`` along the next
-    spatial axis with an extent above one. The reduction loops run between the two, so
+    spatial axis with an extent above one, fused with those before it where the weights do
+    not depend on them (``_fusable_rows``). The reduction loops run between the two, so
     the tile's accumulators stay in registers; producers (casts, weight decode) are
     inlined, padding stays a parallel copy of its own (inlined, its bounds check sat in
     the inner loop: 4.8 against 1.5 ms on a 7x7x256 conv) unless the reduction is small
@@ -168,6 +169,9 @@ class TileReduction(ScheduleRule):
     """
 
     def apply(self, func: tirx.PrimFunc, target, _tunable: bool):
+        return self._apply(func, target, fuse_rows=True) or self._apply(func, target, fuse_rows=False)
+
+    def _apply(self, func: tirx.PrimFunc, target, fuse_rows: bool):
         if (opened := open_reduction(func, target)) is None:
             return None
         sch, red, n_s, kept, epilogue = opened
@@ -183,13 +187,20 @@ class TileReduction(ScheduleRule):
         s_loops, r_loops = loops[:n_s], loops[n_s:]
         s_ext = extents[:n_s]
 
-        # Register tile: width along the innermost spatial axis, rows along the next one.
+        # Register tile: width along the innermost spatial axis, rows along the next one, or
+        # along the spatial axes before it fused into one (_fusable_rows).
         width_ext = s_ext[-1]
         row_axis = tile_row_axis(s_ext)
+        first = _fusable_rows(sch.get(block), n_s, s_ext, row_axis) if fuse_rows else row_axis
+        row_ext, others = 1, math.prod(e or _PARALLEL_CHUNKS for e in s_ext[:-1])
+        if row_axis is not None:
+            row_ext = math.prod(s_ext[first:row_axis + 1])
+            # A tail tile's rows loop alone (see below), so the rest of the grid must share out.
+            others = math.prod(e or _PARALLEL_CHUNKS for e in s_ext[:first] + s_ext[row_axis + 1:-1])
         out_bytes = tvm.DataType(out_dtype).bits // 8
         column_bytes = _column_bytes(sch.get(block), n_s, extents[n_s:])
-        rows, width = register_tile(width_ext, s_ext[row_axis] if row_axis is not None else 1, lanes,
-                                    _accumulators(target), out_bytes, column_bytes)
+        rows, width = register_tile(width_ext, row_ext, lanes, _accumulators(target), out_bytes, column_bytes,
+                                    tails=others * width_ext // (2 * lanes) >= _TAIL_CHUNKS and fuse_rows)
         vec = min(width, lanes)  # lanes of one vector op
         if rows == 1 and vec > 1 and width_ext % vec == 0:
             # One row (a matrix-vector product): the accumulators go along the width instead.
@@ -207,13 +218,32 @@ class TileReduction(ScheduleRule):
             writeback = epilogue[-1].block_rv
         else:
             writeback = sch.cache_write(block, 0, "global")
+        if row_axis is not None and first < row_axis:
+            if not _fuse_rows(sch, block, writeback, first, row_axis):
+                return None  # tried again without
+            loops = sch.get_loops(block)
+            n_s -= row_axis - first
+            s_loops, r_loops = loops[:n_s], loops[n_s:]
+            row_axis = first
 
         outer, inner, wi = tile_loops(sch, s_loops, width, row_axis, rows)
         inner.append(wi)
-        sch.reorder(*outer, *r_loops, *inner)
+        if row_axis is not None and row_ext % rows:
+            # A tail: the last tile's rows past the end are masked off (a block predicate). Its
+            # row loop stays serial, out of the parallel grid, so that LoopPartition
+            # (``TAIL_PASS_CONFIG``) splits it into full tiles without a mask and the last one;
+            # fused into the grid, the mask sat in the reduction loop, and LLVM kept it there
+            # or not depending on the shape (a 16x196x128x128 batched matmul as 5-row tiles:
+            # 0.96 ms, 0.59 partitioned).
+            ro = outer.pop(1 + row_axis)
+            sch.reorder(*outer, ro, *r_loops, *inner)
+            at = ro
+        else:
+            sch.reorder(*outer, *r_loops, *inner)
+            at = None
         grid = sch.fuse(*outer)
         sch.parallel(grid)
-        sch.reverse_compute_at(writeback, grid)
+        sch.reverse_compute_at(writeback, at or grid)
         # Vectorize the update before splitting off its init: TVM checks the loop's
         # subtree for a complete or reduction block, and the update alone is neither.
         # The init block keeps the update's loop kinds (vectorized, unrolled).
@@ -232,17 +262,28 @@ class TileReduction(ScheduleRule):
 _FMA_CHAINS = 8
 
 
+# A tile whose rows do not divide the output's (a tail) must score this much higher than the
+# best that divide: 5x16 with a tail over 196 rows scored 5 % above 4x16 and ran no faster.
+_TAIL_GAIN = 1.1
+# Parallel iterations the rest of the grid must make for a tail tile, whose rows loop serially.
+_TAIL_CHUNKS = 16
+# The PassContext entry that splits a tail tile's row loop (TileReduction): LoopPartition splits
+# only loops over constant extents whose body tests the loop variable, and only when asked.
+TAIL_PASS_CONFIG = {"s_tir.LoopPartition": {"partition_const_loop": True}}
+
+
 # A tile's weight panel (its columns over the whole reduction) that fits in half of L1 (32 KiB
 # on Zen 3 and 4, Intel since Skylake) stays there while the tile moves along the rows.
 _PANEL_BYTES = 16 * 1024
 
 
 def register_tile(width_ext: int, row_ext: int, lanes: int, accumulators: int, out_bytes: int,
-                  column_bytes: int | None = None) -> tuple[int, int]:
+                  column_bytes: int | None = None, tails: bool = False) -> tuple[int, int]:
     """(rows, width) of the register tile over an output of ``row_ext`` rows by ``width_ext`` columns.
 
-    Rows divide ``row_ext``; width is one or two vectors where they divide ``width_ext``, else
-    a part of one. Among those, the tile whose inner step does the most FMAs per load (a row
+    Rows divide ``row_ext`` or, with ``tails``, leave a last tile that is partly masked off
+    (scored by the share of rows it computes, and by ``_TAIL_GAIN``); width is one or two vectors
+    where they divide ``width_ext``, else a part of one. Among those, the tile whose inner step does the most FMAs per load (a row
     takes one broadcast, a vector of width one load) while keeping ``_FMA_CHAINS`` of them in
     flight. Why not always two vectors: 14 or 49 rows have no divisor up to AVX2's five rows of
     two, and a 2x16 tile (4 chains) left half the FMA units idle; 7x8 ran 1.2x (a 14x14 1x1
@@ -263,13 +304,77 @@ def register_tile(width_ext: int, row_ext: int, lanes: int, accumulators: int, o
     for width in widths:
         vectors = max(1, width // lanes)
         budget = min(accumulators // vectors, (_STACK_BYTES - 1) // (width * out_bytes))
-        rows = _divisor(row_ext, max(1, budget))
-        chains = rows * vectors
-        score = chains / (rows + vectors) * min(1.0, chains / _FMA_CHAINS)
-        # Ties go to two vectors over one, and stay with two over four (4x16 and 2x32 load the same).
-        if best is None or score > best[0] or (score == best[0] and vectors <= 2):
-            best = (score, rows, width)
+        for rows in [_divisor(row_ext, max(1, budget))] + (list(range(2, min(budget, row_ext) + 1)) if tails else []):
+            chains = rows * vectors
+            score = chains / (rows + vectors) * min(1.0, chains / _FMA_CHAINS)
+            if row_ext % rows:  # a tail: the share of rows computed, and a margin to be worth it
+                score *= row_ext / (-(-row_ext // rows) * rows) / _TAIL_GAIN
+            # Ties go to two vectors over one, and stay with two over four (4x16 and 2x32 load the same).
+            if best is None or score > best[0] or (score == best[0] and vectors <= 2):
+                best = (score, rows, width)
     return best[1], best[2]
+
+
+def _fusable_rows(stmt, n_s: int, s_ext: list, row_axis: int | None) -> int:
+    """The first of the spatial axes, ending at the tile's row axis, that its rows may span: the
+    row axis is the one before the width, and those before it are static, above one, and do
+    not index the weight operand (each row would need its own weights). ``row_axis`` itself
+    where there are none.
+
+    Rows fused over a conv's height and width find tiles that the width alone does not have:
+    7x7 outputs of ResNet-50 had 7x8 tiles (7 FMA chains), 49 rows take 5x16 with a tail, and
+    a 1x1 conv 2048 -> 512 at 7x7 ran 0.77 -> 0.66 ms on a Zen 3 (512 -> 2048: 0.69 -> 0.57;
+    1024 -> 256 at 14x14, 7x8 -> 4x16: 0.79 -> 0.66)."""
+    if row_axis is None or row_axis != n_s - 2:
+        return row_axis
+    iters = [iv.var for iv in stmt.iter_vars]
+    used = [v for _, r in _reads_along_width(stmt, n_s) if not r.source.same_as(stmt.writes[0].source)
+            for rg in r.region for v in tirx.analysis.undefined_vars(rg.min)]
+    first = row_axis
+    while first > 0 and (s_ext[first - 1] or 0) > 1 and not any(iters[first - 1].same_as(v) for v in used):
+        first -= 1
+    return first
+
+
+def _fuse_rows(sch, block, consumer, first: int, last: int) -> bool:
+    """Fuse the spatial iterators ``first..last`` of the reduction ``block`` into one, in its
+    iteration space, the layout of the buffer it writes, and the iteration space of the
+    ``consumer`` of that buffer (the epilogue or the write-back).
+
+    Not a fused loop: the block would keep two iterators, and a consumer computed at a tile of
+    the fused loop would cover whole rows of the first (writing what other threads compute).
+    False, with nothing changed, where the written buffer's axes are not those iterators in
+    order, or the consumer does not read it along the same iterators."""
+    stmt, cons = sch.get(block), sch.get(consumer)
+    buf = stmt.writes[0].source
+    exts = [int(iv.dom.extent) for iv in stmt.iter_vars[first:last + 1]]
+    dims = _identity_dims(stmt.writes[0].region, stmt.iter_vars, first, last)
+    reads = [r for r in cons.reads if r.source.same_as(buf)]
+    if (dims is None or len(reads) != 1 or len(cons.iter_vars) <= last
+            or [int(iv.dom.extent) for iv in cons.iter_vars[first:last + 1]] != exts
+            or _identity_dims(reads[0].region, cons.iter_vars, first, last) != dims):
+        return False
+
+    def fused(v, lo, hi):
+        f = v[lo]
+        for i in range(lo + 1, hi + 1):
+            f = f * exts[i - lo] + v[i]
+        return [*v[:lo], f, *v[hi + 1:]]
+    dtype = str(stmt.iter_vars[0].dom.extent.ty)
+    sch.transform_layout(block, ("write", 0), tirx.IndexMap.from_func(
+        lambda *v: fused(v, dims[0], dims[-1]), ndim=len(buf.shape), index_dtype=dtype))
+    for b, n in ((block, len(stmt.iter_vars)), (consumer, len(cons.iter_vars))):
+        sch.transform_block_layout(b, tirx.IndexMap.from_func(lambda *v: fused(v, first, last), ndim=n, index_dtype=dtype))
+    return True
+
+
+def _identity_dims(region, iter_vars, first: int, last: int) -> list[int] | None:
+    """The consecutive axes of ``region`` indexed by exactly ``iter_vars[first..last]``, else None."""
+    dims = [next((d for d, r in enumerate(region) if r.min.same_as(iter_vars[i].var)), None)
+            for i in range(first, last + 1)]
+    if None in dims or dims != list(range(dims[0], dims[0] + len(dims))):
+        return None
+    return dims
 
 
 def _column_bytes(stmt, n_s: int, r_extents: list[int | None]) -> int | None:

@@ -19,9 +19,10 @@ from smelt.passes.convert_conv_layout import ConvertConvLayout
 TARGET = CPUBackend().target(TargetOptions())
 
 
-def _run(func: tvm.tirx.PrimFunc, shapes: list[tuple], rng) -> list[np.ndarray]:
-    """Build ``func`` and run it on seeded inputs; returns inputs and the output."""
-    lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
+def _run(func: tvm.tirx.PrimFunc, shapes: list[tuple], rng, config: dict | None = None) -> list[np.ndarray]:
+    """Build ``func`` (under PassContext ``config``) and run it on seeded inputs; returns inputs and the output."""
+    with tvm.transform.PassContext(opt_level=3, config=config or {}):
+        lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
     dev = tvm.cpu()
     arrays = [rng.standard_normal(s).astype("float32") for s in shapes[:-1]] + [np.zeros(shapes[-1], "float32")]
     args = [tvm.runtime.tensor(a, dev) for a in arrays]
@@ -46,6 +47,11 @@ CASES = {
     "matmul_odd_n": (lambda a, b, c: topi.nn.matmul(a, b) + c, [(6, 40), (40, 10), (10,), (6, 10)]),
     "batch_matmul": (lambda a, b, c: topi.nn.batch_matmul(a, b, transpose_b=False) * c,
                      [(3, 16, 24), (3, 24, 32), (1,), (3, 16, 32)]),
+    # 49 rows over height and width (a tail tile), and over one axis of a batched matmul
+    "conv_nhwc_1x1_7x7": (lambda x, w, b: topi.nn.relu(topi.nn.conv2d_nhwc(x, w, 1, 0, 1, out_dtype="float32") + b),
+                          [(1, 7, 7, 64), (1, 1, 64, 256), (1, 1, 1, 256), (1, 7, 7, 256)]),
+    "batch_matmul_49": (lambda a, b, c: topi.nn.batch_matmul(a, b, transpose_b=False) + c,
+                        [(16, 49, 32), (16, 32, 128), (1,), (16, 49, 128)]),
     "depthwise_nhwc_72": (lambda x, w, b: topi.nn.depthwise_conv2d_nhwc(x, w, 2, 1, 1, out_dtype="float32") + b,
                           [(1, 15, 15, 72), (3, 3, 72, 1), (1, 1, 1, 72), (1, 8, 8, 72)]),
     "max_pool_nhwc": (lambda x, _w, _b: topi.nn.pool2d(x, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), "max",
@@ -315,9 +321,10 @@ def test_four_vector_tiles_where_the_weight_panel_fits_in_l1(rows_ext, reduction
     assert cpu_schedule.register_tile(480 if rows_ext != 14 else 512, rows_ext, 8, 10, 4, reduction * 4) == want
 
 
-@pytest.mark.parametrize("k,want", [(80, "2x32"), (1024, "7x8")])
+@pytest.mark.parametrize("k,want", [(80, "2x32"), (1024, "5x16")])
 def test_tile_reduction_sizes_the_weight_panel_from_the_reduction(k, want):
-    """TileReduction passes the reduction's extent and the weight's element size to the tile choice."""
+    """TileReduction passes the reduction's extent and the weight's element size to the tile choice
+    (14 rows with a panel too large for 2x32: 5x16 with a tail)."""
     target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3"})
     a, b = te.placeholder((14, k), name="a"), te.placeholder((k, 512), name="b")
     text = cpu_schedule.TileReduction().apply(te.create_prim_func([a, b, topi.nn.matmul(a, b)]), target,
@@ -326,3 +333,41 @@ def test_tile_reduction_sizes_the_weight_panel_from_the_reduction(k, want):
     unrolls = [int(u.split(")")[0].split("(")[-1]) for u in text.split("T.unroll(")[1:3]]
     assert unrolls[0] == int(rows) and "T.vectorized(8)" in text, text
     assert (unrolls[1] == int(width) // 8) if int(width) > 8 else True, text
+
+
+@pytest.mark.parametrize("rows_ext,want", [
+    (49, (5, 16)),  # 7x8 (7 chains) or 5x16 over 50 rows: the tail wins
+    (14, (5, 16)),
+    (196, (4, 16)),  # 5x16 over 200 rows scores 5 % above 4x16: not worth a tail
+    (56, (4, 16)), (30, (5, 16)),  # divisors as before
+])
+def test_tail_tiles_where_no_divisor_keeps_the_fma_units_busy(rows_ext, want):
+    assert cpu_schedule.register_tile(512, rows_ext, 8, 10, 4, tails=True) == want
+
+
+@pytest.mark.parametrize("case", ["conv_nhwc_1x1_7x7", "batch_matmul_49"])
+def test_tail_tiles_fuse_rows_and_partition_the_last_tile(case):
+    """A 7x7 conv's rows span height and width (one iterator of 49, in the block and in the
+    accumulator buffer, so the epilogue computed per tile covers that tile alone); the tail's
+    row loop stays out of the parallel grid, and LoopPartition splits off the last tile.
+    Numbers within 1e-5 of the unscheduled loop nest, built with and without the partition."""
+    build, shapes = CASES[case]
+    placeholders = [te.placeholder(s, name=f"p{i}") for i, s in enumerate(shapes[:-1])]
+    func = te.create_prim_func([*placeholders, build(*placeholders)])
+    scheduled = _scheduled(func, cpu_schedule.TileReduction())
+    text = scheduled.script()
+    assert "T.axis.spatial(49," in text and "T.where(" in text, text
+    parallel = text.split("T.parallel(")[1].split(")")[0]
+    assert int(parallel) == 256 // 16 if case.startswith("conv") else 16 * 128 // 16, text  # the rows loop serially
+    want = _run(func, shapes, np.random.default_rng(0))[-1]
+    for config in ({}, cpu_schedule.TAIL_PASS_CONFIG):
+        got = _run(scheduled, shapes, np.random.default_rng(0), config)[-1]
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_rows_do_not_fuse_across_axes_the_weights_depend_on():
+    """A batched matmul's batch axis picks the weights: its rows stay within one batch."""
+    stmt = tvm.s_tir.Schedule(te.create_prim_func([a := te.placeholder((16, 49, 32)), b := te.placeholder((16, 32, 128)),
+                                                   topi.nn.batch_matmul(a, b, transpose_b=False)]))
+    block = stmt.get(stmt.get_sblock("T_batch_matmul_NN"))
+    assert cpu_schedule._fusable_rows(block, 3, [16, 49, 128], 1) == 1
