@@ -282,12 +282,15 @@ def register_tile(width_ext: int, row_ext: int, lanes: int, accumulators: int, o
     """(rows, width) of the register tile over an output of ``row_ext`` rows by ``width_ext`` columns.
 
     Rows divide ``row_ext`` or, with ``tails``, leave a last tile that is partly masked off
-    (scored by the share of rows it computes, and by ``_TAIL_GAIN``); width is one or two vectors
-    where they divide ``width_ext``, else a part of one. Among those, the tile whose inner step does the most FMAs per load (a row
-    takes one broadcast, a vector of width one load) while keeping ``_FMA_CHAINS`` of them in
-    flight. Why not always two vectors: 14 or 49 rows have no divisor up to AVX2's five rows of
-    two, and a 2x16 tile (4 chains) left half the FMA units idle; 7x8 ran 1.2x (a 14x14 1x1
-    conv of ResNet-50) to 2x (7x7) faster on a Zen 3.
+    (scored by the share of rows it computes, and by ``_TAIL_GAIN``); width is one or two
+    vectors where they divide ``width_ext``, else a part of one. Among those, the tile whose
+    inner step does the most FMAs per load (a row takes one broadcast, a vector of width one
+    load) while keeping ``_FMA_CHAINS`` of them in flight. Why not always two vectors: 14 or 49
+    rows have no divisor up to AVX2's five rows of two, and a 2x16 tile (4 chains) left half
+    the FMA units idle; 7x8 ran 1.2x (a 14x14 1x1 conv of ResNet-50) to 2x (7x7) faster on a
+    Zen 3, and 5x16 with a tail faster again (a 49 x 2048 x 512 matmul: 152 -> 182 GFLOP/s).
+    AVX2's 12 accumulators (6x16) ran slower in 1x1 convs at 56x56 and 28x28 (0.89 -> 0.99,
+    0.72 -> 0.84 ms) and gained 3 % at most elsewhere: 10 stay.
     Four vectors (2x32 on AVX2, 8 chains) where they score higher and the weight panel, four
     vectors wide by ``column_bytes`` (one weight column over the reduction), fits in
     ``_PANEL_BYTES``: 1x1 convs 80 -> 480 and 112 -> 672 at 14x14 ran 1.3x faster on a Zen 3
@@ -318,8 +321,7 @@ def register_tile(width_ext: int, row_ext: int, lanes: int, accumulators: int, o
 def _fusable_rows(stmt, n_s: int, s_ext: list, row_axis: int | None) -> int:
     """The first of the spatial axes, ending at the tile's row axis, that its rows may span: the
     row axis is the one before the width, and those before it are static, above one, and do
-    not index the weight operand (each row would need its own weights). ``row_axis`` itself
-    where there are none.
+    not index the weights (each row would need its own). ``row_axis`` itself where there are none.
 
     Rows fused over a conv's height and width find tiles that the width alone does not have:
     7x7 outputs of ResNet-50 had 7x8 tiles (7 FMA chains), 49 rows take 5x16 with a tail, and
@@ -328,8 +330,13 @@ def _fusable_rows(stmt, n_s: int, s_ext: list, row_axis: int | None) -> int:
     if row_axis is None or row_axis != n_s - 2:
         return row_axis
     iters = [iv.var for iv in stmt.iter_vars]
-    used = [v for _, r in _reads_along_width(stmt, n_s) if not r.source.same_as(stmt.writes[0].source)
-            for rg in r.region for v in tirx.analysis.undefined_vars(rg.min)]
+    # The weights: what the block reads without the row axis (an NCHW conv's weights do not
+    # run along the width, a batched matmul's do, both index an axis before the rows).
+    used = []
+    for region in stmt.reads:
+        index_vars = [v for rg in region.region for v in tirx.analysis.undefined_vars(rg.min)]
+        if not any(v.same_as(iters[row_axis]) for v in index_vars):
+            used += index_vars
     first = row_axis
     while first > 0 and (s_ext[first - 1] or 0) > 1 and not any(iters[first - 1].same_as(v) for v in used):
         first -= 1
@@ -369,8 +376,10 @@ def _fuse_rows(sch, block, consumer, first: int, last: int) -> bool:
 
 
 def _identity_dims(region, iter_vars, first: int, last: int) -> list[int] | None:
-    """The consecutive axes of ``region`` indexed by exactly ``iter_vars[first..last]``, else None."""
-    dims = [next((d for d, r in enumerate(region) if r.min.same_as(iter_vars[i].var)), None)
+    """The consecutive axes of ``region`` indexed by exactly ``iter_vars[first..last]``, one
+    element each, else None."""
+    dims = [next((d for d, r in enumerate(region) if r.min.same_as(iter_vars[i].var)
+                  and isinstance(r.extent, tirx.IntImm) and int(r.extent) == 1), None)
             for i in range(first, last + 1)]
     if None in dims or dims != list(range(dims[0], dims[0] + len(dims))):
         return None

@@ -371,3 +371,10 @@ def test_rows_do_not_fuse_across_axes_the_weights_depend_on():
                                                    topi.nn.batch_matmul(a, b, transpose_b=False)]))
     block = stmt.get(stmt.get_sblock("T_batch_matmul_NN"))
     assert cpu_schedule._fusable_rows(block, 3, [16, 49, 128], 1) == 1
+
+
+def test_rows_of_an_nchw_conv_stay_within_one_output_channel():
+    x, w = te.placeholder((1, 8, 12, 12)), te.placeholder((16, 8, 3, 3))
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, w, topi.nn.conv2d_nchw(x, w, 1, 1, 1, out_dtype="float32")]))
+    block = sch.get(sch.get_sblock("conv2d_nchw"))
+    assert cpu_schedule._fusable_rows(block, 4, [1, 16, 12, 12], 2) == 2
