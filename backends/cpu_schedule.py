@@ -191,16 +191,25 @@ class TileReduction(ScheduleRule):
         # along the spatial axes before it fused into one (_fusable_rows).
         width_ext = s_ext[-1]
         row_axis = tile_row_axis(s_ext)
-        first = _fusable_rows(sch.get(block), n_s, s_ext, row_axis) if fuse_rows else row_axis
-        row_ext, others = 1, math.prod(e or _PARALLEL_CHUNKS for e in s_ext[:-1])
-        if row_axis is not None:
-            row_ext = math.prod(s_ext[first:row_axis + 1])
-            # A tail tile's rows loop alone (see below), so the rest of the grid must share out.
-            others = math.prod(e or _PARALLEL_CHUNKS for e in s_ext[:first] + s_ext[row_axis + 1:-1])
         out_bytes = tvm.DataType(out_dtype).bits // 8
         column_bytes = _column_bytes(sch.get(block), n_s, extents[n_s:])
-        rows, width = register_tile(width_ext, row_ext, lanes, _accumulators(target), out_bytes, column_bytes,
-                                    tails=others * width_ext // (2 * lanes) >= _TAIL_CHUNKS and fuse_rows)
+
+        def tile(first):
+            row_ext, others = 1, math.prod(e or _PARALLEL_CHUNKS for e in s_ext[:-1])
+            if row_axis is not None:
+                row_ext = math.prod(s_ext[first:row_axis + 1])
+                # A tail tile's rows loop alone (see below), so the rest of the grid must share out.
+                others = math.prod(e or _PARALLEL_CHUNKS for e in s_ext[:first] + s_ext[row_axis + 1:-1])
+            return row_ext, register_tile(width_ext, row_ext, lanes, _accumulators(target), out_bytes, column_bytes,
+                                          tails=others * width_ext // (2 * lanes) >= _TAIL_CHUNKS and fuse_rows)
+        first = row_axis
+        row_ext, (rows, width) = tile(first)
+        if fuse_rows and (fused := _fusable_rows(sch.get(block), n_s, s_ext, row_axis)) != row_axis:
+            # Fused only where that finds another tile: the same tile over fused rows gains
+            # nothing and divides each row's index back into height and width.
+            fused_ext, fused_tile = tile(fused)
+            if fused_tile != (rows, width) or row_ext % rows:
+                first, row_ext, (rows, width) = fused, fused_ext, fused_tile
         vec = min(width, lanes)  # lanes of one vector op
         if rows == 1 and vec > 1 and width_ext % vec == 0:
             # One row (a matrix-vector product): the accumulators go along the width instead.
