@@ -56,16 +56,20 @@ def test_tune_compile_applies_records_numerics_hold(tmp_path, onnx_reference):
     assert again.new_trials == 0  # resumed: the budget is spent
 
     # A default schedule timed as another schedule (an older smelt's) is timed again, with no
-    # new trials, so that a record is applied only where it beats today's default.
+    # new trials, and so is its record in turns with it (the ratio timed against the old default,
+    # here a made-up 99x, goes), so that a record is applied only where it beats today's default.
     tasks_file = tmp_path / rep.target_key / "tasks.json"
     known = json.loads(tasks_file.read_text())
     stale = next(iter(known))
     fresh_hash = known[stale]["default_hash"]
-    known[stale].update(default_seconds=1.0, default_hash="0" * 16)
+    best = records.best_seconds(records_by_workload(records.open_database(tmp_path / rep.target_key))[stale])
+    known[stale].update(default_seconds=1.0, default_hash="0" * 16,
+                        side_by_side={"record_seconds": best, "speedup": 99.0})
     tasks_file.write_text(json.dumps(known))
     again = tune(model, log_dir=tmp_path, options=TuneOptions(trials=12, **FEW))
     timed = json.loads(tasks_file.read_text())[stale]
     assert again.new_trials == 0 and timed["default_hash"] == fresh_hash and timed["default_seconds"] < 0.1
+    assert timed.get("side_by_side", {}).get("speedup", 0) < 20, timed
 
 
 def test_wall_time_stops_after_the_batch_in_flight(tmp_path):
