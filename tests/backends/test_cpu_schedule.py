@@ -17,6 +17,7 @@ from smelt.examples.reference import ort_outputs
 from smelt.passes.convert_conv_layout import ConvertConvLayout
 
 TARGET = CPUBackend().target(TargetOptions())
+TWO_CORES = tvm.target.Target({**TARGET.export(), "num-cores": 2})  # tail tiles need 4 chunks per core
 
 
 def _run(func: tvm.tirx.PrimFunc, shapes: list[tuple], rng, config: dict | None = None) -> list[np.ndarray]:
@@ -30,8 +31,8 @@ def _run(func: tvm.tirx.PrimFunc, shapes: list[tuple], rng, config: dict | None 
     return [a.numpy() for a in args]
 
 
-def _scheduled(func, rule):
-    sch = rule.apply(func, TARGET, False)
+def _scheduled(func, rule, target=TARGET):
+    sch = rule.apply(func, target, False)
     assert sch is not None, f"{type(rule).__name__} declined"
     return sch.mod["main"]
 
@@ -325,7 +326,7 @@ def test_four_vector_tiles_where_the_weight_panel_fits_in_l1(rows_ext, reduction
 def test_tile_reduction_sizes_the_weight_panel_from_the_reduction(k, want):
     """TileReduction passes the reduction's extent and the weight's element size to the tile choice
     (14 rows with a panel too large for 2x32: 5x16 with a tail)."""
-    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3"})
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3", "num-cores": 2})
     a, b = te.placeholder((14, k), name="a"), te.placeholder((k, 512), name="b")
     text = cpu_schedule.TileReduction().apply(te.create_prim_func([a, b, topi.nn.matmul(a, b)]), target,
                                               False).mod["main"].script()
@@ -354,7 +355,7 @@ def test_tail_tiles_fuse_rows_and_partition_the_last_tile(case):
     build, shapes = CASES[case]
     placeholders = [te.placeholder(s, name=f"p{i}") for i, s in enumerate(shapes[:-1])]
     func = te.create_prim_func([*placeholders, build(*placeholders)])
-    scheduled = _scheduled(func, cpu_schedule.TileReduction())
+    scheduled = _scheduled(func, cpu_schedule.TileReduction(), TWO_CORES)
     text = scheduled.script()
     assert "T.axis.spatial(49," in text and "T.where(" in text, text
     parallel = text.split("T.parallel(")[1].split(")")[0]
@@ -378,3 +379,14 @@ def test_rows_of_an_nchw_conv_stay_within_one_output_channel():
     sch = tvm.s_tir.Schedule(te.create_prim_func([x, w, topi.nn.conv2d_nchw(x, w, 1, 1, 1, out_dtype="float32")]))
     block = sch.get(sch.get_sblock("conv2d_nchw"))
     assert cpu_schedule._fusable_rows(block, 4, [1, 16, 12, 12], 2) == 2
+
+
+def test_tail_tiles_need_parallel_work_for_every_core():
+    """The tail's rows loop serially: with 64 cores a 7x7 conv of 256 channels (16 chunks) keeps
+    its dividing 7x8 tiles."""
+    build, shapes = CASES["conv_nhwc_1x1_7x7"]
+    placeholders = [te.placeholder(s, name=f"p{i}") for i, s in enumerate(shapes[:-1])]
+    func = te.create_prim_func([*placeholders, build(*placeholders)])
+    many = tvm.target.Target({**TARGET.export(), "num-cores": 64})
+    assert "T.where(" not in _scheduled(func, cpu_schedule.TileReduction(), many).script()
+    assert "T.where(" in _scheduled(func, cpu_schedule.TileReduction(), TWO_CORES).script()
