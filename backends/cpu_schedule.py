@@ -310,13 +310,17 @@ def register_tile(width_ext: int, row_ext: int, lanes: int, accumulators: int, o
     Zen 3, and 5x16 with a tail faster again (a 49 x 2048 x 512 matmul: 152 -> 182 GFLOP/s).
     AVX2's 12 accumulators (6x16) ran slower in 1x1 convs at 56x56 and 28x28 (0.89 -> 0.99,
     0.72 -> 0.84 ms) and gained 3 % at most elsewhere: 10 stay.
+    Three vectors where two do not divide the width (24, 72, 120 channels): a 1x1 conv 64 -> 24
+    at 56x56 ran 0.19 -> 0.13 ms as 4x24 on a Zen 3 (72 -> 24: 0.20 -> 0.16, 40 -> 120 at 28x28:
+    0.11 -> 0.08) instead of 8x8 (9 loads per 8 FMAs).
     Four vectors (2x32 on AVX2, 8 chains) where they score higher and the weight panel, four
     vectors wide by ``column_bytes`` (one weight column over the reduction), fits in
     ``_PANEL_BYTES``: 1x1 convs 80 -> 480 and 112 -> 672 at 14x14 ran 1.3x faster on a Zen 3
     than as 7x8, but 1024 -> 256 ran 1.2x slower, its panel streamed from L2 at every tile.
     """
     if width_ext % lanes == 0:
-        widths = [lanes] + ([2 * lanes] if width_ext % (2 * lanes) == 0 else [])
+        widths = [lanes] + ([2 * lanes] if width_ext % (2 * lanes) == 0 else
+                            [3 * lanes] if width_ext % (3 * lanes) == 0 else [])
         if column_bytes is not None and width_ext % (4 * lanes) == 0 and 4 * lanes * column_bytes <= _PANEL_BYTES:
             widths.append(4 * lanes)
     else:  # half or quarter registers before odd widths (72 channels: 8 lanes, not 12)
@@ -325,7 +329,9 @@ def register_tile(width_ext: int, row_ext: int, lanes: int, accumulators: int, o
     best = None
     for width in widths:
         vectors = max(1, width // lanes)
-        budget = min(accumulators // vectors, (_STACK_BYTES - 1) // (width * out_bytes))
+        # Three vectors take two accumulators more: 4 rows on AVX2 (with 3 weight vectors and
+        # a broadcast, all 16 registers), where 3 left 4x24 1.1-1.3x faster than 3x24.
+        budget = min((accumulators + 2 * (vectors == 3)) // vectors, (_STACK_BYTES - 1) // (width * out_bytes))
         for rows in [_divisor(row_ext, max(1, budget))] + (list(range(2, min(budget, row_ext) + 1)) if tails else []):
             chains = rows * vectors
             score = chains / (rows + vectors) * min(1.0, chains / _FMA_CHAINS)

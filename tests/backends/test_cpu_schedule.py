@@ -390,3 +390,10 @@ def test_tail_tiles_need_parallel_work_for_every_core():
     many = tvm.target.Target({**TARGET.export(), "num-cores": 64})
     assert "T.where(" not in _scheduled(func, cpu_schedule.TileReduction(), many).script()
     assert "T.where(" in _scheduled(func, cpu_schedule.TileReduction(), TWO_CORES).script()
+
+
+@pytest.mark.parametrize("width_ext,want", [(24, (4, 24)), (72, (4, 24)), (120, (4, 24)),
+                                            (240, (4, 16)),  # two vectors divide: as before
+                                            (40, (8, 8))])  # neither: one vector
+def test_three_vector_tiles_where_two_do_not_divide_the_width(width_ext, want):
+    assert cpu_schedule.register_tile(width_ext, 3136, 8, 10, 4) == want
