@@ -310,17 +310,17 @@ def register_tile(width_ext: int, row_ext: int, lanes: int, accumulators: int, o
     Zen 3, and 5x16 with a tail faster again (a 49 x 2048 x 512 matmul: 152 -> 182 GFLOP/s).
     AVX2's 12 accumulators (6x16) ran slower in 1x1 convs at 56x56 and 28x28 (0.89 -> 0.99,
     0.72 -> 0.84 ms) and gained 3 % at most elsewhere: 10 stay.
-    Three vectors where two do not divide the width (24, 72, 120 channels): a 1x1 conv 64 -> 24
-    at 56x56 ran 0.19 -> 0.13 ms as 4x24 on a Zen 3 (72 -> 24: 0.20 -> 0.16, 40 -> 120 at 28x28:
-    0.11 -> 0.08) instead of 8x8 (9 loads per 8 FMAs).
+    Three vectors where two do not divide the width (24, 72, 120 channels), else five (40): a
+    1x1 conv 64 -> 24 at 56x56 ran 0.19 -> 0.13 ms as 4x24 on a Zen 3 (72 -> 24: 0.20 -> 0.16,
+    40 -> 120 at 28x28: 0.11 -> 0.08), 120 -> 40 at 28x28 0.12 -> 0.09 as 2x40 (1024 -> 40 at
+    14x14: 0.26 -> 0.21), instead of 8x8 (9 loads per 8 FMAs).
     Four vectors (2x32 on AVX2, 8 chains) where they score higher and the weight panel, four
     vectors wide by ``column_bytes`` (one weight column over the reduction), fits in
     ``_PANEL_BYTES``: 1x1 convs 80 -> 480 and 112 -> 672 at 14x14 ran 1.3x faster on a Zen 3
     than as 7x8, but 1024 -> 256 ran 1.2x slower, its panel streamed from L2 at every tile.
     """
     if width_ext % lanes == 0:
-        widths = [lanes] + ([2 * lanes] if width_ext % (2 * lanes) == 0 else
-                            [3 * lanes] if width_ext % (3 * lanes) == 0 else [])
+        widths = [lanes] + next(([v * lanes] for v in (2, 3, 5) if width_ext % (v * lanes) == 0), [])
         if column_bytes is not None and width_ext % (4 * lanes) == 0 and 4 * lanes * column_bytes <= _PANEL_BYTES:
             widths.append(4 * lanes)
     else:  # half or quarter registers before odd widths (72 channels: 8 lanes, not 12)

@@ -394,6 +394,7 @@ def test_tail_tiles_need_parallel_work_for_every_core():
 
 @pytest.mark.parametrize("width_ext,want", [(24, (4, 24)), (72, (4, 24)), (120, (4, 24)),
                                             (240, (4, 16)),  # two vectors divide: as before
-                                            (40, (8, 8))])  # neither: one vector
-def test_three_vector_tiles_where_two_do_not_divide_the_width(width_ext, want):
+                                            (40, (2, 40)),  # five vectors, 10 accumulators
+                                            (56, (8, 8))])  # seven would leave one row: one vector
+def test_three_or_five_vector_tiles_where_two_do_not_divide_the_width(width_ext, want):
     assert cpu_schedule.register_tile(width_ext, 3136, 8, 10, 4) == want
