@@ -286,6 +286,7 @@ def _tail_chunks(target) -> int:
     cores = target.attrs.get("num-cores")
     return 4 * (int(cores) if cores else cpu_count(logical=False))
 
+
 # The PassContext entry that splits a tail tile's row loop (TileReduction): LoopPartition splits
 # only loops over constant extents whose body tests the loop variable, and only when asked.
 TAIL_PASS_CONFIG = {"s_tir.LoopPartition": {"partition_const_loop": True}}
