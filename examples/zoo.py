@@ -108,19 +108,12 @@ def _logits_output(batch, classes):
     return helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])
 
 
-def resnet(depth: int = 50, batch: int | str = 1, size: int = 224, classes: int = 1000,
-           width: int = 64, seed: int = 0, head_seed: int | None = None) -> onnx.ModelProto:
-    """ResNet-18/34 (basic blocks) or 50/101 (bottlenecks) with BatchNorm after every conv.
-
-    ``head_seed`` draws the classifier's weights from another seed: models with one
-    ``seed`` and different ``head_seed`` share their backbone and differ in the head
-    (task heads fine-tuned on a frozen backbone)."""
-    blocks = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}[depth]
-    bottleneck = depth >= 50
-    g = GraphBuilder(f"resnet{depth}", seed)
+def _resnet_backbone(g: GraphBuilder, blocks: list[int], bottleneck: bool, width: int) -> list[tuple[str, int]]:
+    """The stem (7x7 stride-2 conv, max pool) and the residual stages of a ResNet, with
+    BatchNorm after every conv: each stage's output and its channels."""
     x = g.conv_bn("input", 3, width, 7, 2)
     x = g.op("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
-    cin = width
+    cin, stages = width, []
     for stage, n in enumerate(blocks):
         mid = width * 2**stage
         cout = mid * 4 if bottleneck else mid
@@ -136,6 +129,20 @@ def resnet(depth: int = 50, batch: int | str = 1, size: int = 224, classes: int 
             short = x if (stride == 1 and cin == cout) else g.conv_bn(x, cin, cout, 1, stride, act=None)
             x = g.op("Relu", [g.op("Add", [y, short])])
             cin = cout
+        stages.append((x, cout))
+    return stages
+
+
+def resnet(depth: int = 50, batch: int | str = 1, size: int = 224, classes: int = 1000,
+           width: int = 64, seed: int = 0, head_seed: int | None = None) -> onnx.ModelProto:
+    """ResNet-18/34 (basic blocks) or 50/101 (bottlenecks) with BatchNorm after every conv.
+
+    ``head_seed`` draws the classifier's weights from another seed: models with one
+    ``seed`` and different ``head_seed`` share their backbone and differ in the head
+    (task heads fine-tuned on a frozen backbone)."""
+    blocks = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}[depth]
+    g = GraphBuilder(f"resnet{depth}", seed)
+    x, cin = _resnet_backbone(g, blocks, depth >= 50, width)[-1]
     x = g.op("Flatten", [g.op("GlobalAveragePool", [x])], axis=1)
     if head_seed is not None:
         g.rng = np.random.default_rng(head_seed)
@@ -152,19 +159,7 @@ def detector(batch: int | str = 1, size: int = 320, classes: int = 80, anchors: 
     channels: 255 for 80 classes). Its outputs are NCHW feature maps ``p3``, ``p4``, ``p5``
     (``[batch, 255, size/8, size/8]`` ...), not logits: what a camera pipeline's detector hands on."""
     g = GraphBuilder("detector", seed)
-    x = g.conv_bn("input", 3, width, 7, 2)
-    x = g.op("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
-    cin, features = width, []
-    for stage in range(4):
-        cout = width * 2**stage
-        for i in range(2):
-            stride = 2 if (i == 0 and stage > 0) else 1
-            y = g.conv_bn(g.conv_bn(x, cin, cout, 3, stride), cout, cout, 3, act=None, gamma_scale=RESIDUAL_GAMMA)
-            short = x if (stride == 1 and cin == cout) else g.conv_bn(x, cin, cout, 1, stride, act=None)
-            x = g.op("Relu", [g.op("Add", [y, short])])
-            cin = cout
-        if stage >= 1:
-            features.append((x, cout))
+    features = _resnet_backbone(g, [2, 2, 2, 2], False, width)[1:]
     outputs, per_cell = [], anchors * (5 + classes)
     for level, (f, c) in zip(("p3", "p4", "p5"), features):
         h = g.conv_bn(f, c, c, 3)
