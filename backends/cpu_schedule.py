@@ -169,9 +169,6 @@ class TileReduction(ScheduleRule):
     """
 
     def apply(self, func: tirx.PrimFunc, target, _tunable: bool):
-        return self._apply(func, target, fuse_rows=True) or self._apply(func, target, fuse_rows=False)
-
-    def _apply(self, func: tirx.PrimFunc, target, fuse_rows: bool):
         if (opened := open_reduction(func, target)) is None:
             return None
         sch, red, n_s, kept, epilogue = opened
@@ -194,17 +191,21 @@ class TileReduction(ScheduleRule):
         out_bytes = tvm.DataType(out_dtype).bits // 8
         column_bytes = _column_bytes(sch.get(block), n_s, extents[n_s:])
 
+        chunks = _tail_chunks(target)
+
         def tile(first):
-            row_ext, others = 1, math.prod(e or _PARALLEL_CHUNKS for e in s_ext[:-1])
-            if row_axis is not None:
-                row_ext = math.prod(s_ext[first:row_axis + 1])
-                # A tail tile's rows loop alone (see below), so the rest of the grid must share out.
-                others = math.prod(e or _PARALLEL_CHUNKS for e in s_ext[:first] + s_ext[row_axis + 1:-1])
+            if row_axis is None:
+                return 1, register_tile(width_ext, 1, lanes, _accumulators(target), out_bytes, column_bytes)
+            row_ext = math.prod(s_ext[first:row_axis + 1])
+            # A tail tile's rows loop alone (see below), so the rest of the grid must share out.
+            others = math.prod(e or _PARALLEL_CHUNKS for e in s_ext[:first] + s_ext[row_axis + 1:-1])
             return row_ext, register_tile(width_ext, row_ext, lanes, _accumulators(target), out_bytes, column_bytes,
-                                          tails=fuse_rows and others * width_ext // (2 * lanes) >= _tail_chunks(target))
+                                          tails=others * width_ext // (2 * lanes) >= chunks)
         first = row_axis
         row_ext, (rows, width) = tile(first)
-        if fuse_rows and (fused := _fusable_rows(sch.get(block), n_s, s_ext, row_axis)) != row_axis:
+        fused = _fusable_rows(sch.get(block), n_s, s_ext, row_axis)
+        if fused != row_axis and (not epilogue or _row_fusion(sch.get(block), sch.get(epilogue[-1].block_rv),
+                                                               fused, row_axis)):
             # Fused only where that finds another tile: the same tile over fused rows gains
             # nothing and divides each row's index back into height and width.
             fused_ext, fused_tile = tile(fused)
@@ -228,8 +229,7 @@ class TileReduction(ScheduleRule):
         else:
             writeback = sch.cache_write(block, 0, "global")
         if row_axis is not None and first < row_axis:
-            if not _fuse_rows(sch, block, writeback, first, row_axis):
-                return None  # tried again without
+            _fuse_rows(sch, block, writeback, first, row_axis)
             loops = sch.get_loops(block)
             n_s -= row_axis - first
             s_loops, r_loops = loops[:n_s], loops[n_s:]
@@ -369,36 +369,51 @@ def _fusable_rows(stmt, n_s: int, s_ext: list, row_axis: int | None) -> int:
     return first
 
 
-def _fuse_rows(sch, block, consumer, first: int, last: int) -> bool:
+def _row_fusion(stmt, consumer, first: int, last: int) -> tuple[list[int], int] | None:
+    """How to fuse the spatial iterators ``first..last`` of the reduction ``stmt`` (see
+    ``_fuse_rows``): (the axes of the buffer it writes that they index, the consumer's first
+    iterator over those axes), or None where the buffer's axes are not those iterators in
+    order, or ``consumer`` (the epilogue or the write-back) does not read it along iterators of
+    the same extents, in order."""
+    dims = _identity_dims(stmt.writes[0].region, stmt.iter_vars, first, last)
+    reads = [r for r in consumer.reads if r.source.same_as(stmt.writes[0].source)]
+    if dims is None or len(reads) != 1:
+        return None
+    # The consumer's iterators need not sit where the reduction's do (a write-back also
+    # iterates the unit axes that the reduction's normalization dropped).
+    region, ivs = reads[0].region, consumer.iter_vars
+    at = next((i for i, iv in enumerate(ivs) if region[dims[0]].min.same_as(iv.var)), None)
+    span = range(first, last + 1)
+    if (at is None or at + len(span) > len(ivs) or _identity_dims(region, ivs, at, at + len(span) - 1) != dims
+            or [int(ivs[at + j].dom.extent) for j in range(len(span))] != [int(stmt.iter_vars[i].dom.extent) for i in span]):
+        return None
+    return dims, at
+
+
+def _fuse_rows(sch, block, consumer, first: int, last: int) -> None:
     """Fuse the spatial iterators ``first..last`` of the reduction ``block`` into one, in its
     iteration space, the layout of the buffer it writes, and the iteration space of the
-    ``consumer`` of that buffer (the epilogue or the write-back).
+    ``consumer`` of that buffer (the epilogue or the write-back); ``_row_fusion`` must allow it.
 
     Not a fused loop: the block would keep two iterators, and a consumer computed at a tile of
-    the fused loop would cover whole rows of the first (writing what other threads compute).
-    False, with nothing changed, where the written buffer's axes are not those iterators in
-    order, or the consumer does not read it along the same iterators."""
+    the fused loop would cover whole rows of the first (writing what other threads compute)."""
     stmt, cons = sch.get(block), sch.get(consumer)
-    buf = stmt.writes[0].source
+    plan = _row_fusion(stmt, cons, first, last)
+    if plan is None:
+        raise ValueError(f"rows {first}..{last} of {stmt.name_hint} cannot be fused")
+    dims, at = plan
     exts = [int(iv.dom.extent) for iv in stmt.iter_vars[first:last + 1]]
-    dims = _identity_dims(stmt.writes[0].region, stmt.iter_vars, first, last)
-    reads = [r for r in cons.reads if r.source.same_as(buf)]
-    if (dims is None or len(reads) != 1 or len(cons.iter_vars) <= last
-            or [int(iv.dom.extent) for iv in cons.iter_vars[first:last + 1]] != exts
-            or _identity_dims(reads[0].region, cons.iter_vars, first, last) != dims):
-        return False
 
-    def fused(v, lo, hi):
-        f = v[lo]
-        for i in range(lo + 1, hi + 1):
-            f = f * exts[i - lo] + v[i]
-        return [*v[:lo], f, *v[hi + 1:]]
-    dtype = str(stmt.iter_vars[0].dom.extent.ty)
-    sch.transform_layout(block, ("write", 0), tirx.IndexMap.from_func(
-        lambda *v: fused(v, dims[0], dims[-1]), ndim=len(buf.shape), index_dtype=dtype))
-    for b, n in ((block, len(stmt.iter_vars)), (consumer, len(cons.iter_vars))):
-        sch.transform_block_layout(b, tirx.IndexMap.from_func(lambda *v: fused(v, first, last), ndim=n, index_dtype=dtype))
-    return True
+    def fusing(lo: int, ndim: int):  # the index map fusing axes lo.. of ``ndim`` into one
+        def fused(*v):
+            f = v[lo]
+            for i in range(1, len(exts)):
+                f = f * exts[i] + v[lo + i]
+            return [*v[:lo], f, *v[lo + len(exts):]]
+        return tirx.IndexMap.from_func(fused, ndim=ndim, index_dtype=str(stmt.iter_vars[0].dom.extent.ty))
+    sch.transform_layout(block, ("write", 0), fusing(dims[0], len(stmt.writes[0].source.shape)))
+    sch.transform_block_layout(block, fusing(first, len(stmt.iter_vars)))
+    sch.transform_block_layout(consumer, fusing(at, len(cons.iter_vars)))
 
 
 def _identity_dims(region, iter_vars, first: int, last: int) -> list[int] | None:

@@ -51,6 +51,8 @@ CASES = {
     # 49 rows over height and width (a tail tile), and over one axis of a batched matmul
     "conv_nhwc_1x1_7x7": (lambda x, w, b: topi.nn.relu(topi.nn.conv2d_nhwc(x, w, 1, 0, 1, out_dtype="float32") + b),
                           [(1, 7, 7, 64), (1, 1, 64, 256), (1, 1, 1, 256), (1, 7, 7, 256)]),
+    "conv_nhwc_1x1_7x7_alone": (lambda x, w, _b: topi.nn.conv2d_nhwc(x, w, 1, 0, 1, out_dtype="float32"),
+                                [(1, 7, 7, 64), (1, 1, 64, 256), (1,), (1, 7, 7, 256)]),  # a write-back, no epilogue
     "batch_matmul_49": (lambda a, b, c: topi.nn.batch_matmul(a, b, transpose_b=False) + c,
                         [(16, 49, 32), (16, 32, 128), (1,), (16, 49, 128)]),
     "depthwise_nhwc_72": (lambda x, w, b: topi.nn.depthwise_conv2d_nhwc(x, w, 2, 1, 1, out_dtype="float32") + b,
@@ -346,7 +348,7 @@ def test_tail_tiles_where_no_divisor_keeps_the_fma_units_busy(rows_ext, want):
     assert cpu_schedule.register_tile(512, rows_ext, 8, 10, 4, tails=True) == want
 
 
-@pytest.mark.parametrize("case", ["conv_nhwc_1x1_7x7", "batch_matmul_49"])
+@pytest.mark.parametrize("case", ["conv_nhwc_1x1_7x7", "conv_nhwc_1x1_7x7_alone", "batch_matmul_49"])
 def test_tail_tiles_fuse_rows_and_partition_the_last_tile(case):
     """A 7x7 conv's rows span height and width (one iterator of 49, in the block and in the
     accumulator buffer, so the epilogue computed per tile covers that tile alone); the tail's
