@@ -36,6 +36,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
 from ..errors import BackendError, error_line
+from .short_rows import ShortRows
 from .small_reduction import SmallReduction
 from .tensorcore_matmul import TensorCoreMatmul
 from .vectorized_elementwise import VectorizedElementwise
@@ -48,9 +49,10 @@ def default_rules() -> list:
     """smelt's tensor-core GEMM rule, then dlight's GPU rules in TVM's order (``Fallback`` last), with
     smelt's ``SmallReduction`` (depthwise convs, pooling) ahead of dlight's reduction rules, its
     ``WarpRowReduction`` (softmax, norms) ahead of ``GeneralReduction`` and its
-    ``VectorizedElementwise`` ahead of ``Fallback``."""
+    ``VectorizedElementwise`` and ``ShortRows`` (an image's NCHW -> NHWC) ahead of ``Fallback``."""
     return [TensorCoreMatmul(), dl.gpu.Matmul(), dl.gpu.GEMV(), SmallReduction(), dl.gpu.Reduction(),
-            WarpRowReduction(), dl.gpu.GeneralReduction(), VectorizedElementwise(), dl.gpu.Fallback()]
+            WarpRowReduction(), dl.gpu.GeneralReduction(), VectorizedElementwise(), ShortRows(),
+            dl.gpu.Fallback()]
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,21 @@
 """SmallReduction: a default GPU schedule for reductions over a few elements (depthwise convs, pooling).
 
 Requires: a GPU target; a PrimFunc whose blocks, after inlining every injective producer
-(padding) and consumer (bias, cast, activation) that TVM's inliner accepts, are one
-reduction block, optionally followed by one spatial epilogue block; the reduction's
-iterators static, their product at most ``max_extent`` (64: a 3x3, 5x5 or 7x7 window).
-Spatial extents may be symbolic.
+(padding excepted) and consumer (bias, cast, activation) that TVM's inliner accepts, are one
+reduction block, optionally followed by one spatial epilogue block, and the pads of its
+inputs; the reduction's iterators static, their product at most ``max_extent`` (64: a 3x3,
+5x5 or 7x7 window). Spatial extents may be symbolic.
 Declines (``apply`` returns None) anything else, so the next rule takes over.
-Guarantees: the same function, computed one output element per thread: the thread's
-window is read straight from global memory, accumulated in a register with the
-reduction loops unrolled, and the epilogue is applied before the single store. Threads
-run along the innermost output axis (the channels of an NHWC depthwise conv), so
-neighbouring threads read neighbouring addresses.
+Guarantees: the same function, computed a few output elements per thread: the thread's
+window is read straight from global memory, accumulated in registers with the reduction
+loops unrolled, and the epilogue is applied before the store. Threads run along the
+innermost output axis (the channels of an NHWC depthwise conv), so neighbouring threads
+read neighbouring addresses. Where the shapes are static, the channels hold whole vectors
+and the padded input is read along them, a thread takes 16 bytes of channels (8 at fp16):
+its window comes into registers as one vector load per position (a padded position is the
+pad value, never a load) and its result leaves as one vector store. Vectors shrink (to 2
+channels, then to none) while the kernel would have fewer than ``min_vectors`` threads,
+which keeps small batch-1 layers spread over the GPU.
 
 Why not dlight: its ``GeneralReduction`` rule gives every output element a thread block
 that reduces across threads: for the 9 products of a 3x3 depthwise conv that is one busy
@@ -24,26 +29,49 @@ before dlight's reduction rules.
 from __future__ import annotations
 
 import functools
+import math
 
+import tvm
 from tvm import s_tir, tirx
+from tvm.s_tir.dlight.base import try_inline
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.target import Target
 
+from ..passes.mutate import static_ints
 from .rule_blocks import inlined_blocks
+
+VECTOR_BYTES = 16
+MIN_THREADS = 64
+_IF_THEN_ELSE = tvm.ir.Op.get("prim.if_then_else")
+
+
+def _is_padding(sch: s_tir.Schedule, info) -> bool:
+    """Whether ``info``'s block is a pad: spatial, storing ``if_then_else(in bounds, load, value)``."""
+    store = sch.get(info.block_rv).body
+    return set(info.dom_kind()) == {"S"} and isinstance(store, tirx.stmt.BufferStore) and \
+        isinstance(store.value, tvm.ir.expr.Call) and store.value.op.same_as(_IF_THEN_ELSE)
+
+
+def _inline_all_but_padding(sch: s_tir.Schedule, infos: list) -> list:
+    """dlight's ``try_inline`` on every block but the pads, which stay blocks of their own."""
+    pads = [info for info in infos if _is_padding(sch, info)]
+    return try_inline(sch, [info for info in infos if info not in pads]) + pads
 
 
 class SmallReduction(GPUScheduleRule):
     """See the module docstring."""
 
-    def __init__(self, max_extent: int = 64, threads: int = 256):
-        self.max_extent, self.threads = max_extent, threads
+    def __init__(self, max_extent: int = 64, threads: int = 256, min_vectors: int = 32768):
+        self.max_extent, self.threads, self.min_vectors = max_extent, threads, min_vectors
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         """The schedule of ``func`` for ``target``, or None where the rule does not apply."""
-        opened = inlined_blocks(self, func, target)
+        opened = inlined_blocks(self, func, target, inline=_inline_all_but_padding)
         if opened is None:
             return None
         sch, infos = opened
+        pads = [info for info in infos if _is_padding(sch, info)]
+        infos = [info for info in infos if info not in pads]
         kinds = [info.dom_kind() for info in infos]
         if not 1 <= len(infos) <= 2 or "R" not in kinds[0] or (len(infos) == 2 and set(kinds[1]) != {"S"}):
             return None
@@ -58,7 +86,11 @@ class SmallReduction(GPUScheduleRule):
         if len(infos) == 2:
             sch.compute_inline(tail)
             tail = infos[1].block_rv
-        bx, tx = sch.split(sch.fuse(*sch.get_loops(tail)), [None, self.threads])
+        vector, threads = self._vector(sch, main, tail, pads)
+        *outer, last = sch.get_loops(tail)
+        if vector > 1:
+            last, lanes = sch.split(last, [None, vector])
+        bx, tx = sch.split(sch.fuse(*outer, last), [None, threads])
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
         # compute_at makes one loop per block iterator, in the iterators' order (unit loops kept).
@@ -72,4 +104,40 @@ class SmallReduction(GPUScheduleRule):
         # its condition on the first window element folds away.
         for loop in reduce_loops:
             sch.unroll(loop)
+        if vector > 1:
+            sch.vectorize(lanes)
+            sch.unroll([lp for lp, iv in zip(loops, iters) if iv.iter_type != tirx.IterVar.CommReduce][-1])
+        for pad in pads:
+            # Each thread's window, ``vector`` channels at a time, into registers; a padded
+            # position is the pad value, never a load.
+            sch.set_scope(pad.block_rv, 0, "local")
+            sch.compute_at(pad.block_rv, tx, preserve_unit_loops=True)
+            *window, channels = sch.get_loops(pad.block_rv)[2:]
+            for loop in window:
+                sch.unroll(loop)
+            sch.vectorize(channels) if vector > 1 else sch.unroll(channels)
         return sch
+
+    def _vector(self, sch: s_tir.Schedule, main, tail, pads) -> tuple[int, int]:
+        """Channels and threads per block: 16 bytes of the widest padded input or output, where the
+        innermost output axis holds whole vectors and the pad is read along it, and threads that
+        divide the number of vectors (TVM drops the bounds check of a vector store under a split
+        that does not divide); else 1 and ``self.threads``."""
+        scalar = 1, self.threads
+        extents = static_ints([sch.get(lp).extent for lp in sch.get_loops(tail)])
+        if len(pads) != 1 or extents is None:
+            return scalar
+        out, src = sch.get(tail).writes[0].source, sch.get(pads[0].block_rv).writes[0].source
+        vector = VECTOR_BYTES * 8 // max(tvm.DataType(str(b.dtype)).bits for b in (out, src))
+        while vector > 1 and (extents[-1] % vector or math.prod(extents) // vector < self.min_vectors):
+            vector //= 2
+        if vector == 1:
+            return scalar
+        block = sch.get(main)
+        spatial = [iv.var for iv in block.iter_vars if iv.iter_type != tirx.IterVar.CommReduce]
+        region = next((r.region for r in block.reads if r.source.same_as(src)), None)
+        if region is None or not region[-1].min.same_as(spatial[-1]) or static_ints([region[-1].extent]) != [1]:
+            return scalar
+        vectors = math.prod(extents) // vector
+        threads = next(t for t in range(min(self.threads, vectors), 0, -1) if vectors % t == 0)
+        return (vector, threads) if threads >= min(MIN_THREADS, vectors) else scalar

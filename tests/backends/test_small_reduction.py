@@ -25,12 +25,12 @@ def depthwise(x_shape=(2, 20, 20, 72), k=3, stride=1):
     return fused_conv(x_shape, (c, k, k, 1), stride=stride, padding=k // 2, groups=c, out_dtype="float32")
 
 
-def max_pool(x_shape=(2, 20, 20, 64)):
+def max_pool(x_shape=(2, 20, 20, 64), layout="NHWC"):
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(x_shape, "float16"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = bb.emit(relax.op.nn.max_pool2d(x, 3, 2, 1, layout="NHWC"))
+            y = bb.emit(relax.op.nn.max_pool2d(x, 3, 2, 1, layout=layout))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     return _one_kernel(bb.get())
@@ -46,17 +46,42 @@ def softmax(shape=(4, 32)):
     return _one_kernel(bb.get())
 
 
-def build(func):
-    sch = SmallReduction().apply(func, TARGET, False)
+def build(func, **rule):
+    sch = SmallReduction(**rule).apply(func, TARGET, False)
     assert sch is not None
     return tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=TARGET)
 
 
+def cuda_source(func, **rule) -> str:
+    return build(func, **rule).mod.imports[0].inspect_source("cuda").split("__global__", 2)[2]
+
+
 @pytest.mark.parametrize("func", [depthwise(), depthwise(k=5, stride=2), max_pool()], ids=["dw3", "dw5s2", "pool"])
 def test_one_thread_per_output_with_the_window_unrolled(func, requires_cuda_compiler):
-    code = build(func).mod.imports[0].inspect_source("cuda")
-    assert "__shared__" not in code and "__syncthreads" not in code
-    assert "for (" not in code.split("__global__", 1)[1]  # every window loop unrolled
+    for rule in ({}, {"min_vectors": 0}):
+        code = cuda_source(func, **rule)
+        assert "__shared__" not in code and "__syncthreads" not in code
+        assert "for (" not in code  # every window loop unrolled
+
+
+@pytest.mark.parametrize("func, loads, lanes", [
+    (max_pool((32, 112, 112, 64)), 9, "uint4"),  # ResNet-50's pool at batch 32: 8 channels a thread
+    (depthwise((32, 56, 56, 72)), 9, "uint4"),
+    (depthwise((1, 28, 28, 40)), 9, "half4"),  # batch 1: 4 channels a thread keep 7840 threads
+], ids=["pool_b32", "dw_b32", "dw_b1"])
+def test_large_kernels_load_each_window_position_as_one_vector(func, loads, lanes, requires_cuda_compiler):
+    code = cuda_source(func, min_vectors=4096)
+    assert code.count(f"= *({lanes}*)(x_ptr") == loads
+    assert f"*({lanes}*)(compute" in code or f"*({lanes}*)(pool_max_ptr" in code  # one vector store
+
+
+@pytest.mark.parametrize("func", [max_pool(), max_pool((2, 64, 20, 20), layout="NCHW"), depthwise((2, 20, 20, 12))],
+                         ids=["few_threads", "nchw", "12_channels"])
+def test_keeps_scalar_loads_where_vectors_do_not_fit(func, requires_cuda_compiler):
+    # too few outputs for 32768 threads of vectors; rows of width along the pooled axis; 12
+    # channels of fp16 are whole vectors of 4 only, and 4 lanes leave 4800 threads
+    code = cuda_source(func)
+    assert "uint4" not in code and "half4" not in code and "half2" not in code
 
 
 def test_takes_depthwise_convs_before_dlight():
@@ -80,13 +105,17 @@ def run_on_gpu(lib, args, out_shape) -> np.ndarray:
     return out.numpy().astype("float64")
 
 
-def _run(func, args, out_shape):
-    return run_on_gpu(build(func), args, out_shape)
+def _run(func, args, out_shape, **rule):
+    return run_on_gpu(build(func, **rule), args, out_shape)
+
+
+VECTORS = pytest.mark.parametrize("min_vectors", [32768, 0], ids=["scalar", "vectors"])
 
 
 @pytest.mark.cuda
+@VECTORS
 @pytest.mark.parametrize("k, stride", [(3, 1), (5, 2)])
-def test_depthwise_matches_numpy_on_gpu(k, stride, rng):
+def test_depthwise_matches_numpy_on_gpu(k, stride, min_vectors, rng):
     x = rng.standard_normal((2, 20, 20, 72)).astype("float16")
     w = rng.standard_normal((72, k, k, 1)).astype("float16")
     b = rng.standard_normal((1, 1, 1, 72)).astype("float16")
@@ -98,17 +127,18 @@ def test_depthwise_matches_numpy_on_gpu(k, stride, rng):
         for j in range(k):
             ref += xp[:, i:i + stride * (o - 1) + 1:stride, j:j + stride * (o - 1) + 1:stride] * w[:, i, j, 0]
     ref = np.maximum(ref + b, 0)
-    y = _run(depthwise(k=k, stride=stride), [x, w, b], ref.shape)
+    y = _run(depthwise(k=k, stride=stride), [x, w, b], ref.shape, min_vectors=min_vectors)
     assert np.abs(y - ref).max() <= REL_TOL * np.abs(ref).max()
 
 
 @pytest.mark.cuda
-def test_max_pool_matches_numpy_on_gpu(rng):
+@VECTORS
+def test_max_pool_matches_numpy_on_gpu(min_vectors, rng):
     x = rng.standard_normal((2, 20, 20, 64)).astype("float16")
     xp = np.pad(x.astype("float64"), [(0, 0), (1, 1), (1, 1), (0, 0)], constant_values=-np.inf)
     ref = np.full((2, 10, 10, 64), -np.inf)
     for i in range(3):
         for j in range(3):
             ref = np.maximum(ref, xp[:, i:i + 19:2, j:j + 19:2])
-    y = _run(max_pool(), [x], ref.shape)
+    y = _run(max_pool(), [x], ref.shape, min_vectors=min_vectors)
     assert np.abs(y - ref).max() <= REL_TOL * np.abs(ref).max()
