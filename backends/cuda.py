@@ -107,9 +107,10 @@ class CUDABackend:
         # Weight GEMMs go to cuBLASLt, when the target lists it: split-K and operand views apply only
         # to the matmuls left. They are taken after the layout conversion, where a 1x1 conv is one GEMM too;
         # cuDNN then takes the convs cuBLASLt left, when the target lists it.
-        # Norms read their float16 input and cast it themselves (a GEMM's epilogue would
-        # otherwise have taken that cast).
-        return [FuseNormInputCasts(), LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI")] + \
+        # Norms and means read their float16 input and cast it themselves (a GEMM's epilogue would
+        # otherwise have taken that cast), once the layout is converted (a mean in a kernel of its
+        # own is no op the conversion knows: it would keep NCHW behind a transpose).
+        return [LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI"), FuseNormInputCasts()] + \
             ([DispatchCublasLt()] if _uses(target, CUBLASLT) else []) + \
             ([DispatchCudnn()] if _uses(target, CUDNN) else []) + [
             SplitKMatmul(min_tiles=FULL_WAVE // 2, tile=SMALL_TILE.block_m), FuseOperandViews()]

@@ -1,7 +1,7 @@
-"""FuseNormInputCasts: a norm reads its float16 input and casts it inside its own kernel.
+"""FuseNormInputCasts: a norm or mean reads its float16 input and casts it inside its own kernel.
 
-Numbers: the rewritten module against the original on the CPU, float32 norms of float16
-inputs; the cast is exact, so the results agree to float32 rounding (tolerance 1e-6).
+Numbers: the rewritten module against the original on the CPU, float32 norms and means of
+float16 inputs; the cast is exact, so the results agree to float32 rounding (tolerance 1e-6).
 """
 
 from __future__ import annotations
@@ -54,3 +54,20 @@ def test_norms_read_the_half_input(run):
 def test_float32_inputs_are_left_alone():
     mod = _norms("float32")  # astype float32 -> float32: not a widening cast of a half tensor
     assert "relax.nn.layer_norm" in _ops(FuseNormInputCasts()(mod))
+
+
+def test_global_average_pool_reads_the_half_input(run):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 7, 7, 64), "float16"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            m = bb.emit(relax.op.mean(bb.emit(relax.op.astype(x, "float32")), axis=[1, 2], keepdims=True))
+            out = bb.emit_output(relax.op.astype(m, "float16"))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    out = relax.transform.DeadCodeElimination()(FuseNormInputCasts()(mod))
+    ops = _ops(out)
+    assert "relax.mean" not in ops and ops.count("relax.astype") == 1 and ops.count("relax.call_tir") == 1
+    x = np.random.default_rng(0).standard_normal((2, 7, 7, 64)).astype("float16")
+    want, got = run(mod, x), run(out, x)
+    assert got.shape == (2, 1, 1, 64) and np.abs(got.astype("float64") - want).max() == 0
