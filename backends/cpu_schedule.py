@@ -181,36 +181,9 @@ class TileReduction(ScheduleRule):
             return None
         out_dtype = sch.get(block).writes[0].source.dtype
         lanes = vector_lanes(target, tvm.DataType(out_dtype).bits)
-        s_loops, r_loops = loops[:n_s], loops[n_s:]
-        s_ext = extents[:n_s]
-
-        # Register tile: width along the innermost spatial axis, rows along the next one, or
-        # along the spatial axes before it fused into one (_fusable_rows).
-        width_ext = s_ext[-1]
-        row_axis = tile_row_axis(s_ext)
-        out_bytes = tvm.DataType(out_dtype).bits // 8
-        column_bytes = _column_bytes(sch.get(block), n_s, extents[n_s:])
-
-        chunks = _tail_chunks(target)
-
-        def tile(first):
-            if row_axis is None:
-                return 1, register_tile(width_ext, 1, lanes, _accumulators(target), out_bytes, column_bytes)
-            row_ext = math.prod(s_ext[first:row_axis + 1])
-            # A tail tile's rows loop alone (see below), so the rest of the grid must share out.
-            others = math.prod(e or _PARALLEL_CHUNKS for e in s_ext[:first] + s_ext[row_axis + 1:-1])
-            return row_ext, register_tile(width_ext, row_ext, lanes, _accumulators(target), out_bytes, column_bytes,
-                                          tails=others * width_ext // (2 * lanes) >= chunks)
-        first = row_axis
-        row_ext, (rows, width) = tile(first)
-        fused = _fusable_rows(sch.get(block), n_s, s_ext, row_axis)
-        if fused != row_axis and (not epilogue or _row_fusion(sch.get(block), sch.get(epilogue[-1].block_rv),
-                                                               fused, row_axis)):
-            # Fused only where that finds another tile: the same tile over fused rows gains
-            # nothing and divides each row's index back into height and width.
-            fused_ext, fused_tile = tile(fused)
-            if fused_tile != (rows, width) or row_ext % rows:
-                first, row_ext, (rows, width) = fused, fused_ext, fused_tile
+        out_bytes, width_ext = tvm.DataType(out_dtype).bits // 8, extents[n_s - 1]
+        first, row_axis, row_ext, (rows, width) = plan_register_tile(
+            sch, block, n_s, extents, epilogue, target, lanes, _accumulators(target))
         vec = min(width, lanes)  # lanes of one vector op
         if rows == 1 and vec > 1 and width_ext % vec == 0:
             # One row (a matrix-vector product): the accumulators go along the width instead.
@@ -224,32 +197,10 @@ class TileReduction(ScheduleRule):
             _pack_weights(sch, block, {func.params[i].name for i in free}, n_s, width)
 
         # The accumulator tile is a "global" buffer below _STACK_BYTES: see there.
-        if epilogue:
-            writeback = epilogue[-1].block_rv
-        else:
-            writeback = sch.cache_write(block, 0, "global")
-        if row_axis is not None and first < row_axis:
-            _fuse_rows(sch, block, writeback, first, row_axis)
-            loops = sch.get_loops(block)
-            n_s -= row_axis - first
-            s_loops, r_loops = loops[:n_s], loops[n_s:]
-            row_axis = first
-
-        outer, inner, wi = tile_loops(sch, s_loops, width, row_axis, rows)
-        inner.append(wi)
-        if row_axis is not None and row_ext % rows:
-            # A tail: the last tile's rows past the end are masked off (a block predicate). Its
-            # row loop stays serial, out of the parallel grid, so that LoopPartition
-            # (``TAIL_PASS_CONFIG``) splits it into full tiles without a mask and the last one;
-            # fused into the grid, the mask sat in the reduction loop, and LLVM kept it there
-            # or not depending on the shape (a 16x196x128x128 batched matmul as 5-row tiles:
-            # 0.96 ms, 0.59 partitioned).
-            ro = outer.pop(1 + row_axis)
-            sch.reorder(*outer, ro, *r_loops, *inner)
-            at = ro
-        else:
-            sch.reorder(*outer, *r_loops, *inner)
-            at = None
+        writeback = epilogue[-1].block_rv if epilogue else sch.cache_write(block, 0, "global")
+        outer, at, inner, r_loops = split_register_tile(sch, block, writeback, n_s, first, row_axis, row_ext,
+                                                        rows, width)
+        sch.reorder(*outer, *([at] if at else []), *r_loops, *inner)
         grid = sch.fuse(*outer)
         sch.parallel(grid)
         sch.reverse_compute_at(writeback, at or grid)
@@ -264,6 +215,64 @@ class TileReduction(ScheduleRule):
         for producer in kept:
             _schedule_root(sch, producer, lanes)
         return sch
+
+
+def plan_register_tile(sch, block, n_s: int, extents: list, epilogue: list, target, lanes: int,
+                       accumulators: int, width: int | None = None,
+                       tails: bool = True) -> tuple[int, int | None, int, tuple[int, int]]:
+    """Where the register tile of the reduction ``block`` goes: (the first spatial axis its rows
+    span, its row axis, the rows' extent, (rows, width)). Rows run along the spatial axis before
+    the width, fused with those before it where the weights do not index them
+    (``_fusable_rows``) and that finds another tile; ``register_tile`` chooses the tile (its rows
+    alone where ``width`` is given; rows that divide the extent unless ``tails``)."""
+    s_ext = extents[:n_s]
+    stmt = sch.get(block)
+    width_ext = s_ext[-1]
+    row_axis = tile_row_axis(s_ext)
+    out_bytes = tvm.DataType(stmt.writes[0].source.dtype).bits // 8
+    column_bytes = _column_bytes(stmt, n_s, extents[n_s:])
+    chunks = _tail_chunks(target)
+
+    def tile(first):
+        if row_axis is None:
+            return 1, register_tile(width_ext, 1, lanes, accumulators, out_bytes, column_bytes, width=width)
+        row_ext = math.prod(s_ext[first:row_axis + 1])
+        # A tail tile's rows loop alone (see split_register_tile), so the rest of the grid must share out.
+        others = math.prod(e or _PARALLEL_CHUNKS for e in s_ext[:first] + s_ext[row_axis + 1:-1])
+        return row_ext, register_tile(width_ext, row_ext, lanes, accumulators, out_bytes, column_bytes,
+                                      tails=tails and others * width_ext // (2 * lanes) >= chunks, width=width)
+    first = row_axis
+    row_ext, best = tile(first)
+    fused = _fusable_rows(stmt, n_s, s_ext, row_axis)
+    if fused != row_axis and (not epilogue or _row_fusion(stmt, sch.get(epilogue[-1].block_rv), fused, row_axis)):
+        # Fused only where that finds another tile: the same tile over fused rows gains
+        # nothing and divides each row's index back into height and width.
+        fused_ext, fused_tile = tile(fused)
+        if fused_tile != best or row_ext % best[0]:
+            first, row_ext, best = fused, fused_ext, fused_tile
+    return first, row_axis, row_ext, best
+
+
+def split_register_tile(sch, block, writeback, n_s: int, first: int, row_axis: int | None, row_ext: int,
+                        rows: int, width: int) -> tuple[list, object, list, list]:
+    """The loops of ``block`` split as ``plan_register_tile`` planned, its rows fused first
+    (``_fuse_rows``, also in ``writeback``): (the grid loops, the serial row-tile loop of a tail
+    tile or None, the tile's row and width loops, the reduction loops). Order them as grid, row
+    tile, reduction, tile.
+
+    A tail: the last tile's rows past the end are masked off (a block predicate). Its row loop
+    stays serial, out of the parallel grid, so that LoopPartition (``TAIL_PASS_CONFIG``) splits
+    it into full tiles without a mask and the last one; fused into the grid, the mask sat in
+    the reduction loop, and LLVM kept it there or not depending on the shape (a 16x196x128x128
+    batched matmul as 5-row tiles: 0.96 ms, 0.59 partitioned)."""
+    if row_axis is not None and first < row_axis:
+        _fuse_rows(sch, block, writeback, first, row_axis)
+        n_s -= row_axis - first
+        row_axis = first
+    loops = sch.get_loops(block)
+    outer, inner, wi = tile_loops(sch, loops[:n_s], width, row_axis, rows)
+    at = outer.pop(1 + row_axis) if row_axis is not None and row_ext % rows else None
+    return outer, at, inner + [wi], loops[n_s:]
 
 
 # Independent FMA chains a core needs to keep its FMA units busy: two units, four cycles of
@@ -298,7 +307,7 @@ _PANEL_BYTES = 16 * 1024
 
 
 def register_tile(width_ext: int, row_ext: int, lanes: int, accumulators: int, out_bytes: int,
-                  column_bytes: int | None = None, tails: bool = False) -> tuple[int, int]:
+                  column_bytes: int | None = None, tails: bool = False, width: int | None = None) -> tuple[int, int]:
     """(rows, width) of the register tile over an output of ``row_ext`` rows by ``width_ext`` columns.
 
     Rows divide ``row_ext`` or, with ``tails``, leave a last tile that is partly masked off
@@ -319,8 +328,11 @@ def register_tile(width_ext: int, row_ext: int, lanes: int, accumulators: int, o
     vectors wide by ``column_bytes`` (one weight column over the reduction), fits in
     ``_PANEL_BYTES``: 1x1 convs 80 -> 480 and 112 -> 672 at 14x14 ran 1.3x faster on a Zen 3
     than as 7x8, but 1024 -> 256 ran 1.2x slower, its panel streamed from L2 at every tile.
+    A given ``width`` is the only one tried.
     """
-    if width_ext % lanes == 0:
+    if width is not None:
+        widths = [width]
+    elif width_ext % lanes == 0:
         widths = [lanes] + next(([v * lanes] for v in (2, 3, 5) if width_ext % (v * lanes) == 0), [])
         if column_bytes is not None and width_ext % (4 * lanes) == 0 and 4 * lanes * column_bytes <= _PANEL_BYTES:
             widths.append(4 * lanes)
