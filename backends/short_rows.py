@@ -3,7 +3,7 @@
 Requires: a GPU target; a PrimFunc that, after inlining its producers and consumers, is one
 spatial block with static extents whose innermost output axis holds 2, 4 or 8 elements of at
 most 16 bytes in all (the channels of a network's input, padded to 4 for cuDNN's stem kernel),
-and a number of rows with a divisor of 64 to 256 (the threads of a block). Declines
+and a number of rows with a divisor of 64 to 256 (the threads of a block, ``dividing_threads``). Declines
 (``apply`` returns None) anything else.
 Guarantees: the same function. Each thread computes one innermost row in registers, reading
 its elements where they are (for an NCHW source: one element of each channel plane, and
@@ -27,10 +27,8 @@ from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.target import Target
 
 from ..passes.mutate import static_ints
-from .rule_blocks import inlined_blocks
+from .rule_blocks import VECTOR_BYTES, dividing_threads, one_spatial_block
 
-VECTOR_BYTES = 16
-MIN_THREADS = 64
 
 
 class ShortRows(GPUScheduleRule):
@@ -41,23 +39,15 @@ class ShortRows(GPUScheduleRule):
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         """The schedule of ``func`` for ``target``, or None where the rule does not apply."""
-        opened = inlined_blocks(self, func, target)
-        if opened is None:
+        if (opened := one_spatial_block(self, func, target)) is None:
             return None
-        sch, infos = opened
-        if len(infos) != 1 or set(infos[0].dom_kind()) != {"S"}:
-            return None
-        block = infos[0].block_rv
+        sch, block = opened
         out = sch.get(block).writes[0].source
         shape = static_ints(out.shape)
         if shape is None or shape[-1] not in (2, 4, 8) or \
                 shape[-1] * tvm.DataType(str(out.dtype)).bits > VECTOR_BYTES * 8:
             return None
-        rows = math.prod(shape) // shape[-1]
-        # Threads per block divide the rows: TVM drops the bounds check of the write-back from a
-        # local cache under a split that does not divide (see vectorized_elementwise).
-        threads = next(t for t in range(min(self.threads, rows), 0, -1) if rows % t == 0)
-        if threads < min(MIN_THREADS, rows):
+        if (threads := dividing_threads(math.prod(shape) // shape[-1], self.threads)) is None:
             return None
         *outer, row = sch.get_loops(block)
         bx, tx = sch.split(sch.fuse(*outer), [None, threads])

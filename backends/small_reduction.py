@@ -38,10 +38,8 @@ from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.target import Target
 
 from ..passes.mutate import static_ints
-from .rule_blocks import inlined_blocks
+from .rule_blocks import VECTOR_BYTES, dividing_threads, inlined_blocks
 
-VECTOR_BYTES = 16
-MIN_THREADS = 64
 _IF_THEN_ELSE = tvm.ir.Op.get("prim.if_then_else")
 
 
@@ -121,8 +119,7 @@ class SmallReduction(GPUScheduleRule):
     def _vector(self, sch: s_tir.Schedule, main, tail, pads) -> tuple[int, int]:
         """Channels and threads per block: 16 bytes of the widest padded input or output, where the
         innermost output axis holds whole vectors and the pad is read along it, and threads that
-        divide the number of vectors (TVM drops the bounds check of a vector store under a split
-        that does not divide); else 1 and ``self.threads``."""
+        divide the number of vectors (``dividing_threads``); else 1 and ``self.threads``."""
         scalar = 1, self.threads
         extents = static_ints([sch.get(lp).extent for lp in sch.get_loops(tail)])
         if len(pads) != 1 or extents is None:
@@ -138,6 +135,5 @@ class SmallReduction(GPUScheduleRule):
         region = next((r.region for r in block.reads if r.source.same_as(src)), None)
         if region is None or not region[-1].min.same_as(spatial[-1]) or static_ints([region[-1].extent]) != [1]:
             return scalar
-        vectors = math.prod(extents) // vector
-        threads = next(t for t in range(min(self.threads, vectors), 0, -1) if vectors % t == 0)
-        return (vector, threads) if threads >= min(MIN_THREADS, vectors) else scalar
+        threads = dividing_threads(math.prod(extents) // vector, self.threads)
+        return scalar if threads is None else (vector, threads)

@@ -27,11 +27,9 @@ from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.target import Target
 
 from ..passes.mutate import static_ints
-from .rule_blocks import inlined_blocks
+from .rule_blocks import VECTOR_BYTES, dividing_threads, one_spatial_block
 from .tensorcore_matmul import _loads
 
-VECTOR_BYTES = 16
-MIN_THREADS = 64
 
 
 def _flat(indices, shape):
@@ -50,13 +48,9 @@ class VectorizedElementwise(GPUScheduleRule):
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         """The schedule of ``func`` for ``target``, or None where the rule does not apply."""
-        opened = inlined_blocks(self, func, target)
-        if opened is None:
+        if (opened := one_spatial_block(self, func, target)) is None:
             return None
-        sch, infos = opened
-        if len(infos) != 1 or set(infos[0].dom_kind()) != {"S"}:
-            return None
-        block = infos[0].block_rv
+        sch, block = opened
         store = sch.get(block).body
         if not isinstance(store, tirx.stmt.BufferStore):
             return None
@@ -80,13 +74,9 @@ class VectorizedElementwise(GPUScheduleRule):
         if vector < 2 or any(n % vector for n in inner):
             return None
 
-        # Threads per block divide the number of vectors: TVM drops the bounds check of the
-        # write-back from a local cache under a split that does not divide (threads past the
-        # end stored their vector out of bounds). A count with no divisor of at least
-        # MIN_THREADS is left to the next rule.
-        vectors = total // vector
-        threads = next(t for t in range(min(self.threads, vectors), 0, -1) if vectors % t == 0)
-        if threads < min(MIN_THREADS, vectors):
+        # Threads per block divide the number of vectors (``dividing_threads``); a count with no
+        # divisor of at least MIN_THREADS is left to the next rule.
+        if (threads := dividing_threads(total // vector, self.threads)) is None:
             return None
         # The vector loop is a piece of the innermost axis alone: with every axis fused first, TVM
         # could not bound a thread's region and gave it a copy of whole rows (1536 floats).
