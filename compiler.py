@@ -125,7 +125,9 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     report.ops_before, report.ops_before_hist = before.num_ops, dict(before.ops)
 
     merging = merge_passes(program.models, opts.merge)
-    int8 = [QuantizeInt8(opts.quantize, list(program.models))] if isinstance(opts.quantize, Int8) else []
+    # A backend may narrow INT8 weights for its instructions (optional ``int8_weight_limit(target)``).
+    weight_limit = getattr(backend, "int8_weight_limit", lambda _target: 127)(tvm_target)
+    int8 = [QuantizeInt8(opts.quantize, list(program.models), weight_limit)] if isinstance(opts.quantize, Int8) else []
     weight_only = [QuantizeWeights(opts.quantize, list(program.models) + ([MERGED] if merging else []))] \
         if isinstance(opts.quantize, WeightOnly) else []
     steps = build_pipeline(backend, tvm_target, opts.pipeline, merge=merging, quantize=int8,

@@ -33,7 +33,10 @@ class TargetOptions:
 
 @runtime_checkable
 class Backend(Protocol):
-    """A code generator for one kind of device."""
+    """A code generator for one kind of device.
+
+    Optional: ``int8_weight_limit(target) -> int``, the largest |weight| QuantizeInt8 may emit
+    for ``target`` (127 where absent), for instructions that multiply narrower weights exactly."""
 
     name: ClassVar[str]
     description: ClassVar[str]

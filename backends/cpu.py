@@ -19,7 +19,7 @@ from tvm.relax.backend.cpu_generic import pipeline as _cpu
 from ..errors import BackendError
 from ..passes.convert_conv_layout import ConvertConvLayout
 from ..passes.rewrite_conv_winograd import RewriteConvWinograd
-from . import cpu_schedule
+from . import cpu_int8_dot, cpu_schedule
 from .base import TargetOptions, check_libs, host_linker_options
 from .apply_default_schedules import ApplyDefaultSchedules
 from .prepack_weights import FoldWeightPrepack, MarkWeightOperands
@@ -58,6 +58,11 @@ class CPUBackend:
             return tvm.target.Target(spec)
         except Exception as e:
             raise BackendError(f"bad CPU target {spec}: {e}") from None
+
+    def int8_weight_limit(self, target) -> int:
+        """The largest |weight| QuantizeInt8 may emit: 63 where ``Int8DotTile`` multiplies with AVX2's
+        ``vpmaddubsw`` (its int16 pair sums saturate with 8-bit weights), else 127."""
+        return cpu_int8_dot.weight_limit(target)
 
     def check_toolchain(self, opts: TargetOptions) -> None:
         """Cross-compiling needs a linker for the triple: fail before any work, not at save."""

@@ -1,12 +1,14 @@
 """Int8DotTile: uint8 x int8 -> int32 convolutions and matmuls on x86's dot-product instructions.
 
-Requires: an x86 LLVM target with AVX-512 VNNI (``vpdpbusd``) or AVX2 (``vpmaddwd``); a kernel
+Requires: an x86 LLVM target with AVX-512 VNNI (``vpdpbusd``) or AVX2 (``vpmaddubsw``); a kernel
 of one reduction block ``C[..., n] += int32(A[..., k]) * int32(W[..., k, n])`` (QuantizeInt8's
 convs in NHWC/HWIO and its matmuls) with A uint8, W an int8 weight the kernel may repack
 (``layout_free_buffers``), n the innermost output axis, static and a multiple of the
 instruction's lanes (16 VNNI, 8 AVX2), and k the innermost reduction axis, static and a
-multiple of its depth (4, 2), indexing A's last axis. Declines anything else (TileReduction
-then widens both operands to int32 and multiplies in 32-bit lanes).
+multiple of its depth (4), indexing A's last axis; on AVX2, weights within ±63 (QuantizeInt8
+quantizes to 7 bits for such targets: ``weight_limit``, the CPU backend's
+``int8_weight_limit``). Declines anything else (TileReduction then widens both operands to
+int32 and multiplies in 32-bit lanes).
 Guarantees: the same integers. Each instruction multiplies ``depth`` consecutive k of A with
 ``lanes`` output channels and adds into ``lanes`` int32 accumulators (``DOTS`` below); W is
 repacked at compile time into [N / lanes, ..., K / depth, lanes, depth], so each instruction's
@@ -16,9 +18,12 @@ int32 accumulators, the epilogue (rescale, bias, activation, the next layer's qu
 Why: widened to int32 (16 multiplies per instruction, against float32's 16 FMAs), a quantized
 ResNet-18 at 112x112 took 8.25 ms on a 2-core Zen 4, 0.61x smelt's own float32; with VNNI
 2.82 ms, and 2.28 ms once QuantizeInt8 padded the stem's 3 channels to 4 for it: 2.3x faster
-than float32, 3.0-3.7x faster than onnxruntime's INT8 (bench/quantize.py). AVX2 has no byte dot
-product that cannot saturate (``vpmaddubsw`` adds two u8 x s8 products in int16); ``vpmaddwd``
-multiplies int16 pairs into int32, exactly, after the bytes are widened to int16.
+than float32, 3.0-3.7x faster than onnxruntime's INT8 (bench/quantize.py). AVX2's byte dot
+product, ``vpmaddubsw``, adds two u8 x s8 products in int16, which saturates past 2^15 unless
+|W| <= 63 (onnxruntime's ``reduce_range`` makes the same choice for it); ``vpmaddwd`` by ones then
+adds the pairs into int32. The alternative, the bytes widened to int16 and ``vpmaddwd`` on them
+(full 8-bit weights), ran ResNet-18 INT8 at 112x112 at 6.97 ms on a 2-core Zen 3 (smelt's
+float32: 6.9); ``vpmaddubsw`` at 3.82.
 Where: ``cpu_schedule.default_rules()``, before TileReduction.
 """
 
@@ -73,30 +78,35 @@ def _dot_16x4_vnni(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16,
             dtype="int32x16")
 
 
-# AVX2: A's two bytes widened to int16 and broadcast as one 32-bit pair, W's 16 bytes sign-extended
-# to int16 (vpmovsxbw); vpmaddwd multiplies the pairs and adds each into one int32 lane.
+# AVX2 with 7-bit weights: vpmaddubsw multiplies A's four bytes (broadcast) with W's 32 bytes into
+# int16 pair sums, which cannot saturate while |W| <= 63 (2 x 255 x 63 < 2^15); vpmaddwd by ones
+# adds the pairs into int32 lanes.
 @T.prim_func(s_tir=True)
-def _dot_8x2_avx2(A: T.Buffer((2,), "uint8", offset_factor=1), B: T.Buffer((8, 2), "int8", offset_factor=1),
+def _dot_8x4_avx2(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((8, 4), "int8", offset_factor=1),
                   C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
     with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
         T.writes(C[0:8])
-        a_pair = T.reinterpret(T.Cast("int16x2", A.vload([0], "uint8x2")), dtype="int32")
+        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        pairs = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), T.reinterpret(T.broadcast(a_i32, 8), dtype="uint8x32"),
+            B.vload([0, 0], dtype="int8x32"), dtype="int16x16")
         C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), T.Cast("int16x16", B.vload([0, 0], dtype="int8x16")),
-            T.reinterpret(T.broadcast(a_pair, 8), dtype="int16x16"), dtype="int32x8")
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.broadcast(T.int16(1), 16), dtype="int32x8")
 
 
 @dataclass(frozen=True)
 class Dot:
-    """A dot-product instruction: the CPU feature, output lanes, products per lane, its intrinsic, and
-    how many int32 accumulator registers a register tile may take (the rest hold A and W)."""
+    """A dot-product instruction: the CPU feature, output lanes, products per lane, its intrinsic, how
+    many int32 accumulator registers a register tile may take (the rest hold A and W), and the
+    largest |weight| it multiplies exactly."""
 
     feature: str
     lanes: int
     depth: int
     intrin: str
     accumulators: int
+    weight_limit: int
 
 
 # Vectors across the register tile's width. TileReduction's scoring (FMA chains per load) chose
@@ -104,10 +114,24 @@ class Dot:
 # (AVX2), 6.7 with two vectors (the rows' dots each take a widened broadcast pair).
 INT8_WIDTH_VECTORS = 2
 
-DOTS = [Dot("avx512vnni", 16, 4, "smelt_dot_16x4_vnni", 12),  # of AVX-512's 32 registers
-        Dot("avx2", 8, 2, "smelt_dot_8x2_avx2", 10)]  # of AVX2's 16
+DOTS = [Dot("avx512vnni", 16, 4, "smelt_dot_16x4_vnni", 12, 127),  # of AVX-512's 32 registers
+        Dot("avx2", 8, 4, "smelt_dot_8x4_avx2", 10, 63)]  # of AVX2's 16
 TensorIntrin.register(DOTS[0].intrin, _dot_desc(16, 4), _dot_16x4_vnni, override=True)
-TensorIntrin.register(DOTS[1].intrin, _dot_desc(8, 2), _dot_8x2_avx2, override=True)
+TensorIntrin.register(DOTS[1].intrin, _dot_desc(8, 4), _dot_8x4_avx2, override=True)
+
+
+def dot_for(target) -> Dot | None:
+    """The dot-product instruction this rule uses on ``target``, None where it declines every kernel."""
+    if "x86" not in str(target.attrs.get("mtriple", "")):
+        return None
+    return next((d for d in DOTS if target_has_features(d.feature, target)), None)
+
+
+def weight_limit(target) -> int:
+    """The largest |int8 weight| that QuantizeInt8 may emit for ``target`` (``int8_weight_limit`` of
+    the CPU backend): 63 where the rule multiplies with AVX2's ``vpmaddubsw``, else 127."""
+    dot = dot_for(target)
+    return 127 if dot is None else dot.weight_limit
 
 
 def _operands(stmt: tirx.SBlock):
@@ -135,10 +159,7 @@ class Int8DotTile(ScheduleRule):
     """See the module docstring."""
 
     def apply(self, func: tirx.PrimFunc, target, _tunable: bool):
-        if "x86" not in str(target.attrs.get("mtriple", "")):
-            return None
-        dot = next((d for d in DOTS if target_has_features(d.feature, target)), None)
-        if dot is None:
+        if (dot := dot_for(target)) is None:
             return None
         lanes, depth = dot.lanes, dot.depth
         if (opened := open_reduction(func, target, keep_pads=True)) is None:

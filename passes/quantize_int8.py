@@ -6,7 +6,9 @@ Guarantees: every site (a conv2d in NCHW/OIHW or a matmul with a 2-D constant we
 whose estimated error stays under ``max_error`` computes uint8 x int8 -> int32:
 activations asymmetric int8 per tensor (scale and zero point from the calibrated
 range), carried as uint8 (value + 128, as x86's VNNI dot products take them), weights
-symmetric int8 per output channel. The zero-point term (zero point x the weight's channel
+symmetric int8 per output channel (within ±``weight_limit``: 127, or 63 where the backend's
+int8 instruction needs 7-bit weights, x86's AVX2 ``vpmaddubsw``, as onnxruntime's
+``reduce_range`` does for it). The zero-point term (zero point x the weight's channel
 sum) is folded into a per-channel constant, subtracted from the int32 result before it becomes
 float32 (exactly: the terms outgrow float32). Convolutions pad with the zero point (an explicit
 pad) so that borders are exact, and their input channels to a multiple of 4 (meeting zero
@@ -77,14 +79,14 @@ class Int8:
                 "max_error": self.max_error, "smooth": self.smooth}
 
 
-def _quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per channel along ``axis``: (int8 weight, float32 scale per channel)."""
+def _quantize_weight(w: np.ndarray, axis: int, limit: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per channel along ``axis``, within ±``limit``: (int8 weight, float32 scale per channel)."""
     reduce = tuple(i for i in range(w.ndim) if i != axis % w.ndim)
-    scale = np.abs(w).max(axis=reduce) / 127.0
+    scale = np.abs(w).max(axis=reduce) / float(limit)
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    q = np.clip(np.round(w / scale.reshape(shape)), -limit, limit).astype(np.int8)
     return q, scale
 
 
@@ -94,20 +96,21 @@ def _fake(x: np.ndarray, scale: float, zero: int) -> np.ndarray:
 
 @tvm.transform.module_pass(opt_level=0, name="QuantizeInt8")
 class QuantizeInt8:
-    """See the module docstring. ``report``: method, batches, quantized sites with their
-    estimated error, ``fallback`` (site -> error) and ``skipped`` (site -> reason)."""
+    """See the module docstring. ``report``: method, weight bits, batches, quantized sites with
+    their estimated error, ``fallback`` (site -> error) and ``skipped`` (site -> reason)."""
 
-    def __init__(self, config: Int8, models: Sequence[str]):
+    def __init__(self, config: Int8, models: Sequence[str], weight_limit: int = 127):
         self.config = config
         self.models = list(models)
+        self.weight_limit = weight_limit
         self.report: dict = {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         names = {gv.name_hint for gv in mod.get_global_vars()}
         funcs = {m: sites(m, mod[m]) for m in self.models if m in names and isinstance(mod[m], relax.Function)}
         funcs = {m: ss for m, ss in funcs.items() if ss}
-        rep = {"scheme": "int8", "method": self.config.method, "batches": 0, "quantized": {}, "fallback": {},
-               "skipped": {}, "smoothed": []}
+        rep = {"scheme": "int8", "method": self.config.method, "weight_bits": int(self.weight_limit).bit_length() + 1,
+               "batches": 0, "quantized": {}, "fallback": {}, "skipped": {}, "smoothed": []}
         self.report = rep
         if not funcs:
             log.warning("INT8: no convolution or matmul with a constant weight to quantize")
@@ -152,7 +155,7 @@ class QuantizeInt8:
         x = cal.first[s.key]
         if call.op.name == "relax.nn.conv2d":
             sx, zx = affine(*cal.hists[s.key].range(self.config.method, self.config.percentile))
-            wq, sw = _quantize_weight(w, 0)
+            wq, sw = _quantize_weight(w, 0, self.weight_limit)
             wd = wq.astype(np.float32) * sw.reshape(-1, 1, 1, 1)
             error = math.hypot(rel_error(x, _fake(x, sx, zx)), rel_error(w, wd))
             return {"sx": sx, "zx": zx, "wq": wq, "sw": sw, "error": error, "smooth": None}, ""
@@ -164,7 +167,7 @@ class QuantizeInt8:
                 continue
             xs, ws = (x, w) if smooth is None else (x / smooth, w * smooth[:, None])
             sx, zx = affine(*hist.range(self.config.method, self.config.percentile))
-            wq, sw = _quantize_weight(ws, 1)
+            wq, sw = _quantize_weight(ws, 1, self.weight_limit)
             error = rel_error(exact, _fake(xs, sx, zx) @ (wq.astype(np.float32) * sw))
             if best is None or error < best["error"]:
                 best = {"sx": sx, "zx": zx, "wq": wq, "sw": sw, "error": error, "smooth": smooth}

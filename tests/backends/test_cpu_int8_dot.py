@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tvm
+from tvm import te
 from tvm.target.codegen import target_has_features
 
 import smelt
-from smelt.backends import cpu_schedule
+from smelt.backends import cpu_int8_dot, cpu_schedule
 from smelt.backends.base import TargetOptions
 from smelt.backends.cpu import CPUBackend
 from smelt.examples import zoo
@@ -52,10 +54,39 @@ def test_takes_the_int8_kernels_it_can(arch):
     assert len(sites) >= 9 and set(sites.values()) == {"Int8DotTile"}, sites  # shared kernels count once
 
 
-def test_avx2_code_multiplies_int16_pairs():
+def test_avx2_code_multiplies_bytes_with_7_bit_weights():
     art = _compile("encoder", arch="haswell")
     asm = "".join(m.inspect_source("asm") for m in art.executable.mod.imports if m.kind == "llvm")
-    assert "vpmaddwd" in asm and "vpdpbusd" not in asm
+    assert "vpmaddubsw" in asm and "vpdpbusd" not in asm
+    assert art.report.quantization["weight_bits"] == 7
+    assert _compile("encoder", arch="znver4").report.quantization["weight_bits"] == 8
+
+
+def _u8_s8_matmul(m: int, k: int, n: int) -> tvm.tirx.PrimFunc:
+    a = te.placeholder((m, k), "uint8", "a")
+    w = te.placeholder((k, n), "int8", "w")
+    r = te.reduce_axis((0, k), "r")
+    c = te.compute((m, n), lambda i, j: te.sum(a[i, r].astype("int32") * w[r, j].astype("int32"), axis=r), name="c")
+    return te.create_prim_func([a, w, c]).with_attr({"global_symbol": "main", "layout_free_buffers": [1]})
+
+
+@needs_dot
+def test_extreme_products_do_not_saturate():
+    """255 x ±limit in every product (vpmaddubsw's int16 pair sums at their largest) and mixed
+    signs: the same integers as numpy."""
+    dot = cpu_int8_dot.dot_for(HOST)
+    limit = dot.weight_limit
+    rng = np.random.default_rng(0)
+    a = np.full((8, 64), 255, "uint8")
+    a[4:] = rng.integers(0, 256, (4, 64))
+    w = np.where(rng.random((64, 32)) < 0.5, limit, -limit).astype("int8")
+    w[:, :8] = limit
+    sch = cpu_int8_dot.Int8DotTile().apply(_u8_s8_matmul(8, 64, 32), HOST, False)
+    assert sch is not None
+    lib = tvm.compile(sch.mod, target=HOST)
+    out = tvm.runtime.tensor(np.zeros((8, 32), "int32"))
+    lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(w), out)
+    np.testing.assert_array_equal(out.numpy(), a.astype(np.int64) @ w.astype(np.int64))
 
 
 def test_declined_without_avx2():
