@@ -85,6 +85,10 @@ class SmallReduction(GPUScheduleRule):
             sch.compute_inline(tail)
             tail = infos[1].block_rv
         vector, threads = self._vector(sch, main, tail, pads)
+        if vector == 1:  # without vectors, the pads inline as TVM's inliner does (each load tests its bounds)
+            for pad in pads:
+                sch.compute_inline(pad.block_rv)
+            pads = []
         *outer, last = sch.get_loops(tail)
         if vector > 1:
             last, lanes = sch.split(last, [None, vector])
@@ -113,7 +117,7 @@ class SmallReduction(GPUScheduleRule):
             *window, channels = sch.get_loops(pad.block_rv)[2:]
             for loop in window:
                 sch.unroll(loop)
-            sch.vectorize(channels) if vector > 1 else sch.unroll(channels)
+            sch.vectorize(channels)
         return sch
 
     def _vector(self, sch: s_tir.Schedule, main, tail, pads) -> tuple[int, int]:
