@@ -1,0 +1,69 @@
+"""The GPU's pooling, depthwise and input-layout rules, old against new, in one process (H200).
+
+Each model is compiled at fp16 with variants of the default rules: ``old`` (SmallReduction
+without vectors, no ShortRows), ``new`` (the defaults), ``vec8`` (vectors whatever the thread
+count), ``occ8k`` (vectors down to 8192 threads), ``oldsr`` (ShortRows only); the runtimes are
+then timed in turns (7 rounds, median) and each output is compared with torch eager fp32.
+Usage: python bench/gpu_rule_ab.py resnet50:32:old+new,mobilenetv3:1:old+new+vec8
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import torch_models  # noqa: E402
+
+import smelt  # noqa: E402
+from smelt.backends import apply_default_schedules as ads  # noqa: E402
+from smelt.backends import small_reduction as sr  # noqa: E402
+from smelt.backends.short_rows import ShortRows  # noqa: E402
+
+MODELS = {"resnet50": (torch_models.resnet50, (3, 224, 224)),
+          "mobilenetv3": (torch_models.mobilenet_v3_large, (3, 224, 224))}
+VARIANTS = {"old": (dict(min_vectors=1 << 62), False), "vec8": (dict(min_vectors=0), True), "new": (dict(min_vectors=32768), True),
+            "occ8k": (dict(min_vectors=8192), True), "oldsr": (dict(min_vectors=1 << 62), True)}
+orig = ads.default_rules
+
+def rules(kw, short):
+    def f():
+        return [sr.SmallReduction(**kw) if isinstance(r, sr.SmallReduction) else r for r in orig()
+                if short or not isinstance(r, ShortRows)]
+    return f
+
+out = Path(tempfile.mkdtemp())
+for spec in sys.argv[1].split(","):
+    name, b, vs = spec.split(":")
+    ctor, shape = MODELS[name]
+    torch.manual_seed(0)
+    m = ctor().eval()
+    x = torch.randn(int(b), *shape)
+    with torch.no_grad():
+        ref = m.cuda()(x.cuda()).float().cpu().numpy()
+    rts = {}
+    for v in vs.split("+"):
+        ads.default_rules = rules(*VARIANTS[v])
+        art = smelt.compile([(m.cpu(), (x,))], target="cuda", names=[name], precision="float16")
+        art.save(out / f"{name}{b}{v}", force=True)
+        rts[v] = smelt.load(out / f"{name}{b}{v}")
+    ads.default_rules = orig
+    xn = x.numpy()
+    times = {v: [] for v in rts}
+    for rt in rts.values():
+        inp = rt.models[name].inputs[0].name
+        y = rt.run(name, **{inp: xn})
+    for _ in range(7):
+        for v, rt in rts.items():
+            inp = rt.models[name].inputs[0].name
+            times[v].append(statistics.median(rt.time(name, number=20, repeat=3, **{inp: xn})) * 1e3)
+    for v, rt in rts.items():
+        inp = rt.models[name].inputs[0].name
+        y = rt.run(name, **{inp: xn})
+        y = np.asarray(y[0] if isinstance(y, (list, tuple)) else y, dtype="float64")
+        rel = np.abs(y - ref).max() / np.abs(ref).max()
+        print(f"{spec:16s} {v:8s} {statistics.median(times[v]):.4f} ms  rel err {rel:.2e}", flush=True)
