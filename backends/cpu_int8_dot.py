@@ -38,8 +38,8 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
 
-from .cpu_schedule import (_STACK_BYTES, _schedule_root, _vectorize_split, loop_extents, open_reduction,
-                           plan_register_tile, split_register_tile, vector_lanes)
+from .cpu_schedule import (_schedule_root, _vectorize_split, loop_extents, open_reduction, plan_register_tile,
+                           row_vector_width, split_register_tile, vector_lanes)
 
 
 # What the instructions compute, ``lanes`` int32 sums of ``depth`` products: TVM's
@@ -191,9 +191,7 @@ class Int8DotTile(ScheduleRule):
         first, row_axis, row_ext, (rows, width) = plan_register_tile(
             sch, block, n_s, extents, epilogue, target, lanes, dot.accumulators, width=vectors * lanes, tails=False)
         if rows == 1:  # one row (a matrix-vector product): the accumulators go along the width
-            groups = n_ext // lanes
-            width = lanes * max(m for m in range(1, min(dot.accumulators, (_STACK_BYTES - 1) // (lanes * 4)) + 1)
-                                if groups % m == 0)
+            width = row_vector_width(n_ext, lanes, dot.accumulators, 4)
 
         # W as [N / lanes, ..., K / depth, lanes, depth], repacked once at compile time
         # (SplitLayoutRewritePreproc).

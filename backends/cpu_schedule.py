@@ -186,11 +186,7 @@ class TileReduction(ScheduleRule):
             sch, block, n_s, extents, epilogue, target, lanes, _accumulators(target))
         vec = min(width, lanes)  # lanes of one vector op
         if rows == 1 and vec > 1 and width_ext % vec == 0:
-            # One row (a matrix-vector product): the accumulators go along the width instead.
-            # With one or two, each waited on the last FMA of the reduction: the classifier
-            # 960 -> 1000 of MobileNet (8-lane tiles, 960 FMAs in a chain) ran at 25 GFLOP/s.
-            most = min(_accumulators(target), (_STACK_BYTES - 1) // (vec * out_bytes))
-            width = vec * max(m for m in range(1, most + 1) if (width_ext // vec) % m == 0)
+            width = row_vector_width(width_ext, vec, _accumulators(target), out_bytes)
 
         free = {int(i) for i in func.attrs.get("layout_free_buffers", [])} if func.attrs is not None else set()
         if free and width > 1:
@@ -251,6 +247,15 @@ def plan_register_tile(sch, block, n_s: int, extents: list, epilogue: list, targ
         if fused_tile != best or row_ext % best[0]:
             first, row_ext, best = fused, fused_ext, fused_tile
     return first, row_axis, row_ext, best
+
+
+def row_vector_width(width_ext: int, vec: int, accumulators: int, out_bytes: int) -> int:
+    """The width of a one-row tile (a matrix-vector product): as many ``vec``-lane accumulators
+    as the registers and ``_STACK_BYTES`` hold, a number that divides ``width_ext / vec``. With one
+    or two, each waited on the last FMA of the reduction: the classifier 960 -> 1000 of MobileNet
+    (8-lane tiles, 960 FMAs in a chain) ran at 25 GFLOP/s."""
+    most = min(accumulators, (_STACK_BYTES - 1) // (vec * out_bytes))
+    return vec * max(m for m in range(1, most + 1) if (width_ext // vec) % m == 0)
 
 
 def split_register_tile(sch, block, writeback, n_s: int, first: int, row_axis: int | None, row_ext: int,

@@ -30,7 +30,6 @@ from ..passes.mutate import static_ints
 from .rule_blocks import VECTOR_BYTES, dividing_threads, one_spatial_block
 
 
-
 class ShortRows(GPUScheduleRule):
     """See the module docstring."""
 
