@@ -4,10 +4,13 @@ Each model is compiled at fp16 with variants of the default rules: ``old`` (Smal
 without vectors, no ShortRows), ``new`` (the defaults), ``vec8`` (vectors whatever the thread
 count), ``occ8k`` (vectors down to 8192 threads), ``oldsr`` (ShortRows only); the runtimes are
 then timed in turns (7 rounds, median) and each output is compared with torch eager fp32.
-Usage: python bench/gpu_rule_ab.py resnet50:32:old+new,mobilenetv3:1:old+new+vec8
+With ``--kernels N``, each variant also runs under CUPTI (bench/gpu_kernels.py) and the N kernels
+whose time moved most between the first variant and each other one are printed.
+Usage: python bench/gpu_rule_ab.py resnet50:32:old+new,mobilenetv3:1:old+new+vec8 [--kernels 15]
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -18,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import torch_models  # noqa: E402
+from gpu_kernels import kernels  # noqa: E402
 
 import smelt  # noqa: E402
 from smelt.backends import apply_default_schedules as ads  # noqa: E402
@@ -36,8 +40,16 @@ def rules(kw, short):
                 if short or not isinstance(r, ShortRows)]
     return f
 
+ap = argparse.ArgumentParser()
+ap.add_argument("specs", help="comma-separated MODEL:BATCH:VARIANT+VARIANT...")
+ap.add_argument("--kernels", type=int, default=0, help="print the N kernels that moved most")
+ap.add_argument("--onnx", help="also export each model (float32, at its batch) to ONNX into this folder")
+ap.add_argument("--source", help="write each variant's CUDA source into this folder")
+args = ap.parse_args()
 out = Path(tempfile.mkdtemp())
-for spec in sys.argv[1].split(","):
+if args.onnx:
+    Path(args.onnx).mkdir(parents=True, exist_ok=True)
+for spec in args.specs.split(","):
     name, b, vs = spec.split(":")
     ctor, shape = MODELS[name]
     torch.manual_seed(0)
@@ -45,12 +57,21 @@ for spec in sys.argv[1].split(","):
     x = torch.randn(int(b), *shape)
     with torch.no_grad():
         ref = m.cuda()(x.cuda()).float().cpu().numpy()
+    if args.onnx:
+        torch.onnx.export(m.cpu(), (x,), f"{args.onnx}/{name}{b}.onnx", dynamo=False)
     rts = {}
     for v in vs.split("+"):
         ads.default_rules = rules(*VARIANTS[v])
         art = smelt.compile([(m.cpu(), (x,))], target="cuda", names=[name], precision="float16")
         art.save(out / f"{name}{b}{v}", force=True)
         rts[v] = smelt.load(out / f"{name}{b}{v}")
+        if args.source:
+            mods = [art.executable.mod]
+            for mod in mods:  # grows while walked: every import, at any depth
+                mods.extend(mod.imports)
+            Path(args.source).mkdir(parents=True, exist_ok=True)
+            (Path(args.source) / f"{name}{b}{v}.cu").write_text(
+                "".join(mod.inspect_source("cuda") for mod in mods if mod.kind == "cuda"))
     ads.default_rules = orig
     xn = x.numpy()
     times = {v: [] for v in rts}
@@ -67,3 +88,15 @@ for spec in sys.argv[1].split(","):
         y = np.asarray(y[0] if isinstance(y, (list, tuple)) else y, dtype="float64")
         rel = np.abs(y - ref).max() / np.abs(ref).max()
         print(f"{spec:16s} {v:8s} {statistics.median(times[v]):.4f} ms  rel err {rel:.2e}", flush=True)
+    if args.kernels:
+        prof = {}
+        for v, rt in rts.items():
+            dargs = rt.device_args(name, {rt.models[name].inputs[0].name: xn})
+            prof[v] = {key: ms for key, ms, _ in kernels(lambda: rt.vm[name](*dargs), reps=10)["rows"]}
+        first, *rest = prof
+        for v in rest:
+            keys = sorted(set(prof[first]) | set(prof[v]),
+                          key=lambda k: -abs(prof[v].get(k, 0) - prof[first].get(k, 0)))
+            print(f"  kernels {first} -> {v}: total {sum(prof[first].values()):.4f} -> {sum(prof[v].values()):.4f} ms")
+            for k in keys[:args.kernels]:
+                print(f"  {prof[first].get(k, 0):8.4f} {prof[v].get(k, 0):8.4f} ms  {k[:110]}", flush=True)
