@@ -13,9 +13,13 @@ innermost output axis (the channels of an NHWC depthwise conv), so neighbouring 
 read neighbouring addresses. Where the shapes are static, the channels hold whole vectors
 and the padded input is read along them, a thread takes 16 bytes of channels (8 at fp16):
 its window comes into registers as one vector load per position (a padded position is the
-pad value, never a load) and its result leaves as one vector store. Vectors shrink (to 2
-channels, then to none) while the kernel would have fewer than ``min_vectors`` threads,
-which keeps small batch-1 layers spread over the GPU.
+pad value, never a load), so do the window's weights where they too run along the
+channels (HWIO, ``ConvertConvLayout``'s depthwise layout on GPUs), and its result leaves
+as one vector store. Vectors shrink (to 2 channels, then to none) while the kernel would
+have fewer than ``min_vectors`` threads, which keeps small batch-1 layers spread over the
+GPU, or while the windows in registers would take more than ``max_window_bytes`` per
+thread (a 5x5 window of fp16 inputs and weights at 8 channels: 800 bytes, 200 registers,
+one thread block per SM).
 
 Why not dlight: its ``GeneralReduction`` rule gives every output element a thread block
 that reduces across threads: for the 9 products of a 3x3 depthwise conv that is one busy
@@ -50,6 +54,21 @@ def _is_padding(sch: s_tir.Schedule, info) -> bool:
         isinstance(store.value, tvm.ir.expr.Call) and store.value.op.same_as(_IF_THEN_ELSE)
 
 
+def _along_channels(block, read) -> bool:
+    """Whether ``block``'s ``read`` takes one element per output channel along its innermost axis."""
+    channel = [iv.var for iv in block.iter_vars if iv.iter_type != tirx.IterVar.CommReduce][-1]
+    return read.region[-1].min.same_as(channel) and static_ints([read.region[-1].extent]) == [1]
+
+
+def _channel_operands(sch: s_tir.Schedule, main, pads: list) -> list[int]:
+    """The indices of ``main``'s reads, pads' outputs aside, that run along its output channels
+    (``_along_channels``): a depthwise conv's HWIO weights, ``[kh, kw, 0, c]``."""
+    block = sch.get(main)
+    padded = [sch.get(pad.block_rv).writes[0].source for pad in pads]
+    return [i for i, r in enumerate(block.reads)
+            if not any(r.source.same_as(p) for p in padded) and _along_channels(block, r)]
+
+
 def _inline_all_but_padding(sch: s_tir.Schedule, infos: list) -> list:
     """dlight's ``try_inline`` on every block but the pads, which stay blocks of their own."""
     pads = [info for info in infos if _is_padding(sch, info)]
@@ -59,8 +78,10 @@ def _inline_all_but_padding(sch: s_tir.Schedule, infos: list) -> list:
 class SmallReduction(GPUScheduleRule):
     """See the module docstring."""
 
-    def __init__(self, max_extent: int = 64, threads: int = 256, min_vectors: int = 32768):
+    def __init__(self, max_extent: int = 64, threads: int = 256, min_vectors: int = 32768,
+                 max_window_bytes: int = 400):
         self.max_extent, self.threads, self.min_vectors = max_extent, threads, min_vectors
+        self.max_window_bytes = max_window_bytes
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         """The schedule of ``func`` for ``target``, or None where the rule does not apply."""
@@ -118,7 +139,21 @@ class SmallReduction(GPUScheduleRule):
             for loop in window:
                 sch.unroll(loop)
             sch.vectorize(channels)
+        if vector > 1:
+            self._cache_vector_operands(sch, main, tx, _channel_operands(sch, main, pads))
         return sch
+
+    @staticmethod
+    def _cache_vector_operands(sch: s_tir.Schedule, main, tx, operands: list[int]) -> None:
+        """Each of ``main``'s reads ``operands`` (``_channel_operands``) comes into registers a
+        vector at a time, once per thread, before the window loops."""
+        for index in reversed(operands):  # a cache_read leaves the earlier read indices as they are
+            cache = sch.cache_read(main, index, "local")
+            sch.compute_at(cache, tx, preserve_unit_loops=True)
+            *window, lanes = sch.get_loops(cache)[2:]
+            for loop in window:
+                sch.unroll(loop)
+            sch.vectorize(lanes)
 
     def _vector(self, sch: s_tir.Schedule, main, tail, pads) -> tuple[int, int]:
         """Channels and threads per block: 16 bytes of the widest padded input or output, where the
@@ -128,16 +163,19 @@ class SmallReduction(GPUScheduleRule):
         extents = static_ints([sch.get(lp).extent for lp in sch.get_loops(tail)])
         if len(pads) != 1 or extents is None:
             return scalar
+        block = sch.get(main)
         out, src = sch.get(tail).writes[0].source, sch.get(pads[0].block_rv).writes[0].source
+        read = next((r for r in block.reads if r.source.same_as(src)), None)
+        if read is None or not _along_channels(block, read):
+            return scalar
+        # Registers per vector lane: the window of the padded input and of each channel operand.
+        window = math.prod(int(iv.dom.extent) for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce)
+        window_bytes = window * tvm.DataType(str(src.dtype)).bits // 8 * (1 + len(_channel_operands(sch, main, pads)))
         vector = VECTOR_BYTES * 8 // max(tvm.DataType(str(b.dtype)).bits for b in (out, src))
-        while vector > 1 and (extents[-1] % vector or math.prod(extents) // vector < self.min_vectors):
+        while vector > 1 and (extents[-1] % vector or math.prod(extents) // vector < self.min_vectors
+                              or vector * window_bytes > self.max_window_bytes):
             vector //= 2
         if vector == 1:
-            return scalar
-        block = sch.get(main)
-        spatial = [iv.var for iv in block.iter_vars if iv.iter_type != tirx.IterVar.CommReduce]
-        region = next((r.region for r in block.reads if r.source.same_as(src)), None)
-        if region is None or not region[-1].min.same_as(spatial[-1]) or static_ints([region[-1].extent]) != [1]:
             return scalar
         threads = dividing_threads(math.prod(extents) // vector, self.threads)
         return scalar if threads is None else (vector, threads)

@@ -1,8 +1,10 @@
 """The GPU's pooling, depthwise and input-layout rules, old against new, in one process (H200).
 
-Each model is compiled at fp16 with variants of the default rules: ``old`` (SmallReduction
-without vectors, no ShortRows), ``new`` (the defaults), ``vec8`` (vectors whatever the thread
-count), ``occ8k`` (vectors down to 8192 threads), ``oldsr`` (ShortRows only); the runtimes are
+Each model is compiled at fp16 with variants of the defaults (``VARIANTS``): ``old`` (SmallReduction
+without vectors, no ShortRows, depthwise weights OHWI), ``new`` (the defaults), ``scalar`` (no vectors),
+``ohwi`` (vectors, OHWI weights), ``wide``/``narrow`` (no / a tighter register budget for windows),
+``vec8`` (vectors whatever the thread count), ``occ8k`` (vectors down to 8192 threads), ``oldsr``
+(ShortRows only); the runtimes are
 then timed in turns (7 rounds, median) and each output is compared with torch eager fp32.
 With ``--kernels N``, each variant also runs under CUPTI (bench/gpu_kernels.py) and the N kernels
 whose time moved most between the first variant and each other one are printed.
@@ -26,19 +28,36 @@ from gpu_kernels import kernels  # noqa: E402
 import smelt  # noqa: E402
 from smelt.backends import apply_default_schedules as ads  # noqa: E402
 from smelt.backends import small_reduction as sr  # noqa: E402
+from smelt.backends.cuda import CUDABackend  # noqa: E402
 from smelt.backends.short_rows import ShortRows  # noqa: E402
+from smelt.passes.convert_conv_layout import ConvertConvLayout  # noqa: E402
 
 MODELS = {"resnet50": (torch_models.resnet50, (3, 224, 224)),
           "mobilenetv3": (torch_models.mobilenet_v3_large, (3, 224, 224))}
-VARIANTS = {"old": (dict(min_vectors=1 << 62), False), "vec8": (dict(min_vectors=0), True), "new": (dict(min_vectors=32768), True),
-            "occ8k": (dict(min_vectors=8192), True), "oldsr": (dict(min_vectors=1 << 62), True)}
+# name: (SmallReduction's arguments, ShortRows on, depthwise weights HWIO)
+VARIANTS = {"old": (dict(min_vectors=1 << 62), False, False), "scalar": (dict(min_vectors=1 << 62), True, True),
+            "new": ({}, True, True), "ohwi": ({}, True, False),
+            "wide": (dict(max_window_bytes=1 << 30), True, True), "narrow": (dict(max_window_bytes=288), True, True),
+            "vec8": (dict(min_vectors=0), True, True), "occ8k": (dict(min_vectors=8192), True, True),
+            "oldsr": (dict(min_vectors=1 << 62), True, False)}
 orig = ads.default_rules
+orig_prelegalize = CUDABackend.prelegalize_passes
 
-def rules(kw, short):
-    def f():
+
+def use(kw, short, hwio):
+    """Make the defaults the variant's: its SmallReduction, ShortRows or not, its depthwise weight layout."""
+    def rules():
         return [sr.SmallReduction(**kw) if isinstance(r, sr.SmallReduction) else r for r in orig()
                 if short or not isinstance(r, ShortRows)]
-    return f
+
+    def prelegalize(self, target):
+        passes = orig_prelegalize(self, target)
+        for p in passes:
+            if isinstance(p, ConvertConvLayout) and not hwio:
+                p.depthwise_kernel_layout = p.kernel_layout
+        return passes
+    ads.default_rules = rules
+    CUDABackend.prelegalize_passes = prelegalize
 
 ap = argparse.ArgumentParser()
 ap.add_argument("specs", help="comma-separated MODEL:BATCH:VARIANT+VARIANT...")
@@ -61,7 +80,7 @@ for spec in args.specs.split(","):
         torch.onnx.export(m.cpu(), (x,), f"{args.onnx}/{name}{b}.onnx", dynamo=False)
     rts = {}
     for v in vs.split("+"):
-        ads.default_rules = rules(*VARIANTS[v])
+        use(*VARIANTS[v])
         art = smelt.compile([(m.cpu(), (x,))], target="cuda", names=[name], precision="float16")
         art.save(out / f"{name}{b}{v}", force=True)
         rts[v] = smelt.load(out / f"{name}{b}{v}")
@@ -72,7 +91,7 @@ for spec in args.specs.split(","):
             Path(args.source).mkdir(parents=True, exist_ok=True)
             (Path(args.source) / f"{name}{b}{v}.cu").write_text(
                 "".join(mod.inspect_source("cuda") for mod in mods if mod.kind == "cuda"))
-    ads.default_rules = orig
+    ads.default_rules, CUDABackend.prelegalize_passes = orig, orig_prelegalize
     xn = x.numpy()
     times = {v: [] for v in rts}
     for rt in rts.values():

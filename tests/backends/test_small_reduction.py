@@ -20,9 +20,12 @@ from .test_tensorcore_matmul import TARGET, _one_kernel, fused_conv, fused_matmu
 REL_TOL = 1e-2
 
 
-def depthwise(x_shape=(2, 20, 20, 72), k=3, stride=1):
+def depthwise(x_shape=(2, 20, 20, 72), k=3, stride=1, kernel_layout="HWIO"):
+    """A depthwise conv as the CUDA pipeline makes it (weights HWIO, ``ConvertConvLayout``), or in OHWI."""
     c = x_shape[-1]
-    return fused_conv(x_shape, (c, k, k, 1), stride=stride, padding=k // 2, groups=c, out_dtype="float32")
+    w_shape = (k, k, 1, c) if kernel_layout == "HWIO" else (c, k, k, 1)
+    return fused_conv(x_shape, w_shape, stride=stride, padding=k // 2, groups=c, out_dtype="float32",
+                      layout=("NHWC", kernel_layout))
 
 
 def max_pool(x_shape=(2, 20, 20, 64), layout="NHWC"):
@@ -72,7 +75,21 @@ def test_one_thread_per_output_with_the_window_unrolled(func, requires_cuda_comp
 def test_large_kernels_load_each_window_position_as_one_vector(func, loads, lanes, requires_cuda_compiler):
     code = cuda_source(func, min_vectors=4096)
     assert code.count(f"= *({lanes}*)(x_ptr") == loads
+    assert code.count(f"= *({lanes}*)(w_ptr") in (0, loads)  # the weights too, where there are any
     assert f"*({lanes}*)(compute" in code or f"*({lanes}*)(pool_max_ptr" in code  # one vector store
+
+
+def test_weights_across_the_channels_stay_scalar_loads(requires_cuda_compiler):
+    # OHWI: a thread's 8 channels have their weights 9 elements apart, no vector
+    code = cuda_source(depthwise((32, 56, 56, 72), kernel_layout="OHWI"))
+    assert code.count("= *(uint4*)(x_ptr") == 9 and "*(uint4*)(w_ptr" not in code
+
+
+@pytest.mark.parametrize("budget, lanes", [(400, "half4"), (288, "half2"), (800, "uint4")])
+def test_vectors_narrow_while_the_windows_exceed_the_register_budget(budget, lanes, requires_cuda_compiler):
+    # 5x5 of input and weights: 100 bytes a channel
+    code = cuda_source(depthwise((32, 14, 14, 480), k=5), max_window_bytes=budget)
+    assert code.count(f"= *({lanes}*)(x_ptr") == 25 and code.count(f"= *({lanes}*)(w_ptr") == 25
 
 
 @pytest.mark.parametrize("func", [max_pool(), max_pool((2, 64, 20, 20), layout="NCHW"), depthwise((2, 20, 20, 12))],
@@ -114,10 +131,11 @@ VECTORS = pytest.mark.parametrize("min_vectors", [32768, 0], ids=["scalar", "vec
 
 @pytest.mark.cuda
 @VECTORS
+@pytest.mark.parametrize("kernel_layout", ["HWIO", "OHWI"])
 @pytest.mark.parametrize("k, stride", [(3, 1), (5, 2)])
-def test_depthwise_matches_numpy_on_gpu(k, stride, min_vectors, rng):
+def test_depthwise_matches_numpy_on_gpu(k, stride, kernel_layout, min_vectors, rng):
     x = rng.standard_normal((2, 20, 20, 72)).astype("float16")
-    w = rng.standard_normal((72, k, k, 1)).astype("float16")
+    w = rng.standard_normal((72, k, k, 1)).astype("float16")  # OHWI
     b = rng.standard_normal((1, 1, 1, 72)).astype("float16")
     pad = k // 2
     xp = np.pad(x.astype("float64"), [(0, 0), (pad, pad), (pad, pad), (0, 0)])
@@ -127,7 +145,8 @@ def test_depthwise_matches_numpy_on_gpu(k, stride, min_vectors, rng):
         for j in range(k):
             ref += xp[:, i:i + stride * (o - 1) + 1:stride, j:j + stride * (o - 1) + 1:stride] * w[:, i, j, 0]
     ref = np.maximum(ref + b, 0)
-    y = _run(depthwise(k=k, stride=stride), [x, w, b], ref.shape, min_vectors=min_vectors)
+    wl = w.transpose(1, 2, 3, 0).copy() if kernel_layout == "HWIO" else w
+    y = _run(depthwise(k=k, stride=stride, kernel_layout=kernel_layout), [x, wl, b], ref.shape, min_vectors=min_vectors)
     assert np.abs(y - ref).max() <= REL_TOL * np.abs(ref).max()
 
 

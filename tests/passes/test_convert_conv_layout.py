@@ -55,3 +55,27 @@ def test_pad_moves_to_the_new_layout_without_transposes():
     assert float(pad.attrs.pad_value) == 7.0
     x = (np.random.default_rng(1).standard_normal((1, 4, 6, 5)) * 20).astype("float32")
     np.testing.assert_array_equal(_run(after, x), _run(before, x))
+
+
+def test_depthwise_convs_take_their_own_kernel_layout():
+    """The CUDA choice: depthwise convs HWIO (a thread's channels have contiguous weights), others OHWI."""
+    rng = np.random.default_rng(0)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 8, 7, 7), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(rng.standard_normal((8, 1, 3, 3)).astype("float32")),
+                                           padding=1, groups=8))
+            y = bb.emit(relax.op.nn.conv2d(y, relax.const(rng.standard_normal((4, 2, 3, 3)).astype("float32")),
+                                           padding=1, groups=4))  # grouped, not depthwise
+            out = bb.emit_output(bb.emit(relax.op.nn.conv2d(y, relax.const(
+                rng.standard_normal((6, 4, 1, 1)).astype("float32")))))
+        bb.emit_func_output(out)
+    before = bb.get()
+    after = ConvertConvLayout("NHWC", "OHWI", depthwise_kernel_layout="HWIO")(before)
+    convs = [b.value.attrs for b in after["main"].body.blocks[0].bindings
+             if isinstance(b.value, relax.Call) and b.value.op.name == "relax.nn.conv2d"]
+    assert [(str(a.data_layout), str(a.kernel_layout), int(a.groups)) for a in convs] == \
+        [("NHWC", "HWIO", 8), ("NHWC", "OHWI", 4), ("NHWC", "OHWI", 1)]
+    xv = np.random.default_rng(1).standard_normal((2, 8, 7, 7)).astype("float32")
+    np.testing.assert_allclose(_run(after, xv), _run(before, xv), rtol=1e-5, atol=1e-5)
