@@ -110,9 +110,9 @@ class CUDABackend:
         # Norms and means read their float16 input and cast it themselves (a GEMM's epilogue would
         # otherwise have taken that cast), once the layout is converted (a mean in a kernel of its
         # own is no op the conversion knows: it would keep NCHW behind a transpose).
-        # Depthwise convs take HWIO weights: a thread's channels then have contiguous weights.
-        return [LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI", depthwise_kernel_layout="HWIO"),
-                FuseNormInputCasts()] + \
+        # Depthwise convs stay OHWI too (a thread per channel in SmallReduction); the ``hwio`` variant
+        # of bench/gpu_rule_ab.py times HWIO weights with 8-channel threads against that.
+        return [LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI"), FuseNormInputCasts()] + \
             ([DispatchCublasLt()] if _uses(target, CUBLASLT) else []) + \
             ([DispatchCudnn()] if _uses(target, CUDNN) else []) + [
             SplitKMatmul(min_tiles=FULL_WAVE // 2, tile=SMALL_TILE.block_m), FuseOperandViews()]

@@ -13,9 +13,9 @@ innermost output axis (the channels of an NHWC depthwise conv), so neighbouring 
 read neighbouring addresses. Where the shapes are static, the channels hold whole vectors
 and the padded input is read along them, a thread takes 16 bytes of channels (8 at fp16):
 its window comes into registers as one vector load per position (a padded position is the
-pad value, never a load), so do the window's weights where they too run along the
-channels (HWIO, ``ConvertConvLayout``'s depthwise layout on GPUs), and its result leaves
-as one vector store. Vectors shrink (to 2 channels, then to none) while the kernel would
+pad value, never a load), so do the window's weights, and its result leaves as one vector
+store. Weights must run along the channels too (HWIO, ``ConvertConvLayout``'s
+``depthwise_kernel_layout``); in OHWI the kernel keeps a thread per channel. Vectors shrink (to 2 channels, then to none) while the kernel would
 have fewer than ``min_vectors`` threads, which keeps small batch-1 layers spread over the
 GPU, or while the windows in registers would take more than ``max_window_bytes`` per
 thread (a 5x5 window of fp16 inputs and weights at 8 channels: 800 bytes, 200 registers,
@@ -166,7 +166,11 @@ class SmallReduction(GPUScheduleRule):
         block = sch.get(main)
         out, src = sch.get(tail).writes[0].source, sch.get(pads[0].block_rv).writes[0].source
         read = next((r for r in block.reads if r.source.same_as(src)), None)
-        if read is None or not _along_channels(block, read):
+        if read is None or not _along_channels(block, read) or \
+                len(_channel_operands(sch, main, pads)) != len(block.reads) - 1:
+            # An operand across the channels (OHWI weights) would be gathered, a scalar load per
+            # lane: on an H200 MobileNetV3's 480- to 960-channel depthwise convs then ran 2.0 to
+            # 2.3 times slower with 8-channel threads than with a thread per channel.
             return scalar
         # Registers per vector lane: the window of the padded input and of each channel operand.
         window = math.prod(int(iv.dom.extent) for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce)

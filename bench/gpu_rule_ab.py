@@ -1,8 +1,8 @@
 """The GPU's pooling, depthwise and input-layout rules, old against new, in one process (H200).
 
 Each model is compiled at fp16 with variants of the defaults (``VARIANTS``): ``old`` (SmallReduction
-without vectors, no ShortRows, depthwise weights OHWI), ``new`` (the defaults), ``scalar`` (no vectors),
-``ohwi`` (vectors, OHWI weights), ``wide``/``narrow`` (no / a tighter register budget for windows),
+without vectors, no ShortRows), ``new`` (the defaults), ``hwio`` (depthwise weights HWIO, so their
+convs take vectors too), ``wide``/``narrow`` (hwio with no / a tighter register budget for windows),
 ``vec8`` (vectors whatever the thread count), ``occ8k`` (vectors down to 8192 threads), ``oldsr``
 (ShortRows only); the runtimes are
 then timed in turns (7 rounds, median) and each output is compared with torch eager fp32.
@@ -35,11 +35,10 @@ from smelt.passes.convert_conv_layout import ConvertConvLayout  # noqa: E402
 MODELS = {"resnet50": (torch_models.resnet50, (3, 224, 224)),
           "mobilenetv3": (torch_models.mobilenet_v3_large, (3, 224, 224))}
 # name: (SmallReduction's arguments, ShortRows on, depthwise weights HWIO)
-VARIANTS = {"old": (dict(min_vectors=1 << 62), False, False), "scalar": (dict(min_vectors=1 << 62), True, True),
-            "new": ({}, True, True), "ohwi": ({}, True, False),
-            "wide": (dict(max_window_bytes=1 << 30), True, True), "narrow": (dict(max_window_bytes=288), True, True),
-            "vec8": (dict(min_vectors=0), True, True), "occ8k": (dict(min_vectors=8192), True, True),
-            "oldsr": (dict(min_vectors=1 << 62), True, False)}
+VARIANTS = {"old": (dict(min_vectors=1 << 62), False, False), "new": ({}, True, False),
+            "hwio": ({}, True, True), "wide": (dict(max_window_bytes=1 << 30), True, True),
+            "narrow": (dict(max_window_bytes=288), True, True), "vec8": (dict(min_vectors=0), True, False),
+            "occ8k": (dict(min_vectors=8192), True, False), "oldsr": (dict(min_vectors=1 << 62), True, False)}
 orig = ads.default_rules
 orig_prelegalize = CUDABackend.prelegalize_passes
 
@@ -53,8 +52,8 @@ def use(kw, short, hwio):
     def prelegalize(self, target):
         passes = orig_prelegalize(self, target)
         for p in passes:
-            if isinstance(p, ConvertConvLayout) and not hwio:
-                p.depthwise_kernel_layout = p.kernel_layout
+            if isinstance(p, ConvertConvLayout):
+                p.depthwise_kernel_layout = "HWIO" if hwio else p.kernel_layout
         return passes
     ads.default_rules = rules
     CUDABackend.prelegalize_passes = prelegalize

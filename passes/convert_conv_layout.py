@@ -21,13 +21,10 @@ and the weights, a multiple of the vector length in every common CNN, so the def
 CPU schedule vectorizes it with contiguous loads; in NCHW the innermost axis is the
 image width (7, 14, 28, 56), which vectors do not fit.
 
-Why HWIO for depthwise convs on GPUs (where other convs take OHWI, the layout of cuDNN and
-cuBLASLt): a thread of ``SmallReduction`` computes 8 neighbouring channels, and their 8
-weights at one window position are then 16 contiguous bytes, one vector load; in OHWI
-they lie ``kh*kw`` elements apart, 8 scalar loads, 32 cache lines per warp instruction.
-On an H200 the four 3x3 and 5x5 depthwise convs of MobileNetV3 at 480 to 960 channels
-ran 2.0 to 2.3 times slower with 8-channel threads on OHWI weights than with a thread
-per channel.
+Why a layout of their own for depthwise convs: ``SmallReduction`` gives a GPU thread 8
+neighbouring channels only where their weights at one window position are 16 contiguous
+bytes (HWIO), one vector load; in OHWI, the layout of cuDNN and cuBLASLt, they lie
+``kh*kw`` elements apart, 8 scalar loads, and the thread keeps one channel.
 """
 
 from __future__ import annotations
