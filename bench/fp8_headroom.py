@@ -14,8 +14,12 @@ For every conv of ResNet-50 (NHWC, batch ``--batch``) it times, with CUDA events
 and sums the layers, each as often as the network has it. The FP8 column is the speed FP8
 convolutions with fused epilogues would approach if activations stayed FP8 between layers
 (a separate quantize kernel per layer would add its traffic; not counted here).
+With ``--cutlass PROBE`` (bench/cutlass_conv_probe.cu, built), each layer also runs as CUTLASS's
+Hopper implicit-GEMM conv with bias, residual and ReLU fused, FP8 E4M3 in and fp16 or FP8 out,
+and INT8 in, fp16 out; the faster of its two tile shapes is shown, and its error against an
+fp32 reference of the same quantized inputs.
 The stem (K = 147) and the classifier are left out; ``--json`` writes the rows.
-Usage: python bench/fp8_headroom.py [--batch 32] [--repeat 50] [--json out.json]
+Usage: python bench/fp8_headroom.py [--batch 32] [--repeat 50] [--cutlass ./probe] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 
 import torch
 
@@ -93,27 +98,55 @@ def measure(r: dict, repeat: int) -> dict:
     return dict(r, conv_fp16_ms=conv, gemm_fp16_ms=gemm16, gemm_fp8_ms=gemm8, fp8_rel_err=err)
 
 
+CUTLASS_VARIANTS = ("e4m3->f16", "e4m3->e4m3", "s8->f16")
+
+
+def cutlass_times(probe: str, rows: list[dict]) -> None:
+    """Adds to each row the probe's best time (ms, over its tiles) and error for each variant."""
+    layers = [f"{r['batch']},{r['h']},{r['c_in']},{r['c_out']},{r['k']},{r['stride']}" for r in rows]
+    out = subprocess.run([probe, *layers], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{probe} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+    for line in out.stdout.splitlines():
+        index, variant, tile, ms, err = line.split()
+        r, ms = rows[int(index)], float(ms)
+        best = r.setdefault("cutlass", {}).get(variant)
+        if ms > 0 and (best is None or ms < best["ms"]):
+            r["cutlass"][variant] = dict(ms=ms, tile=tile, rel_err=float(err))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=50)
+    ap.add_argument("--cutlass", metavar="PROBE", help="bench/cutlass_conv_probe.cu, built: time CUTLASS's convs too")
     ap.add_argument("--json")
     args = ap.parse_args()
     rows = [measure(r, args.repeat) for r in resnet50_convs(args.batch)]
+    variants = CUTLASS_VARIANTS if args.cutlass else ()
+    if args.cutlass:
+        cutlass_times(args.cutlass, rows)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, median ms of "
           f"{args.repeat} calls per layer")
     print(f"{'layer':>28} {'count':>5} {'GFLOP':>7} {'conv fp16':>10} {'gemm fp16':>10} {'gemm fp8':>9}"
-          f" {'fp8 TFLOP/s':>11} {'fp8 err':>8}")
+          f" {'fp8 TFLOP/s':>11} {'fp8 err':>8}" + "".join(f" {v:>20}" for v in variants))
+
+    def cut(r, v):
+        c = r.get("cutlass", {}).get(v)
+        return f" {c['ms']:9.4f} ({c['rel_err']:7.1e})" if c else f" {'-':>20}"
     for r in rows:
         name = f"{r['h']}² {r['c_in']}->{r['c_out']} {r['k']}x{r['k']}/{r['stride']}"
         print(f"{name:>28} {r['count']:>5} {r['gflop']:7.2f} {r['conv_fp16_ms']:10.4f} {r['gemm_fp16_ms']:10.4f} "
-              f"{r['gemm_fp8_ms']:9.4f} {r['gflop'] / r['gemm_fp8_ms']:11.0f} {r['fp8_rel_err']:8.1e}")
+              f"{r['gemm_fp8_ms']:9.4f} {r['gflop'] / r['gemm_fp8_ms']:11.0f} {r['fp8_rel_err']:8.1e}"
+              + "".join(cut(r, v) for v in variants))
     for kind in ("1x1", "3x3"):
         sel = [r for r in rows if f"{r['k']}x{r['k']}" == kind]
         tot = {c: sum(r[c] * r["count"] for r in sel) for c in ("conv_fp16_ms", "gemm_fp16_ms", "gemm_fp8_ms")}
+        cuts = "".join(f" {sum(r['cutlass'][v]['ms'] * r['count'] for r in sel):9.4f}{'':11}"
+                       if all(v in r.get("cutlass", {}) for r in sel) else f" {'-':>20}" for v in variants)
         print(f"{kind + ' convs, in all':>28} {sum(r['count'] for r in sel):>5} "
               f"{sum(r['gflop'] * r['count'] for r in sel):7.1f} {tot['conv_fp16_ms']:10.4f} "
-              f"{tot['gemm_fp16_ms']:10.4f} {tot['gemm_fp8_ms']:9.4f}")
+              f"{tot['gemm_fp16_ms']:10.4f} {tot['gemm_fp8_ms']:9.4f}{'':21}" + cuts)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,

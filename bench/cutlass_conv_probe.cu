@@ -1,0 +1,228 @@
+// How fast CUTLASS's Hopper implicit-GEMM convolutions (wgmma, TMA, warp-specialized) run
+// ResNet-50's layers in FP8 E4M3 and INT8, with the epilogue a quantized network needs
+// (per-channel bias, residual, ReLU) fused: the measurement behind an FP8/INT8 conv path.
+//
+// Each layer given on the command line runs in these variants, each with two tile shapes:
+//   e4m3 -> f16   FP8 activations and weights, fp16 output
+//   e4m3 -> e4m3  FP8 in and out (activations stay FP8 between layers; the output scale is
+//                 folded into alpha and the bias)
+//   s8   -> f16   INT8 activations and weights (int32 accumulation), fp16 output
+// D = relu(alpha * conv(x, w) + beta * residual + bias), NHWC activations, KRSC (OHWI) weights,
+// all on the GPU's current device. Every run is checked against a plain fp32 reference kernel
+// computed from the same quantized inputs (max |d - ref| / max |ref|), then timed with CUDA
+// events (median of 20 runs of `run()`; the arguments are initialized once per layer, as a
+// library would cache them per problem).
+//
+// Build (sm_90a: wgmma needs it; -DNDEBUG: a device assert is a call, and nvcc 13 then
+// serializes the wgmma pipeline across it, warning C7510), with CUTLASS 4.2's headers
+// (pip install nvidia-cutlass; its wheel holds them under cutlass_library/source/):
+//   nvcc -std=c++17 -O3 -DNDEBUG -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
+//        -I$CUTLASS/include -I$CUTLASS/tools/util/include bench/cutlass_conv_probe.cu -o probe
+// Run: ./probe N,H,C,K,R,STRIDE [...]   (one layer each; R: kernel size, pad R/2)
+// bench/fp8_headroom.py --cutlass ./probe runs it on ResNet-50's layers beside cuDNN.
+// Output: one line per run: "layer variant tile ms rel_err" (ms -1 where CUTLASS declines).
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+// CUTLASS's headers in the order of its own tests (the conv builder needs the adapter's first)
+#include "cutlass/cutlass.h"
+#include "cute/tensor.hpp"
+#include "cutlass/numeric_types.h"
+#include "cutlass/conv/device/conv_universal_adapter.hpp"
+#include "cutlass/conv/kernel/conv_universal.hpp"
+#include "cutlass/conv/collective/collective_builder.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/thread/activation.h"
+
+using namespace cute;
+
+#define CHECK_CUDA(x)                                                                        \
+  do {                                                                                       \
+    cudaError_t e = (x);                                                                     \
+    if (e != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
+      std::exit(1);                                                                          \
+    }                                                                                        \
+  } while (0)
+
+struct Layer {
+  int n, h, c, k, r, stride;
+  __host__ __device__ int pad() const { return r / 2; }
+  __host__ __device__ int p() const { return (h + 2 * pad() - r) / stride + 1; }
+};
+
+template <class AB, class Acc, class Out, class Tile>
+struct ConvType {
+  using Fusion = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<cutlass::epilogue::thread::ReLu, Out, float,
+                                                                    cutlass::half_t, Out>;
+  using Cluster = Shape<_1, _1, _1>;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
+      cutlass::epilogue::collective::EpilogueTileAuto, Acc, float, Out, cutlass::layout::TensorNHWC,
+      16 / sizeof(Out), Out, cutlass::layout::TensorNHWC, 16 / sizeof(Out), cutlass::epilogue::TmaWarpSpecialized,
+      Fusion>::CollectiveOp;
+  using Mainloop = typename cutlass::conv::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::conv::Operator::kFprop, AB,
+      cutlass::layout::TensorNHWC, 16 / sizeof(AB), AB, cutlass::layout::TensorNHWC, 16 / sizeof(AB), Acc, Tile,
+      Cluster,
+      cutlass::conv::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::conv::collective::KernelScheduleAuto>::CollectiveOp;
+  using Problem = cutlass::conv::ConvProblemShape<cutlass::conv::Operator::kFprop, 2>;
+  using Kernel = cutlass::conv::kernel::ConvUniversal<Problem, Mainloop, Epilogue>;
+  using Conv = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
+};
+
+// The fp32 reference: one thread per output element, from the same quantized values.
+template <class AB, class Out>
+__global__ void reference(const AB* x, const AB* w, const cutlass::half_t* bias, const Out* res, float alpha,
+                          float beta, Layer l, float* out) {
+  int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  int p = l.p();
+  int64_t total = int64_t(l.n) * p * p * l.k;
+  if (i >= total) return;
+  int k = i % l.k, q = (i / l.k) % p, y = (i / l.k / p) % p, n = i / l.k / p / p;
+  float acc = 0.f;
+  for (int r = 0; r < l.r; ++r) {
+    for (int s = 0; s < l.r; ++s) {
+      int hy = y * l.stride - l.pad() + r, wx = q * l.stride - l.pad() + s;
+      if (hy < 0 || hy >= l.h || wx < 0 || wx >= l.h) continue;
+      const AB* xp = x + ((int64_t(n) * l.h + hy) * l.h + wx) * l.c;
+      const AB* wp = w + ((int64_t(k) * l.r + r) * l.r + s) * l.c;
+      for (int c = 0; c < l.c; ++c) acc += float(xp[c]) * float(wp[c]);
+    }
+  }
+  out[i] = fmaxf(alpha * acc + beta * float(res[i]) + float(bias[k]), 0.f);
+}
+
+template <class T>
+T* upload(const std::vector<T>& host) {
+  T* dev = nullptr;
+  CHECK_CUDA(cudaMalloc(&dev, host.size() * sizeof(T)));
+  CHECK_CUDA(cudaMemcpy(dev, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return dev;
+}
+
+template <class AB, class Acc, class Out, class Tile>
+void run(const Layer& l, int index, const char* variant, const char* tile) {
+  using C = ConvType<AB, Acc, Out, Tile>;
+  std::mt19937 gen(index);
+  std::normal_distribution<float> normal;
+  const int p = l.p();
+  const size_t nx = size_t(l.n) * l.h * l.h * l.c, nw = size_t(l.k) * l.r * l.r * l.c, nd = size_t(l.n) * p * p * l.k;
+  const bool is_int = std::is_same_v<AB, int8_t>;
+  auto quantize = [&](float v) {
+    if constexpr (std::is_same_v<AB, int8_t>) {
+      return AB(std::clamp(std::lround(v * 32), -127L, 127L));
+    } else {
+      return AB(v);
+    }
+  };
+  std::vector<AB> hx(nx), hw(nw);
+  for (auto& v : hx) v = quantize(std::max(normal(gen), 0.f));  // post-ReLU activations
+  for (auto& v : hw) v = quantize(normal(gen));
+  std::vector<cutlass::half_t> hb(l.k);
+  for (auto& v : hb) v = cutlass::half_t(normal(gen));
+  std::vector<Out> hr(nd);
+  for (auto& v : hr) v = Out(std::max(normal(gen), 0.f));
+  // alpha scales the sum of C*R*S products of unit scale back to about 1
+  const float alpha = 1.f / (std::sqrt(float(l.c * l.r * l.r)) * (is_int ? 32.f * 32.f : 1.f)), beta = 1.f;
+  AB *dx = upload(hx), *dw = upload(hw);
+  cutlass::half_t* db = upload(hb);
+  Out* dr = upload(hr);
+  Out* dd = nullptr;
+  float* dref = nullptr;
+  CHECK_CUDA(cudaMalloc(&dd, nd * sizeof(Out)));
+  CHECK_CUDA(cudaMalloc(&dref, nd * sizeof(float)));
+
+  typename C::Problem problem(cutlass::conv::Mode::kCrossCorrelation, {l.n, l.h, l.h, l.c}, {l.k, l.r, l.r, l.c},
+                              {l.pad(), l.pad()}, {l.pad(), l.pad()}, {l.stride, l.stride}, {1, 1}, 1);
+  typename C::Kernel::StrideC stride_c;
+  typename C::Kernel::StrideD stride_d;
+  cute::for_each(cute::make_seq<cute::rank<0>(typename C::Kernel::StrideC{})>{}, [&](auto i) {
+    cute::get<0, i>(stride_c) = problem.stride_C[C::Problem::RankT - 2 - i];
+  });
+  cute::for_each(cute::make_seq<cute::rank<0>(typename C::Kernel::StrideD{})>{}, [&](auto i) {
+    cute::get<0, i>(stride_d) = problem.stride_C[C::Problem::RankT - 2 - i];
+  });
+  typename C::Conv::Arguments args{problem, {dx, dw}, {{}, dr, stride_c, dd, stride_d}};
+  args.epilogue.thread.alpha = alpha;
+  args.epilogue.thread.beta = beta;
+  args.epilogue.thread.bias_ptr = db;
+
+  typename C::Conv conv;
+  float ms = -1.f, err = -1.f;
+  if (conv.can_implement(args) == cutlass::Status::kSuccess) {
+    void* workspace = nullptr;
+    CHECK_CUDA(cudaMalloc(&workspace, std::max<size_t>(C::Conv::get_workspace_size(args), 1)));
+    if (conv.initialize(args, workspace) != cutlass::Status::kSuccess || conv.run() != cutlass::Status::kSuccess) {
+      std::fprintf(stderr, "layer %d %s %s: CUTLASS failed to initialize or run\n", index, variant, tile);
+      std::exit(1);
+    }
+    CHECK_CUDA(cudaDeviceSynchronize());
+    reference<AB, Out><<<(nd + 255) / 256, 256>>>(dx, dw, db, dr, alpha, beta, l, dref);
+    CHECK_CUDA(cudaGetLastError());
+    std::vector<Out> got(nd);
+    std::vector<float> ref(nd);
+    CHECK_CUDA(cudaMemcpy(got.data(), dd, nd * sizeof(Out), cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(ref.data(), dref, nd * sizeof(float), cudaMemcpyDeviceToHost));
+    float worst = 0.f, scale = 0.f;
+    for (size_t i = 0; i < nd; ++i) {
+      worst = std::max(worst, std::fabs(float(got[i]) - ref[i]));
+      scale = std::max(scale, std::fabs(ref[i]));
+    }
+    err = worst / std::max(scale, 1e-30f);
+    cudaEvent_t start, end;
+    CHECK_CUDA(cudaEventCreate(&start));
+    CHECK_CUDA(cudaEventCreate(&end));
+    std::vector<float> times;
+    for (int i = 0; i < 25; ++i) {
+      CHECK_CUDA(cudaEventRecord(start));
+      conv.run();
+      CHECK_CUDA(cudaEventRecord(end));
+      CHECK_CUDA(cudaEventSynchronize(end));
+      float t = 0.f;
+      CHECK_CUDA(cudaEventElapsedTime(&t, start, end));
+      if (i >= 5) times.push_back(t);
+    }
+    std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
+    ms = times[times.size() / 2];
+    CHECK_CUDA(cudaFree(workspace));
+  }
+  std::printf("%d %s %s %.5f %.2e\n", index, variant, tile, ms, err);
+  std::fflush(stdout);
+  for (void* ptr : {(void*)dx, (void*)dw, (void*)db, (void*)dr, (void*)dd, (void*)dref}) CHECK_CUDA(cudaFree(ptr));
+}
+
+template <class Tile>
+void run_all(const Layer& l, int index, const char* tile) {
+  using E4M3 = cutlass::float_e4m3_t;
+  run<E4M3, float, cutlass::half_t, Tile>(l, index, "e4m3->f16", tile);
+  run<E4M3, float, E4M3, Tile>(l, index, "e4m3->e4m3", tile);
+  run<int8_t, int32_t, cutlass::half_t, Tile>(l, index, "s8->f16", tile);
+}
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: %s N,H,C,K,R,STRIDE [...]\n", argv[0]);
+    return 2;
+  }
+  for (int i = 1; i < argc; ++i) {
+    Layer l{};
+    if (std::sscanf(argv[i], "%d,%d,%d,%d,%d,%d", &l.n, &l.h, &l.c, &l.k, &l.r, &l.stride) != 6) {
+      std::fprintf(stderr, "bad layer '%s': expected N,H,C,K,R,STRIDE\n", argv[i]);
+      return 2;
+    }
+    run_all<Shape<_128, _128, Shape<_128>>>(l, i - 1, "128x128x128");
+    run_all<Shape<_128, _64, Shape<_128>>>(l, i - 1, "128x64x128");
+  }
+  return 0;
+}
