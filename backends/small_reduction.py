@@ -14,12 +14,12 @@ read neighbouring addresses. Where the shapes are static, the channels hold whol
 and the padded input is read along them, a thread takes 16 bytes of channels (8 at fp16):
 its window comes into registers as one vector load per position (a padded position is the
 pad value, never a load), so do the window's weights, and its result leaves as one vector
-store. Weights must run along the channels too (HWIO, ``ConvertConvLayout``'s
-``depthwise_kernel_layout``); in OHWI the kernel keeps a thread per channel. Vectors shrink (to 2 channels, then to none) while the kernel would
-have fewer than ``min_vectors`` threads, which keeps small batch-1 layers spread over the
-GPU, or while the windows in registers would take more than ``max_window_bytes`` per
-thread (a 5x5 window of fp16 inputs and weights at 8 channels: 800 bytes, 200 registers,
-one thread block per SM).
+store. The weights must run along the channels too (HWIO, ``ConvertConvLayout``'s
+``depthwise_kernel_layout``); in OHWI the kernel keeps a thread per channel. Vectors shrink
+(to 2 channels, then to none) while the kernel would have fewer than ``min_vectors``
+threads, which keeps small batch-1 layers spread over the GPU, or while the windows in
+registers would take more than ``max_window_bytes`` per thread (a 5x5 window of fp16
+inputs and weights at 8 channels: 800 bytes, 200 registers, one thread block per SM).
 
 Why not dlight: its ``GeneralReduction`` rule gives every output element a thread block
 that reduces across threads: for the 9 products of a 3x3 depthwise conv that is one busy
@@ -157,8 +157,9 @@ class SmallReduction(GPUScheduleRule):
 
     def _vector(self, sch: s_tir.Schedule, main, tail, pads) -> tuple[int, int]:
         """Channels and threads per block: 16 bytes of the widest padded input or output, where the
-        innermost output axis holds whole vectors and the pad is read along it, and threads that
-        divide the number of vectors (``dividing_threads``); else 1 and ``self.threads``."""
+        innermost output axis holds whole vectors, the pad and every other operand are read along
+        it, and the windows fit ``max_window_bytes``, and threads that divide the number of
+        vectors (``dividing_threads``); else 1 and ``self.threads``."""
         scalar = 1, self.threads
         extents = static_ints([sch.get(lp).extent for lp in sch.get_loops(tail)])
         if len(pads) != 1 or extents is None:
@@ -166,15 +167,15 @@ class SmallReduction(GPUScheduleRule):
         block = sch.get(main)
         out, src = sch.get(tail).writes[0].source, sch.get(pads[0].block_rv).writes[0].source
         read = next((r for r in block.reads if r.source.same_as(src)), None)
-        if read is None or not _along_channels(block, read) or \
-                len(_channel_operands(sch, main, pads)) != len(block.reads) - 1:
+        operands = _channel_operands(sch, main, pads)
+        if read is None or not _along_channels(block, read) or len(operands) != len(block.reads) - 1:
             # An operand across the channels (OHWI weights) would be gathered, a scalar load per
             # lane: on an H200 MobileNetV3's 480- to 960-channel depthwise convs then ran 2.0 to
             # 2.3 times slower with 8-channel threads than with a thread per channel.
             return scalar
         # Registers per vector lane: the window of the padded input and of each channel operand.
         window = math.prod(int(iv.dom.extent) for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce)
-        window_bytes = window * tvm.DataType(str(src.dtype)).bits // 8 * (1 + len(_channel_operands(sch, main, pads)))
+        window_bytes = window * tvm.DataType(str(src.dtype)).bits // 8 * (1 + len(operands))
         vector = VECTOR_BYTES * 8 // max(tvm.DataType(str(b.dtype)).bits for b in (out, src))
         while vector > 1 and (extents[-1] % vector or math.prod(extents) // vector < self.min_vectors
                               or vector * window_bytes > self.max_window_bytes):

@@ -11,8 +11,8 @@ that every hardswish of MobileNetV3 sat between two transposes, outside the conv
 TVM cannot carry a layout through ``nn.pad`` either (the explicit zero-point pad of INT8
 convolutions): ConvertLayout leaves it between a transpose to the old layout and one back,
 which is then rewritten as one pad in the new layout (its widths permuted).
-Weight transposes are constants and fold away in the fuse phase. Numbers do not change. A module without conv2d is returned as it is;
-where TVM's ConvertLayout fails (seen: its layout inference indexing out of bounds on
+Weight transposes are constants and fold away in the fuse phase. Numbers do not change.
+A module without conv2d is returned as it is; where TVM's ConvertLayout fails (seen: its layout inference indexing out of bounds on
 the stacked inputs of merged MLPs), the module keeps its layouts and the reason is logged.
 Where: fuse phase, first, for backends that ask for it (``Backend.prelegalize_passes``).
 
