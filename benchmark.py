@@ -9,7 +9,8 @@ milliseconds. Each output is checked against the reference (onnxruntime for
 ONNX, torch eager for PyTorch): the largest deviation relative to the reference's largest
 magnitude. ``profile=True`` adds smelt's time per kernel (VM instrumentation around each
 call, device synchronized on both sides; CUDA graphs are off for that build, so every
-kernel is seen), the top kernels with their share of the total.
+kernel is seen), the top kernels with their share of the total, how often a run calls each
+(one kernel serves every layer of its shape) and the shapes it is called with.
 """
 
 from __future__ import annotations
@@ -43,13 +44,24 @@ class Timing:
 
 
 @dataclass
+class KernelTime:
+    """One kernel in ``bench``'s profile: its time per run, summed over its calls."""
+
+    kernel: str
+    ms: float  # per run
+    share: float  # of all kernel time
+    calls: float = 1.0  # per run
+    shapes: str = ""  # its arguments at the first call, outputs last: "1x7x7x160 float32, ..."
+
+
+@dataclass
 class BenchResult:
     """``bench``'s result for one model; ``ratios`` are peer ms / smelt ms (above 1: smelt faster)."""
 
     model: str
     target: str
     timings: list[Timing] = field(default_factory=list)
-    profile: list[tuple[str, float, float]] = field(default_factory=list)  # (kernel, ms per call, share)
+    profile: list[KernelTime] = field(default_factory=list)  # slowest first
     tuned_kernels: int = 0
     kernels: int = 0
 
@@ -273,28 +285,52 @@ def _no_grad(fn, args):
     return call
 
 
-def _profile(rt, name: str, feeds: dict, repeat: int) -> list[tuple[str, float, float]]:
-    """Time per kernel call, summed over ``repeat`` runs: (kernel, ms per run, share of kernel time)."""
-    args = rt.device_args(name, feeds)
-    totals: dict[str, float] = {}
-    started: dict[str, float] = {}
+def _describe(args) -> str:
+    """Arguments as ``1x7x7x160 float32`` (tensors), their value (scalars), in order."""
+    parts = []
+    for a in args:
+        shape, dtype = getattr(a, "shape", None), getattr(a, "dtype", None)
+        parts.append(f"{'x'.join(str(int(d)) for d in shape)} {dtype}" if shape is not None and dtype is not None
+                     else str(a))
+    return ", ".join(parts)
 
-    def instrument(_func, symbol, before, _ret, *_args):
-        if symbol.startswith("vm.builtin."):
-            return 0
-        rt.device.sync()
-        if before:
-            started[symbol] = time.perf_counter()
-        else:
-            totals[symbol] = totals.get(symbol, 0.0) + time.perf_counter() - started.pop(symbol)
+
+def _profile(rt, name: str, feeds: dict, repeat: int) -> list[KernelTime]:
+    """Each kernel's time per run, slowest first: one instrumented run records every kernel, how
+    often a run calls it and its arguments at the first call; each is then replayed on those
+    arguments, ``repeat`` calls back to back (median, device synchronized after each), times
+    its calls per run.
+
+    Why replayed: timed inside a run, each kernel came after the instrument's Python and a
+    device sync, and a CPU kernel then paid for waking the idle thread pool: the three kernels
+    of a 0.02 ms MLP measured about 2 ms each. The replay times a kernel as the run meets it
+    warm; its data are what later kernels left, which matters only to data-dependent ones.
+    """
+    args = rt.device_args(name, feeds)
+    seen: dict[str, list] = {}  # symbol -> [function, arguments, calls per run]
+
+    def instrument(func, symbol, before, _ret, *call_args):
+        if before and not symbol.startswith("vm.builtin."):
+            seen.setdefault(symbol, [func, call_args, 0])[2] += 1
         return 0
 
     rt.vm[name](*args)  # warm-up, uninstrumented
     rt.vm.set_instrument(instrument)
     try:
-        for _ in range(repeat):
-            rt.vm[name](*args)
+        rt.vm[name](*args)
     finally:
         rt.vm.set_instrument(lambda *_: 0)
-    total = sum(totals.values()) or 1.0
-    return sorted(((k, 1e3 * v / repeat, v / total) for k, v in totals.items()), key=lambda r: -r[1])
+    per_run = {}
+    for symbol, (func, call_args, calls) in seen.items():
+        func(*call_args)
+        rt.device.sync()
+        samples = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            func(*call_args)
+            rt.device.sync()
+            samples.append(time.perf_counter() - start)
+        per_run[symbol] = statistics.median(samples) * calls
+    total = sum(per_run.values()) or 1.0
+    return sorted((KernelTime(k, 1e3 * v, v / total, seen[k][2], _describe(seen[k][1])) for k, v in per_run.items()),
+                  key=lambda r: -r.ms)

@@ -24,10 +24,23 @@ def test_onnx_model_against_onnxruntime_with_profile(tmp_path):
     assert set(runners) == {"smelt untuned", "onnxruntime (CPU)"}
     assert runners["smelt untuned"].rel_err <= 1e-5 and runners["onnxruntime (CPU)"].note == "reference"
     assert all(t.ms > 0 for t in r.timings) and set(r.ratios()) == {"onnxruntime (CPU)"}
-    kernels = [k for k, _, _ in r.profile]
+    kernels = [p.kernel for p in r.profile]
     assert len(kernels) == r.kernels == 3 and all(k.startswith("fused_matmul") for k in kernels)
-    assert sum(share for _, _, share in r.profile) == pytest.approx(1.0)
-    assert r.profile == sorted(r.profile, key=lambda p: -p[1])
+    assert sum(p.share for p in r.profile) == pytest.approx(1.0)
+    assert r.profile == sorted(r.profile, key=lambda p: -p.ms)
+    assert all(p.calls == 1 for p in r.profile)  # one call per run each
+    # the MLP's layers, 64 -> 256 -> 256 -> 10 at batch 8: input, weight, bias, output
+    first = next(p for p in r.profile if p.shapes.startswith("8x64 "))
+    assert first.shapes.split(", ")[-1].startswith("8x256 ")
+
+
+def test_profile_counts_a_kernel_shared_by_layers(tmp_path):
+    # two encoder layers of one shape: each kernel serves both, an even number of calls per run
+    path = tmp_path / "encoder.onnx"
+    path.write_bytes(zoo.transformer_encoder(layers=2).SerializeToString())
+    r = smelt.bench(str(path), name="encoder", tune_log_dir=None, repeat=3, profile=True, peers=False)
+    assert all(p.calls >= 2 and p.calls % 2 == 0 for p in r.profile), [(p.kernel, p.calls) for p in r.profile]
+    assert all(p.shapes and p.ms > 0 for p in r.profile)
 
 
 def test_torch_model_against_eager():
