@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cuda_events import cuda_ms  # noqa: E402
 
 
 def resnet50_convs(batch: int) -> list[dict]:
@@ -61,21 +65,6 @@ def resnet50_convs(batch: int) -> list[dict]:
     return rows
 
 
-def time_ms(fn, repeat: int) -> float:
-    """Median of ``repeat`` calls of ``fn`` timed with CUDA events, after 5 warm-up calls."""
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeat):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def measure(r: dict, repeat: int) -> dict:
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -84,13 +73,13 @@ def measure(r: dict, repeat: int) -> dict:
     w = (torch.randn(r["c_out"], r["c_in"], r["k"], r["k"], device=dev, dtype=torch.float16) * 0.05)
     w = w.contiguous(memory_format=torch.channels_last)
     pad = r["k"] // 2
-    conv = time_ms(lambda: torch.nn.functional.conv2d(x, w, stride=r["stride"], padding=pad), repeat)
+    conv = cuda_ms(lambda: torch.nn.functional.conv2d(x, w, stride=r["stride"], padding=pad), repeat)
     a16 = torch.randn(r["m"], r["kdim"], device=dev, dtype=torch.float16)
     b16 = torch.randn(r["n"], r["kdim"], device=dev, dtype=torch.float16) * 0.05
-    gemm16 = time_ms(lambda: a16 @ b16.t(), repeat)
+    gemm16 = cuda_ms(lambda: a16 @ b16.t(), repeat)
     a8, b8 = a16.to(torch.float8_e4m3fn), (b16 * 20).to(torch.float8_e4m3fn)
     one = torch.ones((), device=dev, dtype=torch.float32)
-    gemm8 = time_ms(lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.float16), repeat)
+    gemm8 = cuda_ms(lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.float16), repeat)
     # the FP8 product against the fp16 one on the same (rounded) values: the call computes what it should
     ref = a8.float() @ b8.float().t()
     got = torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)

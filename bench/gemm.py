@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +30,9 @@ import numpy as np
 import torch
 import tvm
 from tvm import relax
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cuda_events import cuda_ms  # noqa: E402
 
 from smelt.backends import cuda as _cuda  # noqa: E402,F401  (registers the nvcc compile callbacks)
 from smelt.backends.apply_default_schedules import ApplyDefaultSchedules, default_rules  # noqa: E402
@@ -66,21 +70,6 @@ def tvm_ms(lib, dev, args) -> float:
     return 1e3 * statistics.median(timer(*args).results)
 
 
-def torch_ms(fn, reps=50) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def bench(m: int, n: int, k: int, target, async_copy: bool) -> dict:
     dev = tvm.cuda(0)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -90,7 +79,7 @@ def bench(m: int, n: int, k: int, target, async_copy: bool) -> dict:
     ref_np = ref.float().cpu().numpy()
     flop = 2.0 * m * n * k
     row = {"shape": f"{m}x{n}x{k}", "async_copy": async_copy,
-           "cublas_ms": torch_ms(lambda: torch.matmul(xt, wt))}
+           "cublas_ms": cuda_ms(lambda: torch.matmul(xt, wt))}
     x, w = tvm.runtime.tensor(xt.cpu().numpy(), dev), tvm.runtime.tensor(wt.cpu().numpy(), dev)
     mod = gemm_func(m, n, k)
     dlight_rules = [r for r in default_rules() if not isinstance(r, TensorCoreMatmul)]
