@@ -7,10 +7,11 @@ inputs (fixed seed), then ``repeat`` timed calls, the runners taking turns in bl
 (so a burst of load on a shared machine meets them all); the result is the median in
 milliseconds. Each output is checked against the reference (onnxruntime for
 ONNX, torch eager for PyTorch): the largest deviation relative to the reference's largest
-magnitude. ``profile=True`` adds smelt's time per kernel (VM instrumentation around each
-call, device synchronized on both sides; CUDA graphs are off for that build, so every
-kernel is seen), the top kernels with their share of the total, how often a run calls each
-(one kernel serves every layer of its shape) and the shapes it is called with.
+magnitude. ``profile=True`` adds smelt's time per kernel (a run's kernel calls recorded by
+the VM's instrumentation, CUDA graphs off for that build so every kernel is seen, then each
+replayed on its arguments: ``_profile``), the top kernels with their share of the total, how
+often a run calls each (one kernel serves every layer of its shape) and the shapes it is
+called with.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class KernelTime:
     kernel: str
     ms: float  # per run
     share: float  # of all kernel time
-    calls: float = 1.0  # per run
+    calls: int = 1  # per run
     shapes: str = ""  # its arguments at the first call, outputs last: "1x7x7x160 float32, ..."
 
 
