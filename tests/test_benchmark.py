@@ -75,3 +75,14 @@ def test_symbolic_inputs_need_a_shape(tmp_path):
         smelt.bench(str(path), tune_log_dir=None, repeat=1)
     r = smelt.bench(str(path), tune_log_dir=None, repeat=1, peers=False, input_shapes={"features": [3, 64]})
     assert [t.runner for t in r.timings] == ["smelt untuned"] and np.isfinite(r.timings[0].ms)
+
+
+@pytest.mark.cuda
+def test_cuda_profile_replays_library_and_generated_kernels(tmp_path):
+    # the MLP's GEMMs go to cuBLASLt (a workspace among the arguments), the rest to generated kernels
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(zoo.mlp(batch=8).SerializeToString())
+    r = smelt.bench(str(path), "cuda", name="mlp", tune_log_dir=None, repeat=3, profile=True, peers=False)
+    assert r.timings[0].rel_err is None or r.timings[0].rel_err <= 1e-2
+    assert r.profile and all(p.ms > 0 and p.calls >= 1 and p.shapes for p in r.profile)
+    assert sum(p.share for p in r.profile) == pytest.approx(1.0)
