@@ -17,6 +17,7 @@ called with.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import tempfile
 import time
@@ -53,6 +54,11 @@ class KernelTime:
     share: float  # of all kernel time
     calls: int = 1  # per run
     shapes: str = ""  # its arguments at the first call, outputs last: "1x7x7x160 float32, ..."
+    bytes: int = 0  # of those arguments, read or written once per call
+
+    def gbps(self) -> float:
+        """Bytes of its arguments per second, in GB/s: against the memory's, how near its bound a kernel runs."""
+        return self.bytes * self.calls / (self.ms * 1e6) if self.ms > 0 else 0.0
 
 
 @dataclass
@@ -286,14 +292,19 @@ def _no_grad(fn, args):
     return call
 
 
-def _describe(args) -> str:
-    """Arguments as ``1x7x7x160 float32`` (tensors), their value (scalars), in order."""
-    parts = []
+def _describe(args) -> tuple[str, int]:
+    """Arguments as ``1x7x7x160 float32`` (tensors) or their value (scalars), in order, and the
+    tensors' bytes."""
+    parts, nbytes = [], 0
     for a in args:
         shape, dtype = getattr(a, "shape", None), getattr(a, "dtype", None)
-        parts.append(f"{'x'.join(str(int(d)) for d in shape)} {dtype}" if shape is not None and dtype is not None
-                     else str(a))
-    return ", ".join(parts)
+        if shape is None or dtype is None:
+            parts.append(str(a))
+            continue
+        dims = [int(d) for d in shape]
+        parts.append(f"{'x'.join(map(str, dims))} {dtype}")
+        nbytes += math.prod(dims) * getattr(dtype, "itemsize", 0)
+    return ", ".join(parts), nbytes
 
 
 def _profile(rt, name: str, feeds: dict, repeat: int) -> list[KernelTime]:
@@ -333,5 +344,5 @@ def _profile(rt, name: str, feeds: dict, repeat: int) -> list[KernelTime]:
             samples.append(time.perf_counter() - start)
         per_run[symbol] = statistics.median(samples) * calls
     total = sum(per_run.values()) or 1.0
-    return sorted((KernelTime(k, 1e3 * v, v / total, seen[k][2], _describe(seen[k][1])) for k, v in per_run.items()),
+    return sorted((KernelTime(k, 1e3 * v, v / total, seen[k][2], *_describe(seen[k][1])) for k, v in per_run.items()),
                   key=lambda r: -r.ms)

@@ -333,9 +333,9 @@ def format_bench(results, markdown: bool = False, top: int = 10) -> list[str]:
             lines.append("  no tuning records apply to this model (no tuned column)")
         if r.profile:
             lines.append(f"  top kernels ({len(r.profile)} in all; per run):")
-            lines += _table([("kernel", "ms", "share", "calls", "arguments (outputs last)")] +
-                            [(p.kernel, f"{p.ms:.3f}", f"{100 * p.share:.1f} %", f"{p.calls:g}", p.shapes)
-                             for p in r.profile[:top]], 4)
+            lines += _table([("kernel", "ms", "share", "calls", "GB/s", "arguments (outputs last)")] +
+                            [(p.kernel, f"{p.ms:.3f}", f"{100 * p.share:.1f} %", f"{p.calls:g}", f"{p.gbps():.1f}",
+                              p.shapes) for p in r.profile[:top]], 4)
     return lines
 
 

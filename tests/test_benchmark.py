@@ -32,6 +32,9 @@ def test_onnx_model_against_onnxruntime_with_profile(tmp_path):
     # the MLP's layers, 64 -> 256 -> 256 -> 10 at batch 8: input, weight, bias, output
     first = next(p for p in r.profile if p.shapes.startswith("8x64 "))
     assert first.shapes.split(", ")[-1].startswith("8x256 ")
+    # its float32 tensors: input 8x64, the weight as packed (64x256), bias 256, output 8x256
+    assert first.bytes == 4 * (8 * 64 + 64 * 256 + 256 + 8 * 256)
+    assert first.gbps() == pytest.approx(first.bytes / (first.ms * 1e6))
 
 
 def test_profile_counts_a_kernel_shared_by_layers(tmp_path):
