@@ -30,7 +30,7 @@ import numpy as np
 from . import backends
 from .artifact import load
 from .compiler import CompileOptions, compile
-from .errors import SmeltError
+from .errors import BackendError, SmeltError
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +160,22 @@ def _rel(got, ref) -> float:
     return worst
 
 
+def _require_device(target: str) -> None:
+    """Raises before any compile where this machine has no ``target`` device to time on."""
+    import tvm
+
+    if not tvm.runtime.device(backends.get(target).device_type, 0).exist:
+        raise BackendError(f"bench times on this machine, which has no {target} device 0; "
+                           f"build for another machine with `smelt compile --target {target}`")
+
+
 def bench(model, target: str = "cpu", *, name: str = "model", tune_log_dir: str | None = "tune_logs",
           repeat: int = 20, profile: bool = False, peers: bool = True, input_shapes: dict | None = None,
           options: CompileOptions | None = None) -> BenchResult:
     """Time ``model`` (an ONNX path or ``ModelProto``, a ``.pt2`` path, or ``(module, args)``)."""
     opts = options or CompileOptions()
     result = BenchResult(name, target)
+    _require_device(target)
 
     def build(log_dir, graphs=True):
         o = replace(opts, tune_log_dir=log_dir,

@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+import tvm
 
 import smelt
 from smelt.examples import torch_zoo, zoo
@@ -44,6 +45,15 @@ def test_profile_counts_a_kernel_shared_by_layers(tmp_path):
     r = smelt.bench(str(path), name="encoder", tune_log_dir=None, repeat=3, profile=True, peers=False)
     assert all(p.calls >= 2 and p.calls % 2 == 0 for p in r.profile), [(p.kernel, p.calls) for p in r.profile]
     assert all(p.shapes and p.ms > 0 for p in r.profile)
+
+
+@pytest.mark.skipif(tvm.cuda(0).exist, reason="this machine has a GPU")
+def test_no_gpu_is_said_before_compiling(tmp_path, monkeypatch):
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(zoo.mlp().SerializeToString())
+    monkeypatch.setattr(smelt.benchmark, "compile", lambda *a, **k: pytest.fail("compiled"))
+    with pytest.raises(smelt.SmeltError, match="no cuda device 0"):
+        smelt.bench(str(path), "cuda", tune_log_dir=None)
 
 
 def test_torch_model_against_eager():
