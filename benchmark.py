@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import tvm
 
 from . import backends
 from .artifact import load
@@ -162,8 +163,6 @@ def _rel(got, ref) -> float:
 
 def _require_device(target: str) -> None:
     """Raises before any compile where this machine has no ``target`` device to time on."""
-    import tvm
-
     if not tvm.runtime.device(backends.get(target).device_type, 0).exist:
         raise BackendError(f"bench times on this machine, which has no {target} device 0; "
                            f"build for another machine with `smelt compile --target {target}`")

@@ -32,7 +32,6 @@ before dlight's reduction rules.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import tvm
@@ -95,9 +94,9 @@ class SmallReduction(GPUScheduleRule):
         if not 1 <= len(infos) <= 2 or "R" not in kinds[0] or (len(infos) == 2 and set(kinds[1]) != {"S"}):
             return None
         main = infos[0].block_rv
-        extents = [iv.dom.extent for iv in sch.get(main).iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
-        if not all(isinstance(e, tirx.IntImm) for e in extents) or \
-                functools.reduce(lambda a, b: a * b, (int(e) for e in extents), 1) > self.max_extent:
+        window = static_ints([iv.dom.extent for iv in sch.get(main).iter_vars
+                              if iv.iter_type == tirx.IterVar.CommReduce])
+        if window is None or math.prod(window) > self.max_extent:
             return None
 
         # Accumulate in a register; the write-back folds into the epilogue when there is one.
@@ -105,7 +104,7 @@ class SmallReduction(GPUScheduleRule):
         if len(infos) == 2:
             sch.compute_inline(tail)
             tail = infos[1].block_rv
-        vector, threads = self._vector(sch, main, tail, pads)
+        vector, threads, operands = self._vector(sch, main, tail, pads, math.prod(window))
         if vector == 1:  # without vectors, the pads inline as TVM's inliner does (each load tests its bounds)
             for pad in pads:
                 sch.compute_inline(pad.block_rv)
@@ -140,7 +139,7 @@ class SmallReduction(GPUScheduleRule):
                 sch.unroll(loop)
             sch.vectorize(channels)
         if vector > 1:
-            self._cache_vector_operands(sch, main, tx, _channel_operands(sch, main, pads))
+            self._cache_vector_operands(sch, main, tx, operands)
         return sch
 
     @staticmethod
@@ -155,12 +154,13 @@ class SmallReduction(GPUScheduleRule):
                 sch.unroll(loop)
             sch.vectorize(lanes)
 
-    def _vector(self, sch: s_tir.Schedule, main, tail, pads) -> tuple[int, int]:
-        """Channels and threads per block: 16 bytes of the widest padded input or output, where the
-        innermost output axis holds whole vectors, the pad and every other operand are read along
-        it, and the windows fit ``max_window_bytes``, and threads that divide the number of
-        vectors (``dividing_threads``); else 1 and ``self.threads``."""
-        scalar = 1, self.threads
+    def _vector(self, sch: s_tir.Schedule, main, tail, pads, window: int) -> tuple[int, int, list[int]]:
+        """Channels and threads per block, and the channel operands to load as vectors: 16 bytes of
+        the widest padded input or output, where the innermost output axis holds whole vectors,
+        the pad and every other operand are read along it, and the ``window`` positions fit
+        ``max_window_bytes``, and threads that divide the number of vectors
+        (``dividing_threads``); else 1, ``self.threads`` and none."""
+        scalar = 1, self.threads, []
         extents = static_ints([sch.get(lp).extent for lp in sch.get_loops(tail)])
         if len(pads) != 1 or extents is None:
             return scalar
@@ -174,7 +174,6 @@ class SmallReduction(GPUScheduleRule):
             # 2.3 times slower with 8-channel threads than with a thread per channel.
             return scalar
         # Registers per vector lane: the window of the padded input and of each channel operand.
-        window = math.prod(int(iv.dom.extent) for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce)
         window_bytes = window * tvm.DataType(str(src.dtype)).bits // 8 * (1 + len(operands))
         vector = VECTOR_BYTES * 8 // max(tvm.DataType(str(b.dtype)).bits for b in (out, src))
         while vector > 1 and (extents[-1] % vector or math.prod(extents) // vector < self.min_vectors
@@ -183,4 +182,4 @@ class SmallReduction(GPUScheduleRule):
         if vector == 1:
             return scalar
         threads = dividing_threads(math.prod(extents) // vector, self.threads)
-        return scalar if threads is None else (vector, threads)
+        return scalar if threads is None else (vector, threads, operands)

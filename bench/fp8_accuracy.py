@@ -23,19 +23,19 @@ import torch
 from smelt.examples import minilm
 
 E4M3_MAX = 448.0
+LARGEST = {"fp8": E4M3_MAX, "int8": 127.0}  # the grid's largest magnitude, where a scale maps amax
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, kind: str) -> torch.Tensor:
     """``x`` rounded to ``kind``'s grid at ``scale`` (x / scale on the grid, then back), in float32."""
     if kind == "fp8":
         return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32) * scale
-    return (x / scale).round().clamp(-127, 127) * scale
+    return (x / scale).round().clamp(-LARGEST[kind], LARGEST[kind]) * scale
 
 
 def weight_scale(w: torch.Tensor, per_channel: bool, kind: str) -> torch.Tensor:
-    top = E4M3_MAX if kind == "fp8" else 127.0
     amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax()
-    return amax.clamp(min=1e-12) / top
+    return amax.clamp(min=1e-12) / LARGEST[kind]
 
 
 class Calibrate:
@@ -65,8 +65,7 @@ class Quantized:
         for name, m in model.named_modules():
             if not isinstance(m, torch.nn.Linear):
                 continue
-            top = E4M3_MAX if kind == "fp8" else 127.0
-            sx = torch.tensor(max(amax[name], 1e-12) / top)
+            sx = torch.tensor(max(amax[name], 1e-12) / LARGEST[kind])
             w = quantize(m.weight.data, weight_scale(m.weight.data, per_channel, kind), kind)
             self.saved.append((m, m.forward))
             m.forward = self._forward(m, w, sx, kind)

@@ -34,57 +34,30 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cuda_events import cuda_ms  # noqa: E402
+from roofline import resnet50  # noqa: E402
 
 
 def resnet50_convs(batch: int) -> list[dict]:
-    """ResNet-50 v1.5's convs after the stem: (count, H_in, C_in, C_out, k, stride), 224² input."""
-    layers = []
-    c_in, size = 64, 56
-    for blocks, width, stride in [(3, 64, 1), (4, 128, 2), (6, 256, 2), (3, 512, 2)]:
-        out = width * 4
-        for b in range(blocks):
-            s = stride if b == 0 else 1
-            cin = c_in if b == 0 else out
-            layers += [dict(count=1, h=size, c_in=cin, c_out=width, k=1, stride=1),
-                       dict(count=1, h=size, c_in=width, c_out=width, k=3, stride=s)]
-            size_out = size // s
-            layers.append(dict(count=1, h=size_out, c_in=width, c_out=out, k=1, stride=1))
-            if b == 0:
-                layers.append(dict(count=1, h=size, c_in=cin, c_out=out, k=1, stride=s))
-            size = size_out
-        c_in = out
+    """ResNet-50's convs after the stem (``roofline.resnet50``), one row per shape with its count:
+    input size ``h`` (224² images), channels in and out, kernel ``k``, stride, and the GEMM."""
     merged: dict[tuple, dict] = {}
-    for lay in layers:
-        key = (lay["h"], lay["c_in"], lay["c_out"], lay["k"], lay["stride"])
-        merged.setdefault(key, dict(lay, count=0))["count"] += 1
+
+    def hook(mod, inp, _out):
+        key = (inp[0].shape[-1], mod.in_channels, mod.out_channels, mod.kernel_size[0], mod.stride[0])
+        merged.setdefault(key, dict(zip(("h", "c_in", "c_out", "k", "stride"), key), count=0))["count"] += 1
+
+    model = resnet50()
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 3]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 224, 224))
+    for h in hooks:
+        h.remove()
     rows = list(merged.values())
     for r in rows:
         ho = r["h"] // r["stride"]
         r.update(batch=batch, m=batch * ho * ho, n=r["c_out"], kdim=r["c_in"] * r["k"] * r["k"],
                  gflop=2 * batch * ho * ho * r["c_out"] * r["c_in"] * r["k"] ** 2 / 1e9)
     return rows
-
-
-def measure(r: dict, repeat: int) -> dict:
-    dev = torch.device("cuda")
-    torch.manual_seed(0)
-    x = torch.randn(r["batch"], r["c_in"], r["h"], r["h"], device=dev, dtype=torch.float16)
-    x = x.contiguous(memory_format=torch.channels_last)
-    w = (torch.randn(r["c_out"], r["c_in"], r["k"], r["k"], device=dev, dtype=torch.float16) * 0.05)
-    w = w.contiguous(memory_format=torch.channels_last)
-    pad = r["k"] // 2
-    conv = cuda_ms(lambda: torch.nn.functional.conv2d(x, w, stride=r["stride"], padding=pad), repeat)
-    a16 = torch.randn(r["m"], r["kdim"], device=dev, dtype=torch.float16)
-    b16 = torch.randn(r["n"], r["kdim"], device=dev, dtype=torch.float16) * 0.05
-    gemm16 = cuda_ms(lambda: a16 @ b16.t(), repeat)
-    a8, b8 = a16.to(torch.float8_e4m3fn), (b16 * 20).to(torch.float8_e4m3fn)
-    one = torch.ones((), device=dev, dtype=torch.float32)
-    gemm8 = cuda_ms(lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.float16), repeat)
-    # the FP8 product against the fp16 one on the same (rounded) values: the call computes what it should
-    ref = a8.float() @ b8.float().t()
-    got = torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
-    err = ((got - ref).abs().max() / ref.abs().max()).item()
-    return dict(r, conv_fp16_ms=conv, gemm_fp16_ms=gemm16, gemm_fp8_ms=gemm8, fp8_rel_err=err)
 
 
 CUTLASS_VARIANTS = ("e4m3->f16", "e4m3->e4m3", "s8->f16")

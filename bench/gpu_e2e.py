@@ -24,24 +24,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import torch_models  # noqa: E402
+from cuda_events import cuda_ms  # noqa: E402
 
 import smelt  # noqa: E402
 
 
 def torch_ms(fn, x, reps=50) -> float:
     with torch.no_grad():
-        for _ in range(5):
-            fn(x)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(x)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        return cuda_ms(lambda: fn(x), reps)
 
 
 def smelt_run(name: str, module: torch.nn.Module, x: torch.Tensor, out_dir: Path, tune_log_dir,

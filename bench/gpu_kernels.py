@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import torch_models  # noqa: E402
+from cuda_events import cuda_ms  # noqa: E402
 
 import smelt  # noqa: E402
 
@@ -42,15 +42,7 @@ def kernels(fn, reps: int) -> dict:
     rows = [(e.key, e.self_device_time_total / 1e3 / reps, e.count / reps) for e in prof.key_averages()
             if e.self_device_time_total > 0]
     rows.sort(key=lambda r: -r[1])
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    walls = []
-    for _ in range(20):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        walls.append(start.elapsed_time(end))
-    return {"wall_ms": statistics.median(walls), "kernel_ms": sum(r[1] for r in rows),
+    return {"wall_ms": cuda_ms(fn, 20), "kernel_ms": sum(r[1] for r in rows),
             "launches": sum(r[2] for r in rows), "rows": rows}
 
 
