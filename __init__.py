@@ -29,9 +29,9 @@ else:
     from .errors import (ArtifactError, BackendError, FrontendError, InputError, PassError, SmeltError,
                          UnsupportedOpsError)
     from .ir import Program
-    from .passes import Int8, PipelineOptions, WeightOnly
+    from .passes import Fp8, Int8, PipelineOptions, WeightOnly
 
     __all__ = ["MergeAnalysis", "analyze_merge", "Artifact", "ArtifactError", "BackendError", "CompileOptions", "CompileReport", "FrontendError",
-               "InputError", "Int8", "PassError", "PipelineOptions", "Program", "Runtime", "SmeltError", "TargetOptions",
+               "Fp8", "InputError", "Int8", "PassError", "PipelineOptions", "Program", "Runtime", "SmeltError", "TargetOptions",
                "UnsupportedOpsError", "WeightOnly", "compile", "import_models", "load", "QuantizeReport",
                "quantize_report", "BenchResult", "bench"]

@@ -21,7 +21,7 @@ import numpy as np
 from .artifact import load
 from .compiler import compile
 from .errors import SmeltError
-from .passes import Int8, WeightOnly
+from .passes import Fp8, Int8, WeightOnly
 from .passes.calibration import check_batch, read_data
 
 
@@ -87,15 +87,15 @@ class _Stats:
                            self.agree / self.rows if self.rows else None)
 
 
-def quantize_report(models, quantize: Int8 | WeightOnly, eval_data=None, target: str = "cpu", *,
+def quantize_report(models, quantize: Int8 | Fp8 | WeightOnly, eval_data=None, target: str = "cpu", *,
                     names: Sequence[str] | None = None, input_shapes: dict | None = None,
                     precision: str | None = None) -> QuantizeReport:
     """Compile ``models`` in float32 and with ``quantize``; compare them on ``eval_data``
-    (same forms as calibration data; the calibration data of an ``Int8`` when None)."""
-    if not isinstance(quantize, (Int8, WeightOnly)):
-        raise SmeltError(f"quantize={quantize!r}: expected smelt.Int8(...) or smelt.WeightOnly(...)")
+    (same forms as calibration data; the calibration data of an ``Int8`` or ``Fp8`` when None)."""
+    if not isinstance(quantize, (Int8, Fp8, WeightOnly)):
+        raise SmeltError(f"quantize={quantize!r}: expected smelt.Int8(...), smelt.Fp8(...) or smelt.WeightOnly(...)")
     if eval_data is None:
-        if not isinstance(quantize, Int8):
+        if isinstance(quantize, WeightOnly):
             raise SmeltError("weight-only quantization needs evaluation data (eval_data / --eval)")
         eval_data = quantize.calib
     if not isinstance(eval_data, (str, Path)):

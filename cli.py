@@ -86,8 +86,8 @@ def _quantize_options(command):
                      help="How activation ranges are picked from the calibration data."),
         click.option("--calib-percentile", default=99.99, show_default=True, type=float,
                      help="With --calib-method percentile."),
-        click.option("--max-error", default=0.05, show_default=True, type=float,
-                     help="With --quantize int8: layers whose estimated relative error exceeds this stay float32."),
+        click.option("--max-error", type=float, help="With --quantize int8 or fp8: layers whose estimated relative "
+                     "error exceeds this stay unquantized (default: 0.05 for int8, 0.1 for fp8)."),
         click.option("--smooth", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
                      help="With --quantize int8: SmoothQuant strength for matmuls (0: off); per layer, the "
                      "smoothed form is kept only where it measures more accurate."),
@@ -125,9 +125,10 @@ def _libs(value: str | None) -> tuple[str, ...] | None:
 @click.option("--no-fold-batch-norm", is_flag=True, help="Keep BatchNorm as its own ops.")
 @click.option("--precision", default="float32", show_default=True, type=click.Choice(list(_PRECISION)),
               help="Compute precision (fp16, bf16); softmax, norms and reductions stay float32.")
-@click.option("--quantize", type=click.Choice(["int8", "w8", "w4"]),
-              help="int8: calibrated INT8 for convolutions and matmuls (needs --calib); w8, w4: weight-only "
-              "int8/int4 matmul weights with group-wise scales.")
+@click.option("--quantize", type=click.Choice(["int8", "fp8", "w8", "w4"]),
+              help="int8: calibrated INT8 for convolutions and matmuls (needs --calib); fp8: calibrated FP8 (E4M3) "
+              "GEMMs, on cuBLASLt for CUDA sm_89+ (needs --calib); w8, w4: weight-only int8/int4 matmul weights "
+              "with group-wise scales.")
 @_quantize_options
 @click.option("--tune-log-dir", default="tune_logs", show_default=True, type=click.Path(file_okay=False),
               help="Where tuning records are looked up.")
@@ -189,14 +190,17 @@ def compile(models, target, arch, triple, output, names, shapes, force, emit_sou
 
 def _quantize_config(scheme, group_size, calib, method, percentile, max_error, smooth=0.5):
     """``--quantize`` and its options as the API's ``Int8`` or ``WeightOnly`` (None without it)."""
-    from . import Int8, WeightOnly
+    from . import Fp8, Int8, WeightOnly
 
-    if calib and scheme != "int8":
-        raise click.UsageError("--calib goes with --quantize int8" + (f"; {scheme} needs no calibration" if scheme else ""))
+    if calib and scheme not in ("int8", "fp8"):
+        raise click.UsageError("--calib goes with --quantize int8 or fp8" +
+                               (f"; {scheme} needs no calibration" if scheme else ""))
+    if scheme in ("int8", "fp8") and not calib:
+        raise click.UsageError(f"--quantize {scheme} needs --calib (calibration data)")
     if scheme == "int8":
-        if not calib:
-            raise click.UsageError("--quantize int8 needs --calib (calibration data)")
-        return Int8(calib, method, percentile, max_error, smooth=smooth)
+        return Int8(calib, method, percentile, 0.05 if max_error is None else max_error, smooth=smooth)
+    if scheme == "fp8":
+        return Fp8(calib, method, percentile, 0.1 if max_error is None else max_error)
     return WeightOnly(int(scheme[1:]), group_size) if scheme else None
 
 
@@ -247,14 +251,14 @@ def format_compile_summary(art, path: Path, total: float) -> str:
     lines.append(f"  ops: {r.ops_before} -> {r.ops_after} after canonicalization"
                  + (f" (gone: {', '.join(f'{o} x{r.ops_before_hist[o]}' for o in removed)})" if removed else ""))
     q = r.quantization
-    if q and q["scheme"] != "int8":
+    if q and q["scheme"] not in ("int8", "fp8"):
         lines.append(f"  {q['scheme']} weight-only (groups of {q['group_size']} rows): {len(q['quantized'])} matmuls"
                      + ("; not handled: " + ", ".join(f"{k} ({v})" for k, v in q["skipped"].items())
                         if q["skipped"] else ""))
     elif q:
-        lines.append(f"  int8 ({q['method']}, {q['batches']} calibration batches): {len(q['quantized'])} layers"
+        lines.append(f"  {q['scheme']} ({q['method']}, {q['batches']} calibration batches): {len(q['quantized'])} layers"
                      + (f" ({len(q['smoothed'])} smoothed)" if q.get("smoothed") else "")
-                     + ("; float32 (estimated error over the limit): "
+                     + ("; unquantized (estimated error over the limit): "
                         + ", ".join(f"{k} {v:.3g}" for k, v in q["fallback"].items()) if q["fallback"] else "")
                      + ("; not handled: " + ", ".join(f"{k} ({v})" for k, v in q["skipped"].items())
                         if q["skipped"] else ""))
@@ -341,7 +345,7 @@ def format_bench(results, markdown: bool = False, top: int = 10) -> list[str]:
 
 @main.command("quantize-report")
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--quantize", default="int8", show_default=True, type=click.Choice(["int8", "w8", "w4"]),
+@click.option("--quantize", default="int8", show_default=True, type=click.Choice(["int8", "fp8", "w8", "w4"]),
               help="The scheme to measure (see compile --quantize).")
 @click.option("--eval", "eval_data", type=click.Path(exists=True),
               help="Evaluation data, same forms as --calib (default: the calibration data).")
@@ -357,7 +361,7 @@ def quantize_report(models, quantize, calib, eval_data, calib_method, calib_perc
 
     if names and len(names) != len(models):
         raise click.BadParameter(f"{len(names)} --name values for {len(models)} models", param_hint="--name")
-    if quantize != "int8" and not eval_data:
+    if quantize not in ("int8", "fp8") and not eval_data:
         raise click.UsageError(f"--quantize {quantize} needs --eval (evaluation data)")
     config = _quantize_config(quantize, group_size, calib, calib_method, calib_percentile, max_error, smooth)
     input_shapes = dict(_parse_shape(s) for s in shapes)
@@ -368,7 +372,7 @@ def quantize_report(models, quantize, calib, eval_data, calib_method, calib_perc
 def format_quantize_report(r) -> str:
     """The report as the CLI prints it."""
     s = r.scheme
-    how = (f"int8 ({s['method']}, {r.calibration_batches} calibration batches)" if s["scheme"] == "int8"
+    how = (f"{s['scheme']} ({s['method']}, {r.calibration_batches} calibration batches)" if s["scheme"] in ("int8", "fp8")
            else f"{s['scheme']} weight-only (groups of {s['group_size']} rows)")
     samples = max((o.samples for o in r.outputs), default=0)
     lines = [f"smelt quantize-report: {how}, {r.target}; evaluated on {samples} samples ({r.batches} batches)"]

@@ -21,8 +21,8 @@ from .autotune import records_passes
 from .errors import BackendError, SmeltError, error_line
 from .frontend import import_models
 from .ir import ModelInfo, Program, TensorSpec, summarize
-from .passes import (MERGED, PRECISIONS, Explainer, Int8, MergeOptions, PassManager, PipelineOptions,
-                     QuantizeInt8, QuantizeWeights, Step, WeightOnly, build_pipeline, canonicalize_passes, merge_passes)
+from .passes import (MERGED, PRECISIONS, Explainer, Fp8, Int8, MergeOptions, PassManager, PipelineOptions,
+                     QuantizeFp8, QuantizeInt8, QuantizeWeights, Step, WeightOnly, build_pipeline, canonicalize_passes, merge_passes)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class CompileOptions:
     verify_each: bool = False
     dump_ir: str | None = None
     merge: MergeOptions = field(default_factory=MergeOptions)
-    quantize: Int8 | WeightOnly | None = None
+    quantize: Int8 | Fp8 | WeightOnly | None = None
 
     def to_json(self) -> dict:
         d = asdict(replace(self, quantize=None))  # calibration data is not copied into the manifest
@@ -78,7 +78,7 @@ class CompileReport:
 def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequence[str] | None = None,
             input_shapes: dict | None = None, dynamic_batch: bool = False, merge: bool | None = None,
             share_inputs: bool | None = None, share_input: dict | None = None, precision: str | None = None,
-            quantize: Int8 | WeightOnly | None = None, options: CompileOptions | None = None,
+            quantize: Int8 | Fp8 | WeightOnly | None = None, options: CompileOptions | None = None,
             on_step: Callable | None = None) -> Artifact:
     """Compile ``models`` (paths, ModelProtos, ExportedPrograms or (module, example_args)) together.
 
@@ -90,6 +90,9 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     ``quantize=smelt.Int8(calib=..., method="minmax"|"percentile"|"entropy")`` runs
     convolutions and matmuls in INT8, calibrated on the given data; layers whose
     estimated error is too large stay float32 (``report.quantization``).
+    ``quantize=smelt.Fp8(calib=...)`` runs GEMMs (matmuls with a weight, 1×1 convs) on FP8
+    (E4M3) operands with calibrated per-tensor scales: cuBLASLt's FP8 tensor-core kernels on
+    CUDA (sm_89 and newer); elsewhere the same numbers through generated code.
     ``quantize=smelt.WeightOnly(bits=4|8, group_size=128)`` stores matmul weights in int4
     or int8 with group-wise scales, dequantized inside the matmul kernel.
     Returns an in-memory ``Artifact``; ``art.save(dir)`` writes it, ``smelt.load(dir)`` runs it.
@@ -105,12 +108,13 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
             raise SmeltError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         opts = replace(opts, pipeline=replace(opts.pipeline, precision=precision))
     if quantize is not None:
-        if not isinstance(quantize, (Int8, WeightOnly)):
-            raise SmeltError(f"quantize={quantize!r}: expected smelt.Int8(calib=..., method=...) or "
-                             "smelt.WeightOnly(bits=..., group_size=...)")
+        if not isinstance(quantize, (Int8, Fp8, WeightOnly)):
+            raise SmeltError(f"quantize={quantize!r}: expected smelt.Int8(calib=..., method=...), "
+                             "smelt.Fp8(calib=...) or smelt.WeightOnly(bits=..., group_size=...)")
         opts = replace(opts, quantize=quantize)
-    if isinstance(opts.quantize, Int8) and opts.merge.enabled:
-        raise SmeltError("INT8 quantization of merged models is not supported yet: compile without --merge")
+    if isinstance(opts.quantize, (Int8, Fp8)) and opts.merge.enabled:
+        raise SmeltError(f"{opts.quantize.to_json()['scheme'].upper()} quantization of merged models is not "
+                         "supported yet: compile without --merge")
     if opts.target.kind != target or (arch and opts.target.arch != arch):
         opts = replace(opts, target=replace(opts.target, kind=target, arch=arch or opts.target.arch))
     backend = backends.get(opts.target.kind)
@@ -127,7 +131,8 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     merging = merge_passes(program.models, opts.merge)
     # A backend may narrow INT8 weights for its instructions (optional ``int8_weight_limit(target)``).
     weight_limit = getattr(backend, "int8_weight_limit", lambda _target: 127)(tvm_target)
-    int8 = [QuantizeInt8(opts.quantize, list(program.models), weight_limit)] if isinstance(opts.quantize, Int8) else []
+    int8 = [QuantizeInt8(opts.quantize, list(program.models), weight_limit)] if isinstance(opts.quantize, Int8) else \
+        [QuantizeFp8(opts.quantize, list(program.models))] if isinstance(opts.quantize, Fp8) else []
     weight_only = [QuantizeWeights(opts.quantize, list(program.models) + ([MERGED] if merging else []))] \
         if isinstance(opts.quantize, WeightOnly) else []
     steps = build_pipeline(backend, tvm_target, opts.pipeline, merge=merging, quantize=int8,

@@ -31,8 +31,20 @@ def default_rules() -> list:
     dlight's CPU rules, then elementwise."""
     from .cpu_int8_dot import Int8DotTile  # built on this module's helpers
 
-    return [WinogradTransform(), Int8DotTile(), TileReduction(), dl_cpu.GEMV(), dl_cpu.Reduction(),
-            ParallelInjective()]
+    return [WinogradTransform(), Int8DotTile(), TileReduction(), _NoFloat8(dl_cpu.GEMV()),
+            _NoFloat8(dl_cpu.Reduction()), ParallelInjective()]
+
+
+class _NoFloat8(ScheduleRule):
+    """A dlight rule that leaves float8 kernels alone: its vectors would not compile (``_float8``)."""
+
+    def __init__(self, rule: ScheduleRule):
+        self.rule = rule
+
+    def apply(self, func, target, tunable: bool):
+        if isinstance(func, tirx.PrimFunc) and _float8(func):
+            return None
+        return self.rule.apply(func, target, tunable)
 
 
 def vector_bits(target) -> int:
@@ -180,7 +192,7 @@ class TileReduction(ScheduleRule):
         if extents[n_s - 1] is None:
             return None
         out_dtype = sch.get(block).writes[0].source.dtype
-        lanes = vector_lanes(target, tvm.DataType(out_dtype).bits)
+        lanes = 1 if _float8(func) else vector_lanes(target, tvm.DataType(out_dtype).bits)
         out_bytes, width_ext = tvm.DataType(out_dtype).bits // 8, extents[n_s - 1]
         first, row_axis, row_ext, (rows, width) = plan_register_tile(
             sch, block, n_s, extents, epilogue, target, lanes, _accumulators(target))
@@ -528,6 +540,8 @@ class WinogradTransform(ScheduleRule):
         tagged = [b for b in infos if "winograd_tile" in sch.get(b.block_rv).annotations]
         if len(tagged) != 1:
             return None
+        if _float8(func):  # its epilogue quantizes to FP8: vectors would not compile (``_float8``)
+            return None
         tile = int(sch.get(tagged[0].block_rv).annotations["winograd_tile"])
         is_input = len(sch.get(tagged[0].block_rv).writes[0].source.shape) == 3  # [alpha^2, tiles, C]; the output is NHWC
         for b in infos[:-1]:
@@ -581,10 +595,17 @@ class ParallelInjective(ScheduleRule):
                 sch.compute_inline(b.block_rv)
             except Exception:
                 left.append(b.block_rv)
-        lanes = vector_lanes(target, 32)
+        lanes = 1 if _float8(func) else vector_lanes(target, 32)
         for block in left:
             _schedule_root(sch, block, lanes)
         return sch
+
+
+def _float8(func: tirx.PrimFunc) -> bool:
+    """Whether a kernel reads or writes float8 (FP8 quantization's, emulated on CPUs): it stays
+    scalar, as TVM 0.27's LLVM code generator emulates float8 casts with a select that takes only
+    a scalar condition ("if_then_else can only take scalar condition" for a vector)."""
+    return any(str(p.dtype).startswith("float8") for p in func.params)
 
 
 def _vectorize_tile(sch, block, depth: int, width: int, lanes: int) -> None:
@@ -680,7 +701,7 @@ def _schedule_root(sch, block, lanes: int) -> None:
         return
     inner = extents[-1]
     vec = lanes if inner % lanes == 0 else _divisor(inner, lanes, 4) if inner >= 4 else None
-    if vec:
+    if vec and vec > 1:
         *rest, last = loops
         lo, li = sch.split(last, [None, vec]) if vec < inner else (None, last)
         sch.vectorize(li)

@@ -4,15 +4,18 @@
 // tvm.contrib.cublas do not exist. This file is the one routine smelt needs from it, exported
 // through TVM-FFI's C ABI so that the Relax VM finds it in the artifact's own library:
 //
-//   smelt_cublaslt_matmul(a, b, trans_b, epilogue, d, workspace)
-//   smelt_cublaslt_matmul_bias(a, b, bias, trans_b, epilogue, d, workspace)
-//   smelt_cublaslt_matmul_residual(a, b, residual, trans_b, epilogue, d, workspace)
-//   smelt_cublaslt_matmul_bias_residual(a, b, bias, residual, trans_b, epilogue, d, workspace)
+//   smelt_cublaslt_matmul(a, b, trans_b, epilogue, alpha, d, workspace)
+//   smelt_cublaslt_matmul_bias(a, b, bias, trans_b, epilogue, alpha, d, workspace)
+//   smelt_cublaslt_matmul_residual(a, b, residual, trans_b, epilogue, alpha, d, workspace)
+//   smelt_cublaslt_matmul_bias_residual(a, b, bias, residual, trans_b, epilogue, alpha, d, workspace)
 //
 //   a: [..., K] row-major (M = numel / K), b: [K, N] (trans_b = 0) or [N, K] (trans_b = 1),
 //   bias: [N], residual and d: M * N elements (any shape), workspace: bytes cuBLASLt may use.
-//   epilogue: 0 none, 1 relu. d = epilogue(a @ b + bias + residual), accumulated in float32.
-//   The outputs come last, as Relax's call_dps_packed passes them.
+//   epilogue: 0 none, 1 relu. d = epilogue(alpha * (a @ b) + bias + residual), accumulated in
+//   float32. The outputs come last, as Relax's call_dps_packed passes them.
+//   a and b are float16, bfloat16 or float32 of one dtype, or both float8_e4m3fn (FP8, sm_89 and
+//   newer; b then must be [N, K] and K a multiple of 16, as cuBLASLt's FP8 kernels require): alpha
+//   carries the two operands' scales, and d is 16-bit or float32.
 //
 // libcublasLt is opened at the first call (dlopen), not linked: artifacts load on machines
 // without it and say what is missing only when a GEMM runs. The handful of declarations below
@@ -59,9 +62,9 @@ struct Heuristic {
   float waves_count;
   int reserved[4];
 };
-constexpr int kCUDA_R_32F = 0, kCUDA_R_16F = 2, kCUDA_R_16BF = 14;
+constexpr int kCUDA_R_32F = 0, kCUDA_R_16F = 2, kCUDA_R_16BF = 14, kCUDA_R_8F_E4M3 = 28;
 constexpr int kCOMPUTE_32F = 68;
-constexpr int kDESC_TRANSA = 3, kDESC_TRANSB = 4, kDESC_EPILOGUE = 7, kDESC_BIAS_POINTER = 8;
+constexpr int kDESC_TRANSA = 3, kDESC_TRANSB = 4, kDESC_EPILOGUE = 7, kDESC_BIAS_POINTER = 8, kDESC_FAST_ACCUM = 25;
 constexpr int kOP_N = 0, kOP_T = 1;
 constexpr int kEPILOGUE_DEFAULT = 1, kEPILOGUE_RELU = 2, kEPILOGUE_BIAS = 4;
 constexpr int kPREF_MAX_WORKSPACE_BYTES = 1, kPREF_MIN_ALIGNMENT_A = 5;  // then B, C, D: 6, 7, 8
@@ -142,8 +145,9 @@ int CudaType(const TensorView& t, const char* name) {
   if (d.lanes == 1 && d.code == kDLFloat && d.bits == 16) return kCUDA_R_16F;
   if (d.lanes == 1 && d.code == kDLBfloat && d.bits == 16) return kCUDA_R_16BF;
   if (d.lanes == 1 && d.code == kDLFloat && d.bits == 32) return kCUDA_R_32F;
+  if (d.lanes == 1 && d.code == kDLFloat8_e4m3fn && d.bits == 8) return kCUDA_R_8F_E4M3;
   TVM_FFI_THROW(TypeError) << "smelt cuBLASLt GEMM: " << name << " has dtype code " << int(d.code) << " bits "
-                           << int(d.bits) << "; expected float16, bfloat16 or float32";
+                           << int(d.bits) << "; expected float16, bfloat16, float32 or float8_e4m3fn";
   return -1;
 }
 
@@ -188,6 +192,12 @@ Plan NewPlan(const Api& api, const Key& key, const void* bias, std::vector<Algo>
   int ep = (epilogue == 1 ? kEPILOGUE_RELU : 0) | (has_bias ? kEPILOGUE_BIAS : 0);
   if (ep == 0) ep = kEPILOGUE_DEFAULT;
   Check(api, api.desc_set(p.desc, kDESC_EPILOGUE, &ep, sizeof(ep)), "set EPILOGUE");
+  if (ab_type == kCUDA_R_8F_E4M3) {
+    // Accumulate in the tensor cores' own float32 registers without promoting partial sums at
+    // each K block: what Transformer Engine runs FP8 inference with, and cuBLASLt's fastest path.
+    int8_t fast = 1;
+    Check(api, api.desc_set(p.desc, kDESC_FAST_ACCUM, &fast, sizeof(fast)), "set FAST_ACCUM");
+  }
   // b is [K,N] row-major = column-major N x K (ld N); with trans_b it is [N,K] = K x N (ld K).
   Check(api, trans_b ? api.layout_create(&p.la, ab_type, k, n, k) : api.layout_create(&p.la, ab_type, n, k, n),
         "cublasLtMatrixLayoutCreate(b)");
@@ -219,7 +229,7 @@ Plan NewPlan(const Api& api, const Key& key, const void* bias, std::vector<Algo>
 }
 
 void Gemm(TensorView a, TensorView b, Optional<TensorView> bias, Optional<TensorView> residual, int64_t trans_b,
-          int64_t epilogue, TensorView d, TensorView workspace) {
+          int64_t epilogue, double scale, TensorView d, TensorView workspace) {
   if (a.ndim() < 1 || b.ndim() != 2) {
     TVM_FFI_THROW(ValueError) << "smelt cuBLASLt GEMM: expected a of rank >= 1 and b of rank 2, got ranks "
                               << a.ndim() << " and " << b.ndim();
@@ -238,6 +248,11 @@ void Gemm(TensorView a, TensorView b, Optional<TensorView> bias, Optional<Tensor
   if (residual && CudaType(residual.value(), "residual") != d_type) {
     TVM_FFI_THROW(TypeError) << "smelt cuBLASLt GEMM: residual and d differ in dtype";
   }
+  if (ab_type == kCUDA_R_8F_E4M3 && (!trans_b || k % 16 != 0 || d_type == kCUDA_R_8F_E4M3)) {
+    TVM_FFI_THROW(ValueError) << "smelt cuBLASLt GEMM: FP8 operands need b as [N, K] (trans_b), K a multiple of 16 "
+                                 "and a 16-bit or float32 d; got trans_b="
+                              << trans_b << " K=" << k;
+  }
   void* pa = Data(a, "a");
   void* pb = Data(b, "b");
   void* pd = Data(d, "d");
@@ -248,7 +263,7 @@ void Gemm(TensorView a, TensorView b, Optional<TensorView> bias, Optional<Tensor
   if (m == 0 || n == 0) return;
   std::lock_guard<std::mutex> lock(mu);
   const Api& api = GetApi();
-  const float alpha = 1.0f, beta = residual ? 1.0f : 0.0f;
+  const float alpha = static_cast<float>(scale), beta = residual ? 1.0f : 0.0f;
   void* stream = TVMFFIEnvGetStream(kDLCUDA, d.device().device_id);
   Key key(m, n, k, ab_type, d_type, int(trans_b), int(epilogue), pbias != nullptr, d.device().device_id, ws_bytes,
           Alignment({pa, pb, pc, pd, pbias ? pbias : pd}));
@@ -270,23 +285,24 @@ void Gemm(TensorView a, TensorView b, Optional<TensorView> bias, Optional<Tensor
         "cublasLtMatmul");
 }
 
-void Matmul(TensorView a, TensorView b, int64_t trans_b, int64_t epilogue, TensorView d, TensorView workspace) {
-  Gemm(a, b, std::nullopt, std::nullopt, trans_b, epilogue, d, workspace);
+void Matmul(TensorView a, TensorView b, int64_t trans_b, int64_t epilogue, double alpha, TensorView d,
+            TensorView workspace) {
+  Gemm(a, b, std::nullopt, std::nullopt, trans_b, epilogue, alpha, d, workspace);
 }
 
-void MatmulBias(TensorView a, TensorView b, TensorView bias, int64_t trans_b, int64_t epilogue, TensorView d,
-                TensorView workspace) {
-  Gemm(a, b, bias, std::nullopt, trans_b, epilogue, d, workspace);
+void MatmulBias(TensorView a, TensorView b, TensorView bias, int64_t trans_b, int64_t epilogue, double alpha,
+                TensorView d, TensorView workspace) {
+  Gemm(a, b, bias, std::nullopt, trans_b, epilogue, alpha, d, workspace);
 }
 
-void MatmulResidual(TensorView a, TensorView b, TensorView residual, int64_t trans_b, int64_t epilogue, TensorView d,
-                    TensorView workspace) {
-  Gemm(a, b, std::nullopt, residual, trans_b, epilogue, d, workspace);
+void MatmulResidual(TensorView a, TensorView b, TensorView residual, int64_t trans_b, int64_t epilogue, double alpha,
+                    TensorView d, TensorView workspace) {
+  Gemm(a, b, std::nullopt, residual, trans_b, epilogue, alpha, d, workspace);
 }
 
 void MatmulBiasResidual(TensorView a, TensorView b, TensorView bias, TensorView residual, int64_t trans_b,
-                        int64_t epilogue, TensorView d, TensorView workspace) {
-  Gemm(a, b, bias, residual, trans_b, epilogue, d, workspace);
+                        int64_t epilogue, double alpha, TensorView d, TensorView workspace) {
+  Gemm(a, b, bias, residual, trans_b, epilogue, alpha, d, workspace);
 }
 
 }  // namespace

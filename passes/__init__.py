@@ -12,6 +12,7 @@ from .merge_common_stems import MERGED, MergeCommonStems, MergeReport, resolve_s
 from .pipeline import (PHASES, MergeOptions, PipelineOptions, build_pipeline, canonicalize_passes, fuse_passes,
                        merge_passes)
 from .mixed_precision import PRECISIONS, ToMixedPrecision
+from .quantize_fp8 import Fp8, QuantizeFp8
 from .quantize_int8 import Int8, QuantizeInt8
 from .quantize_weights import QuantizeWeights, WeightOnly
 from .remove_identity_ops import RemoveIdentityOps
@@ -19,4 +20,4 @@ from .remove_identity_ops import RemoveIdentityOps
 __all__ = ["CanonicalizeOps", "Explainer", "FoldBatchNorm", "FoldConstantLayout", "FuseHorizontal", "LegalizeGroupedConv", "LiftWeights", "PHASES", "PassManager",
            "MERGED", "MergeCommonStems", "MergeOptions", "MergeReport", "PassTiming", "PipelineOptions", "RemoveIdentityOps", "Step", "build_pipeline",
            "canonicalize_passes", "fuse_passes", "merge_passes", "resolve_shared_inputs", "PRECISIONS",
-           "ToMixedPrecision", "Int8", "QuantizeInt8", "QuantizeWeights", "WeightOnly"]
+           "ToMixedPrecision", "Fp8", "Int8", "QuantizeFp8", "QuantizeInt8", "QuantizeWeights", "WeightOnly"]

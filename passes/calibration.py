@@ -36,6 +36,14 @@ METHODS = ("minmax", "percentile", "entropy")
 QUANTIZABLE = frozenset({"relax.nn.conv2d", "relax.matmul"})
 
 
+def check_method(method: str, percentile: float) -> None:
+    """Raise ``SmeltError`` for a calibration method or percentile smelt does not know."""
+    if method not in METHODS:
+        raise SmeltError(f"calibration method {method!r}: expected one of {', '.join(METHODS)}")
+    if not 50.0 < percentile <= 100.0:
+        raise SmeltError(f"percentile {percentile}: expected a value in (50, 100]")
+
+
 @dataclass(frozen=True)
 class Site:
     """One quantizable op: ``key`` (function:ordinal), a readable ``name``, and its binding."""

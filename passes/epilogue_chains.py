@@ -1,7 +1,8 @@
 """Epilogue chains: the machinery the passes that hand ops to vendor libraries share.
 
 A chain is one op that a library computes (a weight GEMM, a convolution) followed by what the
-library's epilogue computes with it: [``astype`` float32 → 16-bit] [``add(·, bias)``]
+library's epilogue computes with it: [``multiply`` by a scalar constant, the operands' scales
+of an FP8 op] [``astype`` float32 → 16-bit] [``add(·, bias)``]
 [``add(·, residual)``] [``relu``], with shape-preserving ``reshape``s that keep the last axis,
 each intermediate result used only by the next. ``ChainRewriter`` finds the chains of a
 function (one dataflow block; leading dimensions may be symbolic), asks its subclass which ops
@@ -24,6 +25,7 @@ from .mutate import map_vars, static_shape
 
 EPILOGUE_NONE, EPILOGUE_RELU = 0, 1
 DTYPES = ("float16", "bfloat16", "float32")  # what cuBLASLt and cuDNN are called for
+FP8 = "float8_e4m3fn"  # QuantizeFp8's operands, which cuBLASLt multiplies into float32
 # cuBLASLt's recommended workspace on Hopper, which cuDNN's convolutions fit in too. Relax plans
 # it like any tensor; each call's is dead when the next one runs, so one buffer serves them all.
 WORKSPACE_BYTES = 32 << 20
@@ -39,6 +41,7 @@ class Chain:
     bias: relax.Expr | None = None
     residual: relax.Expr | None = None
     relu: bool = False
+    alpha: float = 1.0  # scales the product (FP8 operands' scales), before bias and residual
     members: list = field(default_factory=list)  # bound variables, first the op's
 
     def parts(self, op: str) -> str:
@@ -48,6 +51,9 @@ class Chain:
 
     def epilogue(self) -> relax.Expr:
         return relax.prim_value(EPILOGUE_RELU if self.relu else EPILOGUE_NONE)
+
+    def scale(self) -> relax.Expr:
+        return relax.prim_value(tvm.tirx.FloatImm("float64", self.alpha))
 
     def library_call(self, func: str, args: list, result_ty: relax.TensorType) -> relax.Expr:
         """``call_dps_packed(func, args)`` writing the chain's result (``result_ty``'s shape, the
@@ -61,7 +67,7 @@ def result_dtype(out_dtype, operands: str) -> str | None:
     it: the operands' dtype or float32 (accumulated); None for anything else."""
     out = str(out_dtype)
     if out in ("", "void", "None"):
-        return operands
+        return operands if operands in DTYPES else None
     return out if out in (operands, "float32") else None
 
 
@@ -93,6 +99,10 @@ def extend(chain: Chain, value: relax.Expr, values: dict) -> bool:
     """Take ``value`` (the only user of the chain's result) into the chain when a library's
     epilogue computes it; in that case update ``chain``."""
     untouched = chain.bias is None and chain.residual is None and not chain.relu
+    if op_is(value, "relax.multiply") and untouched and chain.dtype == "float32" and chain.alpha == 1.0 \
+            and str(chain.x.ty.dtype) == FP8 and (alpha := _scalar(value, chain.members[-1], values)) is not None:
+        chain.alpha = alpha
+        return True
     if op_is(value, "relax.astype") and untouched and chain.dtype == "float32" \
             and str(value.attrs.dtype) in ("float16", "bfloat16"):
         chain.dtype = str(value.attrs.dtype)
@@ -103,7 +113,9 @@ def extend(chain: Chain, value: relax.Expr, values: dict) -> bool:
         a, b = value.args
         bias_arg, bias = next(((e, c) for e in (b, a) if (c := constant(e, values)) is not None), (None, None))
         bs = static_shape(bias_arg) if bias is not None else None  # as broadcast, after any permute_dims
-        if chain.bias is None and bs and str(bias.ty.dtype) == chain.dtype and math.prod(bs) == chain.n \
+        # cuBLASLt's FP8 GEMMs add a bias of float32 results in bfloat16: not taken
+        fp8_f32 = str(chain.x.ty.dtype) == FP8 and chain.dtype == "float32"
+        if chain.bias is None and bs and not fp8_f32 and str(bias.ty.dtype) == chain.dtype and math.prod(bs) == chain.n \
                 and bs[-1] == chain.n and len(bs) <= value.ty.ndim:
             chain.bias = bias
             return True
@@ -116,6 +128,16 @@ def extend(chain: Chain, value: relax.Expr, values: dict) -> bool:
         chain.relu = True
         return True
     return False
+
+
+def _scalar(value: relax.Call, operand: relax.Expr, values: dict) -> float | None:
+    """The float32 constant of one element that ``value`` multiplies ``operand`` by, else None."""
+    a, b = value.args
+    other = b if a.same_as(operand) else a
+    c = constant(other, values)
+    if c is None or str(c.ty.dtype) != "float32" or c.value.numpy().size != 1:
+        return None
+    return float(c.value.numpy().reshape(()))
 
 
 def last_dim(e: relax.Expr) -> int | None:

@@ -7,9 +7,10 @@ Guarantees: float32 weights feed the compute as ``dtype`` (constants are convert
 the weight store holds them at half the size); inputs stay float32 at the function
 boundary and are cast once; outputs are cast back to float32, so a model's signature
 does not change. Convolutions and matmuls take ``dtype`` operands and accumulate in
-float32 (``out_dtype``), then round to ``dtype``; integer ones (INT8 quantization's, which may
-run first) stay as they are, the op that rescales their int32 result (cast to float32) computes in
-float32 (the accumulator outgrows float16), and what follows continues in ``dtype``. ``KEEP_FLOAT32`` ops (softmax,
+float32 (``out_dtype``), then round to ``dtype``; integer and FP8 ones (INT8 and FP8
+quantization's, which run first) stay as they are, the op that rescales their result (INT8's
+int32 cast to float32, FP8's float32 accumulator) computes in float32 (the accumulator outgrows
+float16), and what follows continues in ``dtype``. ``KEEP_FLOAT32`` ops (softmax,
 normalizations, reductions, exp/log/sqrt/pow/erf) read float32 operands and produce
 float32; everything else runs in ``dtype``. Explicit casts in the model are kept.
 Where: quantize phase (after merging, before legalization and fusion).
@@ -49,16 +50,28 @@ ACCUMULATE = frozenset({"relax.nn.conv1d", "relax.nn.conv2d", "relax.nn.conv3d",
 _LEAVE = frozenset({"relax.astype", "relax.shape_of"})
 
 
+# the float types this pass converts; 8-bit floats (FP8 quantization's operands) are left like integers
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
 def _is_float(e: relax.Expr, dtype: str | None = None) -> bool:
     ty = e.ty
-    return isinstance(ty, relax.TensorType) and str(ty.dtype).startswith(("float", "bfloat")) and \
-        (dtype is None or str(ty.dtype) == dtype)
+    return isinstance(ty, relax.TensorType) and str(ty.dtype) in _FLOATS and (dtype is None or str(ty.dtype) == dtype)
 
 
-def _from_integer(v: relax.Expr) -> bool:
-    """``v`` is ``astype`` of an integer tensor to a float type."""
-    return isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.astype" and \
-        isinstance(v.args[0].ty, relax.TensorType) and str(v.args[0].ty.dtype).startswith(("int", "uint"))
+def _quantized(e: relax.Expr) -> bool:
+    """``e`` is a tensor of integers or 8-bit floats (quantized operands)."""
+    return isinstance(e.ty, relax.TensorType) and str(e.ty.dtype).startswith(("int", "uint", "float8"))
+
+
+def _wide(v: relax.Expr) -> bool:
+    """``v`` is a quantized op's float32 accumulator: ``astype`` of integers to a float type, or a
+    convolution or matmul of quantized operands (FP8) accumulating in float32."""
+    if not (isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op)):
+        return False
+    if v.op.name == "relax.astype":
+        return isinstance(v.args[0].ty, relax.TensorType) and str(v.args[0].ty.dtype).startswith(("int", "uint"))
+    return v.op.name in ACCUMULATE and all(_quantized(a) for a in v.args[:2]) and _is_float(v, "float32")
 
 
 class _Rewriter:
@@ -131,7 +144,7 @@ class _Rewriter:
                     if not isinstance(b, relax.VarBinding):
                         return None
                     new = self.bb.emit(self.value(b.value))
-                    if _from_integer(b.value):
+                    if _wide(b.value):
                         self.wide.add(new)
                     # a block output leaves in float32
                     self.env[b.var] = new if isinstance(b.var, relax.DataflowVar) else \

@@ -42,7 +42,7 @@ import tvm
 from tvm import relax
 
 from ..errors import SmeltError
-from .calibration import METHODS, Calibration, Site, affine, calibrate, rel_error, sites
+from .calibration import Calibration, Site, affine, calibrate, check_method, rel_error, sites
 from .mutate import rebind
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,7 @@ class Int8:
     smooth: float = 0.5
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise SmeltError(f"calibration method {self.method!r}: expected one of {', '.join(METHODS)}")
-        if not 50.0 < self.percentile <= 100.0:
-            raise SmeltError(f"percentile {self.percentile}: expected a value in (50, 100]")
+        check_method(self.method, self.percentile)
         if not 0.0 <= self.smooth <= 1.0:
             raise SmeltError(f"smoothing alpha {self.smooth}: expected a value in [0, 1]")
 
