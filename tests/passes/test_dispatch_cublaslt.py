@@ -67,8 +67,8 @@ def test_linear_bias_residual_relu_is_one_call():
     assert _extern_names(out) == ["smelt_cublaslt_matmul_bias_residual"]
     assert "relax.matmul" not in _ops(out) and "relax.nn.relu" not in _ops(out)
     call = next(c for c in _calls(out) if isinstance(c.op, tvm.ir.Op) and c.op.name == "relax.call_dps_packed")
-    trans_b, epilogue = (int(a.value) for a in call.args[1].fields[-2:])
-    assert (trans_b, epilogue) == (0, 1)
+    trans_b, epilogue, alpha = (a.value for a in call.args[1].fields[-3:])
+    assert (trans_b, epilogue, alpha) == (0, 1, 1.0)
     d, ws = call.ty.fields
     assert [int(v) for v in d.shape.values] == [2, M // 2, N] and str(d.dtype) == "float16"
     assert [int(v) for v in ws.shape.values] == [WORKSPACE_BYTES]
@@ -169,7 +169,7 @@ def test_pointwise_conv_is_a_gemm():
     call = next(c for c in _calls(out) if isinstance(c.op, tvm.ir.Op) and c.op.name == "relax.call_dps_packed")
     a, weight, bias_arg = call.args[1].fields[:3]
     np.testing.assert_array_equal(weight.value.numpy(), w.reshape(N, K))
-    assert int(call.args[1].fields[-2].value) == 1  # trans_b: the weight is [N, K]
+    assert int(call.args[1].fields[-3].value) == 1  # trans_b: the weight is [N, K]
     assert [int(v) for v in call.ty.fields[0].shape.values] == [2, 4, 4, N]
     assert f"DispatchCublasLt: rewrote nn.conv2d: conv2d + bias + residual + relu to cuBLASLt, " \
         f"K={K} N={N} (weight transposed)" in lines, lines
