@@ -1,11 +1,11 @@
-"""Precision and quantization on a CUDA GPU: smelt fp32, fp16, bf16, INT8, w8 and w4 beside
+"""Precision and quantization on a CUDA GPU: smelt fp32, fp16, bf16, INT8, FP8, w8 and w4 beside
 torch eager fp32 and torch.compile fp16, one process, one run per model.
 
 Each smelt variant is compiled without tuning records (default schedules), checked
 against torch eager float32 on the GPU (largest deviation relative to the largest
-output) and timed (median ms); INT8 is calibrated on 4 batches of random inputs of the
+output) and timed (median ms); INT8 and FP8 are calibrated on 4 batches of random inputs of the
 model's own shape (minmax). Rows are printed as JSON lines as they finish, then as a table.
-Usage: python bench/gpu_quantize.py [--models resnet50:1,bert:1] [--variants fp32,fp16,bf16,int8,w8,w4]
+Usage: python bench/gpu_quantize.py [--models resnet50:1,bert:1] [--variants fp32,fp16,bf16,int8,fp8-fp16,w8,w4]
        [--json out.json]
 """
 
@@ -32,6 +32,8 @@ VARIANTS = {  # name -> (precision, quantize factory taking calibration batches)
     "bf16": ("bfloat16", None),
     "int8": ("float32", lambda calib: smelt.Int8(calib=calib, method="minmax")),
     "int8-fp16": ("float16", lambda calib: smelt.Int8(calib=calib, method="minmax")),
+    # GEMMs (matmuls, 1x1 convs) on cuBLASLt's FP8 kernels, the rest in float16
+    "fp8-fp16": ("float16", lambda calib: smelt.Fp8(calib=calib, method="minmax")),
     "w8": ("float32", lambda calib: smelt.WeightOnly(8, 128)),
     "w4-fp16": ("float16", lambda calib: smelt.WeightOnly(4, 128)),
 }
