@@ -654,6 +654,8 @@ def _moved_last_axis(sch, block, n_loops: int) -> int | None:
         return None
     axes = set()
     for region in stmt.reads:
+        if not region.region:  # a scalar (a 0-d constant): no axis to follow
+            continue
         last = region.region[-1].min
         hit = [i for i, v in enumerate(iters) if last.same_as(v)]
         if hit:
