@@ -16,6 +16,7 @@ called with.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import statistics
@@ -68,6 +69,7 @@ class BenchResult:
 
     model: str
     target: str
+    build: str = "float32"  # smelt's precision, and its quantization scheme if any ("float16, fp8")
     timings: list[Timing] = field(default_factory=list)
     profile: list[KernelTime] = field(default_factory=list)  # slowest first
     tuned_kernels: int = 0
@@ -173,7 +175,8 @@ def bench(model, target: str = "cpu", *, name: str = "model", tune_log_dir: str 
           options: CompileOptions | None = None) -> BenchResult:
     """Time ``model`` (an ONNX path or ``ModelProto``, a ``.pt2`` path, or ``(module, args)``)."""
     opts = options or CompileOptions()
-    result = BenchResult(name, target)
+    result = BenchResult(name, target, opts.pipeline.precision +
+                         (f", {opts.quantize.to_json()['scheme']}" if opts.quantize is not None else ""))
     _require_device(target)
 
     def build(log_dir, graphs=True):
@@ -196,7 +199,7 @@ def bench(model, target: str = "cpu", *, name: str = "model", tune_log_dir: str 
             runners.append(_smelt_runner("smelt tuned", load(tuned.save(Path(tmp) / "tuned")), name, feeds, ref,
                                          f"{tuned.report.tuned_kernels} of {tuned.report.kernels} kernels tuned"))
         if peers:
-            runners += _peers(model, feeds, target, ref)
+            runners += _peers(model, feeds, target, ref, opts.pipeline.precision)
         result.timings = _interleaved(runners, repeat)
         if profile:  # every kernel must be a VM call: build again only if CUDA graphs would hide them
             backend = backends.get(target)
@@ -251,7 +254,13 @@ def _torch_module(model):
     return ep.module(), ep.example_inputs[0] if ep.example_inputs else ()
 
 
-def _peers(model, feeds, target, ref) -> list[_Runner]:
+_SHORT = {"float32": "", "float16": " fp16", "bfloat16": " bf16"}
+
+
+def _peers(model, feeds, target, ref, precision: str = "float32") -> list[_Runner]:
+    """onnxruntime (float32: a 16-bit ONNX model would be another model) for an ONNX model;
+    torch eager and torch.compile for a torch one, in ``precision``, and on CUDA also
+    torch.compile's ``reduce-overhead`` mode (CUDA graphs, as smelt's artifacts run)."""
     out = []
     if _kind(model) == "onnx":
         try:
@@ -273,17 +282,20 @@ def _peers(model, feeds, target, ref) -> list[_Runner]:
 
     module, _ = _torch_module(model)
     device = "cuda" if target == "cuda" and torch.cuda.is_available() else "cpu"
-    module = module.to(device)
-    args = [torch.from_numpy(v).to(device) for v in feeds.values()]
+    dtype = getattr(torch, precision)
+    module = copy.deepcopy(module).to(device=device, dtype=dtype)  # the caller's module stays as it was
+    args = [torch.from_numpy(v).to(device=device, dtype=dtype if v.dtype.kind == "f" else None) for v in feeds.values()]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for label, fn in (("torch eager", module), ("torch.compile", None)):
+    modes = [("torch eager", None), ("torch.compile", "default")] + \
+        ([("torch.compile reduce-overhead", "reduce-overhead")] if device == "cuda" else [])
+    for label, mode in modes:
+        label += _SHORT[precision]
         try:
-            if fn is None:
-                fn = torch.compile(module)
+            fn = module if mode is None else torch.compile(module, mode=mode)
             with torch.no_grad():
                 y = fn(*args)
             y = y if isinstance(y, (tuple, list)) else (y,)
-            same = label == "torch eager" and device == "cpu"
+            same = label == "torch eager" and device == "cpu"  # float32 only: the reference itself
             out.append(_Runner(label, _wall(_no_grad(fn, args), sync),
                                None if same else _rel(tuple(o.float().cpu().numpy() for o in y), ref),
                                "reference" if same else ""))

@@ -296,12 +296,20 @@ def format_compile_summary(art, path: Path, total: float) -> str:
 @click.option("--top", default=10, show_default=True, help="Kernels listed by --profile.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--markdown", is_flag=True, help="Print one markdown table for all models.")
-def bench(models, target, arch, tune_log_dir, repeat, shapes, no_peers, profile, top, as_json, markdown):
+@click.option("--precision", default="float32", show_default=True, type=click.Choice(list(_PRECISION)),
+              help="smelt's compute precision, and torch's (onnxruntime stays float32).")
+@click.option("--quantize", type=click.Choice(["int8", "fp8", "w8", "w4"]), help="Quantize smelt's build "
+              "(see compile --quantize); the peers run unquantized.")
+@_quantize_options
+def bench(models, target, arch, tune_log_dir, repeat, shapes, no_peers, profile, top, as_json, markdown, precision,
+          quantize, group_size, calib, calib_method, calib_percentile, max_error, smooth):
     """Time MODELS (.onnx, .pt2) with smelt (untuned, tuned) beside onnxruntime / torch, with errors."""
-    from . import CompileOptions, TargetOptions
+    from . import CompileOptions, PipelineOptions, TargetOptions
     from .benchmark import bench as run_bench
 
-    opts = CompileOptions(TargetOptions(target, arch))
+    opts = CompileOptions(TargetOptions(target, arch), pipeline=PipelineOptions(precision=_PRECISION[precision]),
+                          quantize=_quantize_config(quantize, group_size, calib, calib_method, calib_percentile,
+                                                    max_error, smooth))
     input_shapes = dict(_parse_shape(s) for s in shapes) or None
     results = [run_bench(m, target, name=Path(m).stem.replace("-", "_").replace(".", "_"), tune_log_dir=tune_log_dir or None,
                          repeat=repeat, profile=profile, peers=not no_peers, input_shapes=input_shapes, options=opts)
@@ -326,7 +334,7 @@ def format_bench(results, markdown: bool = False, top: int = 10) -> list[str]:
                          + f" | {ratios} |")
         return lines
     for r in results:
-        lines.append(f"smelt bench {r.model} ({r.target}; median of timed calls after a warm-up)")
+        lines.append(f"smelt bench {r.model} ({r.target}, smelt in {r.build}; median of timed calls after a warm-up)")
         rows = [("runner", "ms", "error vs reference", "peer / best smelt", "")]
         best = r.best_smelt().ms
         for t in r.timings:

@@ -65,6 +65,38 @@ def test_torch_model_against_eager():
     assert compiled.note.startswith("failed") or compiled.rel_err <= 1e-5
 
 
+def test_torch_peers_run_in_smelts_precision():
+    """With bfloat16, smelt and torch both compute in it; errors against float32 eager stay
+    within bfloat16's (8 mantissa bits: 2e-2 of the output's scale), and the caller's module
+    stays float32."""
+    module, args = torch_zoo.mlp(batch=4)
+    opts = smelt.CompileOptions(pipeline=smelt.PipelineOptions(precision="bfloat16"))
+    r = smelt.bench((module, args), name="tmlp", tune_log_dir=None, repeat=3, options=opts)
+    runners = {t.runner: t for t in r.timings}
+    assert r.build == "bfloat16" and "torch eager" not in runners
+    assert 0 < runners["smelt untuned"].rel_err <= 2e-2
+    assert 0 < runners["torch eager bf16"].rel_err <= 2e-2
+    assert next(module.parameters()).dtype == args[0].dtype  # float32
+
+
+def test_cli_bench_fp8(tmp_path):
+    """``smelt bench --quantize fp8 --calib``: smelt's FP8 build against onnxruntime float32."""
+    from click.testing import CliRunner
+
+    from smelt.cli import main
+
+    m = zoo.mlp(batch=4, dims=(64, 256, 256, 16))
+    (tmp_path / "m.onnx").write_bytes(m.SerializeToString())
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", features=rng.standard_normal((16, 64)).astype(np.float32))
+    r = CliRunner().invoke(main, ["bench", str(tmp_path / "m.onnx"), "--repeat", "2", "--json", "--tune-log-dir", "",
+                                  "--quantize", "fp8", "--calib", str(tmp_path / "calib.npz")])
+    assert r.exit_code == 0, r.output
+    (res,) = json.loads(r.output)
+    runners = {t["runner"]: t for t in res["timings"]}
+    assert res["build"] == "float32, fp8" and 1e-3 < runners["smelt untuned"]["rel_err"] <= 0.1
+
+
 def test_cli_bench_json_and_markdown(tmp_path):
     from click.testing import CliRunner
 
