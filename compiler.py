@@ -119,6 +119,8 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
         opts = replace(opts, target=replace(opts.target, kind=target, arch=arch or opts.target.arch))
     backend = backends.get(opts.target.kind)
     tvm_target = backend.target(opts.target)
+    if isinstance(opts.quantize, Fp8) and (why := getattr(backend, "fp8_unsupported", lambda _t: "")(tvm_target)):
+        raise SmeltError(f"--quantize fp8 for target {opts.target.kind}: {why}; use --quantize int8 or --precision fp16")
     backend.check_toolchain(opts.target)
 
     t0 = time.perf_counter()

@@ -36,7 +36,9 @@ class Backend(Protocol):
     """A code generator for one kind of device.
 
     Optional: ``int8_weight_limit(target) -> int``, the largest |weight| QuantizeInt8 may emit
-    for ``target`` (127 where absent), for instructions that multiply narrower weights exactly."""
+    for ``target`` (127 where absent), for instructions that multiply narrower weights exactly;
+    ``fp8_unsupported(target) -> str``, why ``target`` cannot run QuantizeFp8's E4M3 kernels
+    ("" where it can; absent: it can)."""
 
     name: ClassVar[str]
     description: ClassVar[str]

@@ -82,6 +82,13 @@ class CUDABackend:
         return tvm.target.Target({"kind": "cuda", "arch": arch, **_LIMITS, **({"libs": list(libs)} if libs else {})},
                                  host={"kind": "llvm", "mtriple": opts.triple or host_triple()})
 
+    def fp8_unsupported(self, target) -> str:
+        """E4M3 tensor cores and conversions came with Ada (sm_89); TVM 0.27 emulates the type on
+        older GPUs with vectors of bools its CUDA code generator cannot write."""
+        m = _ARCH.fullmatch(str(target.attrs["arch"]))
+        return "" if m and int(m.group(1)) >= 89 else \
+            f"FP8 (E4M3) needs an NVIDIA GPU of sm_89 or newer (Ada, Hopper), not {target.attrs['arch']}"
+
     def check_toolchain(self, opts: TargetOptions) -> None:
         nvcc = shutil.which("nvcc")
         if nvcc is None and not _has_nvrtc():

@@ -74,6 +74,9 @@ class ROCmBackend:
         return tvm.target.Target({"kind": "rocm", "mcpu": arch, "thread_warp_size": wavefront_size(arch)},
                                  host={"kind": "llvm", "mtriple": opts.triple or host_triple()})
 
+    def fp8_unsupported(self, target) -> str:
+        return "smelt's FP8 is NVIDIA's E4M3 (float8_e4m3fn); AMD's MI300 multiplies E4M3FNUZ, which smelt does not emit"
+
     def check_toolchain(self, opts: TargetOptions) -> None:
         missing = []
         if _lld() is None:

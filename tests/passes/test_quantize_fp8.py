@@ -169,6 +169,16 @@ def test_fp8_options_are_checked():
                       quantize=smelt.Fp8(calib=_batches()))
 
 
+@pytest.mark.parametrize("target,arch,why", [
+    ("cuda", "sm_80", "FP8 \\(E4M3\\) needs an NVIDIA GPU of sm_89 or newer \\(Ada, Hopper\\), not sm_80"),
+    ("rocm", "gfx942", "smelt's FP8 is NVIDIA's E4M3 .*AMD's MI300 multiplies E4M3FNUZ"),
+])
+def test_targets_without_e4m3_are_a_clear_error(target, arch, why):
+    with pytest.raises(smelt.SmeltError, match=f"--quantize fp8 for target {target}: {why}"):
+        smelt.compile([(_mlp(), (torch.zeros(4, 64),))], target=target, arch=arch, names=["m"],
+                      quantize=smelt.Fp8(calib=_batches()), options=smelt.CompileOptions(tune_log_dir=None))
+
+
 def test_cli_quantize_fp8(tmp_path):
     from click.testing import CliRunner
 
