@@ -252,6 +252,35 @@ class Calibration:
     smoothed: dict[str, Histogram]
 
 
+def choose(funcs: dict[str, list[Site]], cal: Calibration, plan, max_error: float, rep: dict) -> dict[str, dict]:
+    """Each site's plan (``plan(site, cal)`` -> (a dict with its estimated ``error``, or None and
+    why)), filed in ``rep``'s ``quantized``, ``fallback`` (over ``max_error``) or ``skipped``;
+    returns {site key: plan} of the sites to quantize."""
+    plans = {}
+    for ss in funcs.values():
+        for s in ss:
+            p, why = plan(s, cal)
+            if p is None:
+                rep["skipped"][s.name] = why
+            elif p["error"] > max_error:
+                rep["fallback"][s.name] = round(p["error"], 5)
+            else:
+                rep["quantized"][s.name] = round(p["error"], 5)
+                plans[s.key] = p
+    return plans
+
+
+def rewrite_sites(mod: tvm.IRModule, funcs: dict[str, list[Site]], plans: dict[str, dict], emit) -> tvm.IRModule:
+    """``mod`` with each planned site's call replaced by ``emit(builder, call, plan)``."""
+    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    for m, ss in funcs.items():
+        chosen = {s.binding.var: plans[s.key] for s in ss if s.key in plans}
+        if chosen:
+            out[mod.get_global_var(m)] = rebind(
+                m, mod[m], lambda bb, b, value, chosen=chosen: emit(bb, value, chosen[b.var]) if b.var in chosen else value)
+    return out
+
+
 def smooth_scales(x_absmax: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
     """SmoothQuant's per-input-channel scales ``s`` for ``x @ w``: ``x / s`` and ``s * w`` give
     the same product, with activation outliers moved into the weight by ``alpha`` in [0, 1]."""

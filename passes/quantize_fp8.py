@@ -40,8 +40,7 @@ import tvm
 from tvm import relax
 
 from ..ir.weights import exact_const
-from .calibration import Calibration, Site, calibrate, check_method, rel_error, sites
-from .mutate import rebind
+from .calibration import Calibration, Site, calibrate, check_method, choose, rel_error, rewrite_sites, sites
 
 log = logging.getLogger(__name__)
 
@@ -133,27 +132,11 @@ class QuantizeFp8:
             return mod
         cal = calibrate(mod, funcs, self.config.calib, self.config.bins)
         rep["batches"] = cal.batches
-        plans: dict[str, dict] = {}
-        for ss in funcs.values():
-            for s in ss:
-                plan, why = self._plan(s, cal)
-                if plan is None:
-                    rep["skipped"][s.name] = why
-                elif plan["error"] > self.config.max_error:
-                    rep["fallback"][s.name] = round(plan["error"], 5)
-                else:
-                    rep["quantized"][s.name] = round(plan["error"], 5)
-                    plans[s.key] = plan
+        plans = choose(funcs, cal, self._plan, self.config.max_error, rep)
         if rep["fallback"]:
             log.info("FP8: %d GEMMs stay unquantized (estimated error over %g): %s", len(rep["fallback"]),
                      self.config.max_error, ", ".join(f"{k} {v:.3g}" for k, v in rep["fallback"].items()))
-        out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-        for m, ss in funcs.items():
-            chosen = {s.binding.var: plans[s.key] for s in ss if s.key in plans}
-            if chosen:
-                out[mod.get_global_var(m)] = rebind(
-                    m, mod[m], lambda bb, b, value: _fp8(bb, value, chosen[b.var]) if b.var in chosen else value)
-        return out
+        return rewrite_sites(mod, funcs, plans, _fp8)
 
     def _plan(self, s: Site, cal: Calibration) -> tuple[dict | None, str]:
         lo, hi = cal.hists[s.key].range(self.config.method, self.config.percentile)
