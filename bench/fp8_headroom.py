@@ -14,7 +14,8 @@ For every conv of ResNet-50 (NHWC, batch ``--batch``) it times, with CUDA events
 and sums the layers, each as often as the network has it. The FP8 column is the speed FP8
 convolutions with fused epilogues would approach if activations stayed FP8 between layers
 (a separate quantize kernel per layer would add its traffic; not counted here).
-With ``--cutlass PROBE`` (bench/cutlass_conv_probe.cu, built), each layer also runs as CUTLASS's
+With ``--cutlass PROBE`` (bench/cutlass_conv_probe.cu, built by bench/build_cutlass_probe.sh on a
+machine with nvcc: the GPU machine needs no CUDA toolkit), each layer also runs as CUTLASS's
 Hopper implicit-GEMM conv with bias, residual and ReLU fused, FP8 E4M3 in and fp16 or FP8 out,
 and INT8 in, fp16 out; the faster of its two tile shapes is shown, and its error against an
 fp32 reference of the same quantized inputs.
