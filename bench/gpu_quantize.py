@@ -6,7 +6,7 @@ against torch eager float32 on the GPU (largest deviation relative to the larges
 output) and timed (median ms); INT8 and FP8 are calibrated on 4 batches of random inputs of the
 model's own shape (minmax). Rows are printed as JSON lines as they finish, then as a table.
 Usage: python bench/gpu_quantize.py [--models resnet50:1,bert:1] [--variants fp32,fp16,bf16,int8,fp8-fp16,w8,w4]
-       [--json out.json]
+       [--json out.json] [--no-compile]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def model(name: str, batch: int):
     return torch_models.bert_base(), torch.randn(batch, 128, 768)
 
 
-def run(name: str, batch: int, variants: list[str], out_dir: Path, emit) -> None:
+def run(name: str, batch: int, variants: list[str], out_dir: Path, emit, compiled: bool = True) -> None:
     module, x = model(name, batch)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -58,9 +58,10 @@ def run(name: str, batch: int, variants: list[str], out_dir: Path, emit) -> None
     base = {"model": name, "batch": batch}
     emit({**base, "variant": "torch eager fp32", "ms": torch_ms(gm, gx)})
     half, hx = gm.half(), gx.half()
-    emit({**base, "variant": "torch.compile fp16", "ms": torch_ms(torch.compile(half), hx)})
-    emit({**base, "variant": "torch.compile reduce-overhead fp16",
-          "ms": torch_ms(torch.compile(half, mode="reduce-overhead"), hx)})
+    if compiled:
+        emit({**base, "variant": "torch.compile fp16", "ms": torch_ms(torch.compile(half), hx)})
+        emit({**base, "variant": "torch.compile reduce-overhead fp16",
+              "ms": torch_ms(torch.compile(half, mode="reduce-overhead"), hx)})
     module.float().cpu()
     input_name = None
     for v in variants:
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--models", default="resnet50:1,bert:1")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--json")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (minutes of compiling per model)")
     args = ap.parse_args()
     rows = []
 
@@ -97,7 +99,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for item in args.models.split(","):
             m, _, batch = item.partition(":")
-            run(m, int(batch or 1), args.variants.split(","), Path(tmp), emit)
+            run(m, int(batch or 1), args.variants.split(","), Path(tmp), emit, not args.no_compile)
     print(f"\n{'model':<10}{'batch':>6}  {'variant':<36}{'ms':>9}{'rel err':>10}{'weights MB':>11}")
     for r in rows:
         err = f"{r['rel_err']:>10.1e}" if "rel_err" in r else f"{'-':>10}"
