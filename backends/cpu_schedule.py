@@ -31,20 +31,21 @@ def default_rules() -> list:
     dlight's CPU rules, then elementwise."""
     from .cpu_int8_dot import Int8DotTile  # built on this module's helpers
 
-    return [WinogradTransform(), Int8DotTile(), TileReduction(), _NoFloat8(dl_cpu.GEMV()),
-            _NoFloat8(dl_cpu.Reduction()), ParallelInjective()]
+    return [WinogradTransform(), Int8DotTile(), TileReduction(), GEMV(), Reduction(), ParallelInjective()]
 
 
-class _NoFloat8(ScheduleRule):
-    """A dlight rule that leaves float8 kernels alone: its vectors would not compile (``_float8``)."""
-
-    def __init__(self, rule: ScheduleRule):
-        self.rule = rule
+class GEMV(dl_cpu.GEMV):
+    """dlight's CPU GEMV rule, leaving float8 kernels alone: its vectors would not compile (``_float8``)."""
 
     def apply(self, func, target, tunable: bool):
-        if isinstance(func, tirx.PrimFunc) and _float8(func):
-            return None
-        return self.rule.apply(func, target, tunable)
+        return None if isinstance(func, tirx.PrimFunc) and _float8(func) else super().apply(func, target, tunable)
+
+
+class Reduction(dl_cpu.Reduction):
+    """dlight's CPU row-reduction rule, leaving float8 kernels alone (``_float8``)."""
+
+    def apply(self, func, target, tunable: bool):
+        return None if isinstance(func, tirx.PrimFunc) and _float8(func) else super().apply(func, target, tunable)
 
 
 def vector_bits(target) -> int:
