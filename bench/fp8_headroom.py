@@ -61,6 +61,28 @@ def resnet50_convs(batch: int) -> list[dict]:
     return rows
 
 
+def measure(r: dict, repeat: int) -> dict:
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    x = torch.randn(r["batch"], r["c_in"], r["h"], r["h"], device=dev, dtype=torch.float16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(r["c_out"], r["c_in"], r["k"], r["k"], device=dev, dtype=torch.float16) * 0.05)
+    w = w.contiguous(memory_format=torch.channels_last)
+    pad = r["k"] // 2
+    conv = cuda_ms(lambda: torch.nn.functional.conv2d(x, w, stride=r["stride"], padding=pad), repeat)
+    a16 = torch.randn(r["m"], r["kdim"], device=dev, dtype=torch.float16)
+    b16 = torch.randn(r["n"], r["kdim"], device=dev, dtype=torch.float16) * 0.05
+    gemm16 = cuda_ms(lambda: a16 @ b16.t(), repeat)
+    a8, b8 = a16.to(torch.float8_e4m3fn), (b16 * 20).to(torch.float8_e4m3fn)
+    one = torch.ones((), device=dev, dtype=torch.float32)
+    gemm8 = cuda_ms(lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.float16), repeat)
+    # the FP8 product against the fp16 one on the same (rounded) values: the call computes what it should
+    ref = a8.float() @ b8.float().t()
+    got = torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    return dict(r, conv_fp16_ms=conv, gemm_fp16_ms=gemm16, gemm_fp8_ms=gemm8, fp8_rel_err=err)
+
+
 CUTLASS_VARIANTS = ("e4m3->f16", "e4m3->e4m3", "s8->f16")
 
 
