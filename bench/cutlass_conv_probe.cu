@@ -10,7 +10,8 @@
 // D = relu(alpha * conv(x, w) + beta * residual + bias), NHWC activations, KRSC (OHWI) weights,
 // all on the GPU's current device. Every run is checked against a plain fp32 reference kernel
 // computed from the same quantized inputs (max |d - ref| / max |ref|), then timed with CUDA
-// events (median of 20 runs of `run()`; the arguments are initialized once per layer, as a
+// events (20 runs of `run()` back to back, queued behind a spinning kernel, median of 5 such rounds;
+// the arguments are initialized once per layer, as a
 // library would cache them per problem).
 //
 // Build (sm_90a: wgmma needs it; -DNDEBUG: a device assert is a call, and nvcc 13 then
@@ -59,6 +60,14 @@ struct Layer {
   __host__ __device__ int pad() const { return r / 2; }
   __host__ __device__ int p() const { return (h + 2 * pad() - r) / stride + 1; }
 };
+
+constexpr int kRuns = 20;  // per timed round
+
+__global__ void spin(long long cycles) {
+  long long t0 = clock64();
+  while (clock64() - t0 < cycles) {
+  }
+}
 
 template <class AB, class Acc, class Out, class Tile>
 struct ConvType {
@@ -183,15 +192,20 @@ void run(const Layer& l, int index, const char* variant, const char* tile) {
     cudaEvent_t start, end;
     CHECK_CUDA(cudaEventCreate(&start));
     CHECK_CUDA(cudaEventCreate(&end));
+    // Runs back to back, queued behind a spinning kernel: timed one by one, each run's launch on
+    // the host (about 5 us) sat between the events and set a floor under small layers.
     std::vector<float> times;
-    for (int i = 0; i < 25; ++i) {
+    for (int i = 0; i < 3; ++i) conv.run();
+    for (int round = 0; round < 5; ++round) {
+      CHECK_CUDA(cudaDeviceSynchronize());
+      spin<<<1, 1>>>(20000000LL);  // about 10 ms: the runs below are all queued before it ends
       CHECK_CUDA(cudaEventRecord(start));
-      conv.run();
+      for (int i = 0; i < kRuns; ++i) conv.run();
       CHECK_CUDA(cudaEventRecord(end));
       CHECK_CUDA(cudaEventSynchronize(end));
       float t = 0.f;
       CHECK_CUDA(cudaEventElapsedTime(&t, start, end));
-      if (i >= 5) times.push_back(t);
+      times.push_back(t / kRuns);
     }
     std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
     ms = times[times.size() / 2];
