@@ -133,11 +133,11 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     merging = merge_passes(program.models, opts.merge)
     # A backend may narrow INT8 weights for its instructions (optional ``int8_weight_limit(target)``).
     weight_limit = getattr(backend, "int8_weight_limit", lambda _target: 127)(tvm_target)
-    int8 = [QuantizeInt8(opts.quantize, list(program.models), weight_limit)] if isinstance(opts.quantize, Int8) else \
+    calibrated = [QuantizeInt8(opts.quantize, list(program.models), weight_limit)] if isinstance(opts.quantize, Int8) else \
         [QuantizeFp8(opts.quantize, list(program.models))] if isinstance(opts.quantize, Fp8) else []
     weight_only = [QuantizeWeights(opts.quantize, list(program.models) + ([MERGED] if merging else []))] \
         if isinstance(opts.quantize, WeightOnly) else []
-    steps = build_pipeline(backend, tvm_target, opts.pipeline, merge=merging, quantize=int8,
+    steps = build_pipeline(backend, tvm_target, opts.pipeline, merge=merging, quantize=calibrated,
                            after_precision=weight_only)
     tuned = records_passes(tvm_target, opts.tune_log_dir)
     if tuned:  # records first: default schedules only touch what they did not cover
@@ -170,8 +170,8 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
         explain = getattr(step.pass_, "explain", None)
         if isinstance(explain, Explainer):
             report.explanations += explain.lines()
-    if int8 or weight_only:
-        report.quantization = (int8 or weight_only)[0].report
+    if calibrated or weight_only:
+        report.quantization = (calibrated or weight_only)[0].report
     report.tuned_kernels = sum(1 for v in report.schedules.values() if v == "tuned")
     report.phase_seconds.update(manager.phase_seconds())
     report.pass_seconds = [(t.name, round(t.seconds, 4)) for t in manager.timings]

@@ -36,6 +36,11 @@ METHODS = ("minmax", "percentile", "entropy")
 QUANTIZABLE = frozenset({"relax.nn.conv2d", "relax.matmul"})
 
 
+def describe(calib) -> str:
+    """Calibration data as the manifest records it: its path, or the kind of iterable it was."""
+    return str(calib) if isinstance(calib, (str, Path)) else f"<{type(calib).__name__}>"
+
+
 def check_method(method: str, percentile: float) -> None:
     """Raise ``SmeltError`` for a calibration method or percentile smelt does not know."""
     if method not in METHODS:

@@ -32,7 +32,6 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -40,7 +39,7 @@ import tvm
 from tvm import relax
 
 from ..ir.weights import exact_const
-from .calibration import Calibration, Site, calibrate, check_method, choose, rel_error, rewrite_sites, sites
+from .calibration import Calibration, Site, calibrate, check_method, choose, describe, rel_error, rewrite_sites, sites
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +69,7 @@ class Fp8:
         check_method(self.method, self.percentile)
 
     def to_json(self) -> dict:
-        calib = str(self.calib) if isinstance(self.calib, (str, Path)) else f"<{type(self.calib).__name__}>"
-        return {"scheme": "fp8", "calib": calib, "method": self.method, "percentile": self.percentile,
+        return {"scheme": "fp8", "calib": describe(self.calib), "method": self.method, "percentile": self.percentile,
                 "max_error": self.max_error}
 
 

@@ -35,14 +35,13 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import tvm
 from tvm import relax
 
 from ..errors import SmeltError
-from .calibration import Calibration, Site, affine, calibrate, check_method, choose, rel_error, rewrite_sites, sites
+from .calibration import Calibration, Site, affine, calibrate, check_method, choose, describe, rel_error, rewrite_sites, sites
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +69,7 @@ class Int8:
             raise SmeltError(f"smoothing alpha {self.smooth}: expected a value in [0, 1]")
 
     def to_json(self) -> dict:
-        calib = str(self.calib) if isinstance(self.calib, (str, Path)) else f"<{type(self.calib).__name__}>"
-        return {"scheme": "int8", "calib": calib, "method": self.method, "percentile": self.percentile,
+        return {"scheme": "int8", "calib": describe(self.calib), "method": self.method, "percentile": self.percentile,
                 "max_error": self.max_error, "smooth": self.smooth}
 
 
