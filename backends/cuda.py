@@ -1,7 +1,8 @@
 """CUDA backend: kernels for NVIDIA GPUs (--arch sm_XX); builds without a GPU.
 
 Weight GEMMs and 1x1 convolutions (with their bias, residual and ReLU) run on cuBLASLt
-(``DispatchCublasLt``), the other convolutions of one group on cuDNN (``DispatchCudnn``), unless
+(``DispatchCublasLt``), the other convolutions of one group on cuDNN (``DispatchCudnn``), FP8
+convolutions on Hopper with CUTLASS (``DispatchCutlassConv``), unless
 ``--libs`` leaves that library out; the routines are linked into the artifact, the libraries
 opened at run time (``vendor_libs.py``).
 Default schedules come from smelt's TensorCoreMatmul, then dlight (crash-safe, per kernel);
@@ -44,11 +45,12 @@ from ..errors import BackendError
 from ..passes.convert_conv_layout import ConvertConvLayout
 from ..passes.dispatch_cublaslt import DispatchCublasLt
 from ..passes.dispatch_cudnn import DispatchCudnn
+from ..passes.dispatch_cutlass_conv import DispatchCutlassConv
 from ..passes.fuse_norm_input_casts import FuseNormInputCasts
 from ..passes.fuse_operand_views import FuseOperandViews
 from ..passes.legalize_grouped_conv import LegalizeGroupedConv
 from ..passes.split_k_matmul import SplitKMatmul
-from .vendor_libs import CUBLASLT, CUDA_LIBS, CUDNN
+from .vendor_libs import CUBLASLT, CUDA_LIBS, CUDNN, CUTLASS
 from .base import TargetOptions, check_libs, module_tree
 from .apply_default_schedules import ApplyDefaultSchedules
 from .tensorcore_matmul import FULL_WAVE, SMALL_TILE
@@ -119,7 +121,11 @@ class CUDABackend:
         # own is no op the conversion knows: it would keep NCHW behind a transpose).
         # Depthwise convs stay OHWI too (a thread per channel in SmallReduction); the ``hwio`` variant
         # of bench/gpu_rule_ab.py times HWIO weights with 8-channel threads against that.
+        # FP8 convs go to CUTLASS first (sm_90 only: its kernels are Hopper's), with their next
+        # layer's quantization: cuBLASLt would take the 1x1 ones as GEMMs with 16-bit results.
+        hopper = re.fullmatch(r"sm_90a?", str(target.attrs["arch"])) is not None
         return [LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI"), FuseNormInputCasts()] + \
+            ([DispatchCutlassConv()] if hopper and _uses(target, CUTLASS) else []) + \
             ([DispatchCublasLt()] if _uses(target, CUBLASLT) else []) + \
             ([DispatchCudnn()] if _uses(target, CUDNN) else []) + [
             SplitKMatmul(min_tiles=FULL_WAVE // 2, tile=SMALL_TILE.block_m), FuseOperandViews()]
@@ -203,8 +209,10 @@ def compile_cuda(code: str, fmt: str, compiler: str | None = None) -> bytes:
             return bytes(_nvcc.compile_cuda(code, target_format=fmt, arch=arch, compiler=compiler))
     except RuntimeError as e:
         detail = [line for line in str(e).rpartition("Compilation error:")[2].strip().splitlines() if line]
+        # each error with the source line and caret after it (warnings about unused helpers come first)
+        errors = [line for i, e_at in enumerate(detail) if ": error" in e_at for line in detail[i:i + 3]]
         raise BackendError(f"{compiler} could not compile the generated CUDA C for {arch or 'the local GPU'}: "
-                           f"{' | '.join(detail[-5:]) or e}") from None
+                           f"{' | '.join(errors[:9] or detail[-5:]) or e}") from None
 
 
 def _has_nvrtc() -> bool:

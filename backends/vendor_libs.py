@@ -1,5 +1,5 @@
-"""smelt's vendor-library routines (``cublaslt.cc``, ``cudnn.cc``): building them and loading
-the libraries they call.
+"""smelt's vendor-library routines (``cublaslt.cc``, ``cudnn.cc``, ``cutlass_conv.cu``): building
+them and loading the libraries they call.
 
 CUDA targets list in ``libs`` the vendor libraries their generated code may call (by default
 cuBLASLt and cuDNN, as TensorRT and torch use them; ``--libs`` chooses, ``none`` turns them off):
@@ -12,10 +12,14 @@ A library's routines are named ``smelt_<name>_*``: a compile keeps in the target
 only the libraries whose routines the module calls, so an artifact links and loads no other.
 
 Each object is compiled from its source (and ``cuda_timer.h``, which times a library's candidate
-algorithms on the first call) with the system C++ compiler against TVM-FFI's headers,
-once per source version, into the user's cache folder (atomically: a concurrent compile never
-sees half a file). The vendor library itself is opened when the first call runs, so building
-needs no CUDA toolkit and the artifact loads anywhere.
+algorithms on the first call) against TVM-FFI's headers, once per source version, into the
+user's cache folder (atomically: a concurrent compile never sees half a file). The routines of
+cuBLASLt and cuDNN build with the system C++ compiler: the library itself is opened when the
+first call runs, so building needs no CUDA toolkit and the artifact loads anywhere. CUTLASS is a
+header library of GPU kernels, so its routine builds with nvcc, for sm_90a, against CUTLASS's
+headers (``$SMELT_CUTLASS_DIR``, else those of PyPI's nvidia-cutlass wheel, fetched once into
+the cache: TVM's wheel carries CUTLASS 4.1 without the ``tools/util`` headers its sm90 conv
+needs); its kernels' launch code calls the CUDA runtime, which the artifact finds loaded.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +52,7 @@ class VendorLib:
     wheel_dirs: tuple[str, ...]  # where pip's wheels put it, under the ``nvidia`` namespace package
     runs: str  # what an artifact runs with it, for errors
     install: str  # how to get it
+    nvcc: bool = False  # built by nvcc with CUTLASS's headers (else by the system C++ compiler)
 
     def object_file(self) -> Path:
         """The compiled routine (position-independent object), built on first use."""
@@ -57,19 +64,30 @@ class VendorLib:
         out = cache_dir() / f"{self.source.stem}-{digest}.o"
         if out.is_file():
             return out
-        cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-        if cxx is None:
-            raise BackendError(f"linking {self.name} calls into a CUDA artifact needs a C++ compiler (c++ or g++ "
-                               f"on PATH, or CXX), or compile with --libs none")
         try:
             includes = tvm_ffi.libinfo.include_paths()
         except RuntimeError as e:
             raise BackendError(f"compiling {self.source.name} needs TVM-FFI's C++ headers, which this installation "
                                f"of apache-tvm-ffi lacks ({e}); reinstall it, or compile with --libs none") from None
+        if self.nvcc:
+            nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc")
+                                            else None)
+            if nvcc is None:
+                raise BackendError(f"linking {self.name} calls into a CUDA artifact needs nvcc (the CUDA toolkit) on "
+                                   f"PATH, or compile with --libs naming the others")
+            cmd = [nvcc, "-std=c++17", "-O3", "-DNDEBUG", "-gencode=arch=compute_90a,code=sm_90a",
+                   "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-c", str(self.source)]
+            includes = [*includes, *cutlass_include_dirs()]
+        else:
+            cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+            if cxx is None:
+                raise BackendError(f"linking {self.name} calls into a CUDA artifact needs a C++ compiler (c++ or g++ "
+                                   f"on PATH, or CXX), or compile with --libs none")
+            cmd = [cxx, "-std=c++17", "-O2", "-fPIC", "-c", str(self.source)]
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
         os.close(fd)
-        cmd = [cxx, "-std=c++17", "-O2", "-fPIC", "-c", str(self.source), "-o", tmp] + [f"-I{p}" for p in includes]
+        cmd += ["-o", tmp] + [f"-I{p}" for p in includes]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             os.unlink(tmp)
@@ -120,6 +138,50 @@ class VendorLib:
                             f"{self.install}, or recompile with --libs naming the others (or none)")
 
 
+CUTLASS_WHEEL = "nvidia-cutlass==4.2.0.0"
+
+
+def cutlass_include_dirs() -> list[str]:
+    """CUTLASS's ``include`` and ``tools/util/include`` folders: under ``$SMELT_CUTLASS_DIR`` (a
+    CUTLASS source tree), else from the nvidia-cutlass wheel, downloaded (without its Python
+    dependencies, which smelt does not use) and unpacked into the cache once."""
+    root = os.environ.get("SMELT_CUTLASS_DIR")
+    if root is None:
+        root = str(cache_dir() / CUTLASS_WHEEL.replace("==", "-"))
+        if not os.path.isdir(root):
+            _fetch_cutlass(Path(root))
+    dirs = [os.path.join(root, "include"), os.path.join(root, "tools", "util", "include")]
+    if not all(os.path.isfile(os.path.join(d, h)) for d, h in zip(dirs, ("cutlass/cutlass.h", "cutlass/util/packed_stride.hpp"))):
+        raise BackendError(f"{root} holds no CUTLASS headers (include/cutlass/cutlass.h and "
+                           f"tools/util/include/cutlass/util/packed_stride.hpp)")
+    return dirs
+
+
+def _fetch_cutlass(root: Path) -> None:
+    with tempfile.TemporaryDirectory() as work:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", work,
+                               CUTLASS_WHEEL], capture_output=True, text=True)
+        wheels = list(Path(work).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise BackendError(f"FP8 convolutions for CUDA build with CUTLASS's headers, and downloading {CUTLASS_WHEEL} "
+                               f"failed ({proc.stderr.strip()[-500:]}); set SMELT_CUTLASS_DIR to a CUTLASS 4.2 source "
+                               f"tree, or compile with --libs naming the others")
+        prefix = "cutlass_library/source/"
+        staging = Path(work) / "cutlass"
+        with zipfile.ZipFile(wheels[0]) as z:
+            for name in z.namelist():
+                if name.startswith((prefix + "include/", prefix + "tools/util/include/")) and not name.endswith("/"):
+                    dest = staging / name[len(prefix):]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(z.read(name))
+        root.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(staging, root)
+        except OSError:  # another compile unpacked it first
+            if not root.is_dir():
+                raise
+
+
 _HERE = Path(__file__).parent
 CUBLASLT = VendorLib("cublaslt", _HERE / "cublaslt.cc", ("libcublasLt.so.13", "libcublasLt.so.12"),
                      ("cu13/lib", "cublas/lib"),  # the CUDA 13 and CUDA 12 wheels' layouts
@@ -128,4 +190,8 @@ CUBLASLT = VendorLib("cublaslt", _HERE / "cublaslt.cc", ("libcublasLt.so.13", "l
 CUDNN = VendorLib("cudnn", _HERE / "cudnn.cc", ("libcudnn.so.9", "libcudnn.so.8"), ("cudnn/lib", "cu13/lib"),
                   "its convolutions with cuDNN",
                   "pip install nvidia-cudnn-cu13 (or -cu12), or add cuDNN's lib folder to LD_LIBRARY_PATH")
-CUDA_LIBS = {lib.name: lib for lib in (CUBLASLT, CUDNN)}
+# The CUDA runtime the CUTLASS kernels' launch code calls (TVM's CUDA runtime links the same one)
+CUTLASS = VendorLib("cutlass", _HERE / "cutlass_conv.cu", ("libcudart.so.13", "libcudart.so.12"),
+                    ("cu13/lib", "cuda_runtime/lib"), "its FP8 convolutions with CUTLASS",
+                    "pip install nvidia-cuda-runtime, or add the CUDA toolkit's lib64 to LD_LIBRARY_PATH", nvcc=True)
+CUDA_LIBS = {lib.name: lib for lib in (CUBLASLT, CUDNN, CUTLASS)}

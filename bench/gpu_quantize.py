@@ -32,8 +32,11 @@ VARIANTS = {  # name -> (precision, quantize factory taking calibration batches)
     "bf16": ("bfloat16", None),
     "int8": ("float32", lambda calib: smelt.Int8(calib=calib, method="minmax")),
     "int8-fp16": ("float16", lambda calib: smelt.Int8(calib=calib, method="minmax")),
-    # GEMMs (matmuls, 1x1 convs) on cuBLASLt's FP8 kernels, the rest in float16
+    # weight GEMMs on cuBLASLt's FP8 kernels, convs on CUTLASS's (activations FP8 between them),
+    # the rest in float16
     "fp8-fp16": ("float16", lambda calib: smelt.Fp8(calib=calib, method="minmax")),
+    # FP8 for the GEMMs only (matmuls, 1x1 convs, with float16 results), the other convs in float16
+    "fp8gemm-fp16": ("float16", lambda calib: smelt.Fp8(calib=calib, method="minmax", convs="gemm")),
     "w8": ("float32", lambda calib: smelt.WeightOnly(8, 128)),
     "w4-fp16": ("float16", lambda calib: smelt.WeightOnly(4, 128)),
 }
@@ -73,7 +76,7 @@ def run(name: str, batch: int, variants: list[str], out_dir: Path, emit, compile
         try:
             r = smelt_run(name, module, x, out_dir, None, precision, make(calib) if make else None)
         except smelt.SmeltError as e:
-            emit({**base, "variant": f"smelt {v}", "error": str(e).splitlines()[0][:300]})
+            emit({**base, "variant": f"smelt {v}", "error": str(e)[:3000]})
             continue
         q = r["quantization"]
         emit({**base, "variant": f"smelt {v}", "ms": r["ms"], "rel_err": float(np.abs(r["y"] - ref).max()) / peak,

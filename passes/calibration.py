@@ -275,14 +275,17 @@ def choose(funcs: dict[str, list[Site]], cal: Calibration, plan, max_error: floa
     return plans
 
 
-def rewrite_sites(mod: tvm.IRModule, funcs: dict[str, list[Site]], plans: dict[str, dict], emit) -> tvm.IRModule:
-    """``mod`` with each planned site's call replaced by ``emit(builder, call, plan)``."""
+def rewrite_sites(mod: tvm.IRModule, funcs: dict[str, list[Site]], plans: dict[str, dict], emit,
+                  rest=None) -> tvm.IRModule:
+    """``mod`` with each planned site's call replaced by ``emit(builder, call, plan)`` and, with
+    ``rest``, every other binding's value by ``rest(builder, value)``."""
     out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
     for m, ss in funcs.items():
         chosen = {s.binding.var: plans[s.key] for s in ss if s.key in plans}
         if chosen:
             out[mod.get_global_var(m)] = rebind(
-                m, mod[m], lambda bb, b, value, chosen=chosen: emit(bb, value, chosen[b.var]) if b.var in chosen else value)
+                m, mod[m], lambda bb, b, value, chosen=chosen: emit(bb, value, chosen[b.var]) if b.var in chosen
+                else rest(bb, value) if rest is not None else value)
     return out
 
 

@@ -37,7 +37,7 @@ from .mutate import static_shape
 FUNCTION = "smelt_cudnn_conv2d"  # + "_residual"
 
 
-def _weight(e: relax.Expr, values: dict) -> np.ndarray | None:
+def weight_values(e: relax.Expr, values: dict) -> np.ndarray | None:
     """The values of a constant weight, through a ``permute_dims`` of one, else None."""
     e = values.get(e, e)
     if isinstance(e, tvm.ir.Constant):
@@ -73,7 +73,7 @@ class _Rewriter(ChainRewriter):
         if not isinstance(shape, relax.ShapeExpr) or len(shape.values) != 4 \
                 or not isinstance(shape.values[3], tvm.tirx.IntImm):
             return None, "x is not NHWC with a known number of channels"
-        w = _weight(value.args[1], values)
+        w = weight_values(value.args[1], values)
         if w is None:
             return None, "the kernel is computed, not a weight"
         xd, out = str(x.ty.dtype), str(a.out_dtype)

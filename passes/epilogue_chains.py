@@ -22,10 +22,10 @@ from tvm import relax
 
 from .explain import Explainer
 from .mutate import map_vars, static_shape
+from .quantize_fp8 import E4M3_MAX, FP8  # QuantizeFp8's operands, which the libraries multiply into float32
 
 EPILOGUE_NONE, EPILOGUE_RELU = 0, 1
 DTYPES = ("float16", "bfloat16", "float32")  # what cuBLASLt and cuDNN are called for
-FP8 = "float8_e4m3fn"  # QuantizeFp8's operands, which cuBLASLt multiplies into float32
 # cuBLASLt's recommended workspace on Hopper, which cuDNN's convolutions fit in too. Relax plans
 # it like any tensor; each call's is dead when the next one runs, so one buffer serves them all.
 WORKSPACE_BYTES = 32 << 20
@@ -42,6 +42,8 @@ class Chain:
     residual: relax.Expr | None = None
     relu: bool = False
     alpha: float = 1.0  # scales the product (FP8 operands' scales), before bias and residual
+    out_scale: float = 1.0  # scales the result after the epilogue (the next FP8 op's inverse scale)
+    saturated: bool = False  # the scaled result is clipped to E4M3's range (its cast saturates alike)
     members: list = field(default_factory=list)  # bound variables, first the op's
 
     def parts(self, op: str) -> str:
@@ -95,10 +97,26 @@ def permutation(e: relax.Call) -> list[int]:
     return [int(a) for a in e.attrs.axes] if e.attrs.axes is not None else list(range(rank))[::-1]
 
 
-def extend(chain: Chain, value: relax.Expr, values: dict) -> bool:
+def extend(chain: Chain, value: relax.Expr, values: dict, quantized_outputs: bool = False) -> bool:
     """Take ``value`` (the only user of the chain's result) into the chain when a library's
-    epilogue computes it; in that case update ``chain``."""
+    epilogue computes it; in that case update ``chain``. With ``quantized_outputs`` (a library
+    that writes FP8), an FP8 op's chain takes the quantization of its 16-bit result too:
+    ``multiply`` by a positive scalar, ``maximum``/``minimum`` at E4M3's ±448, ``astype`` E4M3."""
     untouched = chain.bias is None and chain.residual is None and not chain.relu
+    if quantized_outputs and str(chain.x.ty.dtype) == FP8 and chain.dtype in ("float16", "bfloat16"):
+        if op_is(value, "relax.multiply") and chain.out_scale == 1.0 and not chain.saturated \
+                and (scale := _scalar(value, chain.members[-1], values, chain.dtype)) is not None and scale > 0:
+            chain.out_scale = scale
+            return True
+        bound = -E4M3_MAX if op_is(value, "relax.maximum") else E4M3_MAX if op_is(value, "relax.minimum") else None
+        if bound is not None and _scalar(value, chain.members[-1], values, chain.dtype) == bound:
+            chain.saturated = True
+            return True
+        if op_is(value, "relax.astype") and str(value.attrs.dtype) == FP8:
+            chain.dtype = FP8
+            return True
+        if chain.out_scale != 1.0 or chain.saturated:
+            return False
     if op_is(value, "relax.multiply") and untouched and chain.dtype == "float32" and chain.alpha == 1.0 \
             and str(chain.x.ty.dtype) == FP8 and (alpha := _scalar(value, chain.members[-1], values)) is not None:
         chain.alpha = alpha
@@ -130,12 +148,12 @@ def extend(chain: Chain, value: relax.Expr, values: dict) -> bool:
     return False
 
 
-def _scalar(value: relax.Call, operand: relax.Expr, values: dict) -> float | None:
-    """The float32 constant of one element that ``value`` multiplies ``operand`` by, else None."""
+def _scalar(value: relax.Call, operand: relax.Expr, values: dict, dtype: str = "float32") -> float | None:
+    """The ``dtype`` constant of one element that ``value`` combines ``operand`` with, else None."""
     a, b = value.args
     other = b if a.same_as(operand) else a
     c = constant(other, values)
-    if c is None or str(c.ty.dtype) != "float32" or c.value.numpy().size != 1:
+    if c is None or str(c.ty.dtype) != dtype or c.value.numpy().size != 1:
         return None
     return float(c.value.numpy().reshape(()))
 
@@ -170,6 +188,8 @@ def _users(block: relax.DataflowBlock, output: relax.Expr) -> dict:
 
 class ChainRewriter(ABC):
     """Replaces each chain a subclass starts with the call it builds (see the module docstring)."""
+
+    quantized_outputs = False  # whether the library writes FP8 results (see ``extend``)
 
     def __init__(self, explain: Explainer):
         self.explain = explain
@@ -206,7 +226,8 @@ class ChainRewriter(ABC):
             last = b.var
             # An add of two chains' results is the first one's residual, not both chains'.
             while uses.get(last, 0) == 1 and user_of.get(last) in values and user_of[last] not in claimed \
-                    and isinstance(last, relax.DataflowVar) and extend(chain, values[user_of[last]], values):
+                    and isinstance(last, relax.DataflowVar) \
+                    and extend(chain, values[user_of[last]], values, self.quantized_outputs):
                 last = user_of[last]
                 chain.members.append(last)
             if why := self.finish(chain):

@@ -38,6 +38,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from ..errors import SmeltError
 from ..ir.weights import exact_const
 from .calibration import Calibration, Site, calibrate, check_method, choose, describe, rel_error, rewrite_sites, sites
 
@@ -64,13 +65,16 @@ class Fp8:
     percentile: float = 99.99
     max_error: float = 0.1
     bins: int = 2048
+    convs: str = "all"
 
     def __post_init__(self):
         check_method(self.method, self.percentile)
+        if self.convs not in CONVS:
+            raise SmeltError(f"Fp8(convs={self.convs!r}): expected one of {', '.join(CONVS)}")
 
     def to_json(self) -> dict:
         return {"scheme": "fp8", "calib": describe(self.calib), "method": self.method, "percentile": self.percentile,
-                "max_error": self.max_error}
+                "max_error": self.max_error, "convs": self.convs}
 
 
 def to_e4m3(x: np.ndarray, inv_scale: float) -> np.ndarray:
@@ -78,23 +82,45 @@ def to_e4m3(x: np.ndarray, inv_scale: float) -> np.ndarray:
     return np.clip(np.asarray(x, np.float32) * np.float32(inv_scale), -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
 
 
-def _gemm_operands(s: Site, x: np.ndarray | None = None) -> tuple[str, np.ndarray, np.ndarray | None]:
-    """Why the site is no FP8 GEMM ("" if it is), its weight as [K, N] and ``x`` as rows of K."""
+CONVS = ("all", "gemm")
+_SAMPLE_ROWS = 8192  # output positions of a conv whose error the estimate computes
+
+
+def _operands(s: Site, convs: str, x: np.ndarray | None = None) -> tuple[str, np.ndarray, np.ndarray | None]:
+    """Why the site is not quantized ("" if it is), its weight as a [K, N] GEMM operand and
+    ``x`` as rows of K (for a conv, up to ``_SAMPLE_ROWS`` sampled output positions' windows)."""
     call = s.binding.value
     w = call.args[1].value.numpy()
-    if call.op.name == "relax.nn.conv2d":
-        a = call.attrs
-        if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW":
-            return f"layout {a.data_layout}/{a.kernel_layout} (NCHW/OIHW only)", w, None
-        if w.shape[2:] != (1, 1) or int(a.groups) != 1 or any(int(v) != 1 for v in (*a.strides, *a.dilation)) \
-                or any(int(p) for p in a.padding):
-            return (f"a {w.shape[2]}x{w.shape[3]} conv (stride {[int(v) for v in a.strides]}, groups "
-                    f"{int(a.groups)}): FP8 covers the convs that are GEMMs (1x1, stride 1, unpadded)"), w, None
-        w2 = w.reshape(w.shape[0], w.shape[1]).T
-        return "", w2, None if x is None else x.transpose(0, 2, 3, 1).reshape(-1, x.shape[1])
-    if w.ndim != 2:
-        return f"weight of rank {w.ndim} (2-D weights only)", w, None
-    return "", w, None if x is None else x.reshape(-1, x.shape[-1])
+    if call.op.name != "relax.nn.conv2d":
+        if w.ndim != 2:
+            return f"weight of rank {w.ndim} (2-D weights only)", w, None
+        k, n = w.shape
+        why = f"K={k}, N={n}: cuBLASLt's FP8 GEMMs need K a multiple of 16 and N of 8" if k % 16 or n % 8 else ""
+        return why, w, None if x is None else x.reshape(-1, x.shape[-1])
+    a = call.attrs
+    if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW":
+        return f"layout {a.data_layout}/{a.kernel_layout} (NCHW/OIHW only)", w, None
+    kout, c, r, t = w.shape
+    strides, pad = [int(v) for v in a.strides], [int(v) for v in a.padding]
+    if int(a.groups) != 1 or any(int(v) != 1 for v in a.dilation):
+        return f"a conv of {int(a.groups)} groups, dilation {[int(v) for v in a.dilation]}", w, None
+    if convs == "gemm":
+        if (r, t) != (1, 1) or strides != [1, 1] or any(pad):
+            return (f"a {r}x{t} conv (stride {strides}): with convs='gemm' FP8 covers the convs that are GEMMs "
+                    f"(1x1, stride 1, unpadded)"), w, None
+        if c % 16 or kout % 8:
+            return f"K={c}, N={kout}: cuBLASLt's FP8 GEMMs need K a multiple of 16 and N of 8", w, None
+    elif c % 16 or kout % 16:
+        return f"{c} input and {kout} output channels: FP8 convs need multiples of 16", w, None
+    w2 = w.reshape(kout, -1).T
+    if x is None:
+        return "", w2, None
+    xp = np.pad(x, [(0, 0), (0, 0), (pad[0], pad[2]), (pad[1], pad[3])])
+    win = np.lib.stride_tricks.sliding_window_view(xp, (r, t), axis=(2, 3))[:, :, ::strides[0], ::strides[1]]
+    nb, _, ho, wo = win.shape[:4]
+    pick = np.random.default_rng(0).choice(nb * ho * wo, min(_SAMPLE_ROWS, nb * ho * wo), replace=False)
+    ni, hi, wi = np.unravel_index(pick, (nb, ho, wo))
+    return "", w2, win[ni, :, hi, wi].reshape(len(pick), -1)
 
 
 @tvm.transform.module_pass(opt_level=0, name="QuantizeFp8")
@@ -117,10 +143,7 @@ class QuantizeFp8:
             if m not in names or not isinstance(mod[m], relax.Function):
                 continue
             for s in sites(m, mod[m]):
-                why, w, _ = _gemm_operands(s)
-                k, n = w.shape if not why else (0, 0)
-                if not why and (k % 16 or n % 8):
-                    why = f"K={k}, N={n}: cuBLASLt's FP8 GEMMs need K a multiple of 16 and N of 8"
+                why, _, _ = _operands(s, self.config.convs)
                 if why:
                     rep["skipped"][s.name] = why
                 else:
@@ -134,14 +157,15 @@ class QuantizeFp8:
         if rep["fallback"]:
             log.info("FP8: %d GEMMs stay unquantized (estimated error over %g): %s", len(rep["fallback"]),
                      self.config.max_error, ", ".join(f"{k} {v:.3g}" for k, v in rep["fallback"].items()))
-        return rewrite_sites(mod, funcs, plans, _fp8)
+        emitter = _Emitter(self.config.convs == "all")
+        return rewrite_sites(mod, funcs, plans, emitter, emitter.rest)
 
     def _plan(self, s: Site, cal: Calibration) -> tuple[dict | None, str]:
         lo, hi = cal.hists[s.key].range(self.config.method, self.config.percentile)
         amax = max(abs(lo), abs(hi))
         if not math.isfinite(amax) or amax == 0:
             return None, "no finite nonzero activation seen in calibration"
-        _, w, x = _gemm_operands(s, cal.first[s.key])
+        _, w, x = _operands(s, self.config.convs, cal.first[s.key])
         wmax = float(np.abs(w).max())
         if wmax == 0:
             return None, "an all-zero weight"
@@ -152,15 +176,47 @@ class QuantizeFp8:
         return {"inv_x": inv_x, "wq": wq, "alpha": 1.0 / (inv_x * inv_w), "error": rel_error(x @ w, approx)}, ""
 
 
-def _fp8(bb: relax.BlockBuilder, call: relax.Call, plan: dict) -> relax.Expr:
-    """The float32 result of ``call`` computed from E4M3 operands (see the module docstring)."""
-    x, wq = call.args[0], plan["wq"]  # wq: [K, N]
-    xq = relax.op.multiply(x, relax.const(np.float32(plan["inv_x"])))
-    xq = bb.emit(relax.op.astype(relax.op.clip(xq, -E4M3_MAX, E4M3_MAX), FP8))
-    if call.op.name == "relax.nn.conv2d":
-        w = exact_const(np.ascontiguousarray(wq.T).reshape(wq.shape[1], wq.shape[0], 1, 1))
-        acc = bb.emit(relax.op.nn.conv2d(xq, w, out_dtype="float32"))
-    else:  # the weight as [N, K] in memory, as cuBLASLt's FP8 kernels read it
-        w = bb.emit(relax.op.permute_dims(exact_const(np.ascontiguousarray(wq.T)), [1, 0]))
-        acc = bb.emit(relax.op.matmul(xq, w, out_dtype="float32"))
-    return relax.op.multiply(acc, relax.const(np.float32(plan["alpha"])))
+class _Emitter:
+    """Emits each planned site's FP8 computation (see the module docstring), for one rewrite.
+
+    A tensor that several sites read with one scale (a ResNet block's input, read by its first
+    conv and its shortcut's) is quantized once. With ``share``, the residual adds that read a
+    tensor FP8 convs read take its FP8 value, dequantized: the conv computing the tensor then
+    writes only that (DispatchCutlassConv folds the quantize into its epilogue, and the
+    residual's dequantization into the next conv's), so the activations stay 1 byte wide."""
+
+    def __init__(self, share: bool):
+        self.share = share
+        self.quantized: dict = {}  # (x, inverse scale) -> x in E4M3
+        self.dequantized: dict = {}  # x -> its E4M3 value in float32
+
+    def __call__(self, bb: relax.BlockBuilder, call: relax.Call, plan: dict) -> relax.Expr:
+        x, wq = call.args[0], plan["wq"]  # wq: [K, N]
+        key = (x, plan["inv_x"])
+        if (xq := self.quantized.get(key)) is None:
+            xq = relax.op.multiply(x, relax.const(np.float32(plan["inv_x"])))
+            xq = self.quantized[key] = bb.emit(relax.op.astype(relax.op.clip(xq, -E4M3_MAX, E4M3_MAX), FP8))
+            if self.share and call.op.name == "relax.nn.conv2d":
+                self.dequantized[x] = (xq, 1.0 / plan["inv_x"])
+        if call.op.name == "relax.nn.conv2d":
+            a = call.attrs
+            shape = call.args[1].value.numpy().shape
+            w = exact_const(np.ascontiguousarray(wq.T).reshape(shape))
+            acc = bb.emit(relax.op.nn.conv2d(xq, w, a.strides, a.padding, a.dilation, a.groups, a.data_layout,
+                                             a.kernel_layout, a.out_layout, out_dtype="float32"))
+        else:  # the weight as [N, K] in memory, as cuBLASLt's FP8 kernels read it
+            w = bb.emit(relax.op.permute_dims(exact_const(np.ascontiguousarray(wq.T)), [1, 0]))
+            acc = bb.emit(relax.op.matmul(xq, w, out_dtype="float32"))
+        return relax.op.multiply(acc, relax.const(np.float32(plan["alpha"])))
+
+    def rest(self, bb: relax.BlockBuilder, value: relax.Expr) -> relax.Expr:
+        """``value`` (no site) with its add operands that FP8 convs read replaced by their FP8 values."""
+        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.add"):
+            return value
+        args = []
+        for e in value.args:
+            if isinstance(e, relax.Var) and e in self.dequantized:
+                xq, scale = self.dequantized[e]
+                e = bb.emit(relax.op.multiply(relax.op.astype(xq, "float32"), relax.const(np.float32(scale))))
+            args.append(e)
+        return relax.op.add(*args)

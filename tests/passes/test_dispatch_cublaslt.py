@@ -249,8 +249,8 @@ def test_libs_none_keeps_generated_kernels(requires_cuda_compiler):
 
 
 def test_unknown_lib_is_an_error():
-    with pytest.raises(smelt.SmeltError, match="--libs 'cutlass': target cuda calls one of cublaslt, cudnn"):
-        _compile(_mlp(), torch.randn(4, 32, 256), libs=("cutlass",))
+    with pytest.raises(smelt.SmeltError, match="--libs 'cublas': target cuda calls one of cublaslt, cudnn, cutlass"):
+        _compile(_mlp(), torch.randn(4, 32, 256), libs=("cublas",))
 
 
 @pytest.mark.cuda

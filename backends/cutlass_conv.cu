@@ -1,0 +1,231 @@
+// smelt's FP8 convolution on Hopper: CUTLASS's sm90 implicit-GEMM conv (wgmma, TMA,
+// warp-specialized), linked into CUDA artifacts whose FP8 convolutions DispatchCutlassConv hands it.
+//
+// Neither cuDNN's legacy API (smelt's cudnn.cc) nor TVM's generated code computes an FP8 conv
+// with an FP8 result; this routine is what keeps a quantized network's activations 1 byte wide
+// between layers: each conv's epilogue writes the next layer's E4M3 input.
+//
+//   smelt_cutlass_conv2d(x, w, bias, pad_h, pad_w, stride_h, stride_w, alpha, epilogue, y, workspace)
+//   smelt_cutlass_conv2d_residual(x, w, bias, residual, pad_h, pad_w, stride_h, stride_w, alpha, beta,
+//                                 epilogue, y, workspace)
+//
+//   x: [N, H, W, C] float8_e4m3fn (NHWC), w: [K, R, S, C] float8_e4m3fn (OHWI), bias: [K] float32,
+//   residual: [N, P, Q, K] float8_e4m3fn or float16, y: [N, P, Q, K] float8_e4m3fn or float16,
+//   workspace: bytes. C and K multiples of 16 (TMA's 16-byte rows); dilation 1, one group.
+//   y = act(alpha * conv(x, w) + beta * residual + bias), accumulated and computed in float32,
+//   act = ReLU (epilogue 1) or none (0), rounded to y's dtype (E4M3 saturates at +-448).
+//
+// Each (y, residual) dtype pair has kernels of two tile shapes, 128x128 and 128x64 output tiles
+// (K-blocks of 128 bytes); the faster for a problem is timed on its first call (cuda_timer.h) and
+// kept. ReLU is a clamp whose lower bound the call sets, so one kernel serves both epilogues.
+//
+// Built by nvcc (sm_90a: wgmma needs the arch-specific target) with CUTLASS's headers and
+// TVM-FFI's (vendor_libs.py). The CUDA runtime functions the kernels' launch code calls come
+// from libcudart, which the artifact finds loaded: TVM's CUDA runtime links it, and smelt loads
+// it globally before the artifact (vendor_libs.CUTLASS.preload).
+
+#include <cuda_runtime.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/function.h>
+
+#include <array>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+// CUTLASS's headers in the order of its own tests (the conv builder needs the adapter's first)
+#include "cutlass/cutlass.h"
+#include "cute/tensor.hpp"
+#include "cutlass/numeric_types.h"
+#include "cutlass/conv/device/conv_universal_adapter.hpp"
+#include "cutlass/conv/kernel/conv_universal.hpp"
+#include "cutlass/conv/collective/collective_builder.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/thread/activation.h"
+
+#include "cuda_timer.h"
+
+namespace {
+
+using namespace cute;
+using tvm::ffi::Optional;
+using tvm::ffi::TensorView;
+using E4M3 = cutlass::float_e4m3_t;
+using F16 = cutlass::half_t;
+
+template <class Out, class Res, class Tile>
+struct Kernel {
+  using Fusion = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<cutlass::epilogue::thread::Clamp, Out, float,
+                                                                    float, Res>;
+  using Cluster = Shape<_1, _1, _1>;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, Res, cutlass::layout::TensorNHWC,
+      16 / sizeof(Res), Out, cutlass::layout::TensorNHWC, 16 / sizeof(Out), cutlass::epilogue::TmaWarpSpecialized,
+      Fusion>::CollectiveOp;
+  using Mainloop = typename cutlass::conv::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::conv::Operator::kFprop, E4M3,
+      cutlass::layout::TensorNHWC, 16, E4M3, cutlass::layout::TensorNHWC, 16, float, Tile, Cluster,
+      cutlass::conv::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::conv::collective::KernelScheduleAuto>::CollectiveOp;
+  using Problem = cutlass::conv::ConvProblemShape<cutlass::conv::Operator::kFprop, 2>;
+  using Conv = cutlass::conv::device::ConvUniversalAdapter<cutlass::conv::kernel::ConvUniversal<Problem, Mainloop,
+                                                                                                 Epilogue>>;
+};
+
+using Tile128 = Shape<_128, _128, Shape<_128>>;
+using Tile64 = Shape<_128, _64, Shape<_128>>;
+constexpr int kTiles = 2;
+
+struct Call {
+  const void *x, *w, *bias, *residual;
+  void* y;
+  int n, h, w_in, c, k, r, s, pad_h, pad_w, stride_h, stride_w;
+  float alpha, beta;
+  bool relu;
+  void* workspace;
+  size_t workspace_bytes;
+  cudaStream_t stream;
+};
+
+// Runs one kernel of tile shape ``Tile`` for ``call``; returns whether CUTLASS could.
+template <class Out, class Res, class Tile>
+bool Run(const Call& call) {
+  using K = Kernel<Out, Res, Tile>;
+  typename K::Problem problem(cutlass::conv::Mode::kCrossCorrelation, {call.n, call.h, call.w_in, call.c},
+                              {call.k, call.r, call.s, call.c}, {call.pad_h, call.pad_w}, {call.pad_h, call.pad_w},
+                              {call.stride_h, call.stride_w}, {1, 1}, 1);
+  using ConvKernel = typename K::Conv::ConvKernel;
+  typename ConvKernel::StrideC stride_c;
+  typename ConvKernel::StrideD stride_d;
+  cute::for_each(cute::make_seq<cute::rank<0>(typename ConvKernel::StrideC{})>{}, [&](auto i) {
+    cute::get<0, i>(stride_c) = problem.stride_C[K::Problem::RankT - 2 - i];
+    cute::get<0, i>(stride_d) = problem.stride_C[K::Problem::RankT - 2 - i];
+  });
+  typename K::Conv::Arguments args{
+      problem,
+      {static_cast<const E4M3*>(call.x), static_cast<const E4M3*>(call.w)},
+      {{}, static_cast<const Res*>(call.residual), stride_c, static_cast<Out*>(call.y), stride_d}};
+  args.epilogue.thread.alpha = call.alpha;
+  args.epilogue.thread.beta = call.beta;
+  args.epilogue.thread.bias_ptr = static_cast<const float*>(call.bias);
+  args.epilogue.thread.activation.lower_bound = call.relu ? 0.f : -std::numeric_limits<float>::infinity();
+  args.epilogue.thread.activation.upper_bound = std::numeric_limits<float>::infinity();
+  typename K::Conv conv;
+  if (conv.can_implement(args) != cutlass::Status::kSuccess ||
+      K::Conv::get_workspace_size(args) > call.workspace_bytes) {
+    return false;
+  }
+  return conv.initialize(args, call.workspace, call.stream) == cutlass::Status::kSuccess &&
+         conv.run(call.stream) == cutlass::Status::kSuccess;
+}
+
+template <class Out, class Res>
+bool RunTile(const Call& call, int tile) {
+  return tile == 0 ? Run<Out, Res, Tile128>(call) : Run<Out, Res, Tile64>(call);
+}
+
+bool Dispatch(const Call& call, bool out_fp8, bool res_fp8, int tile) {
+  if (out_fp8) return res_fp8 ? RunTile<E4M3, E4M3>(call, tile) : RunTile<E4M3, F16>(call, tile);
+  return res_fp8 ? RunTile<F16, E4M3>(call, tile) : RunTile<F16, F16>(call, tile);
+}
+
+// Whether ``t`` is float8_e4m3fn (true) or float16 (false); throws for anything else.
+bool IsFp8(const TensorView& t, const char* name, bool fp16_ok) {
+  DLDataType d = t.dtype();
+  if (d.lanes == 1 && d.code == kDLFloat8_e4m3fn && d.bits == 8) return true;
+  if (fp16_ok && d.lanes == 1 && d.code == kDLFloat && d.bits == 16) return false;
+  TVM_FFI_THROW(TypeError) << "smelt CUTLASS conv2d: " << name << " has dtype code " << int(d.code) << " bits "
+                           << int(d.bits) << "; expected float8_e4m3fn" << (fp16_ok ? " or float16" : "");
+  return false;  // not reached
+}
+
+void* Data(const TensorView& t, const char* name) {
+  if (t.device().device_type != kDLCUDA) {
+    TVM_FFI_THROW(ValueError) << "smelt CUTLASS conv2d: " << name << " is not on a CUDA device";
+  }
+  return static_cast<char*>(t.data_ptr()) + t.byte_offset();
+}
+
+using Key = std::tuple<std::array<int64_t, 11>, int, int>;  // shape and conv; dtypes; device
+std::mutex mu;
+
+void Conv(TensorView x, TensorView w, TensorView bias, Optional<TensorView> residual, int64_t pad_h, int64_t pad_w,
+          int64_t stride_h, int64_t stride_w, double alpha, double beta, int64_t epilogue, TensorView y,
+          TensorView workspace) {
+  if (x.ndim() != 4 || w.ndim() != 4 || y.ndim() != 4) {
+    TVM_FFI_THROW(ValueError) << "smelt CUTLASS conv2d: expected x, w and y of rank 4, got ranks " << x.ndim()
+                              << ", " << w.ndim() << " and " << y.ndim();
+  }
+  int64_t k = w.size(0), c = x.size(3);
+  if (w.size(3) != c || y.size(0) != x.size(0) || y.size(3) != k || bias.numel() != k ||
+      (residual && residual.value().numel() != y.numel())) {
+    TVM_FFI_THROW(ValueError) << "smelt CUTLASS conv2d: shapes disagree: x has " << c << " channels, w [" << k
+                              << ", " << w.size(1) << ", " << w.size(2) << ", " << w.size(3) << "], y has "
+                              << y.size(3) << " channels, bias " << bias.numel() << " elements";
+  }
+  if (c % 16 != 0 || k % 16 != 0) {
+    TVM_FFI_THROW(ValueError) << "smelt CUTLASS conv2d: " << c << " input and " << k
+                              << " output channels; both must be multiples of 16";
+  }
+  IsFp8(x, "x", false);
+  IsFp8(w, "w", false);
+  bool out_fp8 = IsFp8(y, "y", true);
+  bool res_fp8 = residual ? IsFp8(residual.value(), "residual", true) : out_fp8;
+  DLDataType bd = bias.dtype();
+  if (bd.code != kDLFloat || bd.bits != 32 || bd.lanes != 1) {
+    TVM_FFI_THROW(TypeError) << "smelt CUTLASS conv2d: bias must be float32";
+  }
+  if (y.numel() == 0) return;
+  int device = y.device().device_id;
+  Call call{Data(x, "x"), Data(w, "w"), Data(bias, "bias"), nullptr, Data(y, "y"),
+            int(x.size(0)), int(x.size(1)), int(x.size(2)), int(c), int(k), int(w.size(1)), int(w.size(2)),
+            int(pad_h), int(pad_w), int(stride_h), int(stride_w), float(alpha), residual ? float(beta) : 0.f,
+            epilogue == 1, Data(workspace, "workspace"),
+            static_cast<size_t>(workspace.numel()) * ((workspace.dtype().bits + 7) / 8),
+            static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device))};
+  // Without a residual, beta is 0 and the epilogue reads no source: y stands in for its pointer.
+  call.residual = residual ? Data(residual.value(), "residual") : call.y;
+  std::lock_guard<std::mutex> lock(mu);
+  if (cudaSetDevice(device) != cudaSuccess) {
+    TVM_FFI_THROW(RuntimeError) << "smelt CUTLASS conv2d: cudaSetDevice(" << device << ") failed";
+  }
+  Key key({x.size(0), x.size(1), x.size(2), c, k, w.size(1), w.size(2), pad_h, pad_w, stride_h, stride_w},
+          int(out_fp8) * 2 + int(res_fp8), device);
+  static std::map<Key, int> tiles;
+  auto it = tiles.find(key);
+  if (it == tiles.end()) {
+    int tile = smelt_timer::Fastest(call.stream, kTiles, [&](int i) { return Dispatch(call, out_fp8, res_fp8, i); });
+    it = tiles.emplace(key, tile).first;
+  }
+  if (!Dispatch(call, out_fp8, res_fp8, it->second) && !Dispatch(call, out_fp8, res_fp8, 1 - it->second)) {
+    TVM_FFI_THROW(RuntimeError) << "smelt CUTLASS conv2d: no kernel runs x [" << x.size(0) << ", " << x.size(1)
+                                << ", " << x.size(2) << ", " << c << "], w [" << k << ", " << w.size(1) << ", "
+                                << w.size(2) << ", " << c << "], stride " << stride_h << "x" << stride_w
+                                << " (needs an sm_90 GPU)";
+  }
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    TVM_FFI_THROW(RuntimeError) << "smelt CUTLASS conv2d: " << cudaGetErrorString(err);
+  }
+}
+
+void Conv2d(TensorView x, TensorView w, TensorView bias, int64_t pad_h, int64_t pad_w, int64_t stride_h,
+            int64_t stride_w, double alpha, int64_t epilogue, TensorView y, TensorView workspace) {
+  Conv(x, w, bias, std::nullopt, pad_h, pad_w, stride_h, stride_w, alpha, 0.0, epilogue, y, workspace);
+}
+
+void Conv2dResidual(TensorView x, TensorView w, TensorView bias, TensorView residual, int64_t pad_h, int64_t pad_w,
+                    int64_t stride_h, int64_t stride_w, double alpha, double beta, int64_t epilogue, TensorView y,
+                    TensorView workspace) {
+  Conv(x, w, bias, residual, pad_h, pad_w, stride_h, stride_w, alpha, beta, epilogue, y, workspace);
+}
+
+}  // namespace
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(smelt_cutlass_conv2d, Conv2d);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(smelt_cutlass_conv2d_residual, Conv2dResidual);

@@ -1,0 +1,162 @@
+"""DispatchCutlassConv: FP8 convs, their epilogue and the next layer's quantization become calls
+of smelt's CUTLASS conv.
+
+Without a GPU, the scales the pass folds into each call are checked by running the dispatched
+module on the CPU with the routine's contract written in numpy (``_reference_routine``): its
+output must match the FP8 graph the CPU runs without the pass (cosine >= 0.995, largest
+deviation <= 0.15 of the output's scale) and onnxruntime's float32 (cosine >= 0.995). The two
+FP8 computations differ by rounding alone (the routine adds bias and residual in float32 where
+the graph rounds each step to float16, which moves values across E4M3 rounding boundaries, and
+50 layers compound it: cosine 0.9978 between them, each 0.9973 to float32); a shortcut scale
+20 % off drops the cosine to 0.855. A compile for sm_90 checks which convs are taken and which write FP8; on an
+NVIDIA Hopper GPU (marker ``cuda``) CUTLASS's kernels match the CPU's FP8 graph within 3e-2.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import tvm
+import tvm_ffi
+from tvm import relax
+
+import smelt
+from smelt import backends
+from smelt.examples import zoo
+from smelt.passes import PassManager, PipelineOptions, QuantizeFp8, Step, build_pipeline
+from smelt.passes.calibration import _cpu_executable
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    m = zoo.resnet(50, batch=2, size=SIZE)
+    name = m.graph.input[0].name
+    rng = np.random.default_rng(0)
+    calib = [{name: rng.standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)} for _ in range(3)]
+    x = np.random.default_rng(9).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    return m, name, calib, x
+
+
+def _cos(a, b):
+    a, b = np.ravel(a), np.ravel(b)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _conv(x, w, pad, stride):
+    """NHWC x, OHWI w, float32, through torch's reference conv."""
+    with torch.no_grad():
+        y = torch.nn.functional.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(w).permute(0, 3, 1, 2),
+                                       stride=stride, padding=pad)
+    return y.permute(0, 2, 3, 1).numpy()
+
+
+def _reference_routine(*args):
+    """smelt_cutlass_conv2d[_residual] as backends/cutlass_conv.cu specifies it."""
+    *ins, y, _workspace = args
+    if len(ins) == 9:
+        x, w, bias, pad_h, pad_w, sh, sw, alpha, epilogue = ins
+        res, beta = None, 0.0
+    else:
+        x, w, bias, res, pad_h, pad_w, sh, sw, alpha, beta, epilogue = ins
+    f32 = [t.numpy().astype(np.float32) for t in (x, w, bias)]
+    out = alpha * _conv(f32[0], f32[1], (pad_h, pad_w), (sh, sw)) + f32[2]
+    if res is not None:
+        out = out + beta * res.numpy().astype(np.float32)
+    if epilogue == 1:
+        out = np.maximum(out, 0)
+    dtype = ml_dtypes.float8_e4m3fn if str(y.dtype) == "float8_e4m3fn" else np.float16
+    y.copyfrom(np.clip(out, -448, 448).astype(dtype) if dtype is not np.float16 else out.astype(dtype))
+
+
+def _fp8_pipeline(m, calib, target_kind, libs=None):
+    """The module after the quantize phase (FP8, float16) and, for CUDA, the backend's pre-legalize passes."""
+    program = smelt.import_models([m], ["m"])
+    backend = backends.get(target_kind)
+    target = backend.target(backends.TargetOptions(target_kind, arch="sm_90" if target_kind == "cuda" else None,
+                                                   libs=libs))
+    q = QuantizeFp8(smelt.Fp8(calib=calib), ["m"])
+    steps = [s for s in build_pipeline(backend, target, PipelineOptions(precision="float16"), quantize=[q])
+             if s.phase in ("canonicalize", "quantize")]
+    if target_kind == "cuda":
+        steps += [Step("fuse", p) for p in backend.prelegalize_passes(target)]
+    return PassManager(steps).run(program.bind(), target)
+
+
+def test_folded_scales_match_the_fp8_graph(resnet):
+    m, name, calib, x = resnet
+    graph = _fp8_pipeline(m, calib, "cpu")
+    dispatched = _fp8_pipeline(m, calib, "cuda", libs=("cutlass",))
+    for fn in ("smelt_cutlass_conv2d", "smelt_cutlass_conv2d_residual"):
+        tvm_ffi.register_global_func(fn, _reference_routine, override=True)
+    outs = []
+    for mod in (graph, dispatched):
+        vm = relax.VirtualMachine(_cpu_executable(mod), tvm.cpu())
+        outs.append(vm["m"](tvm.runtime.tensor(x)).numpy().astype(np.float32))
+    text = dispatched.script(show_meta=False)
+    assert text.count("smelt_cutlass_conv2d") == 52  # every conv but the 3-channel stem
+    assert "R.nn.conv2d" in text  # the stem
+    ref = ort.InferenceSession(m.SerializeToString()).run(None, {name: x})[0]
+    assert _cos(outs[1], outs[0]) >= 0.995 and np.abs(outs[1] - outs[0]).max() <= 0.15 * np.abs(outs[0]).max()
+    assert _cos(outs[1], ref) >= 0.995 and _cos(outs[0], ref) >= 0.995
+
+
+def test_chains_write_fp8_and_read_fp8_shortcuts(resnet, requires_cuda_compiler):
+    m, _, calib, _ = resnet
+    art = smelt.compile([m], names=["m"], target="cuda", arch="sm_90", precision="float16",
+                        quantize=smelt.Fp8(calib=calib), options=smelt.CompileOptions(tune_log_dir=None))
+    lines = [line for line in art.report.explanations if line.startswith("DispatchCutlassConv: rewrote")]
+    assert len(lines) == 52
+    # 3 convs and a ReLU per bottleneck; the shortcut's conv (4 of them) and the last conv write float16
+    assert sum("-> float8_e4m3fn" in line for line in lines) == 47, lines
+    assert sum("conv2d + bias + residual + relu" in line for line in lines) == 16
+    assert sum("residual float8_e4m3fn" in line for line in lines) == 12  # identity shortcuts read FP8
+    assert any("3x3 stride 2x2, 128->128 channels" in line for line in lines)
+    # the classifier stays cuBLASLt's FP8 GEMM
+    assert any(line.startswith("DispatchCublasLt: rewrote matmul") and "in FP8" in line
+               for line in art.report.explanations)
+
+
+def test_convs_gemm_keeps_3x3_convs_in_float16(resnet, requires_cuda_compiler):
+    m, _, calib, _ = resnet
+    art = smelt.compile([m], names=["m"], target="cuda", arch="sm_90", precision="float16",
+                        quantize=smelt.Fp8(calib=calib, convs="gemm"), options=smelt.CompileOptions(tune_log_dir=None))
+    lines = [line for line in art.report.explanations if line.startswith("DispatchCutlassConv: rewrote")]
+    assert len(art.report.quantization["quantized"]) == 34  # 33 1x1 convs of stride 1 and the classifier
+    assert len(lines) == 33 and all("1x1 stride 1x1" in line and "-> float16" in line for line in lines), lines
+
+
+def test_older_gpus_keep_fp8_convs_in_generated_code(resnet, requires_cuda_compiler):
+    """CUTLASS's kernels are Hopper's: an sm_89 compile leaves the FP8 convs to TVM's code."""
+    m, _, calib, _ = resnet
+    art = smelt.compile([m], names=["m"], target="cuda", arch="sm_89", precision="float16",
+                        quantize=smelt.Fp8(calib=calib), options=smelt.CompileOptions(tune_log_dir=None))
+    assert not any("Cutlass" in line for line in art.report.explanations)
+
+
+@pytest.mark.slow
+def test_artifact_links_the_cutlass_routine(resnet, requires_cuda_compiler, tmp_path):
+    """Builds backends/cutlass_conv.cu with nvcc (about 1.5 minutes, once per version)."""
+    m, _, calib, _ = resnet
+    art = smelt.compile([m], names=["m"], target="cuda", arch="sm_90", precision="float16",
+                        quantize=smelt.Fp8(calib=calib), options=smelt.CompileOptions(tune_log_dir=None))
+    path = art.save(tmp_path / "m")
+    assert "cutlass" in smelt.artifact.read_manifest(path)["target"]["libs"]
+
+
+@pytest.mark.cuda
+def test_cutlass_fp8_matches_the_cpu_graph(resnet, tmp_path):
+    m, name, calib, x = resnet
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("CUTLASS's FP8 convs are sm_90's")
+    opts = smelt.CompileOptions(tune_log_dir=None)
+    cpu = smelt.compile([m], names=["m"], precision="float16", quantize=smelt.Fp8(calib=calib), options=opts)
+    gpu = smelt.compile([m], names=["m"], target="cuda", arch="sm_90", precision="float16",
+                        quantize=smelt.Fp8(calib=calib), options=opts)
+    want = np.asarray(smelt.load(cpu.save(tmp_path / "cpu")).run("m", **{name: x}), np.float32)
+    got = np.asarray(smelt.load(gpu.save(tmp_path / "gpu")).run("m", **{name: x}), np.float32)
+    assert np.abs(got - want).max() <= 3e-2 * np.abs(want).max()
