@@ -91,6 +91,10 @@ def _quantize_options(command):
         click.option("--smooth", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
                      help="With --quantize int8: SmoothQuant strength for matmuls (0: off); per layer, the "
                      "smoothed form is kept only where it measures more accurate."),
+        click.option("--fp8-convs", default="all", show_default=True, type=click.Choice(["all", "gemm"]),
+                     help="With --quantize fp8: which convolutions take FP8, all (those of one group with "
+                     "channels in multiples of 16; on Hopper, activations stay FP8 between them) or only the "
+                     "1x1 ones that are GEMMs."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -143,7 +147,7 @@ def _libs(value: str | None) -> tuple[str, ...] | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the compile report as JSON.")
 def compile(models, target, arch, triple, output, names, shapes, force, emit_source, dump_ir, verify_each,
             no_cuda_graph, libs, no_fold_batch_norm, precision, quantize, group_size, calib, calib_method, calib_percentile,
-            max_error, smooth, tune_log_dir, merge, share_inputs, share_pairs, no_horizontal, explain, quiet, as_json):
+            max_error, smooth, fp8_convs, tune_log_dir, merge, share_inputs, share_pairs, no_horizontal, explain, quiet, as_json):
     """Compile MODELS (.onnx, .pt2) together into one artifact folder."""
     from . import CompileOptions, PipelineOptions, TargetOptions
     from .passes import MergeOptions
@@ -160,7 +164,7 @@ def compile(models, target, arch, triple, output, names, shapes, force, emit_sou
                           tune_log_dir, verify_each, dump_ir,
                           MergeOptions(merge, share_inputs, _share_pairs(share_pairs), not no_horizontal),
                           _quantize_config(quantize, group_size, calib, calib_method, calib_percentile, max_error,
-                                           smooth))
+                                           smooth, fp8_convs))
     input_shapes = dict(_parse_shape(s) for s in shapes)
     t0 = time.perf_counter()
     show_bar = not quiet and not as_json and sys.stderr.isatty()
@@ -188,7 +192,7 @@ def compile(models, target, arch, triple, output, names, shapes, force, emit_sou
             click.echo("\n".join(format_explanations(art.report.explanations)))
 
 
-def _quantize_config(scheme, group_size, calib, method, percentile, max_error, smooth=0.5):
+def _quantize_config(scheme, group_size, calib, method, percentile, max_error, smooth=0.5, fp8_convs="all"):
     """``--quantize`` and its options as the API's ``Int8`` or ``WeightOnly`` (None without it)."""
     from . import Fp8, Int8, WeightOnly
 
@@ -200,7 +204,7 @@ def _quantize_config(scheme, group_size, calib, method, percentile, max_error, s
     if scheme == "int8":
         return Int8(calib, method, percentile, 0.05 if max_error is None else max_error, smooth=smooth)
     if scheme == "fp8":
-        return Fp8(calib, method, percentile, 0.1 if max_error is None else max_error)
+        return Fp8(calib, method, percentile, 0.1 if max_error is None else max_error, convs=fp8_convs)
     return WeightOnly(int(scheme[1:]), group_size) if scheme else None
 
 
@@ -302,14 +306,14 @@ def format_compile_summary(art, path: Path, total: float) -> str:
               "(see compile --quantize); the peers run unquantized.")
 @_quantize_options
 def bench(models, target, arch, tune_log_dir, repeat, shapes, no_peers, profile, top, as_json, markdown, precision,
-          quantize, group_size, calib, calib_method, calib_percentile, max_error, smooth):
+          quantize, group_size, calib, calib_method, calib_percentile, max_error, smooth, fp8_convs):
     """Time MODELS (.onnx, .pt2) with smelt (untuned, tuned) beside onnxruntime / torch, with errors."""
     from . import CompileOptions, PipelineOptions, TargetOptions
     from .benchmark import bench as run_bench
 
     opts = CompileOptions(TargetOptions(target, arch), pipeline=PipelineOptions(precision=_PRECISION[precision]),
                           quantize=_quantize_config(quantize, group_size, calib, calib_method, calib_percentile,
-                                                    max_error, smooth))
+                                                    max_error, smooth, fp8_convs))
     input_shapes = dict(_parse_shape(s) for s in shapes) or None
     results = [run_bench(m, target, name=Path(m).stem.replace("-", "_").replace(".", "_"), tune_log_dir=tune_log_dir or None,
                          repeat=repeat, profile=profile, peers=not no_peers, input_shapes=input_shapes, options=opts)
@@ -363,7 +367,7 @@ def format_bench(results, markdown: bool = False, top: int = 10) -> list[str]:
 @click.option("--input-shape", "shapes", multiple=True, metavar="[MODEL.]INPUT=D1,D2,…")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def quantize_report(models, quantize, calib, eval_data, calib_method, calib_percentile, max_error, smooth,
-                    group_size, target, names, shapes, as_json):
+                    fp8_convs, group_size, target, names, shapes, as_json):
     """Per-layer and end-to-end error of quantizing MODELS, measured on evaluation data."""
     from . import quantize_report as measure
 
@@ -371,7 +375,8 @@ def quantize_report(models, quantize, calib, eval_data, calib_method, calib_perc
         raise click.BadParameter(f"{len(names)} --name values for {len(models)} models", param_hint="--name")
     if quantize not in ("int8", "fp8") and not eval_data:
         raise click.UsageError(f"--quantize {quantize} needs --eval (evaluation data)")
-    config = _quantize_config(quantize, group_size, calib, calib_method, calib_percentile, max_error, smooth)
+    config = _quantize_config(quantize, group_size, calib, calib_method, calib_percentile, max_error, smooth,
+                              fp8_convs)
     input_shapes = dict(_parse_shape(s) for s in shapes)
     r = measure(list(models), config, eval_data, target, names=list(names) or None, input_shapes=input_shapes or None)
     click.echo(json.dumps(r.to_json(), indent=1) if as_json else format_quantize_report(r))
