@@ -39,6 +39,19 @@ def max_pool(x_shape=(2, 20, 20, 64), layout="NHWC"):
     return _one_kernel(bb.get())
 
 
+def max_pool_fp8(x_shape=(32, 112, 112, 64)):
+    """ResNet-50's pool with the next conv's FP8 quantize fused into it (QuantizeFp8)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "float16"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = relax.op.multiply(relax.op.nn.max_pool2d(x, 3, 2, 1, layout="NHWC"), relax.const(np.float16(52.6)))
+            y = relax.op.minimum(relax.op.maximum(y, relax.const(np.float16(-448))), relax.const(np.float16(448)))
+            out = bb.emit_output(bb.emit(relax.op.astype(y, "float8_e4m3fn")))
+        bb.emit_func_output(out)
+    return _one_kernel(bb.get())
+
+
 def softmax(shape=(4, 32)):
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(shape, "float16"))
@@ -77,6 +90,12 @@ def test_large_kernels_load_each_window_position_as_one_vector(func, loads, lane
     assert code.count(f"= *({lanes}*)(x_ptr") == loads
     assert code.count(f"= *({lanes}*)(w_ptr") in (0, loads)  # the weights too, where there are any
     assert f"*({lanes}*)(compute" in code or f"*({lanes}*)(pool_max_ptr" in code  # one vector store
+
+
+def test_fp8_results_leave_four_lanes_at_a_time(requires_cuda_compiler):
+    # 8 halves would be cast to 8 E4M3 values as one uint4 -> uint2 conversion, which nvcc rejects
+    code = cuda_source(max_pool_fp8(), min_vectors=4096)
+    assert code.count("= *(uint4*)(x_ptr") == 0 and code.count("= *(half4*)(x_ptr") == 9  # 4 halves a load
 
 
 def test_weights_across_the_channels_keep_a_thread_per_channel(requires_cuda_compiler):

@@ -16,17 +16,22 @@ from pathlib import Path
 import pytest
 
 import smelt
-from smelt.backends.vendor_libs import CUBLASLT, CUDNN, VendorLib
+from smelt.backends.vendor_libs import CUBLASLT, CUDNN, CUTLASS, VendorLib
 
 EXPORTS = {CUBLASLT: ["smelt_cublaslt_matmul", "smelt_cublaslt_matmul_bias", "smelt_cublaslt_matmul_residual",
                       "smelt_cublaslt_matmul_bias_residual"],
-           CUDNN: ["smelt_cudnn_conv2d", "smelt_cudnn_conv2d_residual"]}
+           CUDNN: ["smelt_cudnn_conv2d", "smelt_cudnn_conv2d_residual"],
+           CUTLASS: ["smelt_cutlass_conv2d", "smelt_cutlass_conv2d_residual"]}
 
 
-@pytest.mark.parametrize("lib", [CUBLASLT, CUDNN], ids=lambda lib: lib.name)
+# CUTLASS's routine builds with nvcc and CUTLASS's headers (downloaded once): about 1.5 minutes
+@pytest.mark.parametrize("lib", [CUBLASLT, CUDNN, pytest.param(CUTLASS, marks=pytest.mark.slow)],
+                         ids=lambda lib: lib.name)
 def test_routine_builds_and_exports_its_functions(lib, tmp_path, monkeypatch):
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler")
+    if lib.nvcc and shutil.which("nvcc") is None:
+        pytest.skip("no nvcc")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     obj = lib.object_file()
     assert obj.parent == tmp_path / "smelt" and obj.name.startswith(lib.source.stem + "-")
