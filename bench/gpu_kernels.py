@@ -5,8 +5,10 @@ profiler, which records every kernel the process launches (TVM's too, CUDA-graph
 included), so both columns come from the device's own timestamps rather than host timers.
 For each side: kernels per call, summed kernel time per call, and the top kernels with their
 time per call and count. Kernel time leaves out launch gaps; the wall time is printed beside it.
-With ``--int8``, smelt's side is INT8 (calibrated on 4 random batches, minmax), with float16 in between.
-Usage: python bench/gpu_kernels.py [--models bert:16,mobilenetv3:32] [--int8] [--top 25] [--json out.json]
+With ``--quantize int8|fp8``, smelt's side is INT8 or FP8 (calibrated on 4 random batches, minmax),
+with float16 in between; ``--no-torch`` leaves torch's side out.
+Usage: python bench/gpu_kernels.py [--models bert:16,mobilenetv3:32] [--quantize int8|fp8] [--no-torch] [--top 25]
+       [--json out.json]
 """
 
 from __future__ import annotations
@@ -46,11 +48,12 @@ def kernels(fn, reps: int) -> dict:
             "launches": sum(r[2] for r in rows), "rows": rows}
 
 
-def smelt_side(name: str, module, x, tmp: Path, graphs: bool, int8: bool = False) -> dict:
+def smelt_side(name: str, module, x, tmp: Path, graphs: bool, scheme: str | None = None) -> dict:
     quantize = None
-    if int8:
+    if scheme:
         input_name = smelt.import_models([(module, (x,))], [name]).models[name].inputs[0].name
-        quantize = smelt.Int8(calib=[{input_name: torch.randn_like(x).numpy()} for _ in range(4)])
+        calib = [{input_name: torch.randn_like(x).numpy()} for _ in range(4)]
+        quantize = smelt.Int8(calib=calib) if scheme == "int8" else smelt.Fp8(calib=calib)
     art = smelt.compile([(module, (x,))], target="cuda", names=[name], precision="float16", quantize=quantize,
                         options=smelt.CompileOptions(target=smelt.TargetOptions(kind="cuda", cuda_graph=graphs)))
     rt = smelt.load(art.save(tmp / f"{name}-{graphs}", force=True))
@@ -76,7 +79,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="bert:16", help="comma-separated MODEL:BATCH, MODEL in " + ", ".join(MODELS))
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--int8", action="store_true", help="smelt's side in INT8 (float16 in between)")
+    ap.add_argument("--quantize", choices=["int8", "fp8"], help="smelt's side in INT8 or FP8 (float16 in between)")
+    ap.add_argument("--no-torch", action="store_true", help="leave torch.compile's side out")
     ap.add_argument("--json")
     args = ap.parse_args()
     out = {}
@@ -85,8 +89,9 @@ def main() -> None:
             m, _, batch = item.partition(":")
             make, shape = MODELS[m]
             x = torch.randn(int(batch or 1), *shape)
-            res = {"smelt int8" if args.int8 else "smelt": smelt_side(m, make(), x, Path(tmp), True, args.int8),
-                   "torch.compile ro": torch_side(make(), x)}
+            res = {f"smelt {args.quantize or ''}".strip(): smelt_side(m, make(), x, Path(tmp), True, args.quantize)}
+            if not args.no_torch:
+                res["torch.compile ro"] = torch_side(make(), x)
             for label, r in res.items():
                 show(f"{item} {label}", r, args.top)
             out[item] = res
