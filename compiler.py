@@ -90,9 +90,10 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     ``quantize=smelt.Int8(calib=..., method="minmax"|"percentile"|"entropy")`` runs
     convolutions and matmuls in INT8, calibrated on the given data; layers whose
     estimated error is too large stay float32 (``report.quantization``).
-    ``quantize=smelt.Fp8(calib=...)`` runs GEMMs (matmuls with a weight, 1×1 convs) on FP8
-    (E4M3) operands with calibrated per-tensor scales: cuBLASLt's FP8 tensor-core kernels on
-    CUDA (sm_89 and newer); elsewhere the same numbers through generated code.
+    ``quantize=smelt.Fp8(calib=...)`` runs matmuls with a weight and convolutions on FP8
+    (E4M3) operands with calibrated per-tensor scales: on CUDA, matmuls on cuBLASLt's FP8
+    tensor-core kernels (sm_89 and newer) and convolutions on smelt's CUTLASS routine (sm_90),
+    whose results stay FP8 between convolutions; elsewhere the same numbers through generated code.
     ``quantize=smelt.WeightOnly(bits=4|8, group_size=128)`` stores matmul weights in int4
     or int8 with group-wise scales, dequantized inside the matmul kernel.
     Returns an in-memory ``Artifact``; ``art.save(dir)`` writes it, ``smelt.load(dir)`` runs it.

@@ -37,16 +37,7 @@
 #include <mutex>
 #include <tuple>
 
-// CUTLASS's headers in the order of its own tests (the conv builder needs the adapter's first)
-#include "cutlass/cutlass.h"
-#include "cute/tensor.hpp"
-#include "cutlass/numeric_types.h"
-#include "cutlass/conv/device/conv_universal_adapter.hpp"
-#include "cutlass/conv/kernel/conv_universal.hpp"
-#include "cutlass/conv/collective/collective_builder.hpp"
-#include "cutlass/epilogue/collective/collective_builder.hpp"
-#include "cutlass/epilogue/thread/activation.h"
-
+#include "cutlass_conv.h"
 #include "cuda_timer.h"
 
 namespace {
@@ -58,24 +49,7 @@ using E4M3 = cutlass::float_e4m3_t;
 using F16 = cutlass::half_t;
 
 template <class Out, class Res, class Tile>
-struct Kernel {
-  using Fusion = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<cutlass::epilogue::thread::Clamp, Out, float,
-                                                                    float, Res>;
-  using Cluster = Shape<_1, _1, _1>;
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, Res, cutlass::layout::TensorNHWC,
-      16 / sizeof(Res), Out, cutlass::layout::TensorNHWC, 16 / sizeof(Out), cutlass::epilogue::TmaWarpSpecialized,
-      Fusion>::CollectiveOp;
-  using Mainloop = typename cutlass::conv::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::conv::Operator::kFprop, E4M3,
-      cutlass::layout::TensorNHWC, 16, E4M3, cutlass::layout::TensorNHWC, 16, float, Tile, Cluster,
-      cutlass::conv::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::conv::collective::KernelScheduleAuto>::CollectiveOp;
-  using Problem = cutlass::conv::ConvProblemShape<cutlass::conv::Operator::kFprop, 2>;
-  using Conv = cutlass::conv::device::ConvUniversalAdapter<cutlass::conv::kernel::ConvUniversal<Problem, Mainloop,
-                                                                                                 Epilogue>>;
-};
+using Kernel = smelt_cutlass::ConvKernel<E4M3, float, Out, Res, float, cutlass::epilogue::thread::Clamp, Tile>;
 
 using Tile128 = Shape<_128, _128, Shape<_128>>;
 using Tile64 = Shape<_128, _64, Shape<_128>>;
@@ -99,7 +73,7 @@ bool Run(const Call& call) {
   typename K::Problem problem(cutlass::conv::Mode::kCrossCorrelation, {call.n, call.h, call.w_in, call.c},
                               {call.k, call.r, call.s, call.c}, {call.pad_h, call.pad_w}, {call.pad_h, call.pad_w},
                               {call.stride_h, call.stride_w}, {1, 1}, 1);
-  using ConvKernel = typename K::Conv::ConvKernel;
+  using ConvKernel = typename K::Kernel;
   typename ConvKernel::StrideC stride_c;
   typename ConvKernel::StrideD stride_d;
   cute::for_each(cute::make_seq<cute::rank<0>(typename ConvKernel::StrideC{})>{}, [&](auto i) {

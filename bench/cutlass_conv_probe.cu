@@ -34,15 +34,7 @@
 #include <type_traits>
 #include <vector>
 
-// CUTLASS's headers in the order of its own tests (the conv builder needs the adapter's first)
-#include "cutlass/cutlass.h"
-#include "cute/tensor.hpp"
-#include "cutlass/numeric_types.h"
-#include "cutlass/conv/device/conv_universal_adapter.hpp"
-#include "cutlass/conv/kernel/conv_universal.hpp"
-#include "cutlass/conv/collective/collective_builder.hpp"
-#include "cutlass/epilogue/collective/collective_builder.hpp"
-#include "cutlass/epilogue/thread/activation.h"
+#include "../backends/cutlass_conv.h"  // the kernel type smelt's FP8 conv routine instantiates
 
 using namespace cute;
 
@@ -70,25 +62,7 @@ __global__ void spin(long long cycles) {
 }
 
 template <class AB, class Acc, class Out, class Tile>
-struct ConvType {
-  using Fusion = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<cutlass::epilogue::thread::ReLu, Out, float,
-                                                                    cutlass::half_t, Out>;
-  using Cluster = Shape<_1, _1, _1>;
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
-      cutlass::epilogue::collective::EpilogueTileAuto, Acc, float, Out, cutlass::layout::TensorNHWC,
-      16 / sizeof(Out), Out, cutlass::layout::TensorNHWC, 16 / sizeof(Out), cutlass::epilogue::TmaWarpSpecialized,
-      Fusion>::CollectiveOp;
-  using Mainloop = typename cutlass::conv::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::conv::Operator::kFprop, AB,
-      cutlass::layout::TensorNHWC, 16 / sizeof(AB), AB, cutlass::layout::TensorNHWC, 16 / sizeof(AB), Acc, Tile,
-      Cluster,
-      cutlass::conv::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::conv::collective::KernelScheduleAuto>::CollectiveOp;
-  using Problem = cutlass::conv::ConvProblemShape<cutlass::conv::Operator::kFprop, 2>;
-  using Kernel = cutlass::conv::kernel::ConvUniversal<Problem, Mainloop, Epilogue>;
-  using Conv = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
-};
+using ConvType = smelt_cutlass::ConvKernel<AB, Acc, Out, Out, cutlass::half_t, cutlass::epilogue::thread::ReLu, Tile>;
 
 // The fp32 reference: one thread per output element, from the same quantized values.
 template <class AB, class Out>

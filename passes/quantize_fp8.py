@@ -1,19 +1,25 @@
-"""QuantizeFp8: calibrated FP8 (E4M3) post-training quantization of GEMMs, for Hopper's tensor cores.
+"""QuantizeFp8: calibrated FP8 (E4M3) post-training quantization of GEMMs and convolutions, for
+the tensor cores of Ada and Hopper.
 
 Requires: the quantize phase (after merging, before ToMixedPrecision and legalization), float32
 weights bound as constants, calibration data for the models to quantize (``calibration``).
-Guarantees: every GEMM site (a matmul with a 2-D constant weight, or a 1×1, stride-1, unpadded,
-ungrouped NCHW conv2d) whose K is a multiple of 16 and N of 8 (what cuBLASLt's FP8 kernels take)
-and whose estimated error stays under ``max_error`` computes float8_e4m3fn × float8_e4m3fn ->
-float32: the activation is scaled per tensor into E4M3's ±448 from its calibrated range and
-clipped before the cast (TVM 0.27's LLVM cast wraps out-of-range values instead of saturating),
-the weight per tensor from its largest magnitude, stored as [N, K] (the operand order of
-cuBLASLt's FP8 kernels), and the float32 product is multiplied by one scalar, the two scales,
-which DispatchCublasLt folds into the GEMM's alpha. ToMixedPrecision leaves the FP8 operands
-alone and computes that multiply in float32. Sites over ``max_error`` stay as they are, in the
-compute precision, and are listed in ``report`` with their error; so are sites the pass does not
-handle, with the reason. Other convolutions stay in the compute precision (no FP8 convolution
-routine yet).
+Guarantees: every site whose estimated error stays under ``max_error`` computes float8_e4m3fn ×
+float8_e4m3fn -> float32, where a site is a matmul with a 2-D constant weight whose K is a
+multiple of 16 and N of 8 (what cuBLASLt's FP8 kernels take), or an NCHW conv2d of one group
+and no dilation whose input and output channels are multiples of 16 (with ``convs="gemm"``:
+only a 1×1, stride-1, unpadded one, K a multiple of 16 and N of 8). The activation is scaled
+per tensor into E4M3's ±448 from its calibrated range and clipped before the cast (TVM 0.27's
+LLVM cast wraps out-of-range values instead of saturating); a tensor several sites read with
+one scale is quantized once. The weight is scaled per tensor from its largest magnitude (a
+matmul's stored as [N, K], the operand order of cuBLASLt's FP8 kernels), and the float32
+product is multiplied by one scalar, the two scales, which DispatchCublasLt and
+DispatchCutlassConv fold into the library call's alpha. With ``convs="all"``, a residual add
+that reads a tensor FP8 convs read takes its FP8 value, dequantized (``astype`` float32 times
+its scale): a ResNet block's output then exists only in FP8, which DispatchCutlassConv writes
+from the conv computing it and reads as the next block's shortcut. ToMixedPrecision leaves the
+FP8 operands alone and computes the rescaling multiply in float32. Sites over ``max_error`` stay
+as they are, in the compute precision, and are listed in ``report`` with their error; so are
+sites the pass does not handle, with the reason.
 
 Per-tensor scales for both operands: cuBLASLt's FP8 GEMMs on Hopper take one scalar per operand,
 and on all-MiniLM-L6-v2's real weights per-tensor E4M3 kept the embeddings' cosine to float32 at
@@ -23,7 +29,8 @@ and no clipping either: smelt's FP8 MiniLM kept 0.99782 mean / 0.99737 worst wit
 ranges, 0.96454 / 0.95155 with ``percentile`` (99.99) ones, which cut the outliers off.
 
 The error estimate, per site, on the first calibration batch: the relative error of the GEMM's
-output, float32 against both operands rounded to E4M3 (with ml_dtypes, which rounds as the GPU does).
+output (a conv's at up to 8192 sampled output positions), float32 against both operands rounded
+to E4M3 (with ml_dtypes, which rounds as the GPU does).
 """
 
 from __future__ import annotations
@@ -53,11 +60,13 @@ _MAX_INV_SCALE = 32768.0
 
 @dataclass(frozen=True)
 class Fp8:
-    """``quantize=`` of ``smelt.compile``: calibrated FP8 (E4M3) GEMMs.
+    """``quantize=`` of ``smelt.compile``: calibrated FP8 (E4M3) GEMMs and convolutions.
 
     ``calib``: a ``.npz`` path, a folder of ``<input>.npy`` files or an iterable of
     ``{input: array}`` batches; ``method``: minmax, percentile or entropy (the activation's
-    range); ``max_error``: GEMMs whose estimated relative error exceeds it stay unquantized.
+    range); ``max_error``: layers whose estimated relative error exceeds it stay unquantized;
+    ``convs``: ``"all"`` (every conv of one group with channels in multiples of 16) or
+    ``"gemm"`` (only the 1×1 stride-1 ones).
     """
 
     calib: object
