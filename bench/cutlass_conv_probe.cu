@@ -2,7 +2,8 @@
 // ResNet-50's layers in FP8 E4M3 and INT8, with the epilogue a quantized network needs
 // (per-channel bias, residual, ReLU) fused: the measurement behind an FP8/INT8 conv path.
 //
-// Each layer given on the command line runs in these variants, each with two tile shapes:
+// Each layer given on the command line runs in these variants, each with four tile shapes (128x128
+// and 128x64 outputs, K-blocks of 128 or 64 bytes: at 64 channels a 128-byte K-block is half padding):
 //   e4m3 -> f16   FP8 activations and weights, fp16 output
 //   e4m3 -> e4m3  FP8 in and out (activations stay FP8 between layers; the output scale is
 //                 folded into alpha and the bias)
@@ -211,6 +212,8 @@ int main(int argc, char** argv) {
     }
     run_all<Shape<_128, _128, Shape<_128>>>(l, i - 1, "128x128x128");
     run_all<Shape<_128, _64, Shape<_128>>>(l, i - 1, "128x64x128");
+    run_all<Shape<_128, _128, Shape<_64>>>(l, i - 1, "128x128x64");
+    run_all<Shape<_128, _64, Shape<_64>>>(l, i - 1, "128x64x64");
   }
   return 0;
 }
