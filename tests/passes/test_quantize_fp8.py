@@ -192,10 +192,11 @@ def test_cli_quantize_fp8(tmp_path):
     np.savez(tmp_path / "calib.npz", **{name: np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)})
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["compile", str(tmp_path / "m.onnx"), "-o", str(out), "--quantize", "fp8",
-                                  "--calib", str(tmp_path / "calib.npz"), "--tune-log-dir", ""])
+                                  "--calib", str(tmp_path / "calib.npz"), "--fp8-convs", "gemm", "--tune-log-dir", ""])
     assert r.exit_code == 0, r.output
     assert "fp8 (minmax, 4 calibration batches): 2 layers" in r.output, r.output
-    assert json.loads((out / "manifest.json").read_text())["options"]["quantize"]["scheme"] == "fp8"
+    quantize = json.loads((out / "manifest.json").read_text())["options"]["quantize"]
+    assert quantize["scheme"] == "fp8" and quantize["convs"] == "gemm"
     r = CliRunner().invoke(main, ["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o2"), "--quantize", "fp8"])
     assert r.exit_code != 0 and "--quantize fp8 needs --calib" in r.output
 
