@@ -140,7 +140,7 @@ def test_older_gpus_keep_fp8_convs_in_generated_code(resnet, requires_cuda_compi
 
 @pytest.mark.slow
 def test_artifact_links_the_cutlass_routine(resnet, requires_cuda_compiler, tmp_path):
-    """Builds backends/cutlass_conv.cu with nvcc (about 1.5 minutes, once per version)."""
+    """Builds backends/cutlass_conv.cu with nvcc (about 2 minutes, once per version)."""
     m, _, calib, _ = resnet
     art = smelt.compile([m], names=["m"], target="cuda", arch="sm_90", precision="float16",
                         quantize=smelt.Fp8(calib=calib), options=smelt.CompileOptions(tune_log_dir=None))
