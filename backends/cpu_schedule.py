@@ -34,18 +34,19 @@ def default_rules() -> list:
     return [WinogradTransform(), Int8DotTile(), TileReduction(), GEMV(), Reduction(), ParallelInjective()]
 
 
-class GEMV(dl_cpu.GEMV):
-    """dlight's CPU GEMV rule, leaving float8 kernels alone: its vectors would not compile (``_float8``)."""
+class _NoFloat8:
+    """Mixed into a dlight rule: float8 kernels are left alone, its vectors would not compile (``_float8``)."""
 
     def apply(self, func, target, tunable: bool):
         return None if isinstance(func, tirx.PrimFunc) and _float8(func) else super().apply(func, target, tunable)
 
 
-class Reduction(dl_cpu.Reduction):
-    """dlight's CPU row-reduction rule, leaving float8 kernels alone (``_float8``)."""
+class GEMV(_NoFloat8, dl_cpu.GEMV):
+    """dlight's CPU GEMV rule, leaving float8 kernels alone."""
 
-    def apply(self, func, target, tunable: bool):
-        return None if isinstance(func, tirx.PrimFunc) and _float8(func) else super().apply(func, target, tunable)
+
+class Reduction(_NoFloat8, dl_cpu.Reduction):
+    """dlight's CPU row-reduction rule, leaving float8 kernels alone."""
 
 
 def vector_bits(target) -> int:
