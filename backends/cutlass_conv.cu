@@ -15,10 +15,13 @@
 //   y = act(alpha * conv(x, w) + beta * residual + bias), accumulated and computed in float32,
 //   act = ReLU (epilogue 1) or none (0), rounded to y's dtype (E4M3 saturates at +-448).
 //
-// Each (y, residual) dtype pair has kernels of four tile shapes, 128x128 and 128x64 output tiles
+// Each (y, residual) dtype pair has conv kernels of four tile shapes, 128x128 and 128x64 output tiles
 // with K-blocks of 128 or 64 bytes (at 64 input channels a 128-byte K-block is half padding: on an
-// H100, 56x56 64->256 1x1 convs took 0.056 ms in FP8 against cuDNN's 0.026 in fp16 with it); the
-// fastest for a problem is timed on its first call (cuda_timer.h) and kept. ReLU is a clamp whose lower bound the call sets, so one kernel serves both epilogues.
+// H100, 56x56 64->256 1x1 convs took 0.056 ms in FP8 against cuDNN's 0.026 in fp16 with it), and,
+// for 1x1 stride-1 convs, four persistent GEMMs (cutlass_conv.h: ping-pong 128x128, 128x64 and
+// 128x128 with 64-byte K-blocks, cooperative 128x128 on 1x2 clusters). The fastest for a problem is
+// timed on its first call (cuda_timer.h) and kept. ReLU is a clamp whose lower bound the call
+// sets, so one kernel serves both epilogues.
 //
 // Built by nvcc (sm_90a: wgmma needs the arch-specific target) with CUTLASS's headers and
 // TVM-FFI's (vendor_libs.py). The CUDA runtime functions the kernels' launch code calls come
@@ -52,7 +55,7 @@ using F16 = cutlass::half_t;
 template <class Out, class Res, class Tile>
 using Kernel = smelt_cutlass::ConvKernel<E4M3, float, Out, Res, float, cutlass::epilogue::thread::Clamp, Tile>;
 
-constexpr int kTiles = 4;
+constexpr int kCandidates = 8;
 
 struct Call {
   const void *x, *w, *bias, *residual;
@@ -63,9 +66,30 @@ struct Call {
   void* workspace;
   size_t workspace_bytes;
   cudaStream_t stream;
+  int sm_count;  // the persistent GEMMs' grid
 };
 
-// Runs one kernel of tile shape ``Tile`` for ``call``; returns whether CUTLASS could.
+template <class Thread>
+void SetEpilogue(Thread& thread, const Call& call) {
+  thread.alpha = call.alpha;
+  thread.beta = call.beta;
+  thread.bias_ptr = static_cast<const float*>(call.bias);
+  thread.activation.lower_bound = call.relu ? 0.f : -std::numeric_limits<float>::infinity();
+  thread.activation.upper_bound = std::numeric_limits<float>::infinity();
+}
+
+// Runs CUTLASS operator ``Op`` (a device adapter) on ``args``; returns whether CUTLASS could.
+template <class Op>
+bool Launch(const typename Op::Arguments& args, const Call& call) {
+  Op op;
+  if (op.can_implement(args) != cutlass::Status::kSuccess || Op::get_workspace_size(args) > call.workspace_bytes) {
+    return false;
+  }
+  return op.initialize(args, call.workspace, call.stream) == cutlass::Status::kSuccess &&
+         op.run(call.stream) == cutlass::Status::kSuccess;
+}
+
+// Runs the conv kernel of tile shape ``Tile`` for ``call``; returns whether CUTLASS could.
 template <class Out, class Res, class Tile>
 bool Run(const Call& call) {
   using K = Kernel<Out, Res, Tile>;
@@ -83,33 +107,42 @@ bool Run(const Call& call) {
       problem,
       {static_cast<const E4M3*>(call.x), static_cast<const E4M3*>(call.w)},
       {{}, static_cast<const Res*>(call.residual), stride_c, static_cast<Out*>(call.y), stride_d}};
-  args.epilogue.thread.alpha = call.alpha;
-  args.epilogue.thread.beta = call.beta;
-  args.epilogue.thread.bias_ptr = static_cast<const float*>(call.bias);
-  args.epilogue.thread.activation.lower_bound = call.relu ? 0.f : -std::numeric_limits<float>::infinity();
-  args.epilogue.thread.activation.upper_bound = std::numeric_limits<float>::infinity();
-  typename K::Conv conv;
-  if (conv.can_implement(args) != cutlass::Status::kSuccess ||
-      K::Conv::get_workspace_size(args) > call.workspace_bytes) {
-    return false;
-  }
-  return conv.initialize(args, call.workspace, call.stream) == cutlass::Status::kSuccess &&
-         conv.run(call.stream) == cutlass::Status::kSuccess;
+  SetEpilogue(args.epilogue.thread, call);
+  return Launch<typename K::Conv>(args, call);
 }
 
+template <class Out, class Res, class Tile, class Cluster, bool kPingpong>
+bool RunGemm(const Call& call) {
+  if (call.r != 1 || call.s != 1 || call.stride_h != 1 || call.stride_w != 1 || call.pad_h != 0 || call.pad_w != 0) {
+    return false;
+  }
+  using K = smelt_cutlass::GemmKernel<E4M3, float, Out, Res, float, cutlass::epilogue::thread::Clamp, Tile, Cluster,
+                                      kPingpong>;
+  auto args = K::Arguments(call.n * call.h * call.w_in, call.k, call.c, static_cast<const E4M3*>(call.x),
+                           static_cast<const E4M3*>(call.w), static_cast<const Res*>(call.residual),
+                           static_cast<Out*>(call.y), call.sm_count);
+  SetEpilogue(args.epilogue.thread, call);
+  return Launch<typename K::Gemm>(args, call);
+}
+
+// Candidate ``i`` of kCandidates: the conv kernel's four tiles, then (1x1 stride-1 convs only) GEMMs.
 template <class Out, class Res>
-bool RunTile(const Call& call, int tile) {
-  switch (tile) {
+bool RunCandidate(const Call& call, int i) {
+  switch (i) {
     case 0: return Run<Out, Res, Shape<_128, _128, Shape<_128>>>(call);
     case 1: return Run<Out, Res, Shape<_128, _64, Shape<_128>>>(call);
     case 2: return Run<Out, Res, Shape<_128, _128, Shape<_64>>>(call);
-    default: return Run<Out, Res, Shape<_128, _64, Shape<_64>>>(call);
+    case 3: return Run<Out, Res, Shape<_128, _64, Shape<_64>>>(call);
+    case 4: return RunGemm<Out, Res, Shape<_128, _128, _128>, Shape<_1, _1, _1>, true>(call);
+    case 5: return RunGemm<Out, Res, Shape<_128, _64, _128>, Shape<_1, _1, _1>, true>(call);
+    case 6: return RunGemm<Out, Res, Shape<_128, _128, _64>, Shape<_1, _1, _1>, true>(call);
+    default: return RunGemm<Out, Res, Shape<_128, _128, _128>, Shape<_1, _2, _1>, false>(call);
   }
 }
 
 bool Dispatch(const Call& call, bool out_fp8, bool res_fp8, int tile) {
-  if (out_fp8) return res_fp8 ? RunTile<E4M3, E4M3>(call, tile) : RunTile<E4M3, F16>(call, tile);
-  return res_fp8 ? RunTile<F16, E4M3>(call, tile) : RunTile<F16, F16>(call, tile);
+  if (out_fp8) return res_fp8 ? RunCandidate<E4M3, E4M3>(call, tile) : RunCandidate<E4M3, F16>(call, tile);
+  return res_fp8 ? RunCandidate<F16, E4M3>(call, tile) : RunCandidate<F16, F16>(call, tile);
 }
 
 // Whether ``t`` is float8_e4m3fn (true) or float16 (false); throws for anything else.
@@ -159,13 +192,16 @@ void Conv(TensorView x, TensorView w, TensorView bias, Optional<TensorView> resi
     TVM_FFI_THROW(TypeError) << "smelt CUTLASS conv2d: bias must be float32";
   }
   if (y.numel() == 0) return;
-  int device = y.device().device_id;
+  int device = y.device().device_id, sm_count = 0;
+  if (cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    TVM_FFI_THROW(RuntimeError) << "smelt CUTLASS conv2d: no CUDA device " << device;
+  }
   Call call{Data(x, "x"), Data(w, "w"), Data(bias, "bias"), nullptr, Data(y, "y"),
             int(x.size(0)), int(x.size(1)), int(x.size(2)), int(c), int(k), int(w.size(1)), int(w.size(2)),
             int(pad_h), int(pad_w), int(stride_h), int(stride_w), float(alpha), residual ? float(beta) : 0.f,
             epilogue == 1, Data(workspace, "workspace"),
             static_cast<size_t>(workspace.numel()) * ((workspace.dtype().bits + 7) / 8),
-            static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device))};
+            static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device)), sm_count};
   // Without a residual, beta is 0 and the epilogue reads no source: y stands in for its pointer.
   call.residual = residual ? Data(residual.value(), "residual") : call.y;
   std::lock_guard<std::mutex> lock(mu);
@@ -177,11 +213,11 @@ void Conv(TensorView x, TensorView w, TensorView bias, Optional<TensorView> resi
   static std::map<Key, int> tiles;
   auto it = tiles.find(key);
   if (it == tiles.end()) {
-    int tile = smelt_timer::Fastest(call.stream, kTiles, [&](int i) { return Dispatch(call, out_fp8, res_fp8, i); });
+    int tile = smelt_timer::Fastest(call.stream, kCandidates, [&](int i) { return Dispatch(call, out_fp8, res_fp8, i); });
     it = tiles.emplace(key, tile).first;
   }
   bool ran = Dispatch(call, out_fp8, res_fp8, it->second);
-  for (int i = 0; i < kTiles && !ran; ++i) ran = i != it->second && Dispatch(call, out_fp8, res_fp8, i);
+  for (int i = 0; i < kCandidates && !ran; ++i) ran = i != it->second && Dispatch(call, out_fp8, res_fp8, i);
   if (!ran) {
     TVM_FFI_THROW(RuntimeError) << "smelt CUTLASS conv2d: no kernel runs x [" << x.size(0) << ", " << x.size(1)
                                 << ", " << x.size(2) << ", " << c << "], w [" << k << ", " << w.size(1) << ", "

@@ -1,7 +1,13 @@
-// The CUTLASS kernel type of smelt's FP8 convolution (cutlass_conv.cu), which bench/cutlass_conv_probe.cu
-// times in other element types too: CUTLASS's sm90 implicit-GEMM conv (fprop, wgmma, TMA,
-// warp-specialized; NHWC activations, KRSC weights) whose epilogue computes
-//   D = Act(alpha * conv(A, B) + beta * C + bias)   per output channel bias, in float32.
+// The CUTLASS kernel types of smelt's FP8 convolution (cutlass_conv.cu), which bench/cutlass_conv_probe.cu
+// times in other element types too, both with the epilogue
+//   D = Act(alpha * conv(A, B) + beta * C + bias)   per output channel bias, in float32:
+// - ConvKernel: CUTLASS's sm90 implicit-GEMM conv (fprop, wgmma, TMA, warp-specialized; NHWC
+//   activations, KRSC weights). CUTLASS 4.2 has no persistent schedule for convolutions: each CTA
+//   computes one output tile, and its epilogue overlaps no main loop.
+// - GemmKernel: CUTLASS's sm90 persistent GEMM, for the 1x1 stride-1 convs, which are GEMMs in
+//   NHWC ([N*H*W, C] x [K, C]^T). Its ping-pong schedule runs one warp group's epilogue while the
+//   other's main loop runs: ResNet's 1x1 convs reduce over 64 to 512 channels, one to four K-blocks,
+//   so the epilogue (writing a 128x128 tile) is as long as the main loop.
 // Included only by nvcc-built sources (CUTLASS's headers are not on the C++ routines' path).
 #pragma once
 
@@ -12,6 +18,9 @@
 #include "cutlass/conv/device/conv_universal_adapter.hpp"
 #include "cutlass/conv/kernel/conv_universal.hpp"
 #include "cutlass/conv/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/epilogue/thread/activation.h"
 
@@ -21,6 +30,7 @@ namespace smelt_cutlass {
 // Bias: the bias's, Act: the activation (ReLu, Clamp, ...), Tile: the CTA tile (M, N, K-block).
 template <class AB, class Acc, class Out, class Res, class Bias, template <class> class Act, class Tile>
 struct ConvKernel {
+  static constexpr bool kGemm = false;
   using Fusion = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<Act, Out, float, Bias, Res>;
   using Cluster = cute::Shape<cute::_1, cute::_1, cute::_1>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
@@ -37,6 +47,53 @@ struct ConvKernel {
   using Problem = cutlass::conv::ConvProblemShape<cutlass::conv::Operator::kFprop, 2>;
   using Kernel = cutlass::conv::kernel::ConvUniversal<Problem, Mainloop, Epilogue>;
   using Conv = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
+};
+
+// The same epilogue on a GEMM D[M, N] = A[M, K] B[N, K]^T (both K-major, D row-major), persistent:
+// ping-pong (two warp groups on two tiles) or cooperative (both on one tile), over clusters of
+// ``Cluster`` CTAs (a 1x2 cluster multicasts A's tile to both CTAs). FP8 operands accumulate in
+// the tensor cores' own precision (CUTLASS's FP8FastAccum), as the conv kernel's do.
+template <class AB, class Acc, class Out, class Res, class Bias, template <class> class Act, class Tile,
+          class Cluster, bool kPingpong>
+struct GemmKernel {
+  static constexpr bool kGemm = true;
+  static constexpr bool kFp8 = cute::is_same_v<AB, cutlass::float_e4m3_t>;
+  using Fusion = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<Act, Out, float, Bias, Res>;
+  using EpilogueSchedule = cute::conditional_t<kPingpong, cutlass::epilogue::TmaWarpSpecialized,
+                                               cutlass::epilogue::TmaWarpSpecializedCooperative>;
+  using MainloopSchedule = cute::conditional_t<
+      kPingpong,
+      cute::conditional_t<kFp8, cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8FastAccum,
+                          cutlass::gemm::KernelTmaWarpSpecializedPingpong>,
+      cute::conditional_t<kFp8, cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum,
+                          cutlass::gemm::KernelTmaWarpSpecializedCooperative>>;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
+      cutlass::epilogue::collective::EpilogueTileAuto, Acc, float, Res, cutlass::layout::RowMajor, 16 / sizeof(Res),
+      Out, cutlass::layout::RowMajor, 16 / sizeof(Out), EpilogueSchedule, Fusion>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, AB, cutlass::layout::RowMajor, 16 / sizeof(AB), AB,
+      cutlass::layout::ColumnMajor, 16 / sizeof(AB), Acc, Tile, Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      MainloopSchedule>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;
+  // CUTLASS's conv adapter launches any 3.x kernel; its GEMM adapter would bring in the 2.x
+  // GemmUniversal, whose partial specialization then matches the conv kernels' base as well.
+  using Gemm = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
+
+  // The arguments for M x N x K (strides packed), the epilogue's parameters left to the caller.
+  static typename Gemm::Arguments Arguments(int m, int n, int k, const AB* a, const AB* b, const Res* c, Out* d,
+                                            int sm_count) {
+    using cutlass::make_cute_packed_stride;
+    typename Kernel::StrideA stride_a = make_cute_packed_stride(typename Kernel::StrideA{}, cute::make_shape(m, k, 1));
+    typename Kernel::StrideB stride_b = make_cute_packed_stride(typename Kernel::StrideB{}, cute::make_shape(n, k, 1));
+    typename Kernel::StrideC stride_c = make_cute_packed_stride(typename Kernel::StrideC{}, cute::make_shape(m, n, 1));
+    typename Kernel::StrideD stride_d = make_cute_packed_stride(typename Kernel::StrideD{}, cute::make_shape(m, n, 1));
+    cutlass::KernelHardwareInfo hw;
+    hw.sm_count = sm_count;
+    return {cutlass::gemm::GemmUniversalMode::kGemm, {m, n, k, 1}, {a, stride_a, b, stride_b},
+            {{}, c, stride_c, d, stride_d}, hw};
+  }
 };
 
 }  // namespace smelt_cutlass

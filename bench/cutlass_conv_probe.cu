@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -64,6 +65,9 @@ __global__ void spin(long long cycles) {
 
 template <class AB, class Acc, class Out, class Tile>
 using ConvType = smelt_cutlass::ConvKernel<AB, Acc, Out, Out, cutlass::half_t, cutlass::epilogue::thread::ReLu, Tile>;
+template <class AB, class Out, class Tile, class Cluster, bool kPingpong>
+using GemmType = smelt_cutlass::GemmKernel<AB, float, Out, Out, cutlass::half_t, cutlass::epilogue::thread::ReLu, Tile,
+                                           Cluster, kPingpong>;
 
 // The fp32 reference: one thread per output element, from the same quantized values.
 template <class AB, class Out>
@@ -95,9 +99,56 @@ T* upload(const std::vector<T>& host) {
   return dev;
 }
 
-template <class AB, class Acc, class Out, class Tile>
+// A CUTLASS operator (conv or GEMM adapter) with its arguments, set up once per layer as a library
+// would cache them per problem; ok: whether CUTLASS takes the problem.
+template <class Op>
+struct Launch {
+  Op op;
+  typename Op::Arguments args;
+  void* workspace = nullptr;
+  bool ok = false;
+  explicit Launch(const typename Op::Arguments& a) : args(a) {
+    if (op.can_implement(args) != cutlass::Status::kSuccess) return;
+    CHECK_CUDA(cudaMalloc(&workspace, std::max<size_t>(Op::get_workspace_size(args), 1)));
+    ok = op.initialize(args, workspace) == cutlass::Status::kSuccess;
+  }
+  ~Launch() {
+    if (workspace) cudaFree(workspace);
+  }
+  bool run() { return op.run() == cutlass::Status::kSuccess; }
+};
+
+// The kernel ``K`` (a smelt_cutlass::ConvKernel or GemmKernel) set up for layer ``l``.
+template <class K, class AB, class Out>
+auto setup(const Layer& l, const AB* x, const AB* w, const cutlass::half_t* bias, const Out* res, Out* d, float alpha,
+           float beta) {
+  if constexpr (!K::kGemm) {
+    typename K::Problem problem(cutlass::conv::Mode::kCrossCorrelation, {l.n, l.h, l.h, l.c}, {l.k, l.r, l.r, l.c},
+                                {l.pad(), l.pad()}, {l.pad(), l.pad()}, {l.stride, l.stride}, {1, 1}, 1);
+    typename K::Kernel::StrideC stride_c;
+    typename K::Kernel::StrideD stride_d;
+    cute::for_each(cute::make_seq<cute::rank<0>(typename K::Kernel::StrideC{})>{}, [&](auto i) {
+      cute::get<0, i>(stride_c) = problem.stride_C[K::Problem::RankT - 2 - i];
+      cute::get<0, i>(stride_d) = problem.stride_C[K::Problem::RankT - 2 - i];
+    });
+    typename K::Conv::Arguments args{problem, {x, w}, {{}, res, stride_c, d, stride_d}};
+    args.epilogue.thread.alpha = alpha;
+    args.epilogue.thread.beta = beta;
+    args.epilogue.thread.bias_ptr = bias;
+    return std::make_unique<Launch<typename K::Conv>>(args);
+  } else {
+    int sms = 0;
+    CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    auto args = K::Arguments(l.n * l.p() * l.p(), l.k, l.c, x, w, res, d, sms);
+    args.epilogue.thread.alpha = alpha;
+    args.epilogue.thread.beta = beta;
+    args.epilogue.thread.bias_ptr = bias;
+    return std::make_unique<Launch<typename K::Gemm>>(args);
+  }
+}
+
+template <class AB, class Out, class K>
 void run(const Layer& l, int index, const char* variant, const char* tile) {
-  using C = ConvType<AB, Acc, Out, Tile>;
   std::mt19937 gen(index);
   std::normal_distribution<float> normal;
   const int p = l.p();
@@ -127,28 +178,11 @@ void run(const Layer& l, int index, const char* variant, const char* tile) {
   CHECK_CUDA(cudaMalloc(&dd, nd * sizeof(Out)));
   CHECK_CUDA(cudaMalloc(&dref, nd * sizeof(float)));
 
-  typename C::Problem problem(cutlass::conv::Mode::kCrossCorrelation, {l.n, l.h, l.h, l.c}, {l.k, l.r, l.r, l.c},
-                              {l.pad(), l.pad()}, {l.pad(), l.pad()}, {l.stride, l.stride}, {1, 1}, 1);
-  typename C::Kernel::StrideC stride_c;
-  typename C::Kernel::StrideD stride_d;
-  cute::for_each(cute::make_seq<cute::rank<0>(typename C::Kernel::StrideC{})>{}, [&](auto i) {
-    cute::get<0, i>(stride_c) = problem.stride_C[C::Problem::RankT - 2 - i];
-  });
-  cute::for_each(cute::make_seq<cute::rank<0>(typename C::Kernel::StrideD{})>{}, [&](auto i) {
-    cute::get<0, i>(stride_d) = problem.stride_C[C::Problem::RankT - 2 - i];
-  });
-  typename C::Conv::Arguments args{problem, {dx, dw}, {{}, dr, stride_c, dd, stride_d}};
-  args.epilogue.thread.alpha = alpha;
-  args.epilogue.thread.beta = beta;
-  args.epilogue.thread.bias_ptr = db;
-
-  typename C::Conv conv;
   float ms = -1.f, err = -1.f;
-  if (conv.can_implement(args) == cutlass::Status::kSuccess) {
-    void* workspace = nullptr;
-    CHECK_CUDA(cudaMalloc(&workspace, std::max<size_t>(C::Conv::get_workspace_size(args), 1)));
-    if (conv.initialize(args, workspace) != cutlass::Status::kSuccess || conv.run() != cutlass::Status::kSuccess) {
-      std::fprintf(stderr, "layer %d %s %s: CUTLASS failed to initialize or run\n", index, variant, tile);
+  auto op = setup<K>(l, dx, dw, db, dr, dd, alpha, beta);
+  if (op->ok) {
+    if (!op->run()) {
+      std::fprintf(stderr, "layer %d %s %s: CUTLASS failed to run\n", index, variant, tile);
       std::exit(1);
     }
     CHECK_CUDA(cudaDeviceSynchronize());
@@ -170,12 +204,12 @@ void run(const Layer& l, int index, const char* variant, const char* tile) {
     // Runs back to back, queued behind a spinning kernel: timed one by one, each run's launch on
     // the host (about 5 us) sat between the events and set a floor under small layers.
     std::vector<float> times;
-    for (int i = 0; i < 3; ++i) conv.run();
+    for (int i = 0; i < 3; ++i) op->run();
     for (int round = 0; round < 5; ++round) {
       CHECK_CUDA(cudaDeviceSynchronize());
       spin<<<1, 1>>>(20000000LL);  // about 10 ms: the runs below are all queued before it ends
       CHECK_CUDA(cudaEventRecord(start));
-      for (int i = 0; i < kRuns; ++i) conv.run();
+      for (int i = 0; i < kRuns; ++i) op->run();
       CHECK_CUDA(cudaEventRecord(end));
       CHECK_CUDA(cudaEventSynchronize(end));
       float t = 0.f;
@@ -184,19 +218,28 @@ void run(const Layer& l, int index, const char* variant, const char* tile) {
     }
     std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
     ms = times[times.size() / 2];
-    CHECK_CUDA(cudaFree(workspace));
   }
+  op.reset();
   std::printf("%d %s %s %.5f %.2e\n", index, variant, tile, ms, err);
   std::fflush(stdout);
   for (void* ptr : {(void*)dx, (void*)dw, (void*)db, (void*)dr, (void*)dd, (void*)dref}) CHECK_CUDA(cudaFree(ptr));
 }
 
+using E4M3 = cutlass::float_e4m3_t;
+using F16 = cutlass::half_t;
+
 template <class Tile>
 void run_all(const Layer& l, int index, const char* tile) {
-  using E4M3 = cutlass::float_e4m3_t;
-  run<E4M3, float, cutlass::half_t, Tile>(l, index, "e4m3->f16", tile);
-  run<E4M3, float, E4M3, Tile>(l, index, "e4m3->e4m3", tile);
-  run<int8_t, int32_t, cutlass::half_t, Tile>(l, index, "s8->f16", tile);
+  run<E4M3, F16, ConvType<E4M3, float, F16, Tile>>(l, index, "e4m3->f16", tile);
+  run<E4M3, E4M3, ConvType<E4M3, float, E4M3, Tile>>(l, index, "e4m3->e4m3", tile);
+  run<int8_t, F16, ConvType<int8_t, int32_t, F16, Tile>>(l, index, "s8->f16", tile);
+}
+
+// The GEMM kernels, for 1x1 stride-1 layers: FP8 in, fp16 or FP8 out.
+template <class Tile, class Cluster, bool kPingpong>
+void run_gemm(const Layer& l, int index, const char* tile) {
+  run<E4M3, F16, GemmType<E4M3, F16, Tile, Cluster, kPingpong>>(l, index, "e4m3->f16", tile);
+  run<E4M3, E4M3, GemmType<E4M3, E4M3, Tile, Cluster, kPingpong>>(l, index, "e4m3->e4m3", tile);
 }
 
 int main(int argc, char** argv) {
@@ -214,6 +257,12 @@ int main(int argc, char** argv) {
     run_all<Shape<_128, _64, Shape<_128>>>(l, i - 1, "128x64x128");
     run_all<Shape<_128, _128, Shape<_64>>>(l, i - 1, "128x128x64");
     run_all<Shape<_128, _64, Shape<_64>>>(l, i - 1, "128x64x64");
+    if (l.r == 1 && l.stride == 1) {
+      run_gemm<Shape<_128, _128, _128>, Shape<_1, _1, _1>, true>(l, i - 1, "gemm-pingpong-128x128x128");
+      run_gemm<Shape<_128, _64, _128>, Shape<_1, _1, _1>, true>(l, i - 1, "gemm-pingpong-128x64x128");
+      run_gemm<Shape<_128, _128, _64>, Shape<_1, _1, _1>, true>(l, i - 1, "gemm-pingpong-128x128x64");
+      run_gemm<Shape<_128, _128, _128>, Shape<_1, _2, _1>, false>(l, i - 1, "gemm-cooperative-128x128x128-c1x2");
+    }
   }
   return 0;
 }
