@@ -2,8 +2,10 @@
 // ResNet-50's layers in FP8 E4M3 and INT8, with the epilogue a quantized network needs
 // (per-channel bias, residual, ReLU) fused: the measurement behind an FP8/INT8 conv path.
 //
-// Each layer given on the command line runs in these variants, each with four tile shapes (128x128
-// and 128x64 outputs, K-blocks of 128 or 64 bytes: at 64 channels a 128-byte K-block is half padding):
+// Each layer given on the command line runs in these variants, each with six conv tile shapes (128x128
+// and 128x64 outputs with K-blocks of 128 or 64 bytes: at 64 channels a 128-byte K-block is half
+// padding; 64x128 and 64x64 outputs), and 1x1 stride-1 layers also as persistent GEMMs (ping-pong
+// with five tile shapes, cooperative on 1x2 clusters; FP8 only), the kernels smelt's routine has:
 //   e4m3 -> f16   FP8 activations and weights, fp16 output
 //   e4m3 -> e4m3  FP8 in and out (activations stay FP8 between layers; the output scale is
 //                 folded into alpha and the bias)
@@ -147,10 +149,26 @@ auto setup(const Layer& l, const AB* x, const AB* w, const cutlass::half_t* bias
   }
 }
 
+// A layer's random inputs, drawn once per layer (drawing them per kernel took most of a sweep's time).
+struct Values {
+  std::vector<float> x, w, bias, residual;
+  Values(const Layer& l, int index) {
+    std::mt19937 gen(index);
+    std::normal_distribution<float> normal;
+    const int p = l.p();
+    x.resize(size_t(l.n) * l.h * l.h * l.c);
+    w.resize(size_t(l.k) * l.r * l.r * l.c);
+    bias.resize(l.k);
+    residual.resize(size_t(l.n) * p * p * l.k);
+    for (auto& v : x) v = std::max(normal(gen), 0.f);  // post-ReLU activations
+    for (auto& v : w) v = normal(gen);
+    for (auto& v : bias) v = normal(gen);
+    for (auto& v : residual) v = std::max(normal(gen), 0.f);
+  }
+};
+
 template <class AB, class Out, class K>
-void run(const Layer& l, int index, const char* variant, const char* tile) {
-  std::mt19937 gen(index);
-  std::normal_distribution<float> normal;
+void run(const Layer& l, const Values& values, int index, const char* variant, const char* tile) {
   const int p = l.p();
   const size_t nx = size_t(l.n) * l.h * l.h * l.c, nw = size_t(l.k) * l.r * l.r * l.c, nd = size_t(l.n) * p * p * l.k;
   const bool is_int = std::is_same_v<AB, int8_t>;
@@ -162,12 +180,12 @@ void run(const Layer& l, int index, const char* variant, const char* tile) {
     }
   };
   std::vector<AB> hx(nx), hw(nw);
-  for (auto& v : hx) v = quantize(std::max(normal(gen), 0.f));  // post-ReLU activations
-  for (auto& v : hw) v = quantize(normal(gen));
+  for (size_t i = 0; i < nx; ++i) hx[i] = quantize(values.x[i]);
+  for (size_t i = 0; i < nw; ++i) hw[i] = quantize(values.w[i]);
   std::vector<cutlass::half_t> hb(l.k);
-  for (auto& v : hb) v = cutlass::half_t(normal(gen));
+  for (int i = 0; i < l.k; ++i) hb[i] = cutlass::half_t(values.bias[i]);
   std::vector<Out> hr(nd);
-  for (auto& v : hr) v = Out(std::max(normal(gen), 0.f));
+  for (size_t i = 0; i < nd; ++i) hr[i] = Out(values.residual[i]);
   // alpha scales the sum of C*R*S products of unit scale back to about 1
   const float alpha = 1.f / (std::sqrt(float(l.c * l.r * l.r)) * (is_int ? 32.f * 32.f : 1.f)), beta = 1.f;
   AB *dx = upload(hx), *dw = upload(hw);
@@ -229,17 +247,17 @@ using E4M3 = cutlass::float_e4m3_t;
 using F16 = cutlass::half_t;
 
 template <class Tile>
-void run_all(const Layer& l, int index, const char* tile) {
-  run<E4M3, F16, ConvType<E4M3, float, F16, Tile>>(l, index, "e4m3->f16", tile);
-  run<E4M3, E4M3, ConvType<E4M3, float, E4M3, Tile>>(l, index, "e4m3->e4m3", tile);
-  run<int8_t, F16, ConvType<int8_t, int32_t, F16, Tile>>(l, index, "s8->f16", tile);
+void run_all(const Layer& l, const Values& values, int index, const char* tile) {
+  run<E4M3, F16, ConvType<E4M3, float, F16, Tile>>(l, values, index, "e4m3->f16", tile);
+  run<E4M3, E4M3, ConvType<E4M3, float, E4M3, Tile>>(l, values, index, "e4m3->e4m3", tile);
+  run<int8_t, F16, ConvType<int8_t, int32_t, F16, Tile>>(l, values, index, "s8->f16", tile);
 }
 
 // The GEMM kernels, for 1x1 stride-1 layers: FP8 in, fp16 or FP8 out.
 template <class Tile, class Cluster, bool kPingpong>
-void run_gemm(const Layer& l, int index, const char* tile) {
-  run<E4M3, F16, GemmType<E4M3, F16, Tile, Cluster, kPingpong>>(l, index, "e4m3->f16", tile);
-  run<E4M3, E4M3, GemmType<E4M3, E4M3, Tile, Cluster, kPingpong>>(l, index, "e4m3->e4m3", tile);
+void run_gemm(const Layer& l, const Values& values, int index, const char* tile) {
+  run<E4M3, F16, GemmType<E4M3, F16, Tile, Cluster, kPingpong>>(l, values, index, "e4m3->f16", tile);
+  run<E4M3, E4M3, GemmType<E4M3, E4M3, Tile, Cluster, kPingpong>>(l, values, index, "e4m3->e4m3", tile);
 }
 
 int main(int argc, char** argv) {
@@ -253,15 +271,20 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "bad layer '%s': expected N,H,C,K,R,STRIDE\n", argv[i]);
       return 2;
     }
-    run_all<Shape<_128, _128, Shape<_128>>>(l, i - 1, "128x128x128");
-    run_all<Shape<_128, _64, Shape<_128>>>(l, i - 1, "128x64x128");
-    run_all<Shape<_128, _128, Shape<_64>>>(l, i - 1, "128x128x64");
-    run_all<Shape<_128, _64, Shape<_64>>>(l, i - 1, "128x64x64");
+    const Values values(l, i - 1);
+    run_all<Shape<_128, _128, Shape<_128>>>(l, values, i - 1, "128x128x128");
+    run_all<Shape<_128, _64, Shape<_128>>>(l, values, i - 1, "128x64x128");
+    run_all<Shape<_128, _128, Shape<_64>>>(l, values, i - 1, "128x128x64");
+    run_all<Shape<_128, _64, Shape<_64>>>(l, values, i - 1, "128x64x64");
+    run_all<Shape<_64, _128, Shape<_128>>>(l, values, i - 1, "64x128x128");
+    run_all<Shape<_64, _64, Shape<_128>>>(l, values, i - 1, "64x64x128");
     if (l.r == 1 && l.stride == 1) {
-      run_gemm<Shape<_128, _128, _128>, Shape<_1, _1, _1>, true>(l, i - 1, "gemm-pingpong-128x128x128");
-      run_gemm<Shape<_128, _64, _128>, Shape<_1, _1, _1>, true>(l, i - 1, "gemm-pingpong-128x64x128");
-      run_gemm<Shape<_128, _128, _64>, Shape<_1, _1, _1>, true>(l, i - 1, "gemm-pingpong-128x128x64");
-      run_gemm<Shape<_128, _128, _128>, Shape<_1, _2, _1>, false>(l, i - 1, "gemm-cooperative-128x128x128-c1x2");
+      run_gemm<Shape<_128, _128, _128>, Shape<_1, _1, _1>, true>(l, values, i - 1, "gemm-pingpong-128x128x128");
+      run_gemm<Shape<_128, _64, _128>, Shape<_1, _1, _1>, true>(l, values, i - 1, "gemm-pingpong-128x64x128");
+      run_gemm<Shape<_128, _128, _64>, Shape<_1, _1, _1>, true>(l, values, i - 1, "gemm-pingpong-128x128x64");
+      run_gemm<Shape<_64, _128, _128>, Shape<_1, _1, _1>, true>(l, values, i - 1, "gemm-pingpong-64x128x128");
+      run_gemm<Shape<_64, _64, _128>, Shape<_1, _1, _1>, true>(l, values, i - 1, "gemm-pingpong-64x64x128");
+      run_gemm<Shape<_128, _128, _128>, Shape<_1, _2, _1>, false>(l, values, i - 1, "gemm-cooperative-128x128x128-c1x2");
     }
   }
   return 0;
