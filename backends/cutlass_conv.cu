@@ -20,11 +20,13 @@
 // H100, 56x56 64->256 1x1 convs took 0.056 ms in FP8 against cuDNN's 0.026 in fp16 with it), and
 // 64x128, 64x64 ones for layers with few output pixels; and, for 1x1 stride-1 convs, five persistent
 // ping-pong GEMMs (cutlass_conv.h) of 128x128, 128x64, 128x128 with 64-byte K-blocks, 64x128 and
-// 64x64 tiles. On an H100 they took ResNet-50's 1x1 convs at batch 32 from 0.74 to 0.45 ms: the
-// conv kernels' epilogue overlaps no main loop, and these layers reduce over one to four K-blocks
-// (a cooperative GEMM on 1x2 clusters never won). The fastest for a problem is timed on its
+// 64x64 tiles. On an H100 they took ResNet-50's convs at batch 32 from 0.99 to 0.76 ms: the conv
+// kernels' epilogue overlaps no main loop, and 1x1 layers reduce over one to four K-blocks (a
+// cooperative GEMM on 1x2 clusters never won). The fastest for a problem is timed on its
 // first call (cuda_timer.h) and kept. ReLU is a clamp whose lower bound the call sets, so one
-// kernel serves both epilogues.
+// kernel serves both epilogues. Kernels launch with programmatic dependent launch (Launch below;
+// on an H200 ResNet-50 b32 in FP8 took 0.790 ms with it, 0.854 without); SMELT_CUTLASS_PDL=0
+// turns it off.
 //
 // Built by nvcc (sm_90a: wgmma needs the arch-specific target) with CUTLASS's headers and
 // TVM-FFI's (vendor_libs.py). The CUDA runtime functions the kernels' launch code calls come
@@ -39,6 +41,8 @@
 
 #include <array>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -81,15 +85,37 @@ void SetEpilogue(Thread& thread, const Call& call) {
   thread.activation.upper_bound = std::numeric_limits<float>::infinity();
 }
 
+// Whether kernels launch with programmatic dependent launch (SMELT_CUTLASS_PDL=0 turns it off).
+bool Pdl() {
+  static const bool on = [] {
+    const char* v = std::getenv("SMELT_CUTLASS_PDL");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
 // Runs CUTLASS operator ``Op`` (a device adapter) on ``args``; returns whether CUTLASS could.
+// The launch is CUTLASS's cluster launch with programmatic dependent launch: the kernel's CTAs
+// may start (and set up their barriers and TMA descriptors) while the previous kernel on the
+// stream finishes; the kernels were built with CUTLASS_ENABLE_GDC_FOR_SM90, so each waits on
+// that kernel (griddepcontrol.wait) before its first global memory access. CUTLASS's adapter
+// cannot launch conv kernels so (it has no PDL argument), hence the launch here.
 template <class Op>
 bool Launch(const typename Op::Arguments& args, const Call& call) {
+  using K = typename Op::ConvKernel;  // the 3.x kernel, a conv or a GEMM
+  using Cluster = typename K::DispatchPolicy::ClusterShape;
   Op op;
-  if (op.can_implement(args) != cutlass::Status::kSuccess || Op::get_workspace_size(args) > call.workspace_bytes) {
+  if (op.can_implement(args) != cutlass::Status::kSuccess || Op::get_workspace_size(args) > call.workspace_bytes ||
+      op.initialize(args, call.workspace, call.stream) != cutlass::Status::kSuccess) {
     return false;
   }
-  return op.initialize(args, call.workspace, call.stream) == cutlass::Status::kSuccess &&
-         op.run(call.stream) == cutlass::Status::kSuccess;
+  typename Op::Params params = op.params();
+  void* kernel_params[] = {&params};
+  dim3 cluster(size<0>(Cluster{}), size<1>(Cluster{}), size<2>(Cluster{}));
+  return cutlass::ClusterLauncher::launch(Op::get_grid_shape(params), cluster, K::get_block_shape(),
+                                          K::SharedStorageSize, call.stream,
+                                          reinterpret_cast<const void*>(&cutlass::device_kernel<K>), kernel_params,
+                                          Pdl()) == cutlass::Status::kSuccess;
 }
 
 // Runs the conv kernel of tile shape ``Tile`` for ``call``; returns whether CUTLASS could.

@@ -11,6 +11,11 @@
 // Included only by nvcc-built sources (CUTLASS's headers are not on the C++ routines' path).
 #pragma once
 
+// The kernels wait on the previous grid (griddepcontrol.wait) before touching global memory, so that
+// they can be launched with programmatic dependent launch (cutlass_conv.cu); without it the wait
+// is a no-op.
+#define CUTLASS_ENABLE_GDC_FOR_SM90 1
+
 // CUTLASS's headers in the order of its own tests (the conv builder needs the adapter's first)
 #include "cutlass/cutlass.h"
 #include "cute/tensor.hpp"
