@@ -122,22 +122,12 @@ bool Launch(const typename Op::Arguments& args, const Call& call) {
 template <class Out, class Res, class Tile>
 bool Run(const Call& call) {
   using K = Kernel<Out, Res, Tile>;
-  typename K::Problem problem(cutlass::conv::Mode::kCrossCorrelation, {call.n, call.h, call.w_in, call.c},
-                              {call.k, call.r, call.s, call.c}, {call.pad_h, call.pad_w}, {call.pad_h, call.pad_w},
-                              {call.stride_h, call.stride_w}, {1, 1}, 1);
-  using ConvKernel = typename K::Kernel;
-  typename ConvKernel::StrideC stride_c;
-  typename ConvKernel::StrideD stride_d;
-  cute::for_each(cute::make_seq<cute::rank<0>(typename ConvKernel::StrideC{})>{}, [&](auto i) {
-    cute::get<0, i>(stride_c) = problem.stride_C[K::Problem::RankT - 2 - i];
-    cute::get<0, i>(stride_d) = problem.stride_C[K::Problem::RankT - 2 - i];
-  });
-  typename K::Conv::Arguments args{
-      problem,
-      {static_cast<const E4M3*>(call.x), static_cast<const E4M3*>(call.w)},
-      {{}, static_cast<const Res*>(call.residual), stride_c, static_cast<Out*>(call.y), stride_d}};
+  auto args = K::Arguments(call.n, call.h, call.w_in, call.c, call.k, call.r, call.s, call.pad_h, call.pad_w,
+                           call.stride_h, call.stride_w, static_cast<const E4M3*>(call.x),
+                           static_cast<const E4M3*>(call.w), static_cast<const Res*>(call.residual),
+                           static_cast<Out*>(call.y));
   SetEpilogue(args.epilogue.thread, call);
-  return Launch<typename K::Conv>(args, call);
+  return Launch<typename K::Adapter>(args, call);
 }
 
 template <class Out, class Res, class Tile>
@@ -151,7 +141,7 @@ bool RunGemm(const Call& call) {
                            static_cast<const E4M3*>(call.w), static_cast<const Res*>(call.residual),
                            static_cast<Out*>(call.y), call.sm_count);
   SetEpilogue(args.epilogue.thread, call);
-  return Launch<typename K::Gemm>(args, call);
+  return Launch<typename K::Adapter>(args, call);
 }
 
 // Candidate ``i`` of kCandidates: conv kernels, then (1x1 stride-1 convs only) GEMMs. Tiles of 64
@@ -248,7 +238,8 @@ void Conv(TensorView x, TensorView w, TensorView bias, Optional<TensorView> resi
   static std::map<Key, int> chosen;  // the fastest candidate per problem
   auto it = chosen.find(key);
   if (it == chosen.end()) {
-    int best = smelt_timer::Fastest(call.stream, kCandidates, [&](int i) { return Dispatch(call, out_fp8, res_fp8, i); });
+    auto run = [&](int i) { return Dispatch(call, out_fp8, res_fp8, i); };
+    int best = smelt_timer::Fastest(call.stream, kCandidates, run);
     it = chosen.emplace(key, best).first;
   }
   bool ran = Dispatch(call, out_fp8, res_fp8, it->second);

@@ -51,7 +51,25 @@ struct ConvKernel {
       cutlass::conv::collective::KernelScheduleAuto>::CollectiveOp;
   using Problem = cutlass::conv::ConvProblemShape<cutlass::conv::Operator::kFprop, 2>;
   using Kernel = cutlass::conv::kernel::ConvUniversal<Problem, Mainloop, Epilogue>;
-  using Conv = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
+  using Adapter = cutlass::conv::device::ConvUniversalAdapter<Kernel>;  // the operator that runs it
+
+  // The arguments for x [n, h, w, c] (NHWC) and weights [k, r, s, c] (KRSC), padded on both sides
+  // and strided per axis, dilation 1; D and C are NHWC. The epilogue's parameters are the caller's.
+  static typename Adapter::Arguments Arguments(int n, int h, int w, int c, int k, int r, int s, int pad_h,
+                                               int pad_w, int stride_h, int stride_w, const AB* x, const AB* weight,
+                                               const Res* res, Out* d) {
+    Problem problem(cutlass::conv::Mode::kCrossCorrelation, {n, h, w, c}, {k, r, s, c}, {pad_h, pad_w},
+                    {pad_h, pad_w}, {stride_h, stride_w}, {1, 1}, 1);
+    typename Kernel::StrideC stride_c;
+    typename Kernel::StrideD stride_d;
+    cute::for_each(cute::make_seq<cute::rank<0>(typename Kernel::StrideC{})>{}, [&](auto i) {
+      cute::get<0, i>(stride_c) = problem.stride_C[Problem::RankT - 2 - i];
+      cute::get<0, i>(stride_d) = problem.stride_C[Problem::RankT - 2 - i];
+    });
+    // a named local: GCC 12 fails (internal compiler error) on this braced list as a return value
+    typename Adapter::Arguments args{problem, {x, weight}, {{}, res, stride_c, d, stride_d}};
+    return args;
+  }
 };
 
 // The same epilogue on a GEMM D[M, N] = A[M, K] B[N, K]^T (both K-major, D row-major), persistent:
@@ -84,11 +102,11 @@ struct GemmKernel {
   using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;
   // CUTLASS's conv adapter launches any 3.x kernel; its GEMM adapter would bring in the 2.x
   // GemmUniversal, whose partial specialization then matches the conv kernels' base as well.
-  using Gemm = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
+  using Adapter = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
 
   // The arguments for M x N x K (strides packed), the epilogue's parameters left to the caller.
-  static typename Gemm::Arguments Arguments(int m, int n, int k, const AB* a, const AB* b, const Res* c, Out* d,
-                                            int sm_count) {
+  static typename Adapter::Arguments Arguments(int m, int n, int k, const AB* a, const AB* b, const Res* c, Out* d,
+                                               int sm_count) {
     using cutlass::make_cute_packed_stride;
     typename Kernel::StrideA stride_a = make_cute_packed_stride(typename Kernel::StrideA{}, cute::make_shape(m, k, 1));
     typename Kernel::StrideB stride_b = make_cute_packed_stride(typename Kernel::StrideB{}, cute::make_shape(n, k, 1));

@@ -124,29 +124,19 @@ struct Launch {
 template <class K, class AB, class Out>
 auto setup(const Layer& l, const AB* x, const AB* w, const cutlass::half_t* bias, const Out* res, Out* d, float alpha,
            float beta) {
-  if constexpr (!K::kGemm) {
-    typename K::Problem problem(cutlass::conv::Mode::kCrossCorrelation, {l.n, l.h, l.h, l.c}, {l.k, l.r, l.r, l.c},
-                                {l.pad(), l.pad()}, {l.pad(), l.pad()}, {l.stride, l.stride}, {1, 1}, 1);
-    typename K::Kernel::StrideC stride_c;
-    typename K::Kernel::StrideD stride_d;
-    cute::for_each(cute::make_seq<cute::rank<0>(typename K::Kernel::StrideC{})>{}, [&](auto i) {
-      cute::get<0, i>(stride_c) = problem.stride_C[K::Problem::RankT - 2 - i];
-      cute::get<0, i>(stride_d) = problem.stride_C[K::Problem::RankT - 2 - i];
-    });
-    typename K::Conv::Arguments args{problem, {x, w}, {{}, res, stride_c, d, stride_d}};
-    args.epilogue.thread.alpha = alpha;
-    args.epilogue.thread.beta = beta;
-    args.epilogue.thread.bias_ptr = bias;
-    return std::make_unique<Launch<typename K::Conv>>(args);
-  } else {
-    int sms = 0;
-    CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-    auto args = K::Arguments(l.n * l.p() * l.p(), l.k, l.c, x, w, res, d, sms);
-    args.epilogue.thread.alpha = alpha;
-    args.epilogue.thread.beta = beta;
-    args.epilogue.thread.bias_ptr = bias;
-    return std::make_unique<Launch<typename K::Gemm>>(args);
-  }
+  auto args = [&] {
+    if constexpr (K::kGemm) {
+      int sms = 0;
+      CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+      return K::Arguments(l.n * l.p() * l.p(), l.k, l.c, x, w, res, d, sms);
+    } else {
+      return K::Arguments(l.n, l.h, l.h, l.c, l.k, l.r, l.r, l.pad(), l.pad(), l.stride, l.stride, x, w, res, d);
+    }
+  }();
+  args.epilogue.thread.alpha = alpha;
+  args.epilogue.thread.beta = beta;
+  args.epilogue.thread.bias_ptr = bias;
+  return std::make_unique<Launch<typename K::Adapter>>(args);
 }
 
 // A layer's random inputs, drawn once per layer (drawing them per kernel took most of a sweep's time).
@@ -284,7 +274,8 @@ int main(int argc, char** argv) {
       run_gemm<Shape<_128, _128, _64>, Shape<_1, _1, _1>, true>(l, values, i - 1, "gemm-pingpong-128x128x64");
       run_gemm<Shape<_64, _128, _128>, Shape<_1, _1, _1>, true>(l, values, i - 1, "gemm-pingpong-64x128x128");
       run_gemm<Shape<_64, _64, _128>, Shape<_1, _1, _1>, true>(l, values, i - 1, "gemm-pingpong-64x64x128");
-      run_gemm<Shape<_128, _128, _128>, Shape<_1, _2, _1>, false>(l, values, i - 1, "gemm-cooperative-128x128x128-c1x2");
+      run_gemm<Shape<_128, _128, _128>, Shape<_1, _2, _1>, false>(l, values, i - 1,
+                                                                  "gemm-cooperative-128x128x128-c1x2");
     }
   }
   return 0;
