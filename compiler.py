@@ -21,8 +21,8 @@ from .autotune import records_passes
 from .errors import BackendError, SmeltError, error_line
 from .frontend import import_models
 from .ir import ModelInfo, Program, TensorSpec, summarize
-from .passes import (MERGED, PRECISIONS, Explainer, Fp8, Int8, MergeOptions, PassManager, PipelineOptions,
-                     QuantizeFp8, QuantizeInt8, QuantizeWeights, Step, WeightOnly, build_pipeline, canonicalize_passes, merge_passes)
+from .passes import (MERGED, PRECISIONS, Explainer, Fp8, Int8, MergeOptions, PassManager, PipelineOptions, Step,
+                     WeightOnly, build_pipeline, canonicalize_passes, merge_passes, quantize_passes)
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +134,10 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     merging = merge_passes(program.models, opts.merge)
     # A backend may narrow INT8 weights for its instructions (optional ``int8_weight_limit(target)``).
     weight_limit = getattr(backend, "int8_weight_limit", lambda _target: 127)(tvm_target)
-    calibrated = [QuantizeInt8(opts.quantize, list(program.models), weight_limit)] if isinstance(opts.quantize, Int8) else \
-        [QuantizeFp8(opts.quantize, list(program.models))] if isinstance(opts.quantize, Fp8) else []
-    weight_only = [QuantizeWeights(opts.quantize, list(program.models) + ([MERGED] if merging else []))] \
-        if isinstance(opts.quantize, WeightOnly) else []
+    quantizer, calibrated, after_precision = quantize_passes(opts.quantize, list(program.models) + (
+        [MERGED] if merging else []), weight_limit)
     steps = build_pipeline(backend, tvm_target, opts.pipeline, merge=merging, quantize=calibrated,
-                           after_precision=weight_only)
+                           after_precision=after_precision)
     tuned = records_passes(tvm_target, opts.tune_log_dir)
     if tuned:  # records first: default schedules only touch what they did not cover
         first = next(i for i, s in enumerate(steps) if s.phase == "schedule") if any(
@@ -171,8 +169,8 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
         explain = getattr(step.pass_, "explain", None)
         if isinstance(explain, Explainer):
             report.explanations += explain.lines()
-    if calibrated or weight_only:
-        report.quantization = (calibrated or weight_only)[0].report
+    if quantizer is not None:
+        report.quantization = quantizer.report
     report.tuned_kernels = sum(1 for v in report.schedules.values() if v == "tuned")
     report.phase_seconds.update(manager.phase_seconds())
     report.pass_seconds = [(t.name, round(t.seconds, 4)) for t in manager.timings]

@@ -48,6 +48,7 @@ from ..passes.dispatch_cudnn import DispatchCudnn
 from ..passes.dispatch_cutlass_conv import DispatchCutlassConv
 from ..passes.fuse_norm_input_casts import FuseNormInputCasts
 from ..passes.fuse_operand_views import FuseOperandViews
+from ..passes.hoist_quantize_over_max_pool import HoistQuantizeOverMaxPool
 from ..passes.legalize_grouped_conv import LegalizeGroupedConv
 from ..passes.split_k_matmul import SplitKMatmul
 from .vendor_libs import CUBLASLT, CUDA_LIBS, CUDNN, CUTLASS
@@ -122,10 +123,11 @@ class CUDABackend:
         # Depthwise convs stay OHWI too (a thread per channel in SmallReduction); the ``hwio`` variant
         # of bench/gpu_rule_ab.py times HWIO weights with 8-channel threads against that.
         # FP8 convs go to CUTLASS first (sm_90 only: its kernels are Hopper's), with their next
-        # layer's quantization: cuBLASLt would take the 1x1 ones as GEMMs with 16-bit results.
+        # layer's quantization: cuBLASLt would take the 1x1 ones as GEMMs with 16-bit results. A max
+        # pool's quantization moves before it first, into the epilogue of the conv feeding it.
         hopper = re.fullmatch(r"sm_90a?", str(target.attrs["arch"])) is not None
         return [LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI"), FuseNormInputCasts()] + \
-            ([DispatchCutlassConv()] if hopper and _uses(target, CUTLASS) else []) + \
+            ([HoistQuantizeOverMaxPool(), DispatchCutlassConv()] if hopper and _uses(target, CUTLASS) else []) + \
             ([DispatchCublasLt()] if _uses(target, CUBLASLT) else []) + \
             ([DispatchCudnn()] if _uses(target, CUDNN) else []) + [
             SplitKMatmul(min_tiles=FULL_WAVE // 2, tile=SMALL_TILE.block_m), FuseOperandViews()]

@@ -25,8 +25,12 @@ from .legalize_grouped_conv import LegalizeGroupedConv
 from .lift_weights import LiftWeights
 from .manager import Step
 from .mixed_precision import ToMixedPrecision
+from .quantize_fp8 import Fp8, QuantizeFp8
+from .quantize_int8 import Int8, QuantizeInt8
+from .quantize_weights import QuantizeWeights, WeightOnly
 from .merge_common_stems import MergeCommonStems, resolve_shared_inputs
 from .remove_identity_ops import RemoveIdentityOps
+from .rewrite_conv_space_to_depth import RewriteConvSpaceToDepth
 from .rewrite_reshape_views import RewriteReshapeViews
 from .sink_reshapes import SinkReshapes
 
@@ -81,6 +85,26 @@ def merge_passes(models: dict, opts: MergeOptions) -> list[tvm.transform.Pass]:
     if opts.horizontal:
         passes.append(FuseHorizontal())
     return passes
+
+
+def quantize_passes(config: Int8 | Fp8 | WeightOnly | None, models: list[str], int8_weight_limit: int = 127):
+    """The quantize phase's passes for ``config`` (``quantize=`` of ``smelt.compile``) over
+    ``models``: (the quantizing pass, whose ``report`` the compile report shows, or None; the
+    passes before ToMixedPrecision; those after it). Calibrated quantization reads float32;
+    weight-only quantization keeps the compute type it finds."""
+    if isinstance(config, Int8):
+        quantizer = QuantizeInt8(config, models, int8_weight_limit)
+        return quantizer, [quantizer], []
+    if isinstance(config, Fp8):
+        quantizer = QuantizeFp8(config, models)
+        if config.convs != "all":
+            return quantizer, [quantizer], []
+        # A 3-channel stem becomes an FP8 conv over 16 channels.
+        return quantizer, [RewriteConvSpaceToDepth(), quantizer], []
+    if isinstance(config, WeightOnly):
+        quantizer = QuantizeWeights(config, models)
+        return quantizer, [], [quantizer]
+    return None, [], []
 
 
 def fuse_passes(opts: PipelineOptions) -> list[tvm.transform.Pass]:

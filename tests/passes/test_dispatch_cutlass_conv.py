@@ -26,7 +26,7 @@ from tvm import relax
 import smelt
 from smelt import backends
 from smelt.examples import zoo
-from smelt.passes import PassManager, PipelineOptions, QuantizeFp8, Step, build_pipeline
+from smelt.passes import PassManager, PipelineOptions, Step, build_pipeline, quantize_passes
 from smelt.passes.calibration import _cpu_executable
 
 SIZE = 64
@@ -79,9 +79,9 @@ def _fp8_pipeline(m, calib, target_kind, libs=None):
     backend = backends.get(target_kind)
     target = backend.target(backends.TargetOptions(target_kind, arch="sm_90" if target_kind == "cuda" else None,
                                                    libs=libs))
-    q = QuantizeFp8(smelt.Fp8(calib=calib), ["m"])
-    steps = [s for s in build_pipeline(backend, target, PipelineOptions(precision="float16"), quantize=[q])
-             if s.phase in ("canonicalize", "quantize")]
+    _, before, after = quantize_passes(smelt.Fp8(calib=calib), ["m"])
+    steps = [s for s in build_pipeline(backend, target, PipelineOptions(precision="float16"), quantize=before,
+                                       after_precision=after) if s.phase in ("canonicalize", "quantize")]
     if target_kind == "cuda":
         steps += [Step("fuse", p) for p in backend.prelegalize_passes(target)]
     return PassManager(steps).run(program.bind(), target)
@@ -98,8 +98,9 @@ def test_folded_scales_match_the_fp8_graph(resnet):
         vm = relax.VirtualMachine(_cpu_executable(mod), tvm.cpu())
         outs.append(vm["m"](tvm.runtime.tensor(x)).numpy().astype(np.float32))
     text = dispatched.script(show_meta=False)
-    assert text.count("smelt_cutlass_conv2d") == 52  # every conv but the 3-channel stem
-    assert "R.nn.conv2d" in text  # the stem
+    # every conv, the stem too (RewriteConvSpaceToDepth: 4x4 over 16 channels), writes the FP8 pool's input
+    assert text.count("smelt_cutlass_conv2d") == 53 and "R.nn.conv2d" not in text
+    assert "max_pool2d_e4m3" in text and "R.nn.max_pool2d" not in text
     ref = ort.InferenceSession(m.SerializeToString()).run(None, {name: x})[0]
     assert _cos(outs[1], outs[0]) >= 0.995 and np.abs(outs[1] - outs[0]).max() <= 0.15 * np.abs(outs[0]).max()
     assert _cos(outs[1], ref) >= 0.995 and _cos(outs[0], ref) >= 0.995
@@ -110,9 +111,11 @@ def test_chains_write_fp8_and_read_fp8_shortcuts(resnet, requires_cuda_compiler)
     art = smelt.compile([m], names=["m"], target="cuda", arch="sm_90", precision="float16",
                         quantize=smelt.Fp8(calib=calib), options=smelt.CompileOptions(tune_log_dir=None))
     lines = [line for line in art.report.explanations if line.startswith("DispatchCutlassConv: rewrote")]
-    assert len(lines) == 52
-    # 3 convs and a ReLU per bottleneck; the shortcut's conv (4 of them) and the last conv write float16
-    assert sum("-> float8_e4m3fn" in line for line in lines) == 47, lines
+    assert len(lines) == 53
+    # the stem, and 3 convs and a ReLU per bottleneck; the shortcut's conv (4 of them) and the last
+    # conv write float16
+    assert sum("-> float8_e4m3fn" in line for line in lines) == 48, lines
+    assert any("4x4 stride 1x1, 16->64 channels" in line and "-> float8_e4m3fn" in line for line in lines)
     assert sum("conv2d + bias + residual + relu" in line for line in lines) == 16
     assert sum("residual float8_e4m3fn" in line for line in lines) == 12  # identity shortcuts read FP8
     assert any("3x3 stride 2x2, 128->128 channels" in line for line in lines)

@@ -1,0 +1,114 @@
+"""HoistQuantizeOverMaxPool: an FP8 quantization of a max pool's result moves to the pool's input,
+and the pool takes the maximum of the FP8 values, reading and writing one byte per element.
+
+Requires: QuantizeFp8's quantizations (``multiply`` by a positive scalar constant → ``clip`` to
+±448, or ``maximum`` at -448 → ``minimum`` at 448 → ``astype`` float8_e4m3fn), in any float
+precision; Relax before LegalizeOps, the layouts final.
+Guarantees: where such a quantization reads ``max_pool2d(y)`` and is the pool's only user, it
+reads ``y`` instead, and one kernel (``max_pool2d_e4m3``: each element widened to y's dtype,
+TOPI's max pool with the same attributes, rounded to E4M3) pools its result. The result is
+bit-identical: scaling by a positive number, clipping and rounding are all monotone (never
+decreasing), a monotone map commutes with a maximum, widening and narrowing E4M3 values are
+exact, and the pool's padding is never the maximum of a window that holds one input element.
+The dead float16 pool is removed.
+Where: the CUDA backend's pre-legalize passes, after ConvertConvLayout and before
+DispatchCutlassConv, whose conv computing ``y`` then takes the quantization into its epilogue
+and writes FP8. In ResNet-50 the stem's output, 32 × 64 × 112² elements at batch 32, was written
+in float16 and read back by the pool for its quantization. The kernel is one TE function, not
+``astype`` → ``max_pool2d``: FuseOps would not fuse a cast into the pool (an out-elementwise
+fusable op takes only what follows it), and the cast's kernel would write float16 again.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, topi
+
+from .epilogue_chains import op_is
+from .explain import Explainer
+from .mutate import mutate_functions
+from .quantize_fp8 import E4M3_MAX, FP8
+
+
+def max_pool2d_e4m3(x: tvm.te.Tensor, attrs, dtype: str) -> tvm.te.Tensor:
+    """TOPI's max pool (``attrs``: relax's ``max_pool2d`` attributes) of E4M3 ``x``, computed in
+    ``dtype`` and rounded back to E4M3 (exact: the maximum is one of the inputs)."""
+    wide = topi.cast(x, dtype)
+    pooled = topi.nn.pool2d(wide, kernel=attrs.pool_size, stride=attrs.strides, dilation=attrs.dilation,
+                            padding=attrs.padding, pool_type="max", ceil_mode=attrs.ceil_mode, layout=attrs.layout)
+    return topi.cast(pooled, FP8)
+
+
+def _scalar(call: relax.Call) -> float | None:
+    """The scalar constant ``call``'s second operand is, else None."""
+    c = call.args[1]
+    if not isinstance(c, tvm.ir.Constant) or c.value.numpy().size != 1:
+        return None
+    return float(c.value.numpy().reshape(()))
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def __init__(self, mod, explain: Explainer):
+        super().__init__(mod)
+        self.explain = explain
+        self.uses: dict = {}
+        for func in mod.functions.values():
+            if isinstance(func, relax.Function):
+                relax.analysis.post_order_visit(func, self._count)
+
+    def _count(self, e) -> None:
+        if isinstance(e, relax.Var):
+            self.uses[e] = self.uses.get(e, 0) + 1
+
+    def _bound(self, e: relax.Expr, op: str) -> relax.Call | None:
+        """The value bound to ``e`` when it is a call of ``op`` whose result only its user reads."""
+        v = self.lookup_binding(e) if isinstance(e, relax.Var) and self.uses.get(e, 0) == 1 else None
+        return v if op_is(v, op) else None
+
+    def _clip(self, e: relax.Expr):
+        """(what is clipped, a function emitting the same clipping of another tensor) when ``e`` is
+        clipped to E4M3's range, by ``clip`` or by ``maximum`` then ``minimum``; else (None, None)."""
+        bb = self.builder_
+        clip = self._bound(e, "relax.clip")
+        if clip is not None and [float(v.value) for v in clip.args[1:]] == [-E4M3_MAX, E4M3_MAX]:
+            return clip.args[0], lambda t: bb.emit(relax.Call(clip.op, [t, *clip.args[1:]], clip.attrs))
+        lo = self._bound(e, "relax.minimum")
+        hi = self._bound(lo.args[0], "relax.maximum") if lo is not None and _scalar(lo) == E4M3_MAX else None
+        if hi is None or _scalar(hi) != -E4M3_MAX:
+            return None, None
+        return hi.args[0], lambda t: bb.emit(relax.op.minimum(bb.emit(relax.op.maximum(t, hi.args[1])), lo.args[1]))
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if not op_is(call, "relax.astype") or str(call.attrs.dtype) != FP8:
+            return call
+        clipped, clip = self._clip(call.args[0])
+        scaled = self._bound(clipped, "relax.multiply") if clipped is not None else None
+        scale = _scalar(scaled) if scaled is not None else None
+        pool = self._bound(scaled.args[0], "relax.nn.max_pool2d") if scale is not None and scale > 0 else None
+        if pool is None:
+            return call
+        y = pool.args[0]
+        a = pool.attrs
+        if str(a.out_layout) != str(a.layout):
+            self.explain.skip(pool, f"layouts {a.layout} -> {a.out_layout}: TOPI's pool keeps its layout")
+            return call
+        bb = self.builder_
+        q = bb.emit(relax.op.astype(clip(bb.emit(relax.op.multiply(y, scaled.args[1]))), FP8))
+        self.explain.fired(pool, f"the quantization to {FP8} runs before the max pool, which reads FP8")
+        return bb.call_te(max_pool2d_e4m3, q, a, str(y.ty.dtype), primfunc_name_hint="max_pool2d_e4m3")
+
+
+@tvm.transform.module_pass(opt_level=0, name="HoistQuantizeOverMaxPool")
+class HoistQuantizeOverMaxPool:
+    """See the module docstring."""
+
+    def __init__(self, explain: Explainer | None = None):
+        self.explain = explain or Explainer("HoistQuantizeOverMaxPool")
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        fired = self.explain.num_fired
+        mod = mutate_functions(_Rewriter(mod, self.explain), mod)
+        # the float16 pools and their quantizations: dead, and read by nothing a chain may extend over
+        return relax.transform.DeadCodeElimination()(mod) if self.explain.num_fired > fired else mod
