@@ -3,12 +3,13 @@
 Requires: a GPU target; a PrimFunc that, after inlining its producers and consumers, is one
 spatial block with static extents whose innermost output axis holds 2, 4 or 8 elements of at
 most 16 bytes in all (the channels of a network's input, padded to 4 for cuDNN's stem kernel),
-and a number of rows with a divisor of 64 to 256 (the threads of a block, ``dividing_threads``). Declines
-(``apply`` returns None) anything else.
-Guarantees: the same function. Each thread computes one innermost row in registers, reading
-its elements where they are (for an NCHW source: one element of each channel plane, and
-neighbouring threads read neighbouring addresses of it), and stores the row with one vector
-store.
+or up to 64 bytes in 16-byte pieces of 2 to 16 elements (an FP8 space-to-depth stem's input,
+64 channels), and a number of pieces with a divisor of 64 to 256 (the threads of a block,
+``dividing_threads``). Declines (``apply`` returns None) anything else.
+Guarantees: the same function. Each thread computes one innermost row (or piece of one) in
+registers, reading its elements where they are (for an NCHW source: one element of each channel
+plane, and neighbouring threads read neighbouring addresses of it), and stores it with one
+vector store.
 Why not dlight: its ``Fallback`` gives each thread one element, so a warp covers 8 pixels of
 4 channels: 32-byte pieces of three planes per load, 2-byte stores. On an H200, ResNet-50's
 input at batch 32 (fp32 NCHW -> fp16 NHWC padded to 4 channels) took 22 us, where its 32 MB
@@ -30,6 +31,11 @@ from ..passes.mutate import static_ints
 from .rule_blocks import VECTOR_BYTES, dividing_threads, one_spatial_block
 
 
+# Rows of up to this many bytes are taken, in 16-byte pieces: the input of a space-to-depth stem
+# (RewriteConvSpaceToDepth) in FP8 has rows of 64 channels.
+LONGEST_ROW_BYTES = 64
+
+
 class ShortRows(GPUScheduleRule):
     """See the module docstring."""
 
@@ -43,13 +49,17 @@ class ShortRows(GPUScheduleRule):
         sch, block = opened
         out = sch.get(block).writes[0].source
         shape = static_ints(out.shape)
-        if shape is None or shape[-1] not in (2, 4, 8) or \
-                shape[-1] * tvm.DataType(str(out.dtype)).bits > VECTOR_BYTES * 8:
+        if shape is None:
             return None
-        if (threads := dividing_threads(math.prod(shape) // shape[-1], self.threads)) is None:
+        bits = tvm.DataType(str(out.dtype)).bits
+        piece = shape[-1] if shape[-1] * bits <= VECTOR_BYTES * 8 else VECTOR_BYTES * 8 // bits
+        if piece not in (2, 4, 8, 16) or shape[-1] % piece or shape[-1] * bits > LONGEST_ROW_BYTES * 8:
             return None
-        *outer, row = sch.get_loops(block)
-        bx, tx = sch.split(sch.fuse(*outer), [None, threads])
+        if (threads := dividing_threads(math.prod(shape) // piece, self.threads)) is None:
+            return None
+        *outer, inner = sch.get_loops(block)
+        pieces, row = sch.split(inner, [None, piece])
+        bx, tx = sch.split(sch.fuse(*outer, pieces), [None, threads])
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
         sch.unroll(row)

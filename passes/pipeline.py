@@ -97,7 +97,7 @@ def quantize_passes(config: Int8 | Fp8 | WeightOnly | None, models: list[str], i
         return quantizer, [quantizer], []
     if isinstance(config, Fp8):
         quantizer = QuantizeFp8(config, models)
-        if config.convs != "all":
+        if config.convs != "all" or not config.stem:
             return quantizer, [quantizer], []
         # A 3-channel stem becomes an FP8 conv over 16 channels.
         return quantizer, [RewriteConvSpaceToDepth(), quantizer], []

@@ -66,7 +66,9 @@ class Fp8:
     ``{input: array}`` batches; ``method``: minmax, percentile or entropy (the activation's
     range); ``max_error``: layers whose estimated relative error exceeds it stay unquantized;
     ``convs``: ``"all"`` (every conv of one group with channels in multiples of 16) or
-    ``"gemm"`` (only the 1×1 stride-1 ones).
+    ``"gemm"`` (only the 1×1 stride-1 ones); ``stem``: with ``convs="all"``, strided convs over
+    fewer than 16 channels (a CNN's stem) are rewritten to take 16 or more
+    (RewriteConvSpaceToDepth) and run in FP8 too; False keeps them in the compute precision.
     """
 
     calib: object
@@ -75,6 +77,7 @@ class Fp8:
     max_error: float = 0.1
     bins: int = 2048
     convs: str = "all"
+    stem: bool = True
 
     def __post_init__(self):
         check_method(self.method, self.percentile)
@@ -83,7 +86,7 @@ class Fp8:
 
     def to_json(self) -> dict:
         return {"scheme": "fp8", "calib": describe(self.calib), "method": self.method, "percentile": self.percentile,
-                "max_error": self.max_error, "convs": self.convs}
+                "max_error": self.max_error, "convs": self.convs, "stem": self.stem}
 
 
 def to_e4m3(x: np.ndarray, inv_scale: float) -> np.ndarray:

@@ -4,12 +4,15 @@ over ``s²`` times the channels, padded to a multiple of 16.
 
 Requires: Relax before ConvertConvLayout, a ``conv2d`` in NCHW/OIHW whose weight is a constant.
 Guarantees: each conv of one group, dilation 1, equal strides ``s >= 2`` in both axes, ``C < 16``
-input channels and static shapes becomes ``pad`` (the conv's padding, at the bottom and right
-as much as ``s`` rows per kernel tap of the new conv need) → ``reshape`` → ``permute_dims`` →
-``reshape`` to [N, C·s², H/s, W/s] → ``pad`` of the channels to a multiple of 16 → ``conv2d``
-of stride 1, no padding and a ⌈k/s⌉ × ⌈k/s⌉ kernel (the weight rearranged alike, its extra
-taps and channels zero), with the same output. The numbers are the same products summed in
-another order. Convs whose bottom or right padding would have to be negative stay.
+input channels and static shapes becomes ``space_to_depth`` (one TE function: the input,
+zero-padded as the conv pads it, as [N, C·s² rounded up to a multiple of 16 (``c``), ...],
+each s × s block of pixels in the channels) → ``conv2d`` of stride 1, no padding and a t × t
+kernel, t = ⌈k/s⌉ (the weight rearranged alike, its extra taps and channels zero), with the
+same output. When t·c <= 64, the kernel's columns move into the channels as well: t
+column-shifted copies side by side and a t × 1 kernel over t·c channels (ResNet's stem: 4×1
+over 64, one FP8 K-block per tap, where 4×4 over 16 filled a quarter of each; 3.4× the bytes
+of the input in FP8). The numbers are the same products summed in another order. Convs whose
+bottom or right padding would have to be negative stay.
 Where: the quantize phase, before QuantizeFp8 with ``convs="all"``: FP8 convs need multiples of
 16 channels, so a 3-channel stem stayed in float16 (on an H100, ResNet-50's stem took 0.062 ms
 on cuDNN at batch 32 and the max pool after it read its float16 output: 0.031 ms); rewritten,
@@ -24,13 +27,34 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, te
 
 from ..ir.weights import exact_const
 from .explain import Explainer
 from .mutate import mutator_pass, static_ints
 
 CHANNEL_MULTIPLE = 16  # what FP8 convs (CUTLASS's TMA rows of 16 bytes) need
+# Channels up to one K-block of FP8 (CUTLASS's 64-byte K-blocks): a conv's K-block holds one
+# kernel tap's channels, so 16 channels would fill a quarter of it.
+K_BLOCK = 64
+
+
+def space_to_depth(x: te.Tensor, s: int, pad: tuple[int, int], depth: int, cols: int, size: tuple[int, int]):
+    """NCHW ``x`` [N, C, H, W], padded with zeros by ``pad`` (top, left) and beyond its end, as
+    [N, cols·depth, *size]: channel ``b·depth + c·s² + i·s + j`` at (y, z) holds
+    ``x[c, s·y + i, s·(z + b) + j]`` (zero for c >= C): ``cols`` column-shifted copies of the
+    space-to-depth tensor side by side. One TE function rather than pad, reshape, transpose and
+    concat ops: fused, those made each element a chain of selects over index arithmetic."""
+    n, c, h, w = (int(d) for d in x.shape)
+    top, left = pad
+
+    def value(ni, k, y, z):
+        b, ch, i, j = k // depth, k % depth // (s * s), k % (s * s) // s, k % s
+        row, col = s * y + i - top, s * (z + b) + j - left
+        inside = tvm.tirx.all(ch < c, row >= 0, row < h, col >= 0, col < w)
+        return tvm.tirx.if_then_else(inside, x[ni, ch, row, col], tvm.tirx.const(0, x.dtype))
+
+    return te.compute((n, cols * depth, *size), value, name="space_to_depth")
 
 
 def space_to_depth_weight(w: np.ndarray, s: int, channels: int) -> np.ndarray:
@@ -91,19 +115,17 @@ class _Rewriter(relax.PyExprMutator):
         if pb < 0 or pr < 0:
             self.explain.skip(call, f"the rearranged input would need negative padding ({pb}, {pr})")
             return call
-        channels = -(-c * s * s // CHANNEL_MULTIPLE) * CHANNEL_MULTIPLE
-        hs, ws = (h + pt + pb) // s, (wd + pl + pr) // s
-        bb = self.builder_
-        padded = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, pt, pb, pl, pr]))
-        blocks = bb.emit(relax.op.reshape(padded, (n, c, hs, s, ws, s)))
-        moved = bb.emit(relax.op.permute_dims(blocks, [0, 1, 3, 5, 2, 4]))
-        deep = bb.emit(relax.op.reshape(moved, (n, c * s * s, hs, ws)))
-        if channels > c * s * s:
-            deep = bb.emit(relax.op.nn.pad(deep, [0, 0, 0, channels - c * s * s, 0, 0, 0, 0]))
-        kernel = exact_const(space_to_depth_weight(weight, s, channels))
-        self.explain.fired(call, f"{kh}x{kw} stride {s} over {c} channels as {t}x{t} stride 1 over {channels}")
-        return relax.op.nn.conv2d(deep, kernel, strides=1, padding=0, dilation=1, groups=1, data_layout="NCHW",
-                                  kernel_layout="OIHW", out_layout="NCHW", out_dtype=a.out_dtype)
+        depth = -(-c * s * s // CHANNEL_MULTIPLE) * CHANNEL_MULTIPLE
+        kernel = space_to_depth_weight(weight, s, depth)
+        cols = t if t > 1 and depth * t <= K_BLOCK else 1  # the kernel's columns that become channels
+        if cols > 1:  # [O, depth, a, b] -> [O, b, depth, a] -> [O, t·depth, t, 1]
+            kernel = kernel.transpose(0, 3, 1, 2).reshape(kernel.shape[0], t * depth, t, 1)
+        self.explain.fired(call, f"{kh}x{kw} stride {s} over {c} channels as {t}x{t // cols} stride 1 over "
+                                 f"{depth * cols}")
+        deep = self.builder_.call_te(space_to_depth, x, s, (pt, pl), depth, cols, (oh - 1 + t, ow - 1 + t // cols),
+                                     primfunc_name_hint="space_to_depth")
+        return relax.op.nn.conv2d(deep, exact_const(kernel), strides=1, padding=0, dilation=1, groups=1,
+                                  data_layout="NCHW", kernel_layout="OIHW", out_layout="NCHW", out_dtype=a.out_dtype)
 
 
 RewriteConvSpaceToDepth = mutator_pass("RewriteConvSpaceToDepth", _Rewriter, "See the module docstring.")

@@ -21,13 +21,13 @@ from .test_tensorcore_matmul import TARGET, _one_kernel
 REL_TOL = 1e-3
 
 
-def image_to_nhwc(shape=(2, 3, 24, 24), pad_to=4):
+def image_to_nhwc(shape=(2, 3, 24, 24), pad_to=4, dtype="float16"):
     """A network's input as smelt's CUDA pipeline fuses it: fp32 NCHW -> fp16 NHWC, channels padded."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(shape, "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = bb.emit(relax.op.permute_dims(bb.emit(relax.op.astype(x, "float16")), [0, 2, 3, 1]))
+            y = bb.emit(relax.op.permute_dims(bb.emit(relax.op.astype(x, dtype)), [0, 2, 3, 1]))
             if pad_to > shape[1]:
                 y = bb.emit(relax.op.nn.pad(y, [0, 0, 0, 0, 0, 0, 0, pad_to - shape[1]]))
             out = bb.emit_output(y)
@@ -47,6 +47,13 @@ def test_reads_each_plane_and_stores_each_pixel_once(requires_cuda_compiler):
     assert "for (" not in code
 
 
+def test_rows_of_64_bytes_in_16_byte_pieces(requires_cuda_compiler):
+    """An FP8 space-to-depth stem's input: 64 channels, each thread 16 of them, one vector store."""
+    code = build(image_to_nhwc((32, 64, 56, 56), pad_to=64, dtype="float8_e4m3fn")).mod.imports[0] \
+        .inspect_source("cuda").split("__global__", 2)[2]
+    assert code.count("x_ptr[") == 16 and "for (" not in code, code
+
+
 def test_takes_the_input_layout_change_before_fallback():
     sched = ApplyDefaultSchedules()
     with TARGET:
@@ -55,7 +62,7 @@ def test_takes_the_input_layout_change_before_fallback():
 
 
 @pytest.mark.parametrize("func", [image_to_nhwc(pad_to=3), image_to_nhwc((2, 64, 8, 8), pad_to=64),
-                                  image_to_nhwc((1, 4, 1, 257))], ids=["3_channels", "64_channels", "257_rows"])
+                                  image_to_nhwc((1, 4, 1, 257))], ids=["3_channels", "128_bytes", "257_rows"])
 def test_declines_rows_that_are_no_vector_or_threads_that_do_not_divide(func):
     assert ShortRows().apply(func, TARGET, False) is None
 

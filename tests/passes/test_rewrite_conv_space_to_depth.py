@@ -33,19 +33,20 @@ def _convs(mod) -> list:
     return out
 
 
-@pytest.mark.parametrize("c, kh, kw, stride, pad, h, w, channels", [
-    (3, 7, 7, 2, 3, 64, 64, 16),  # ResNet's stem: 4x4 over 12 channels, padded to 16
-    (3, 3, 3, 2, 1, 33, 31, 16),  # odd sizes: extra bottom and right padding
-    (3, 4, 4, 4, 0, 32, 32, 48),  # a ViT-style patchify: a 1x1 conv over 48 channels
-    (1, 5, 3, 2, 2, 20, 18, 16),  # one channel, a non-square kernel
+@pytest.mark.parametrize("c, kh, kw, stride, pad, h, w, kernel, channels", [
+    (3, 7, 7, 2, 3, 64, 64, (4, 1), 64),  # ResNet's stem: 4x4 over 12 channels (padded to 16), columns too
+    (3, 3, 3, 2, 1, 33, 31, (2, 1), 32),  # odd sizes: extra bottom and right padding
+    (3, 4, 4, 4, 0, 32, 32, (1, 1), 48),  # a ViT-style patchify: a 1x1 conv over 48 channels
+    (1, 5, 3, 2, 2, 20, 18, (3, 1), 48),  # one channel, a non-square kernel
+    (6, 5, 5, 2, 2, 20, 20, (3, 3), 32),  # 24 channels padded to 32: 3 columns of them exceed 64
 ])
-def test_same_numbers_as_onnxruntime(c, kh, kw, stride, pad, h, w, channels):
+def test_same_numbers_as_onnxruntime(c, kh, kw, stride, pad, h, w, kernel, channels):
     m = _conv_model(c, kh, kw, stride, pad, h, w)
     explain = Explainer("RewriteConvSpaceToDepth")
     mod = RewriteConvSpaceToDepth(explain)(smelt.import_models([m], ["m"]).bind())
     (conv,) = _convs(mod)
     assert [int(s) for s in conv.attrs.strides] == [1, 1] and [int(p) for p in conv.attrs.padding] == [0] * 4
-    assert int(conv.args[1].ty.shape.values[1]) == channels and explain.num_fired == 1
+    assert [int(d) for d in conv.args[1].ty.shape.values[1:]] == [channels, *kernel] and explain.num_fired == 1
     x = np.random.default_rng(1).standard_normal((2, c, h, w)).astype(np.float32)
     got = relax.VirtualMachine(_cpu_executable(mod), tvm.cpu())["m"](tvm.runtime.tensor(x)).numpy()
     want = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
