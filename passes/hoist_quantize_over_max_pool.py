@@ -4,8 +4,8 @@ and the pool takes the maximum of the FP8 values, reading and writing one byte p
 Requires: QuantizeFp8's quantizations (``multiply`` by a positive scalar constant → ``clip`` to
 ±448, or ``maximum`` at -448 → ``minimum`` at 448 → ``astype`` float8_e4m3fn), in any float
 precision; Relax before LegalizeOps, the layouts final.
-Guarantees: where such a quantization reads ``max_pool2d(y)`` and is the pool's only user, it
-reads ``y`` instead, and one kernel (``max_pool2d_e4m3``: each element widened to y's dtype,
+Guarantees: where such a quantization reads ``max_pool2d(y)``, is the pool's only user, and ``y``
+is an FP8 conv's result (through epilogue ops: scale, cast, bias, ReLU), it reads ``y`` instead, and one kernel (``max_pool2d_e4m3``: each element widened to y's dtype,
 TOPI's max pool with the same attributes, rounded to E4M3) pools its result. The result is
 bit-identical: scaling by a positive number, clipping and rounding are all monotone (never
 decreasing), a monotone map commutes with a maximum, widening and narrowing E4M3 values are
@@ -28,6 +28,9 @@ from .epilogue_chains import op_is
 from .explain import Explainer
 from .mutate import mutate_functions
 from .quantize_fp8 import E4M3_MAX, FP8
+
+
+EPILOGUE_OPS = ("relax.multiply", "relax.astype", "relax.add", "relax.nn.relu")
 
 
 def max_pool2d_e4m3(x: tvm.te.Tensor, attrs, dtype: str) -> tvm.te.Tensor:
@@ -79,6 +82,17 @@ class _Rewriter(relax.PyExprMutator):
             return None, None
         return hi.args[0], lambda t: bb.emit(relax.op.minimum(bb.emit(relax.op.maximum(t, hi.args[1])), lo.args[1]))
 
+    def _from_fp8_conv(self, y: relax.Expr) -> bool:
+        """Whether ``y`` is an FP8 conv's result, through the epilogue ops a library conv takes
+        (``multiply``, ``astype``, ``add``, ``relu``), each its input's only user."""
+        v = self.lookup_binding(y) if isinstance(y, relax.Var) else None
+        while v is not None and any(op_is(v, op) for op in EPILOGUE_OPS):
+            nxt = v.args[0]
+            if op_is(v, "relax.add") and not isinstance(nxt, relax.Var):
+                nxt = v.args[1]
+            v = self.lookup_binding(nxt) if isinstance(nxt, relax.Var) and self.uses.get(nxt, 0) == 1 else None
+        return op_is(v, "relax.nn.conv2d") and str(v.args[0].ty.dtype) == FP8
+
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         if not op_is(call, "relax.astype") or str(call.attrs.dtype) != FP8:
@@ -91,6 +105,9 @@ class _Rewriter(relax.PyExprMutator):
             return call
         y = pool.args[0]
         a = pool.attrs
+        if not self._from_fp8_conv(y):
+            self.explain.skip(pool, "its input is no FP8 conv's result: quantized apart, it would cost a kernel")
+            return call
         if str(a.out_layout) != str(a.layout):
             self.explain.skip(pool, f"layouts {a.layout} -> {a.out_layout}: TOPI's pool keeps its layout")
             return call

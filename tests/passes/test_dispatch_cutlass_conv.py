@@ -73,13 +73,13 @@ def _reference_routine(*args):
     y.copyfrom(np.clip(out, -448, 448).astype(dtype) if dtype is not np.float16 else out.astype(dtype))
 
 
-def _fp8_pipeline(m, calib, target_kind, libs=None):
+def _fp8_pipeline(m, calib, target_kind, libs=None, stem=False):
     """The module after the quantize phase (FP8, float16) and, for CUDA, the backend's pre-legalize passes."""
     program = smelt.import_models([m], ["m"])
     backend = backends.get(target_kind)
     target = backend.target(backends.TargetOptions(target_kind, arch="sm_90" if target_kind == "cuda" else None,
                                                    libs=libs))
-    _, before, after = quantize_passes(smelt.Fp8(calib=calib), ["m"])
+    _, before, after = quantize_passes(smelt.Fp8(calib=calib, stem=stem), ["m"])
     steps = [s for s in build_pipeline(backend, target, PipelineOptions(precision="float16"), quantize=before,
                                        after_precision=after) if s.phase in ("canonicalize", "quantize")]
     if target_kind == "cuda":
@@ -87,10 +87,11 @@ def _fp8_pipeline(m, calib, target_kind, libs=None):
     return PassManager(steps).run(program.bind(), target)
 
 
-def test_folded_scales_match_the_fp8_graph(resnet):
+@pytest.mark.parametrize("stem", [False, True], ids=["float16_stem", "fp8_stem"])
+def test_folded_scales_match_the_fp8_graph(resnet, stem):
     m, name, calib, x = resnet
-    graph = _fp8_pipeline(m, calib, "cpu")
-    dispatched = _fp8_pipeline(m, calib, "cuda", libs=("cutlass",))
+    graph = _fp8_pipeline(m, calib, "cpu", stem=stem)
+    dispatched = _fp8_pipeline(m, calib, "cuda", libs=("cutlass",), stem=stem)
     for fn in ("smelt_cutlass_conv2d", "smelt_cutlass_conv2d_residual"):
         tvm_ffi.register_global_func(fn, _reference_routine, override=True)
     outs = []
@@ -98,9 +99,11 @@ def test_folded_scales_match_the_fp8_graph(resnet):
         vm = relax.VirtualMachine(_cpu_executable(mod), tvm.cpu())
         outs.append(vm["m"](tvm.runtime.tensor(x)).numpy().astype(np.float32))
     text = dispatched.script(show_meta=False)
-    # every conv, the stem too (RewriteConvSpaceToDepth: 4x1 over 64 channels), writes the FP8 pool's input
-    assert text.count("smelt_cutlass_conv2d") == 53 and "R.nn.conv2d" not in text
-    assert "max_pool2d_e4m3" in text and "R.nn.max_pool2d" not in text
+    if stem:  # the stem too (RewriteConvSpaceToDepth: 4x1 over 64 channels) writes the FP8 pool's input
+        assert text.count("smelt_cutlass_conv2d") == 53 and "R.nn.conv2d" not in text
+        assert "max_pool2d_e4m3" in text and "R.nn.max_pool2d" not in text
+    else:  # every conv but the 3-channel stem
+        assert text.count("smelt_cutlass_conv2d") == 52 and "R.nn.conv2d" in text and "max_pool2d_e4m3" not in text
     ref = ort.InferenceSession(m.SerializeToString()).run(None, {name: x})[0]
     assert _cos(outs[1], outs[0]) >= 0.995 and np.abs(outs[1] - outs[0]).max() <= 0.15 * np.abs(outs[0]).max()
     assert _cos(outs[1], ref) >= 0.995 and _cos(outs[0], ref) >= 0.995
@@ -111,17 +114,25 @@ def test_chains_write_fp8_and_read_fp8_shortcuts(resnet, requires_cuda_compiler)
     art = smelt.compile([m], names=["m"], target="cuda", arch="sm_90", precision="float16",
                         quantize=smelt.Fp8(calib=calib), options=smelt.CompileOptions(tune_log_dir=None))
     lines = [line for line in art.report.explanations if line.startswith("DispatchCutlassConv: rewrote")]
-    assert len(lines) == 53
-    # the stem, and 3 convs and a ReLU per bottleneck; the shortcut's conv (4 of them) and the last
-    # conv write float16
-    assert sum("-> float8_e4m3fn" in line for line in lines) == 48, lines
-    assert any("4x1 stride 1x1, 64->64 channels" in line and "-> float8_e4m3fn" in line for line in lines)
+    assert len(lines) == 52
+    # 3 convs and a ReLU per bottleneck; the shortcut's conv (4 of them) and the last conv write float16
+    assert sum("-> float8_e4m3fn" in line for line in lines) == 47, lines
     assert sum("conv2d + bias + residual + relu" in line for line in lines) == 16
     assert sum("residual float8_e4m3fn" in line for line in lines) == 12  # identity shortcuts read FP8
     assert any("3x3 stride 2x2, 128->128 channels" in line for line in lines)
     # the classifier stays cuBLASLt's FP8 GEMM
     assert any(line.startswith("DispatchCublasLt: rewrote matmul") and "in FP8" in line
                for line in art.report.explanations)
+
+
+def test_fp8_stem_writes_the_max_pools_fp8_input(resnet, requires_cuda_compiler):
+    m, _, calib, _ = resnet
+    art = smelt.compile([m], names=["m"], target="cuda", arch="sm_90", precision="float16",
+                        quantize=smelt.Fp8(calib=calib, stem=True), options=smelt.CompileOptions(tune_log_dir=None))
+    lines = [line for line in art.report.explanations if line.startswith("DispatchCutlassConv: rewrote")]
+    assert len(lines) == 53 and sum("-> float8_e4m3fn" in line for line in lines) == 48
+    assert any("4x1 stride 1x1, 64->64 channels" in line and "-> float8_e4m3fn" in line for line in lines)
+    assert any(line.startswith("HoistQuantizeOverMaxPool: rewrote") for line in art.report.explanations)
 
 
 def test_convs_gemm_keeps_3x3_convs_in_float16(resnet, requires_cuda_compiler):
