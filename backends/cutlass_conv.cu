@@ -22,11 +22,13 @@
 // ping-pong GEMMs (cutlass_conv.h) of 128x128, 128x64, 128x128 with 64-byte K-blocks, 64x128 and
 // 64x64 tiles. On an H100 they took ResNet-50's convs at batch 32 from 0.99 to 0.76 ms: the conv
 // kernels' epilogue overlaps no main loop, and 1x1 layers reduce over one to four K-blocks (a
-// cooperative GEMM on 1x2 clusters never won). The fastest for a problem is timed on its
-// first call (cuda_timer.h) and kept. ReLU is a clamp whose lower bound the call sets, so one
+// cooperative GEMM on 1x2 clusters never won); and two cooperative GEMMs (128x128, 256x128 with
+// 64-byte K-blocks) for the expanding 1x1 layers, which moved their bytes at 55 % of an H100's
+// bandwidth as ping-pong GEMMs (bench/results/h100_fp8_stem.json). The fastest for a problem is
+// timed on its first call (cuda_timer.h) and kept. ReLU is a clamp whose lower bound the call sets, so one
 // kernel serves both epilogues. Kernels launch with programmatic dependent launch (Launch below;
 // on an H200 ResNet-50 b32 in FP8 took 0.790 ms with it, 0.854 without); SMELT_CUTLASS_PDL=0
-// turns it off.
+// turns it off. SMELT_CUTLASS_CANDIDATES=N times only the first N candidates.
 //
 // Built by nvcc (sm_90a: wgmma needs the arch-specific target) with CUTLASS's headers and
 // TVM-FFI's (vendor_libs.py). The CUDA runtime functions the kernels' launch code calls come
@@ -62,7 +64,7 @@ using F16 = cutlass::half_t;
 template <class Out, class Res, class Tile>
 using Kernel = smelt_cutlass::ConvKernel<E4M3, float, Out, Res, float, cutlass::epilogue::thread::Clamp, Tile>;
 
-constexpr int kCandidates = 11;
+constexpr int kCandidates = 13;
 
 struct Call {
   const void *x, *w, *bias, *residual;
@@ -83,6 +85,17 @@ void SetEpilogue(Thread& thread, const Call& call) {
   thread.bias_ptr = static_cast<const float*>(call.bias);
   thread.activation.lower_bound = call.relu ? 0.f : -std::numeric_limits<float>::infinity();
   thread.activation.upper_bound = std::numeric_limits<float>::infinity();
+}
+
+// How many of the candidates are timed: all, or the first SMELT_CUTLASS_CANDIDATES (for measuring
+// what the later ones add).
+int Candidates() {
+  static const int n = [] {
+    const char* v = std::getenv("SMELT_CUTLASS_CANDIDATES");
+    int k = v == nullptr ? kCandidates : std::atoi(v);
+    return k >= 1 && k <= kCandidates ? k : kCandidates;
+  }();
+  return n;
 }
 
 // Whether kernels launch with programmatic dependent launch (SMELT_CUTLASS_PDL=0 turns it off).
@@ -130,13 +143,13 @@ bool Run(const Call& call) {
   return Launch<typename K::Adapter>(args, call);
 }
 
-template <class Out, class Res, class Tile>
+template <class Out, class Res, class Tile, bool kPingpong = true>
 bool RunGemm(const Call& call) {
   if (call.r != 1 || call.s != 1 || call.stride_h != 1 || call.stride_w != 1 || call.pad_h != 0 || call.pad_w != 0) {
     return false;
   }
   using K = smelt_cutlass::GemmKernel<E4M3, float, Out, Res, float, cutlass::epilogue::thread::Clamp, Tile,
-                                      Shape<_1, _1, _1>, /*kPingpong=*/true>;
+                                      Shape<_1, _1, _1>, kPingpong>;
   auto args = K::Arguments(call.n * call.h * call.w_in, call.k, call.c, static_cast<const E4M3*>(call.x),
                            static_cast<const E4M3*>(call.w), static_cast<const Res*>(call.residual),
                            static_cast<Out*>(call.y), call.sm_count);
@@ -146,6 +159,9 @@ bool RunGemm(const Call& call) {
 
 // Candidate ``i`` of kCandidates: conv kernels, then (1x1 stride-1 convs only) GEMMs. Tiles of 64
 // rows are for the deep layers: 7x7 512->512 at batch 32 has 13x4 tiles of 128x128 for 132 SMs.
+// The cooperative GEMMs are for the expanding 1x1 layers (64->256 at 56x56 with a residual: one
+// K-block, the epilogue is all the work): a ping-pong kernel's two warp groups take turns in the
+// epilogue, a cooperative kernel's share each tile's.
 template <class Out, class Res>
 bool RunCandidate(const Call& call, int i) {
   switch (i) {
@@ -159,7 +175,9 @@ bool RunCandidate(const Call& call, int i) {
     case 7: return RunGemm<Out, Res, Shape<_128, _64, _128>>(call);
     case 8: return RunGemm<Out, Res, Shape<_128, _128, _64>>(call);
     case 9: return RunGemm<Out, Res, Shape<_64, _128, _128>>(call);
-    default: return RunGemm<Out, Res, Shape<_64, _64, _128>>(call);
+    case 10: return RunGemm<Out, Res, Shape<_64, _64, _128>>(call);
+    case 11: return RunGemm<Out, Res, Shape<_128, _128, _128>, /*kPingpong=*/false>(call);
+    default: return RunGemm<Out, Res, Shape<_256, _128, _64>, /*kPingpong=*/false>(call);
   }
 }
 
@@ -239,7 +257,7 @@ void Conv(TensorView x, TensorView w, TensorView bias, Optional<TensorView> resi
   auto it = chosen.find(key);
   if (it == chosen.end()) {
     auto run = [&](int i) { return Dispatch(call, out_fp8, res_fp8, i); };
-    int best = smelt_timer::Fastest(call.stream, kCandidates, run);
+    int best = smelt_timer::Fastest(call.stream, Candidates(), run);
     it = chosen.emplace(key, best).first;
   }
   bool ran = Dispatch(call, out_fp8, res_fp8, it->second);

@@ -5,7 +5,8 @@
 // Each layer given on the command line runs in these variants, each with six conv tile shapes (128x128
 // and 128x64 outputs with K-blocks of 128 or 64 bytes: at 64 channels a 128-byte K-block is half
 // padding; 64x128 and 64x64 outputs), and 1x1 stride-1 layers also as persistent GEMMs (ping-pong
-// with five tile shapes, cooperative on 1x2 clusters; FP8 only), the kernels smelt's routine has:
+// with five tile shapes, cooperative with two and on 1x2 clusters; FP8 only), the kernels smelt's
+// routine has:
 //   e4m3 -> f16   FP8 activations and weights, fp16 output
 //   e4m3 -> e4m3  FP8 in and out (activations stay FP8 between layers; the output scale is
 //                 folded into alpha and the bias)
@@ -276,6 +277,8 @@ int main(int argc, char** argv) {
       run_gemm<Shape<_64, _64, _128>, Shape<_1, _1, _1>, true>(l, values, i - 1, "gemm-pingpong-64x64x128");
       run_gemm<Shape<_128, _128, _128>, Shape<_1, _2, _1>, false>(l, values, i - 1,
                                                                   "gemm-cooperative-128x128x128-c1x2");
+      run_gemm<Shape<_128, _128, _128>, Shape<_1, _1, _1>, false>(l, values, i - 1, "gemm-cooperative-128x128x128");
+      run_gemm<Shape<_256, _128, _64>, Shape<_1, _1, _1>, false>(l, values, i - 1, "gemm-cooperative-256x128x64");
     }
   }
   return 0;
