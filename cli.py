@@ -95,6 +95,9 @@ def _quantize_options(command):
                      help="With --quantize fp8: which convolutions take FP8, all (those of one group with "
                      "channels in multiples of 16; on Hopper, activations stay FP8 between them) or only the "
                      "1x1 ones that are GEMMs."),
+        click.option("--fp8-stem", is_flag=True, help="With --quantize fp8 and --fp8-convs all: a strided conv "
+                     "over fewer than 16 channels (a CNN's stem) is rewritten to take 16 or more and runs in FP8 "
+                     "too (slower than the float16 stem on an H100; see the README)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -147,7 +150,7 @@ def _libs(value: str | None) -> tuple[str, ...] | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the compile report as JSON.")
 def compile(models, target, arch, triple, output, names, shapes, force, emit_source, dump_ir, verify_each,
             no_cuda_graph, libs, no_fold_batch_norm, precision, quantize, group_size, calib, calib_method, calib_percentile,
-            max_error, smooth, fp8_convs, tune_log_dir, merge, share_inputs, share_pairs, no_horizontal, explain, quiet, as_json):
+            max_error, smooth, fp8_convs, fp8_stem, tune_log_dir, merge, share_inputs, share_pairs, no_horizontal, explain, quiet, as_json):
     """Compile MODELS (.onnx, .pt2) together into one artifact folder."""
     from . import CompileOptions, PipelineOptions, TargetOptions
     from .passes import MergeOptions
@@ -164,7 +167,7 @@ def compile(models, target, arch, triple, output, names, shapes, force, emit_sou
                           tune_log_dir, verify_each, dump_ir,
                           MergeOptions(merge, share_inputs, _share_pairs(share_pairs), not no_horizontal),
                           _quantize_config(quantize, group_size, calib, calib_method, calib_percentile, max_error,
-                                           smooth, fp8_convs))
+                                           smooth, fp8_convs, fp8_stem))
     input_shapes = dict(_parse_shape(s) for s in shapes)
     t0 = time.perf_counter()
     show_bar = not quiet and not as_json and sys.stderr.isatty()
@@ -192,7 +195,8 @@ def compile(models, target, arch, triple, output, names, shapes, force, emit_sou
             click.echo("\n".join(format_explanations(art.report.explanations)))
 
 
-def _quantize_config(scheme, group_size, calib, method, percentile, max_error, smooth=0.5, fp8_convs="all"):
+def _quantize_config(scheme, group_size, calib, method, percentile, max_error, smooth=0.5, fp8_convs="all",
+                     fp8_stem=False):
     """``--quantize`` and its options as the API's ``Int8`` or ``WeightOnly`` (None without it)."""
     from . import Fp8, Int8, WeightOnly
 
@@ -204,7 +208,7 @@ def _quantize_config(scheme, group_size, calib, method, percentile, max_error, s
     if scheme == "int8":
         return Int8(calib, method, percentile, 0.05 if max_error is None else max_error, smooth=smooth)
     if scheme == "fp8":
-        return Fp8(calib, method, percentile, 0.1 if max_error is None else max_error, convs=fp8_convs)
+        return Fp8(calib, method, percentile, 0.1 if max_error is None else max_error, convs=fp8_convs, stem=fp8_stem)
     return WeightOnly(int(scheme[1:]), group_size) if scheme else None
 
 
@@ -306,14 +310,14 @@ def format_compile_summary(art, path: Path, total: float) -> str:
               "(see compile --quantize); the peers run unquantized.")
 @_quantize_options
 def bench(models, target, arch, tune_log_dir, repeat, shapes, no_peers, profile, top, as_json, markdown, precision,
-          quantize, group_size, calib, calib_method, calib_percentile, max_error, smooth, fp8_convs):
+          quantize, group_size, calib, calib_method, calib_percentile, max_error, smooth, fp8_convs, fp8_stem):
     """Time MODELS (.onnx, .pt2) with smelt (untuned, tuned) beside onnxruntime / torch, with errors."""
     from . import CompileOptions, PipelineOptions, TargetOptions
     from .benchmark import bench as run_bench
 
     opts = CompileOptions(TargetOptions(target, arch), pipeline=PipelineOptions(precision=_PRECISION[precision]),
                           quantize=_quantize_config(quantize, group_size, calib, calib_method, calib_percentile,
-                                                    max_error, smooth, fp8_convs))
+                                                    max_error, smooth, fp8_convs, fp8_stem))
     input_shapes = dict(_parse_shape(s) for s in shapes) or None
     results = [run_bench(m, target, name=Path(m).stem.replace("-", "_").replace(".", "_"), tune_log_dir=tune_log_dir or None,
                          repeat=repeat, profile=profile, peers=not no_peers, input_shapes=input_shapes, options=opts)
@@ -367,7 +371,7 @@ def format_bench(results, markdown: bool = False, top: int = 10) -> list[str]:
 @click.option("--input-shape", "shapes", multiple=True, metavar="[MODEL.]INPUT=D1,D2,…")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def quantize_report(models, quantize, calib, eval_data, calib_method, calib_percentile, max_error, smooth,
-                    fp8_convs, group_size, target, names, shapes, as_json):
+                    fp8_convs, fp8_stem, group_size, target, names, shapes, as_json):
     """Per-layer and end-to-end error of quantizing MODELS, measured on evaluation data."""
     from . import quantize_report as measure
 
@@ -376,7 +380,7 @@ def quantize_report(models, quantize, calib, eval_data, calib_method, calib_perc
     if quantize not in ("int8", "fp8") and not eval_data:
         raise click.UsageError(f"--quantize {quantize} needs --eval (evaluation data)")
     config = _quantize_config(quantize, group_size, calib, calib_method, calib_percentile, max_error, smooth,
-                              fp8_convs)
+                              fp8_convs, fp8_stem)
     input_shapes = dict(_parse_shape(s) for s in shapes)
     r = measure(list(models), config, eval_data, target, names=list(names) or None, input_shapes=input_shapes or None)
     click.echo(json.dumps(r.to_json(), indent=1) if as_json else format_quantize_report(r))

@@ -201,6 +201,31 @@ def test_cli_quantize_fp8(tmp_path):
     assert r.exit_code != 0 and "--quantize fp8 needs --calib" in r.output
 
 
+def test_cli_fp8_stem(tmp_path):
+    """--fp8-stem: the 3-channel stem becomes a 16-channel FP8 conv; the output stays close to
+    onnxruntime's float32 (cosine >= 0.99: two FP8 convs on random weights)."""
+    from click.testing import CliRunner
+
+    from smelt.cli import main
+
+    m = zoo.resnet(18, batch=2, size=32)
+    (tmp_path / "m.onnx").write_bytes(m.SerializeToString())
+    name = m.graph.input[0].name
+    x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", **{name: x})
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["compile", str(tmp_path / "m.onnx"), "-o", str(out), "--quantize", "fp8",
+                                  "--calib", str(tmp_path / "calib.npz"), "--fp8-stem", "--explain",
+                                  "--tune-log-dir", ""])
+    assert r.exit_code == 0, r.output
+    assert "RewriteConvSpaceToDepth: rewrote nn.conv2d: 7x7 stride 2 over 3 channels as 4x1 stride 1 over 64" \
+        in r.output, r.output
+    assert json.loads((out / "manifest.json").read_text())["options"]["quantize"]["stem"] is True
+    y = np.asarray(smelt.load(out).run("m", **{name: x[:2]}))
+    ref = ort.InferenceSession(m.SerializeToString()).run(None, {name: x[:2]})[0]
+    assert _cos(y, ref) >= 0.99
+
+
 @pytest.mark.cuda
 def test_cublaslt_fp8_matches_the_cpu_graph(tmp_path):
     model = _mlp()
