@@ -25,10 +25,10 @@ from .legalize_grouped_conv import LegalizeGroupedConv
 from .lift_weights import LiftWeights
 from .manager import Step
 from .mixed_precision import ToMixedPrecision
+from .merge_common_stems import MergeCommonStems, resolve_shared_inputs
 from .quantize_fp8 import Fp8, QuantizeFp8
 from .quantize_int8 import Int8, QuantizeInt8
 from .quantize_weights import QuantizeWeights, WeightOnly
-from .merge_common_stems import MergeCommonStems, resolve_shared_inputs
 from .remove_identity_ops import RemoveIdentityOps
 from .rewrite_conv_space_to_depth import RewriteConvSpaceToDepth
 from .rewrite_reshape_views import RewriteReshapeViews
@@ -99,7 +99,7 @@ def quantize_passes(config: Int8 | Fp8 | WeightOnly | None, models: list[str], i
         quantizer = QuantizeFp8(config, models)
         if config.convs != "all" or not config.stem:
             return quantizer, [quantizer], []
-        # A 3-channel stem becomes an FP8 conv over 16 channels.
+        # A few-channel strided stem becomes an FP8 conv over 16 or more channels.
         return quantizer, [RewriteConvSpaceToDepth(), quantizer], []
     if isinstance(config, WeightOnly):
         quantizer = QuantizeWeights(config, models)
