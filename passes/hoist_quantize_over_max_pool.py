@@ -84,8 +84,9 @@ class _Rewriter(relax.PyExprMutator):
 
     def _from_fp8_conv(self, y: relax.Expr) -> bool:
         """Whether ``y`` is an FP8 conv's result, through the epilogue ops a library conv takes
-        (``multiply``, ``astype``, ``add``, ``relu``), each its input's only user."""
-        v = self.lookup_binding(y) if isinstance(y, relax.Var) else None
+        (``multiply``, ``astype``, ``add``, ``relu``), each its input's only user, and the pool
+        ``y``'s (else the conv could not take the quantization into its epilogue)."""
+        v = self.lookup_binding(y) if isinstance(y, relax.Var) and self.uses.get(y, 0) == 1 else None
         while v is not None and any(op_is(v, op) for op in EPILOGUE_OPS):
             nxt = v.args[0]
             if op_is(v, "relax.add") and not isinstance(nxt, relax.Var):

@@ -14,7 +14,8 @@ from smelt.passes import Explainer, HoistQuantizeOverMaxPool
 FP8 = "float8_e4m3fn"
 
 
-def _module(form: str, scale: float = 37.5, extra_user: bool = False, layout: str = "NHWC", conv: bool = True):
+def _module(form: str, scale: float = 37.5, extra_user: bool = False, layout: str = "NHWC", conv: bool = True,
+            conv_read_elsewhere: bool = False):
     """x -> [FP8 1x1 conv -> scale -> float16 -> ReLU] -> max_pool2d 3x3/2 pad 1 -> quantize
     (``form``: clip or maximum/minimum) -> FP8 [-> float16]."""
     shape = (2, 9, 9, 32) if layout == "NHWC" else (2, 32, 9, 9)
@@ -39,8 +40,9 @@ def _module(form: str, scale: float = 37.5, extra_user: bool = False, layout: st
                 q = bb.emit(relax.op.minimum(bb.emit(relax.op.maximum(q, relax.const(-448.0, "float16"))),
                                              relax.const(448.0, "float16")))
             q = bb.emit(relax.op.astype(q, FP8))
-            outs = [bb.emit(relax.op.astype(q, "float16"))] + ([pool] if extra_user else [])
-            gv = bb.emit_output(relax.Tuple(outs) if extra_user else outs[0])
+            outs = [bb.emit(relax.op.astype(q, "float16"))] + ([pool] if extra_user else []) + \
+                ([y] if conv_read_elsewhere else [])
+            gv = bb.emit_output(relax.Tuple(outs) if len(outs) > 1 else outs[0])
         bb.emit_func_output(gv)
     return bb.get()
 
@@ -66,7 +68,8 @@ def test_bit_identical(form, layout, rng, run):
 
 
 def test_pool_read_elsewhere_negative_scale_or_no_fp8_conv_stays():
-    for mod in (_module("clip", extra_user=True), _module("clip", scale=-2.0), _module("clip", conv=False)):
+    for mod in (_module("clip", extra_user=True), _module("clip", scale=-2.0),
+                _module("clip", conv_read_elsewhere=True), _module("clip", conv=False)):
         explain = Explainer("HoistQuantizeOverMaxPool")
         after = HoistQuantizeOverMaxPool(explain)(mod)
         assert explain.num_fired == 0 and "relax.nn.max_pool2d" in _ops(after)
