@@ -74,10 +74,12 @@ struct ConvKernel {
 
 // The same epilogue on a GEMM D[M, N] = A[M, K] B[N, K]^T (both K-major, D row-major), persistent:
 // ping-pong (two warp groups on two tiles) or cooperative (both on one tile), over clusters of
-// ``Cluster`` CTAs (a 1x2 cluster multicasts A's tile to both CTAs). FP8 operands accumulate in
+// ``Cluster`` CTAs (a 1x2 cluster multicasts A's tile to both CTAs). ``Scheduler``: CUTLASS's tile
+// scheduler tag (void: whole output tiles; cutlass::gemm::StreamKScheduler, cooperative only:
+// units of K-blocks, partial tiles summed in the workspace, which each launch must clear). FP8 operands accumulate in
 // the tensor cores' own precision (CUTLASS's FP8FastAccum), as the conv kernel's do.
 template <class AB, class Acc, class Out, class Res, class Bias, template <class> class Act, class Tile,
-          class Cluster, bool kPingpong>
+          class Cluster, bool kPingpong, class Scheduler = void>
 struct GemmKernel {
   static constexpr bool kGemm = true;
   static constexpr bool kFp8 = cute::is_same_v<AB, cutlass::float_e4m3_t>;
@@ -99,7 +101,7 @@ struct GemmKernel {
       cutlass::layout::ColumnMajor, 16 / sizeof(AB), Acc, Tile, Cluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       MainloopSchedule>::CollectiveOp;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue, Scheduler>;
   // CUTLASS's conv adapter launches any 3.x kernel; its GEMM adapter would bring in the 2.x
   // GemmUniversal, whose partial specialization then matches the conv kernels' base as well.
   using Adapter = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
