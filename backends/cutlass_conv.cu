@@ -26,8 +26,8 @@
 // 64-byte K-blocks) for the expanding 1x1 layers, which moved their bytes at 55 % of an H100's
 // bandwidth as ping-pong GEMMs (bench/results/h100_fp8_stem.json): with them ResNet-50 b32 in FP8
 // took 0.814 ms on an H100, 0.836 without (SMELT_CUTLASS_CANDIDATES=11, a second process). The
-// fastest for a problem is timed on its first call (cuda_timer.h) and kept. ReLU is a clamp whose lower bound the call sets, so one
-// kernel serves both epilogues. Kernels launch with programmatic dependent launch (Launch below;
+// fastest for a problem is timed on its first call (cuda_timer.h) and kept. ReLU is a clamp whose
+// lower bound the call sets, so one kernel serves both epilogues. Kernels launch with programmatic dependent launch (Launch below;
 // on an H200 ResNet-50 b32 in FP8 took 0.790 ms with it, 0.854 without); SMELT_CUTLASS_PDL=0
 // turns it off. SMELT_CUTLASS_CANDIDATES=N times only the first N candidates.
 //

@@ -76,8 +76,9 @@ struct ConvKernel {
 // ping-pong (two warp groups on two tiles) or cooperative (both on one tile), over clusters of
 // ``Cluster`` CTAs (a 1x2 cluster multicasts A's tile to both CTAs). ``Scheduler``: CUTLASS's tile
 // scheduler tag (void: whole output tiles; cutlass::gemm::StreamKScheduler, cooperative only:
-// units of K-blocks, partial tiles summed in the workspace, which each launch must clear). FP8 operands accumulate in
-// the tensor cores' own precision (CUTLASS's FP8FastAccum), as the conv kernel's do.
+// units of K-blocks, partial tiles summed in the workspace, which each launch must clear). FP8
+// operands accumulate in the tensor cores' own precision (CUTLASS's FP8FastAccum), as the conv
+// kernel's do.
 template <class AB, class Acc, class Out, class Res, class Bias, template <class> class Act, class Tile,
           class Cluster, bool kPingpong, class Scheduler = void>
 struct GemmKernel {

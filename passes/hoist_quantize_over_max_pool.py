@@ -5,8 +5,9 @@ Requires: QuantizeFp8's quantizations (``multiply`` by a positive scalar constan
 ±448, or ``maximum`` at -448 → ``minimum`` at 448 → ``astype`` float8_e4m3fn), in any float
 precision; Relax before LegalizeOps, the layouts final.
 Guarantees: where such a quantization reads ``max_pool2d(y)``, is the pool's only user, and ``y``
-is an FP8 conv's result (through epilogue ops: scale, cast, bias, ReLU), it reads ``y`` instead, and one kernel (``max_pool2d_e4m3``: each element widened to y's dtype,
-TOPI's max pool with the same attributes, rounded to E4M3) pools its result. The result is
+is an FP8 conv's result (through epilogue ops: scale, cast, bias, ReLU), it reads ``y`` instead,
+and one kernel (``max_pool2d_e4m3``: each element widened to y's dtype, TOPI's max pool with the
+same attributes, rounded to E4M3) pools its result. The result is
 bit-identical: scaling by a positive number, clipping and rounding are all monotone (never
 decreasing), a monotone map commutes with a maximum, widening and narrowing E4M3 values are
 exact, and the pool's padding is never the maximum of a window that holds one input element.

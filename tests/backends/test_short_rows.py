@@ -22,7 +22,7 @@ REL_TOL = 1e-3
 
 
 def image_to_nhwc(shape=(2, 3, 24, 24), pad_to=4, dtype="float16"):
-    """A network's input as smelt's CUDA pipeline fuses it: fp32 NCHW -> fp16 NHWC, channels padded."""
+    """A network's input as smelt's CUDA pipeline fuses it: fp32 NCHW -> ``dtype`` NHWC, channels padded."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(shape, "float32"))
     with bb.function("main", [x]):
