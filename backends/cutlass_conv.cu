@@ -29,7 +29,14 @@
 // fastest for a problem is timed on its first call (cuda_timer.h) and kept. ReLU is a clamp whose
 // lower bound the call sets, so one kernel serves both epilogues. Kernels launch with programmatic dependent launch (Launch below;
 // on an H200 ResNet-50 b32 in FP8 took 0.790 ms with it, 0.854 without); SMELT_CUTLASS_PDL=0
-// turns it off. SMELT_CUTLASS_CANDIDATES=N times only the first N candidates.
+// turns it off. SMELT_CUTLASS_CANDIDATES=N times only the first N candidates;
+// SMELT_CUTLASS_CANDIDATE=I runs candidate I wherever it can (tests check each kernel so).
+//
+// Four more candidates run the conv kernels' mainloop in CUTLASS's persistent GEMM kernels
+// (cutlass_conv.h's PersistentConvKernel; three ping-pong, whose epilogue overlaps the next tile's
+// main loop, one stream-K). They build, but have not run on a GPU yet: they are timed only with
+// SMELT_CUTLASS_PERSISTENT_CONV=1, which the cuda-marker test and bench/cutlass_conv_probe.cu
+// (which checks every kernel against an fp32 reference) are for.
 //
 // Built by nvcc (sm_90a: wgmma needs the arch-specific target) with CUTLASS's headers and
 // TVM-FFI's (vendor_libs.py). The CUDA runtime functions the kernels' launch code calls come
@@ -54,6 +61,8 @@
 #include "cutlass_conv.h"
 #include "cuda_timer.h"
 
+SMELT_STREAM_K_IS_LAST_TILE(128, 128, 128)
+
 namespace {
 
 using namespace cute;
@@ -65,7 +74,8 @@ using F16 = cutlass::half_t;
 template <class Out, class Res, class Tile>
 using Kernel = smelt_cutlass::ConvKernel<E4M3, float, Out, Res, float, cutlass::epilogue::thread::Clamp, Tile>;
 
-constexpr int kCandidates = 13;
+constexpr int kCandidates = 17;
+constexpr int kTestedCandidates = 13;  // the persistent conv kernels (13 to 16) have not run on a GPU yet
 
 struct Call {
   const void *x, *w, *bias, *residual;
@@ -88,13 +98,28 @@ void SetEpilogue(Thread& thread, const Call& call) {
   thread.activation.upper_bound = std::numeric_limits<float>::infinity();
 }
 
-// How many of the candidates are timed: all, or the first SMELT_CUTLASS_CANDIDATES (for measuring
-// what the later ones add).
+// The candidate SMELT_CUTLASS_CANDIDATE names (each problem runs it where it can, else the first
+// candidate that can), or -1: the fastest. For checking every kernel's numbers, not only the winners'.
+int Forced() {
+  static const int i = [] {
+    const char* v = std::getenv("SMELT_CUTLASS_CANDIDATE");
+    int k = v == nullptr ? -1 : std::atoi(v);
+    return k >= 0 && k < kCandidates ? k : -1;
+  }();
+  return i;
+}
+
+// How many of the candidates are timed: the first kTestedCandidates, all with
+// SMELT_CUTLASS_PERSISTENT_CONV=1, or the first SMELT_CUTLASS_CANDIDATES (for measuring what the
+// later ones add).
 int Candidates() {
   static const int n = [] {
+    const char* persistent = std::getenv("SMELT_CUTLASS_PERSISTENT_CONV");
+    bool on = (persistent != nullptr && std::strcmp(persistent, "1") == 0) || Forced() >= kTestedCandidates;
+    int all = on ? kCandidates : kTestedCandidates;
     const char* v = std::getenv("SMELT_CUTLASS_CANDIDATES");
-    int k = v == nullptr ? kCandidates : std::atoi(v);
-    return k >= 1 && k <= kCandidates ? k : kCandidates;
+    int k = v == nullptr ? all : std::atoi(v);
+    return k >= 1 && k <= all ? k : all;
   }();
   return n;
 }
@@ -144,6 +169,19 @@ bool Run(const Call& call) {
   return Launch<typename K::Adapter>(args, call);
 }
 
+// Runs the conv in a persistent kernel of tile shape ``Tile`` (cutlass_conv.h's PersistentConvKernel).
+template <class Out, class Res, class Tile, bool kPingpong = true, class Scheduler = void>
+bool RunPersistent(const Call& call) {
+  using K = smelt_cutlass::PersistentConvKernel<E4M3, float, Out, Res, float, cutlass::epilogue::thread::Clamp, Tile,
+                                                kPingpong, Scheduler>;
+  auto args = K::Arguments(call.n, call.h, call.w_in, call.c, call.k, call.r, call.s, call.pad_h, call.pad_w,
+                           call.stride_h, call.stride_w, static_cast<const E4M3*>(call.x),
+                           static_cast<const E4M3*>(call.w), static_cast<const Res*>(call.residual),
+                           static_cast<Out*>(call.y), call.sm_count);
+  SetEpilogue(args.epilogue.thread, call);
+  return Launch<typename K::Adapter>(args, call);
+}
+
 template <class Out, class Res, class Tile, bool kPingpong = true>
 bool RunGemm(const Call& call) {
   if (call.r != 1 || call.s != 1 || call.stride_h != 1 || call.stride_w != 1 || call.pad_h != 0 || call.pad_w != 0) {
@@ -162,7 +200,11 @@ bool RunGemm(const Call& call) {
 // rows are for the deep layers: 7x7 512->512 at batch 32 has 13x4 tiles of 128x128 for 132 SMs.
 // The cooperative GEMMs are for the expanding 1x1 layers (64->256 at 56x56 with a residual: one
 // K-block, the epilogue is all the work): a ping-pong kernel's two warp groups take turns in the
-// epilogue, a cooperative kernel's share each tile's.
+// epilogue, a cooperative kernel's share each tile's. Then the conv kernels' mainloop in the
+// persistent ping-pong kernel, any conv: 128x64 tiles of 64-byte K-blocks for the 64-channel 3x3
+// layers (one filter tap per K-block), 128x128 and 64x128 ones of 128 bytes for the deeper layers;
+// and in the cooperative stream-K kernel, for the deep 3x3 layers of few tiles (14x14 256->256 at
+// batch 32: 196 tiles of 128x128 for 132 SMs, 18 K-blocks each), whose K-blocks it spreads evenly.
 template <class Out, class Res>
 bool RunCandidate(const Call& call, int i) {
   switch (i) {
@@ -178,7 +220,13 @@ bool RunCandidate(const Call& call, int i) {
     case 9: return RunGemm<Out, Res, Shape<_64, _128, _128>>(call);
     case 10: return RunGemm<Out, Res, Shape<_64, _64, _128>>(call);
     case 11: return RunGemm<Out, Res, Shape<_128, _128, _128>, /*kPingpong=*/false>(call);
-    default: return RunGemm<Out, Res, Shape<_256, _128, _64>, /*kPingpong=*/false>(call);
+    case 12: return RunGemm<Out, Res, Shape<_256, _128, _64>, /*kPingpong=*/false>(call);
+    case 13: return RunPersistent<Out, Res, Shape<_128, _64, Shape<_64>>>(call);
+    case 14: return RunPersistent<Out, Res, Shape<_128, _128, Shape<_128>>>(call);
+    case 15: return RunPersistent<Out, Res, Shape<_64, _128, Shape<_128>>>(call);
+    default:
+      return RunPersistent<Out, Res, Shape<_128, _128, Shape<_128>>, /*kPingpong=*/false,
+                           cutlass::gemm::StreamKScheduler>(call);
   }
 }
 
@@ -258,11 +306,11 @@ void Conv(TensorView x, TensorView w, TensorView bias, Optional<TensorView> resi
   auto it = chosen.find(key);
   if (it == chosen.end()) {
     auto run = [&](int i) { return Dispatch(call, out_fp8, res_fp8, i); };
-    int best = smelt_timer::Fastest(call.stream, Candidates(), run);
+    int best = Forced() >= 0 ? Forced() : smelt_timer::Fastest(call.stream, Candidates(), run);
     it = chosen.emplace(key, best).first;
   }
   bool ran = Dispatch(call, out_fp8, res_fp8, it->second);
-  for (int i = 0; i < kCandidates && !ran; ++i) ran = i != it->second && Dispatch(call, out_fp8, res_fp8, i);
+  for (int i = 0; i < Candidates() && !ran; ++i) ran = i != it->second && Dispatch(call, out_fp8, res_fp8, i);
   if (!ran) {
     TVM_FFI_THROW(RuntimeError) << "smelt CUTLASS conv2d: no kernel runs x [" << x.size(0) << ", " << x.size(1)
                                 << ", " << x.size(2) << ", " << c << "], w [" << k << ", " << w.size(1) << ", "

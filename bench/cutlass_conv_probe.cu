@@ -6,7 +6,10 @@
 // and 128x64 outputs with K-blocks of 128 or 64 bytes: at 64 channels a 128-byte K-block is half
 // padding; 64x128 and 64x64 outputs), and 1x1 stride-1 layers also as persistent GEMMs (ping-pong
 // with five tile shapes, cooperative with two and on 1x2 clusters; FP8 only), the kernels smelt's
-// routine has, and two cooperative stream-K GEMMs it has not (yet):
+// routine has, and two cooperative stream-K GEMMs it has not (yet); and every layer (FP8 only) as
+// the conv mainloop in CUTLASS's persistent kernels (cutlass_conv.h's PersistentConvKernel):
+// ping-pong with five tile shapes, cooperative with two, cooperative stream-K with one (the routine
+// has four of them behind SMELT_CUTLASS_PERSISTENT_CONV=1):
 //   e4m3 -> f16   FP8 activations and weights, fp16 output
 //   e4m3 -> e4m3  FP8 in and out (activations stay FP8 between layers; the output scale is
 //                 folded into alpha and the bias)
@@ -66,28 +69,14 @@ __global__ void spin(long long cycles) {
   }
 }
 
-// CUTLASS 4.2's sm90 stream-K scheduler does not compile where kernels signal the next grid early
-// (CUTLASS_ENABLE_GDC_FOR_SM90, which smelt's kernels are built with): its const is_last_tile passes
-// a member to a non-const reference (sm90_tile_scheduler_stream_k.hpp:337). For the tile shapes
-// timed here, this specialization computes the same from a copy.
-#define SMELT_STREAM_K_IS_LAST_TILE(M, N, K)                                                                    \
-  template <>                                                                                                   \
-  CUTLASS_DEVICE bool cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90StreamK<                        \
-      cute::Shape<cute::_##M, cute::_##N, cute::_##K>, cute::Shape<cute::_1, cute::_1, cute::_1>>::is_last_tile( \
-      WorkTileInfo work_tile_info, uint32_t advance_count) const {                                              \
-    if (continue_current_work(work_tile_info)) return false;                                                    \
-    uint32_t unit_iter_start = unit_iter_start_;                                                                \
-    return not get_current_work_for_linear_idx(                                                                 \
-               unit_iter_start,                                                                                 \
-               current_work_linear_idx_ + uint64_t(gridDim.x) * gridDim.y * gridDim.z * advance_count,          \
-               block_id_in_cluster_, scheduler_params)                                                          \
-                .is_valid();                                                                                    \
-  }
 SMELT_STREAM_K_IS_LAST_TILE(128, 128, 128)
 SMELT_STREAM_K_IS_LAST_TILE(128, 64, 128)
 
 template <class AB, class Acc, class Out, class Tile>
 using ConvType = smelt_cutlass::ConvKernel<AB, Acc, Out, Out, cutlass::half_t, cutlass::epilogue::thread::ReLu, Tile>;
+template <class AB, class Out, class Tile, bool kPingpong, class Scheduler = void>
+using PersistentConvType = smelt_cutlass::PersistentConvKernel<AB, float, Out, Out, cutlass::half_t,
+                                                               cutlass::epilogue::thread::ReLu, Tile, kPingpong, Scheduler>;
 template <class AB, class Out, class Tile, class Cluster, bool kPingpong, class Scheduler = void>
 using GemmType = smelt_cutlass::GemmKernel<AB, float, Out, Out, cutlass::half_t, cutlass::epilogue::thread::ReLu, Tile,
                                            Cluster, kPingpong, Scheduler>;
@@ -96,7 +85,7 @@ using GemmType = smelt_cutlass::GemmKernel<AB, float, Out, Out, cutlass::half_t,
 // before every launch, as the adapter's initialize() does.
 template <class K>
 constexpr bool StreamK() {
-  if constexpr (K::kGemm) {
+  if constexpr (K::kPersistent) {
     return std::is_same_v<typename K::Kernel::TileSchedulerTag, cutlass::gemm::StreamKScheduler>;
   } else {
     return false;
@@ -164,6 +153,10 @@ auto setup(const Layer& l, const AB* x, const AB* w, const cutlass::half_t* bias
       int sms = 0;
       CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
       return K::Arguments(l.n * l.p() * l.p(), l.k, l.c, x, w, res, d, sms);
+    } else if constexpr (K::kPersistent) {
+      int sms = 0;
+      CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+      return K::Arguments(l.n, l.h, l.h, l.c, l.k, l.r, l.r, l.pad(), l.pad(), l.stride, l.stride, x, w, res, d, sms);
     } else {
       return K::Arguments(l.n, l.h, l.h, l.c, l.k, l.r, l.r, l.pad(), l.pad(), l.stride, l.stride, x, w, res, d);
     }
@@ -278,6 +271,13 @@ void run_all(const Layer& l, const Values& values, int index, const char* tile) 
   run<int8_t, F16, ConvType<int8_t, int32_t, F16, Tile>>(l, values, index, "s8->f16", tile);
 }
 
+// The conv mainloop in a persistent kernel: FP8 in, fp16 or FP8 out.
+template <class Tile, bool kPingpong = true, class Scheduler = void>
+void run_persistent(const Layer& l, const Values& values, int index, const char* tile) {
+  run<E4M3, F16, PersistentConvType<E4M3, F16, Tile, kPingpong, Scheduler>>(l, values, index, "e4m3->f16", tile);
+  run<E4M3, E4M3, PersistentConvType<E4M3, E4M3, Tile, kPingpong, Scheduler>>(l, values, index, "e4m3->e4m3", tile);
+}
+
 // The GEMM kernels, for 1x1 stride-1 layers: FP8 in, fp16 or FP8 out.
 template <class Tile, class Cluster, bool kPingpong, class Scheduler = void>
 void run_gemm(const Layer& l, const Values& values, int index, const char* tile) {
@@ -303,6 +303,15 @@ int main(int argc, char** argv) {
     run_all<Shape<_128, _64, Shape<_64>>>(l, values, i - 1, "128x64x64");
     run_all<Shape<_64, _128, Shape<_128>>>(l, values, i - 1, "64x128x128");
     run_all<Shape<_64, _64, Shape<_128>>>(l, values, i - 1, "64x64x128");
+    run_persistent<Shape<_128, _64, Shape<_64>>>(l, values, i - 1, "persistent-128x64x64");
+    run_persistent<Shape<_128, _64, Shape<_128>>>(l, values, i - 1, "persistent-128x64x128");
+    run_persistent<Shape<_128, _128, Shape<_64>>>(l, values, i - 1, "persistent-128x128x64");
+    run_persistent<Shape<_128, _128, Shape<_128>>>(l, values, i - 1, "persistent-128x128x128");
+    run_persistent<Shape<_64, _128, Shape<_128>>>(l, values, i - 1, "persistent-64x128x128");
+    run_persistent<Shape<_128, _128, Shape<_128>>, false>(l, values, i - 1, "persistent-cooperative-128x128x128");
+    run_persistent<Shape<_256, _64, Shape<_64>>, false>(l, values, i - 1, "persistent-cooperative-256x64x64");
+    run_persistent<Shape<_128, _128, Shape<_128>>, false, cutlass::gemm::StreamKScheduler>(
+        l, values, i - 1, "persistent-streamk-128x128x128");
     if (l.r == 1 && l.stride == 1) {
       run_gemm<Shape<_128, _128, _128>, Shape<_1, _1, _1>, true>(l, values, i - 1, "gemm-pingpong-128x128x128");
       run_gemm<Shape<_128, _64, _128>, Shape<_1, _1, _1>, true>(l, values, i - 1, "gemm-pingpong-128x64x128");
