@@ -27,10 +27,11 @@
 // bandwidth as ping-pong GEMMs (bench/results/h100_fp8_stem.json): with them ResNet-50 b32 in FP8
 // took 0.814 ms on an H100, 0.836 without (SMELT_CUTLASS_CANDIDATES=11, a second process). The
 // fastest for a problem is timed on its first call (cuda_timer.h) and kept. ReLU is a clamp whose
-// lower bound the call sets, so one kernel serves both epilogues. Kernels launch with programmatic dependent launch (Launch below;
-// on an H200 ResNet-50 b32 in FP8 took 0.790 ms with it, 0.854 without); SMELT_CUTLASS_PDL=0
-// turns it off. SMELT_CUTLASS_CANDIDATES=N times only the first N candidates;
-// SMELT_CUTLASS_CANDIDATE=I runs candidate I wherever it can (tests check each kernel so).
+// lower bound the call sets, so one kernel serves both epilogues. Kernels launch with
+// programmatic dependent launch (Launch below; on an H200 ResNet-50 b32 in FP8 took 0.790 ms with
+// it, 0.854 without); SMELT_CUTLASS_PDL=0 turns it off. SMELT_CUTLASS_CANDIDATES=N times only the
+// first N candidates; SMELT_CUTLASS_CANDIDATE=I runs candidate I wherever it can (tests check each
+// kernel so); SMELT_CUTLASS_VERBOSE=1 prints each problem's kernel.
 //
 // Four more candidates run the conv kernels' mainloop in CUTLASS's persistent GEMM kernels
 // (cutlass_conv.h's PersistentConvKernel; three ping-pong, whose epilogue overlaps the next tile's
@@ -51,6 +52,7 @@
 
 #include <array>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -98,12 +100,17 @@ void SetEpilogue(Thread& thread, const Call& call) {
   thread.activation.upper_bound = std::numeric_limits<float>::infinity();
 }
 
+// The integer environment variable ``name``, or ``fallback`` where it is unset.
+int EnvInt(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v == nullptr ? fallback : std::atoi(v);
+}
+
 // The candidate SMELT_CUTLASS_CANDIDATE names (each problem runs it where it can, else the first
 // candidate that can), or -1: the fastest. For checking every kernel's numbers, not only the winners'.
 int Forced() {
   static const int i = [] {
-    const char* v = std::getenv("SMELT_CUTLASS_CANDIDATE");
-    int k = v == nullptr ? -1 : std::atoi(v);
+    int k = EnvInt("SMELT_CUTLASS_CANDIDATE", -1);
     return k >= 0 && k < kCandidates ? k : -1;
   }();
   return i;
@@ -114,22 +121,23 @@ int Forced() {
 // later ones add).
 int Candidates() {
   static const int n = [] {
-    const char* persistent = std::getenv("SMELT_CUTLASS_PERSISTENT_CONV");
-    bool on = (persistent != nullptr && std::strcmp(persistent, "1") == 0) || Forced() >= kTestedCandidates;
-    int all = on ? kCandidates : kTestedCandidates;
-    const char* v = std::getenv("SMELT_CUTLASS_CANDIDATES");
-    int k = v == nullptr ? all : std::atoi(v);
-    return k >= 1 && k <= all ? k : all;
+    bool all = EnvInt("SMELT_CUTLASS_PERSISTENT_CONV", 0) == 1 || Forced() >= kTestedCandidates;
+    int most = all ? kCandidates : kTestedCandidates;
+    int k = EnvInt("SMELT_CUTLASS_CANDIDATES", most);
+    return k >= 1 && k <= most ? k : most;
   }();
   return n;
 }
 
 // Whether kernels launch with programmatic dependent launch (SMELT_CUTLASS_PDL=0 turns it off).
 bool Pdl() {
-  static const bool on = [] {
-    const char* v = std::getenv("SMELT_CUTLASS_PDL");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool on = EnvInt("SMELT_CUTLASS_PDL", 1) != 0;
+  return on;
+}
+
+// Whether each problem's kernel is printed to stderr when first run (SMELT_CUTLASS_VERBOSE=1).
+bool Verbose() {
+  static const bool on = EnvInt("SMELT_CUTLASS_VERBOSE", 0) == 1;
   return on;
 }
 
@@ -205,6 +213,15 @@ bool RunGemm(const Call& call) {
 // layers (one filter tap per K-block), 128x128 and 64x128 ones of 128 bytes for the deeper layers;
 // and in the cooperative stream-K kernel, for the deep 3x3 layers of few tiles (14x14 256->256 at
 // batch 32: 196 tiles of 128x128 for 132 SMs, 18 K-blocks each), whose K-blocks it spreads evenly.
+// The candidates' names, in RunCandidate's order (what SMELT_CUTLASS_VERBOSE=1 prints).
+constexpr const char* kNames[kCandidates] = {
+    "conv-128x128x128",          "conv-128x64x128",           "conv-128x128x64",
+    "conv-128x64x64",            "conv-64x128x128",           "conv-64x64x128",
+    "gemm-pingpong-128x128x128", "gemm-pingpong-128x64x128",  "gemm-pingpong-128x128x64",
+    "gemm-pingpong-64x128x128",  "gemm-pingpong-64x64x128",   "gemm-cooperative-128x128x128",
+    "gemm-cooperative-256x128x64", "persistent-128x64x64",    "persistent-128x128x128",
+    "persistent-64x128x128",     "persistent-streamk-128x128x128"};
+
 template <class Out, class Res>
 bool RunCandidate(const Call& call, int i) {
   switch (i) {
@@ -304,13 +321,24 @@ void Conv(TensorView x, TensorView w, TensorView bias, Optional<TensorView> resi
           int(out_fp8) * 2 + int(res_fp8), device);
   static std::map<Key, int> chosen;  // the fastest candidate per problem
   auto it = chosen.find(key);
-  if (it == chosen.end()) {
+  bool first = it == chosen.end();
+  if (first) {
     auto run = [&](int i) { return Dispatch(call, out_fp8, res_fp8, i); };
     int best = Forced() >= 0 ? Forced() : smelt_timer::Fastest(call.stream, Candidates(), run);
     it = chosen.emplace(key, best).first;
   }
   bool ran = Dispatch(call, out_fp8, res_fp8, it->second);
-  for (int i = 0; i < Candidates() && !ran; ++i) ran = i != it->second && Dispatch(call, out_fp8, res_fp8, i);
+  for (int i = 0; i < Candidates() && !ran; ++i) {
+    if (i != it->second && Dispatch(call, out_fp8, res_fp8, i)) {
+      ran = true;
+      it->second = i;  // the kernel that runs it, from now on
+    }
+  }
+  if (first && ran && Verbose()) {
+    std::fprintf(stderr, "smelt CUTLASS conv2d: x [%d, %d, %d, %d], w [%d, %d, %d], stride %d: kernel %d (%s)\n",
+                 call.n, call.h, call.w_in, call.c, call.k, call.r, call.s, call.stride_h, it->second,
+                 kNames[it->second]);
+  }
   if (!ran) {
     TVM_FFI_THROW(RuntimeError) << "smelt CUTLASS conv2d: no kernel runs x [" << x.size(0) << ", " << x.size(1)
                                 << ", " << x.size(2) << ", " << c << "], w [" << k << ", " << w.size(1) << ", "

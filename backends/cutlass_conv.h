@@ -204,8 +204,9 @@ struct PersistentConvKernel {
                                                                          typename Built::SmemLayoutA>,
           cutlass::conv::collective::detail::Sm90ImplicitGemmTileTraits<typename Built::GmemTiledCopyB,
                                                                          typename Built::SmemLayoutB>>>;
-  using Mainloop = ConvAsGemmMainloop<Conv, cute::conditional_t<kPingpong, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
-                                                                cutlass::gemm::KernelTmaWarpSpecializedCooperative>>;
+  using Schedule = cute::conditional_t<kPingpong, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                                       cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
+  using Mainloop = ConvAsGemmMainloop<Conv, Schedule>;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue, Scheduler>;
   using Adapter = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
   using Problem = typename Mainloop::ConvProblem;

@@ -75,8 +75,8 @@ SMELT_STREAM_K_IS_LAST_TILE(128, 64, 128)
 template <class AB, class Acc, class Out, class Tile>
 using ConvType = smelt_cutlass::ConvKernel<AB, Acc, Out, Out, cutlass::half_t, cutlass::epilogue::thread::ReLu, Tile>;
 template <class AB, class Out, class Tile, bool kPingpong, class Scheduler = void>
-using PersistentConvType = smelt_cutlass::PersistentConvKernel<AB, float, Out, Out, cutlass::half_t,
-                                                               cutlass::epilogue::thread::ReLu, Tile, kPingpong, Scheduler>;
+using PersistentConvType = smelt_cutlass::PersistentConvKernel<
+    AB, float, Out, Out, cutlass::half_t, cutlass::epilogue::thread::ReLu, Tile, kPingpong, Scheduler>;
 template <class AB, class Out, class Tile, class Cluster, bool kPingpong, class Scheduler = void>
 using GemmType = smelt_cutlass::GemmKernel<AB, float, Out, Out, cutlass::half_t, cutlass::epilogue::thread::ReLu, Tile,
                                            Cluster, kPingpong, Scheduler>;

@@ -169,23 +169,12 @@ def test_artifact_links_the_cutlass_routine(resnet, requires_cuda_compiler, tmp_
     assert "cutlass" in smelt.artifact.read_manifest(path)["target"]["libs"]
 
 
-@pytest.mark.cuda
-def test_cutlass_fp8_matches_the_cpu_graph(resnet, tmp_path):
-    m, name, calib, x = resnet
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("CUTLASS's FP8 convs are sm_90's")
-    opts = smelt.CompileOptions(tune_log_dir=None)
-    cpu = smelt.compile([m], names=["m"], precision="float16", quantize=smelt.Fp8(calib=calib), options=opts)
-    gpu = smelt.compile([m], names=["m"], target="cuda", arch="sm_90", precision="float16",
-                        quantize=smelt.Fp8(calib=calib), options=opts)
-    want = np.asarray(smelt.load(cpu.save(tmp_path / "cpu")).run("m", **{name: x}), np.float32)
-    got = np.asarray(smelt.load(gpu.save(tmp_path / "gpu")).run("m", **{name: x}), np.float32)
-    assert _cos(got, want) >= 0.995 and np.abs(got - want).max() <= 0.15 * np.abs(want).max()
-
-
 # the routine's candidate kernels (backends/cutlass_conv.cu's kCandidates)
 _CANDIDATES = int(re.search(r"kCandidates = (\d+);", (Path(smelt.__file__).parent / "backends" / "cutlass_conv.cu")
                             .read_text()).group(1))
+# runs the artifact argv[1] on the input argv[2] (input name argv[4]), saves the output as argv[3]
+_RUN = ("import sys, numpy as np, smelt; x = np.load(sys.argv[2]); "
+        "np.save(sys.argv[3], np.asarray(smelt.load(sys.argv[1]).run('m', **{sys.argv[4]: x}), np.float32))")
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +183,7 @@ def fp8_artifacts(resnet, tmp_path_factory):
     m, name, calib, x = resnet
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("CUTLASS's FP8 convs are sm_90's")
-    tmp = tmp_path_factory.mktemp("candidates")
+    tmp = tmp_path_factory.mktemp("fp8")
     opts = smelt.CompileOptions(tune_log_dir=None)
     cpu = smelt.compile([m], names=["m"], precision="float16", quantize=smelt.Fp8(calib=calib), options=opts)
     gpu = smelt.compile([m], names=["m"], target="cuda", arch="sm_90", precision="float16",
@@ -204,18 +193,35 @@ def fp8_artifacts(resnet, tmp_path_factory):
     return want, gpu.save(tmp / "gpu"), tmp
 
 
+def _run_gpu(fp8_artifacts, name, out, env) -> str:
+    """Runs the sm_90 artifact in a process of its own (the routine reads its variables once);
+    returns the process's stderr."""
+    _, path, tmp = fp8_artifacts
+    proc = subprocess.run([sys.executable, "-c", _RUN, str(path), str(tmp / "x.npy"), str(out), name],
+                          capture_output=True, text=True, env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+@pytest.mark.cuda
+def test_cutlass_fp8_matches_the_cpu_graph(resnet, fp8_artifacts):
+    """The kernels timing picks."""
+    want, _, tmp = fp8_artifacts
+    _run_gpu(fp8_artifacts, resnet[1], tmp / "out.npy", {})
+    got = np.load(tmp / "out.npy")
+    assert _cos(got, want) >= 0.995 and np.abs(got - want).max() <= 0.15 * np.abs(want).max()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("candidate", range(_CANDIDATES))
 def test_each_cutlass_kernel_matches_the_cpu_graph(resnet, fp8_artifacts, candidate):
     """Every candidate kernel, not only those timing picks: SMELT_CUTLASS_CANDIDATE=i runs kernel i
-    on each conv it takes (the others fall back to the first that runs), in a process of its own
-    (the routine reads the variable once)."""
-    _, name, _, _ = resnet
-    want, path, tmp = fp8_artifacts
+    on each conv it takes (the others fall back to the first that runs), and SMELT_CUTLASS_VERBOSE=1
+    shows that it ran."""
+    want, _, tmp = fp8_artifacts
     out = tmp / f"out{candidate}.npy"
-    code = ("import sys, numpy as np, smelt; x = np.load(sys.argv[2]); "
-            "np.save(sys.argv[3], np.asarray(smelt.load(sys.argv[1]).run('m', **{sys.argv[4]: x}), np.float32))")
-    subprocess.run([sys.executable, "-c", code, str(path), str(tmp / "x.npy"), str(out), name], check=True,
-                   env={**os.environ, "SMELT_CUTLASS_CANDIDATE": str(candidate)})
+    log = _run_gpu(fp8_artifacts, resnet[1], out,
+                   {"SMELT_CUTLASS_CANDIDATE": str(candidate), "SMELT_CUTLASS_VERBOSE": "1"})
+    assert f": kernel {candidate} (" in log, log[-3000:]
     got = np.load(out)
     assert _cos(got, want) >= 0.995 and np.abs(got - want).max() <= 0.15 * np.abs(want).max()
