@@ -9,7 +9,7 @@
 // routine has, and two cooperative stream-K GEMMs it has not (yet); and every layer (FP8 only) as
 // the conv mainloop in CUTLASS's persistent kernels (cutlass_conv.h's PersistentConvKernel):
 // ping-pong with five tile shapes, cooperative with two, cooperative stream-K with one (the routine
-// has four of them behind SMELT_CUTLASS_PERSISTENT_CONV=1):
+// has four of them):
 //   e4m3 -> f16   FP8 activations and weights, fp16 output
 //   e4m3 -> e4m3  FP8 in and out (activations stay FP8 between layers; the output scale is
 //                 folded into alpha and the bias)
