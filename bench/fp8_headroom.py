@@ -18,8 +18,8 @@ With ``--cutlass PROBE`` (bench/cutlass_conv_probe.cu, built by bench/build_cutl
 machine with nvcc: the GPU machine needs no CUDA toolkit), each layer also runs as CUTLASS's
 Hopper implicit-GEMM conv with bias, residual and ReLU fused, FP8 E4M3 in and fp16 or FP8 out,
 and INT8 in, fp16 out; the fastest of its six conv tile shapes (FP8 also of eight persistent
-conv kernels, for 1x1 stride-1 layers also of ten persistent GEMM kernels, stream-K ones included) is shown, and its error against an
-fp32 reference of the same quantized inputs; ``--json`` keeps every kernel's time.
+conv kernels, for 1x1 stride-1 layers also of ten persistent GEMM kernels, stream-K ones
+included) is shown, and its error against an fp32 reference of the same quantized inputs; ``--json`` keeps every kernel's time.
 The stem (K = 147) and the classifier are left out; ``--json`` writes the rows.
 Usage: python bench/fp8_headroom.py [--batch 32] [--repeat 50] [--cutlass ./probe] [--json out.json]
 """
