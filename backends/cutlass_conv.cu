@@ -37,7 +37,7 @@
 // (cutlass_conv.h's PersistentConvKernel: three ping-pong, one cooperative), whose epilogue
 // overlaps the next tile's main loop. On an H100 (bench/results/h100_fp8_persistent_conv.json)
 // they took 56x56 64->64 3x3 convs from 0.0284 to 0.0191 ms and the strided convs 1.2-1.6x
-// faster; ResNet-50 b32 in FP8 0.819 -> 0.765 ms.
+// faster; ResNet-50 b32 in FP8 0.817 -> 0.759 ms (SMELT_CUTLASS_CANDIDATES=13, a second process).
 //
 // Built by nvcc (sm_90a: wgmma needs the arch-specific target) with CUTLASS's headers and
 // TVM-FFI's (vendor_libs.py). The CUDA runtime functions the kernels' launch code calls come
@@ -172,10 +172,10 @@ bool Run(const Call& call) {
 }
 
 // Runs the conv in a persistent kernel of tile shape ``Tile`` (cutlass_conv.h's PersistentConvKernel).
-template <class Out, class Res, class Tile, bool kPingpong = true, class Scheduler = void>
+template <class Out, class Res, class Tile, bool kPingpong = true>
 bool RunPersistent(const Call& call) {
   using K = smelt_cutlass::PersistentConvKernel<E4M3, float, Out, Res, float, cutlass::epilogue::thread::Clamp, Tile,
-                                                kPingpong, Scheduler>;
+                                                kPingpong>;
   auto args = K::Arguments(call.n, call.h, call.w_in, call.c, call.k, call.r, call.s, call.pad_h, call.pad_w,
                            call.stride_h, call.stride_w, static_cast<const E4M3*>(call.x),
                            static_cast<const E4M3*>(call.w), static_cast<const Res*>(call.residual),

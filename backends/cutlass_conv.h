@@ -94,6 +94,17 @@ struct ConvKernel {
   }
 };
 
+// The persistent kernels' epilogue (the ConvKernel's, over D and C as row-major [M, N] matrices:
+// NHWC, packed), for ping-pong or cooperative schedules.
+template <class Acc, class Out, class Res, class Bias, template <class> class Act, class Tile, class Cluster,
+          bool kPingpong>
+using PersistentEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster, cutlass::epilogue::collective::EpilogueTileAuto,
+    Acc, float, Res, cutlass::layout::RowMajor, 16 / sizeof(Res), Out, cutlass::layout::RowMajor, 16 / sizeof(Out),
+    cute::conditional_t<kPingpong, cutlass::epilogue::TmaWarpSpecialized,
+                        cutlass::epilogue::TmaWarpSpecializedCooperative>,
+    cutlass::epilogue::fusion::LinCombPerColBiasEltAct<Act, Out, float, Bias, Res>>::CollectiveOp;
+
 // CUTLASS's sm90 implicit-GEMM conv mainloop (TMA im2col loads of NHWC activations) presented as
 // a GEMM mainloop, so that CUTLASS's persistent GEMM kernels run convolutions. CUTLASS 4.2 runs its
 // conv mainloop in its non-persistent kernel only (the ping-pong and cooperative conv schedule tags
@@ -131,8 +142,7 @@ struct ConvAsGemmMainloop : Conv {
 
   template <class GemmShape>
   static Params to_underlying_arguments(GemmShape const&, Arguments const& args, void* workspace) {
-    return {Conv::to_underlying_arguments(args.problem, args, workspace), Conv::get_problem_shape_MNKL(args.problem),
-            Conv::TmaTransactionBytes};
+    return {Conv::to_underlying_arguments(args.problem, args, workspace), Conv::get_problem_shape_MNKL(args.problem)};
   }
   template <class GemmShape>
   static bool can_implement(GemmShape const&, Arguments const& args) {
@@ -173,17 +183,11 @@ template <class AB, class Acc, class Out, class Res, class Bias, template <class
 struct PersistentConvKernel {
   static constexpr bool kGemm = false;
   static constexpr bool kPersistent = true;
-  using Fusion = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<Act, Out, float, Bias, Res>;
   using Cluster = cute::Shape<cute::_1, cute::_1, cute::_1>;
   using FlatTile = cute::Shape<decltype(cute::get<0>(Tile{})), decltype(cute::get<1>(Tile{})),
                                decltype(cute::size<2>(Tile{}))>;
-  using EpilogueSchedule = cute::conditional_t<kPingpong, cutlass::epilogue::TmaWarpSpecialized,
-                                               cutlass::epilogue::TmaWarpSpecializedCooperative>;
-  // D and C as [N*P*Q, K] row-major matrices: NHWC, packed
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, FlatTile, Cluster,
-      cutlass::epilogue::collective::EpilogueTileAuto, Acc, float, Res, cutlass::layout::RowMajor, 16 / sizeof(Res),
-      Out, cutlass::layout::RowMajor, 16 / sizeof(Out), EpilogueSchedule, Fusion>::CollectiveOp;
+  // D and C as [N*P*Q, K] matrices
+  using Epilogue = PersistentEpilogue<Acc, Out, Res, Bias, Act, FlatTile, Cluster, kPingpong>;
   // the persistent kernels' barriers and scheduler state besides the epilogue's
   static constexpr int kCarveout = static_cast<int>(sizeof(typename Epilogue::SharedStorage)) + 1024;
   // CUTLASS's builder makes the conv mainloop for its non-persistent kernel: one warp group per
@@ -246,19 +250,13 @@ struct GemmKernel {
   static constexpr bool kGemm = true;
   static constexpr bool kPersistent = true;
   static constexpr bool kFp8 = cute::is_same_v<AB, cutlass::float_e4m3_t>;
-  using Fusion = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<Act, Out, float, Bias, Res>;
-  using EpilogueSchedule = cute::conditional_t<kPingpong, cutlass::epilogue::TmaWarpSpecialized,
-                                               cutlass::epilogue::TmaWarpSpecializedCooperative>;
   using MainloopSchedule = cute::conditional_t<
       kPingpong,
       cute::conditional_t<kFp8, cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8FastAccum,
                           cutlass::gemm::KernelTmaWarpSpecializedPingpong>,
       cute::conditional_t<kFp8, cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum,
                           cutlass::gemm::KernelTmaWarpSpecializedCooperative>>;
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
-      cutlass::epilogue::collective::EpilogueTileAuto, Acc, float, Res, cutlass::layout::RowMajor, 16 / sizeof(Res),
-      Out, cutlass::layout::RowMajor, 16 / sizeof(Out), EpilogueSchedule, Fusion>::CollectiveOp;
+  using Epilogue = PersistentEpilogue<Acc, Out, Res, Bias, Act, Tile, Cluster, kPingpong>;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, AB, cutlass::layout::RowMajor, 16 / sizeof(AB), AB,
       cutlass::layout::ColumnMajor, 16 / sizeof(AB), Acc, Tile, Cluster,
