@@ -176,9 +176,10 @@ class SmallReduction(GPUScheduleRule):
         # Registers per vector lane: the window of the padded input and of each channel operand.
         window_bytes = window * tvm.DataType(str(src.dtype)).bits // 8 * (1 + len(operands))
         vector = VECTOR_BYTES * 8 // max(tvm.DataType(str(b.dtype)).bits for b in (out, src))
-        if "float8" in str(out.dtype):
+        if "float8" in str(out.dtype) and tvm.DataType(str(block.writes[0].source.dtype)).bits > 8:
             # TVM 0.27's CUDA code generator casts 4 lanes at most to FP8 (8 halves to
-            # 8 E4M3 values it writes as a uint4 -> uint2 conversion nvcc rejects)
+            # 8 E4M3 values it writes as a uint4 -> uint2 conversion nvcc rejects); a
+            # reduction over 8-bit values (FP8 bits as int8) reinterprets them instead
             vector = min(vector, 4)
         while vector > 1 and (extents[-1] % vector or math.prod(extents) // vector < self.min_vectors
                               or vector * window_bytes > self.max_window_bytes):

@@ -5,9 +5,10 @@ profiler, which records every kernel the process launches (TVM's too, CUDA-graph
 included), so both columns come from the device's own timestamps rather than host timers.
 For each side: kernels per call, summed kernel time per call, and the top kernels with their
 time per call and count. Kernel time leaves out launch gaps; the wall time is printed beside it.
-With ``--quantize int8|fp8``, smelt's side is INT8 or FP8 (calibrated on 4 random batches, minmax),
+With ``--quantize int8|fp8|fp8stem``, smelt's side is INT8 or FP8 (calibrated on 4 random batches, minmax),
 with float16 in between; ``--no-torch`` leaves torch's side out.
-Usage: python bench/gpu_kernels.py [--models bert:16,mobilenetv3:32] [--quantize int8|fp8] [--no-torch] [--top 25]
+Usage: python bench/gpu_kernels.py [--models bert:16,mobilenetv3:32] [--quantize int8|fp8|fp8stem] [--no-torch] [--top 25]
+       [--sequence]
        [--json out.json]
 """
 
@@ -20,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -44,8 +46,13 @@ def kernels(fn, reps: int) -> dict:
     rows = [(e.key, e.self_device_time_total / 1e3 / reps, e.count / reps) for e in prof.key_averages()
             if e.self_device_time_total > 0]
     rows.sort(key=lambda r: -r[1])
+    launches = sorted((e.time_range.start, e.key, e.time_range.elapsed_us()) for e in prof.events()
+                      if e.device_type == DeviceType.CUDA)
+    per_call = len(launches) // reps
+    # the last call's kernels in launch order (us each): which layer's kernel takes how long
+    sequence = [(key, us) for _, key, us in launches[len(launches) - per_call:]]
     return {"wall_ms": cuda_ms(fn, 20), "kernel_ms": sum(r[1] for r in rows),
-            "launches": sum(r[2] for r in rows), "rows": rows}
+            "launches": sum(r[2] for r in rows), "rows": rows, "sequence": sequence}
 
 
 def smelt_side(name: str, module, x, tmp: Path, graphs: bool, scheme: str | None = None) -> dict:
@@ -53,7 +60,7 @@ def smelt_side(name: str, module, x, tmp: Path, graphs: bool, scheme: str | None
     if scheme:
         input_name = smelt.import_models([(module, (x,))], [name]).models[name].inputs[0].name
         calib = [{input_name: torch.randn_like(x).numpy()} for _ in range(4)]
-        quantize = smelt.Int8(calib=calib) if scheme == "int8" else smelt.Fp8(calib=calib)
+        quantize = smelt.Int8(calib=calib) if scheme == "int8" else smelt.Fp8(calib=calib, stem=scheme == "fp8stem")
     art = smelt.compile([(module, (x,))], target="cuda", names=[name], precision="float16", quantize=quantize,
                         options=smelt.CompileOptions(target=smelt.TargetOptions(kind="cuda", cuda_graph=graphs)))
     rt = smelt.load(art.save(tmp / f"{name}-{graphs}", force=True))
@@ -79,7 +86,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="bert:16", help="comma-separated MODEL:BATCH, MODEL in " + ", ".join(MODELS))
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--quantize", choices=["int8", "fp8"], help="smelt's side in INT8 or FP8 (float16 in between)")
+    ap.add_argument("--quantize", choices=["int8", "fp8", "fp8stem"],
+                    help="smelt's side in INT8 or FP8 (float16 in between; fp8stem: the stem in FP8 too)")
+    ap.add_argument("--sequence", action="store_true", help="print smelt's kernels of one call in launch order")
     ap.add_argument("--no-torch", action="store_true", help="leave torch.compile's side out")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -94,6 +103,9 @@ def main() -> None:
                 res["torch.compile ro"] = torch_side(make(), x)
             for label, r in res.items():
                 show(f"{item} {label}", r, args.top)
+            if args.sequence:
+                for key, us in next(iter(res.values()))["sequence"]:
+                    print(f"{us:8.1f} us  {key[:110]}")
             out[item] = res
             if args.json:
                 Path(args.json).write_text(json.dumps(out, indent=1))

@@ -7,7 +7,8 @@ precision; Relax before LegalizeOps, the layouts final.
 Guarantees: where such a quantization reads ``max_pool2d(y)``, is the pool's only user, and ``y``
 is an FP8 conv's result (through epilogue ops: scale, cast, bias, ReLU), it reads ``y`` instead,
 and one kernel (``max_pool2d_e4m3``: each element widened to y's dtype, TOPI's max pool with the
-same attributes, rounded to E4M3) pools its result. The result is
+same attributes, rounded to E4M3; where ``y`` is a ReLU's result, the same pool over the E4M3
+bits as int8, 16 values per vector) pools its result. The result is
 bit-identical: scaling by a positive number, clipping and rounding are all monotone (never
 decreasing), a monotone map commutes with a maximum, widening and narrowing E4M3 values are
 exact, and the pool's padding is never the maximum of a window that holds one input element.
@@ -34,13 +35,23 @@ from .quantize_fp8 import E4M3_MAX, FP8
 EPILOGUE_OPS = ("relax.multiply", "relax.astype", "relax.add", "relax.nn.relu")
 
 
-def max_pool2d_e4m3(x: tvm.te.Tensor, attrs, dtype: str) -> tvm.te.Tensor:
+def max_pool2d_e4m3(x: tvm.te.Tensor, attrs, dtype: str, nonnegative: bool = False) -> tvm.te.Tensor:
     """TOPI's max pool (``attrs``: relax's ``max_pool2d`` attributes) of E4M3 ``x``, computed in
-    ``dtype`` and rounded back to E4M3 (exact: the maximum is one of the inputs)."""
-    wide = topi.cast(x, dtype)
-    pooled = topi.nn.pool2d(wide, kernel=attrs.pool_size, stride=attrs.strides, dilation=attrs.dilation,
-                            padding=attrs.padding, pool_type="max", ceil_mode=attrs.ceil_mode, layout=attrs.layout)
-    return topi.cast(pooled, FP8)
+    ``dtype`` and rounded back to E4M3 (exact: the maximum is one of the inputs). With
+    ``nonnegative`` (``x`` holds no value below zero: a ReLU's result), on ``x``'s bits as int8
+    instead: E4M3 is sign and magnitude, so its non-negative values (0x00 to 0x7E) order as
+    their bits do, and -0 (0x80, -128) is the smallest, as is the padding (int8's minimum, the
+    same -0). The kernel then moves 16 values per vector (SmallReduction), where a cast to E4M3
+    limits it to 4."""
+    def pool(t):
+        return topi.nn.pool2d(t, kernel=attrs.pool_size, stride=attrs.strides, dilation=attrs.dilation,
+                              padding=attrs.padding, pool_type="max", ceil_mode=attrs.ceil_mode, layout=attrs.layout)
+
+    if not nonnegative:
+        return topi.cast(pool(topi.cast(x, dtype)), FP8)
+    bits = tvm.te.compute(x.shape, lambda *i: tvm.tirx.reinterpret("int8", x(*i)), name="bits")
+    pooled = pool(bits)
+    return tvm.te.compute(pooled.shape, lambda *i: tvm.tirx.reinterpret(FP8, pooled(*i)), name="e4m3")
 
 
 def _scalar(call: relax.Call) -> float | None:
@@ -116,7 +127,8 @@ class _Rewriter(relax.PyExprMutator):
         bb = self.builder_
         q = bb.emit(relax.op.astype(clip(bb.emit(relax.op.multiply(y, scaled.args[1]))), FP8))
         self.explain.fired(pool, f"the quantization to {FP8} runs before the max pool, which reads FP8")
-        return bb.call_te(max_pool2d_e4m3, q, a, str(y.ty.dtype), primfunc_name_hint="max_pool2d_e4m3")
+        nonnegative = isinstance(y, relax.Var) and op_is(self.lookup_binding(y), "relax.nn.relu")
+        return bb.call_te(max_pool2d_e4m3, q, a, str(y.ty.dtype), nonnegative, primfunc_name_hint="max_pool2d_e4m3")
 
 
 @tvm.transform.module_pass(opt_level=0, name="HoistQuantizeOverMaxPool")

@@ -98,6 +98,21 @@ def test_fp8_results_leave_four_lanes_at_a_time(requires_cuda_compiler):
     assert code.count("= *(uint4*)(x_ptr") == 0 and code.count("= *(half4*)(x_ptr") == 9  # 4 halves a load
 
 
+def test_fp8_bits_pooled_as_int8_leave_sixteen_lanes_at_a_time(requires_cuda_compiler):
+    """HoistQuantizeOverMaxPool's pool after a ReLU reinterprets E4M3 bits, casts nothing."""
+    from smelt.passes.hoist_quantize_over_max_pool import max_pool2d_e4m3
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((32, 112, 112, 64), "float8_e4m3fn"))
+    attrs = relax.op.nn.max_pool2d(x, 3, 2, 1, layout="NHWC").attrs
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit_te(max_pool2d_e4m3, x, attrs, "float16", True))
+        bb.emit_func_output(out)
+    code = cuda_source(_one_kernel(bb.get()), min_vectors=4096)
+    assert code.count("= *(uint4*)(x_ptr") == 9 and code.count("*(uint4*)(e4m3_ptr") == 1, code
+
+
 def test_weights_across_the_channels_keep_a_thread_per_channel(requires_cuda_compiler):
     # OHWI: 8 channels' weights lie 9 elements apart, 8 scalar loads; the HWIO twin takes vectors
     code = cuda_source(depthwise((32, 56, 56, 72), kernel_layout="OHWI"))

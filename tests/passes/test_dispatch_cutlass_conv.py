@@ -177,20 +177,24 @@ _RUN = ("import sys, numpy as np, smelt; x = np.load(sys.argv[2]); "
         "np.save(sys.argv[3], np.asarray(smelt.load(sys.argv[1]).run('m', **{sys.argv[4]: x}), np.float32))")
 
 
-@pytest.fixture(scope="module")
-def fp8_artifacts(resnet, tmp_path_factory):
+def _artifacts(resnet, tmp: Path, stem: bool):
     """The CPU's FP8 graph's output, and the sm_90 artifact's path with its input saved beside it."""
     m, name, calib, x = resnet
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("CUTLASS's FP8 convs are sm_90's")
-    tmp = tmp_path_factory.mktemp("fp8")
     opts = smelt.CompileOptions(tune_log_dir=None)
-    cpu = smelt.compile([m], names=["m"], precision="float16", quantize=smelt.Fp8(calib=calib), options=opts)
-    gpu = smelt.compile([m], names=["m"], target="cuda", arch="sm_90", precision="float16",
-                        quantize=smelt.Fp8(calib=calib), options=opts)
+    quantize = smelt.Fp8(calib=calib, stem=stem)
+    cpu = smelt.compile([m], names=["m"], precision="float16", quantize=quantize, options=opts)
+    gpu = smelt.compile([m], names=["m"], target="cuda", arch="sm_90", precision="float16", quantize=quantize,
+                        options=opts)
     want = np.asarray(smelt.load(cpu.save(tmp / "cpu")).run("m", **{name: x}), np.float32)
     np.save(tmp / "x.npy", x)
     return want, gpu.save(tmp / "gpu"), tmp
+
+
+@pytest.fixture(scope="module")
+def fp8_artifacts(resnet, tmp_path_factory):
+    return _artifacts(resnet, tmp_path_factory.mktemp("fp8"), stem=False)
 
 
 def _run_gpu(fp8_artifacts, name, out, env) -> str:
@@ -209,6 +213,17 @@ def test_cutlass_fp8_matches_the_cpu_graph(resnet, fp8_artifacts):
     want, _, tmp = fp8_artifacts
     _run_gpu(fp8_artifacts, resnet[1], tmp / "out.npy", {})
     got = np.load(tmp / "out.npy")
+    assert _cos(got, want) >= 0.995 and np.abs(got - want).max() <= 0.15 * np.abs(want).max()
+
+
+@pytest.mark.cuda
+def test_cutlass_fp8_stem_matches_the_cpu_graph(resnet, tmp_path):
+    """The stem in FP8 too: its space-to-depth kernel, its 4x1 conv and the max pool over E4M3
+    bits (HoistQuantizeOverMaxPool) on the GPU."""
+    artifacts = _artifacts(resnet, tmp_path, stem=True)
+    want = artifacts[0]
+    _run_gpu(artifacts, resnet[1], tmp_path / "out.npy", {})
+    got = np.load(tmp_path / "out.npy")
     assert _cos(got, want) >= 0.995 and np.abs(got - want).max() <= 0.15 * np.abs(want).max()
 
 

@@ -1,6 +1,7 @@
 """HoistQuantizeOverMaxPool: the FP8 quantization of a max pool's result moves before the pool onto
 an FP8 conv's result, bit-identically (both quantization forms and layouts, clipped values, padded
-windows; rounding to E4M3 is monotone on every float16), and where it does not."""
+windows; rounding to E4M3 is monotone on every float16), over the E4M3 bits as int8 after a ReLU,
+and where it does not."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ FP8 = "float8_e4m3fn"
 
 
 def _module(form: str, scale: float = 37.5, extra_user: bool = False, layout: str = "NHWC", conv: bool = True,
-            conv_read_elsewhere: bool = False):
-    """x -> [FP8 1x1 conv -> scale -> float16 -> ReLU] -> max_pool2d 3x3/2 pad 1 -> quantize
+            conv_read_elsewhere: bool = False, relu: bool = True):
+    """x -> [FP8 1x1 conv -> scale -> float16 [-> ReLU]] -> max_pool2d 3x3/2 pad 1 -> quantize
     (``form``: clip or maximum/minimum) -> FP8 [-> float16]."""
     shape = (2, 9, 9, 32) if layout == "NHWC" else (2, 32, 9, 9)
     w = np.random.default_rng(3).standard_normal((32, 32, 1, 1) if layout == "NCHW" else (32, 1, 1, 32))
@@ -31,7 +32,8 @@ def _module(form: str, scale: float = 37.5, extra_user: bool = False, layout: st
                                                kernel_layout="OIHW" if layout == "NCHW" else "OHWI",
                                                out_dtype="float32"))
                 y = bb.emit(relax.op.astype(bb.emit(relax.op.multiply(y, relax.const(0.5, "float32"))), "float16"))
-                y = bb.emit(relax.op.nn.relu(y))
+                if relu:
+                    y = bb.emit(relax.op.nn.relu(y))
             pool = bb.emit(relax.op.nn.max_pool2d(y, 3, 2, 1, layout=layout))
             q = bb.emit(relax.op.multiply(pool, relax.const(scale, "float16")))
             if form == "clip":
@@ -54,17 +56,22 @@ def _ops(mod) -> list[str]:
 
 @pytest.mark.parametrize("form", ["clip", "max_min"])
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
-def test_bit_identical(form, layout, rng, run):
-    before = _module(form, layout=layout)
+@pytest.mark.parametrize("relu", [True, False], ids=["relu_bits", "signed"])
+def test_bit_identical(form, layout, relu, rng, run):
+    before = _module(form, layout=layout, relu=relu)
     explain = Explainer("HoistQuantizeOverMaxPool")
     after = HoistQuantizeOverMaxPool(explain)(before)
     assert explain.num_fired == 1
     assert "relax.nn.max_pool2d" not in _ops(after) and "max_pool2d_e4m3" in _ops(after), _ops(after)
-    # values over E4M3's range once scaled (clipped), and ties
+    # after a ReLU the pool takes the E4M3 bits as int8; else it widens them
+    assert ("reinterpret" in after["max_pool2d_e4m3"].script()) == relu
+    # values over E4M3's range once scaled (clipped), ReLU's zeros, ties, and without the ReLU
+    # windows of negative values only
     x = (rng.standard_normal([int(d) for d in before["main"].params[0].ty.shape.values]) * 8).astype(np.float16)
     want, got = run(before, x), run(after, x)
     np.testing.assert_array_equal(got, want)
     assert np.abs(want).max() == 448  # the clip was exercised
+    assert relu or (want < 0).any()
 
 
 def test_pool_read_elsewhere_negative_scale_or_no_fp8_conv_stays():
