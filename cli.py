@@ -95,9 +95,9 @@ def _quantize_options(command):
                      help="With --quantize fp8: which convolutions take FP8, all (those of one group with "
                      "channels in multiples of 16; on Hopper, activations stay FP8 between them) or only the "
                      "1x1 ones that are GEMMs."),
-        click.option("--fp8-stem", is_flag=True, help="With --quantize fp8 and --fp8-convs all: a strided conv "
-                     "over fewer than 16 channels (a CNN's stem) is rewritten to take 16 or more and runs in FP8 "
-                     "too (slower than the float16 stem on an H100; see the README)."),
+        click.option("--fp8-stem/--no-fp8-stem", default=None, help="With --quantize fp8 and --fp8-convs all: "
+                     "whether a strided conv over fewer than 16 channels (a CNN's stem) is rewritten to take 16 "
+                     "or more and runs in FP8 too (default: where the target runs FP8 convs on CUTLASS, Hopper)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -196,7 +196,7 @@ def compile(models, target, arch, triple, output, names, shapes, force, emit_sou
 
 
 def _quantize_config(scheme, group_size, calib, method, percentile, max_error, smooth=0.5, fp8_convs="all",
-                     fp8_stem=False):
+                     fp8_stem=None):
     """``--quantize`` and its options as the API's ``Int8`` or ``WeightOnly`` (None without it)."""
     from . import Fp8, Int8, WeightOnly
 

@@ -123,6 +123,10 @@ def compile(models, target: str = "cpu", *, arch: str | None = None, names: Sequ
     if isinstance(opts.quantize, Fp8) and (why := getattr(backend, "fp8_unsupported", lambda _t: "")(tvm_target)):
         raise SmeltError(f"--quantize fp8 for target {opts.target.kind}: {why}; use --quantize int8 or --precision fp16")
     backend.check_toolchain(opts.target)
+    if isinstance(opts.quantize, Fp8) and opts.quantize.stem is None:
+        # A backend says whether a few-channel stem runs in FP8 (optional ``fp8_stem(target)``).
+        opts = replace(opts, quantize=replace(opts.quantize, stem=getattr(backend, "fp8_stem", lambda _t: False)(
+            tvm_target)))
 
     t0 = time.perf_counter()
     program = import_models(models, names, input_shapes, dynamic_batch)

@@ -92,6 +92,12 @@ class CUDABackend:
         return "" if m and int(m.group(1)) >= 89 else \
             f"FP8 (E4M3) needs an NVIDIA GPU of sm_89 or newer (Ada, Hopper), not {target.attrs['arch']}"
 
+    def fp8_stem(self, target) -> bool:
+        """Whether ``Fp8(stem=None)`` rewrites a few-channel stem to run in FP8: where CUTLASS takes
+        FP8 convs (Hopper, ``libs`` naming it), whose space-to-depth stem and max pool over E4M3
+        beat cuDNN's float16 stem (see ``RewriteConvSpaceToDepth``)."""
+        return _hopper(target) and _uses(target, CUTLASS)
+
     def check_toolchain(self, opts: TargetOptions) -> None:
         nvcc = shutil.which("nvcc")
         if nvcc is None and not _has_nvrtc():
@@ -125,7 +131,7 @@ class CUDABackend:
         # FP8 convs go to CUTLASS first (sm_90 only: its kernels are Hopper's), with their next
         # layer's quantization: cuBLASLt would take the 1x1 ones as GEMMs with 16-bit results. A max
         # pool's quantization moves before it first, into the epilogue of the conv feeding it.
-        hopper = re.fullmatch(r"sm_90a?", str(target.attrs["arch"])) is not None
+        hopper = _hopper(target)
         return [LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI"), FuseNormInputCasts()] + \
             ([HoistQuantizeOverMaxPool(), DispatchCutlassConv()] if hopper and _uses(target, CUTLASS) else []) + \
             ([DispatchCublasLt()] if _uses(target, CUBLASLT) else []) + \
@@ -177,6 +183,11 @@ class CUDABackend:
                 out.append(out_dir / "host.ll")
                 break
         return out
+
+
+def _hopper(target: tvm.target.Target) -> bool:
+    """Whether ``target`` is sm_90, whose kernels smelt's CUTLASS routine holds."""
+    return re.fullmatch(r"sm_90a?", str(target.attrs["arch"])) is not None
 
 
 def _uses(target: tvm.target.Target, lib) -> bool:

@@ -5,9 +5,9 @@ profiler, which records every kernel the process launches (TVM's too, CUDA-graph
 included), so both columns come from the device's own timestamps rather than host timers.
 For each side: kernels per call, summed kernel time per call, and the top kernels with their
 time per call and count. Kernel time leaves out launch gaps; the wall time is printed beside it.
-With ``--quantize int8|fp8|fp8stem``, smelt's side is INT8 or FP8 (calibrated on 4 random batches, minmax),
+With ``--quantize int8|fp8|fp8-f16stem``, smelt's side is INT8 or FP8 (calibrated on 4 random batches, minmax),
 with float16 in between; ``--no-torch`` leaves torch's side out.
-Usage: python bench/gpu_kernels.py [--models bert:16,mobilenetv3:32] [--quantize int8|fp8|fp8stem] [--no-torch] [--top 25]
+Usage: python bench/gpu_kernels.py [--models bert:16,mobilenetv3:32] [--quantize int8|fp8|fp8-f16stem] [--no-torch] [--top 25]
        [--sequence]
        [--json out.json]
 """
@@ -60,7 +60,8 @@ def smelt_side(name: str, module, x, tmp: Path, graphs: bool, scheme: str | None
     if scheme:
         input_name = smelt.import_models([(module, (x,))], [name]).models[name].inputs[0].name
         calib = [{input_name: torch.randn_like(x).numpy()} for _ in range(4)]
-        quantize = smelt.Int8(calib=calib) if scheme == "int8" else smelt.Fp8(calib=calib, stem=scheme == "fp8stem")
+        quantize = smelt.Int8(calib=calib) if scheme == "int8" else \
+            smelt.Fp8(calib=calib, stem=False if scheme == "fp8-f16stem" else None)
     art = smelt.compile([(module, (x,))], target="cuda", names=[name], precision="float16", quantize=quantize,
                         options=smelt.CompileOptions(target=smelt.TargetOptions(kind="cuda", cuda_graph=graphs)))
     rt = smelt.load(art.save(tmp / f"{name}-{graphs}", force=True))
@@ -86,8 +87,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="bert:16", help="comma-separated MODEL:BATCH, MODEL in " + ", ".join(MODELS))
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--quantize", choices=["int8", "fp8", "fp8stem"],
-                    help="smelt's side in INT8 or FP8 (float16 in between; fp8stem: the stem in FP8 too)")
+    ap.add_argument("--quantize", choices=["int8", "fp8", "fp8-f16stem"],
+                    help="smelt's side in INT8 or FP8 (float16 in between; fp8-f16stem: the stem in float16)")
     ap.add_argument("--sequence", action="store_true", help="print smelt's kernels of one call in launch order")
     ap.add_argument("--no-torch", action="store_true", help="leave torch.compile's side out")
     ap.add_argument("--json")

@@ -33,10 +33,10 @@ VARIANTS = {  # name -> (precision, quantize factory taking calibration batches)
     "int8": ("float32", lambda calib: smelt.Int8(calib=calib, method="minmax")),
     "int8-fp16": ("float16", lambda calib: smelt.Int8(calib=calib, method="minmax")),
     # weight GEMMs on cuBLASLt's FP8 kernels, convs on CUTLASS's (activations FP8 between them),
-    # the rest in float16
+    # on Hopper the stem too (RewriteConvSpaceToDepth), the rest in float16
     "fp8-fp16": ("float16", lambda calib: smelt.Fp8(calib=calib, method="minmax")),
-    # the same with the stem in FP8 too (RewriteConvSpaceToDepth) instead of float16 on cuDNN
-    "fp8stem-fp16": ("float16", lambda calib: smelt.Fp8(calib=calib, method="minmax", stem=True)),
+    # the same with the stem in float16 on cuDNN
+    "fp8-f16stem": ("float16", lambda calib: smelt.Fp8(calib=calib, method="minmax", stem=False)),
     # FP8 for the GEMMs only (matmuls, 1x1 convs, with float16 results), the other convs in float16
     "fp8gemm-fp16": ("float16", lambda calib: smelt.Fp8(calib=calib, method="minmax", convs="gemm")),
     "w8": ("float32", lambda calib: smelt.WeightOnly(8, 128)),

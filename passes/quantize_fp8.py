@@ -68,8 +68,9 @@ class Fp8:
     ``convs``: ``"all"`` (every conv of one group with channels in multiples of 16) or
     ``"gemm"`` (only the 1×1 stride-1 ones); ``stem``: with ``convs="all"``, strided convs over
     fewer than 16 channels (a CNN's stem) are rewritten to take 16 or more
-    (RewriteConvSpaceToDepth) and run in FP8 too. Off by default: on an H100, ResNet-50 at
-    batch 32 took 0.868 ms with it, 0.843 with its stem in float16 on cuDNN.
+    (RewriteConvSpaceToDepth) and run in FP8 too; None (the default): where the target's
+    backend runs FP8 convs in a library kernel (``fp8_stem(target)``: CUTLASS's on Hopper), else
+    not.
     """
 
     calib: object
@@ -78,7 +79,7 @@ class Fp8:
     max_error: float = 0.1
     bins: int = 2048
     convs: str = "all"
-    stem: bool = False
+    stem: bool | None = None
 
     def __post_init__(self):
         check_method(self.method, self.percentile)

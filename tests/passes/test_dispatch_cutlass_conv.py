@@ -117,9 +117,10 @@ def test_folded_scales_match_the_fp8_graph(resnet, stem):
 
 
 def test_chains_write_fp8_and_read_fp8_shortcuts(resnet, requires_cuda_compiler):
+    """With the stem in float16 (``stem=False``): 52 convs."""
     m, _, calib, _ = resnet
     art = smelt.compile([m], names=["m"], target="cuda", arch="sm_90", precision="float16",
-                        quantize=smelt.Fp8(calib=calib), options=smelt.CompileOptions(tune_log_dir=None))
+                        quantize=smelt.Fp8(calib=calib, stem=False), options=smelt.CompileOptions(tune_log_dir=None))
     lines = [line for line in art.report.explanations if line.startswith("DispatchCutlassConv: rewrote")]
     assert len(lines) == 52
     # 3 convs and a ReLU per bottleneck; the shortcut's conv (4 of them) and the last conv write float16
@@ -132,10 +133,12 @@ def test_chains_write_fp8_and_read_fp8_shortcuts(resnet, requires_cuda_compiler)
                for line in art.report.explanations)
 
 
-def test_fp8_stem_writes_the_max_pools_fp8_input(resnet, requires_cuda_compiler):
+def test_fp8_stem_by_default_writes_the_max_pools_fp8_input(resnet, requires_cuda_compiler, tmp_path):
+    """On Hopper ``Fp8()`` takes the stem too (``stem=None``: the CUDA backend's ``fp8_stem``)."""
     m, _, calib, _ = resnet
     art = smelt.compile([m], names=["m"], target="cuda", arch="sm_90", precision="float16",
-                        quantize=smelt.Fp8(calib=calib, stem=True), options=smelt.CompileOptions(tune_log_dir=None))
+                        quantize=smelt.Fp8(calib=calib), options=smelt.CompileOptions(tune_log_dir=None))
+    assert art.options.quantize.stem is True
     lines = [line for line in art.report.explanations if line.startswith("DispatchCutlassConv: rewrote")]
     assert len(lines) == 53 and sum("-> float8_e4m3fn" in line for line in lines) == 48
     assert any("4x1 stride 1x1, 64->64 channels" in line and "-> float8_e4m3fn" in line for line in lines)
@@ -157,6 +160,7 @@ def test_older_gpus_keep_fp8_convs_in_generated_code(resnet, requires_cuda_compi
     art = smelt.compile([m], names=["m"], target="cuda", arch="sm_89", precision="float16",
                         quantize=smelt.Fp8(calib=calib), options=smelt.CompileOptions(tune_log_dir=None))
     assert not any("Cutlass" in line for line in art.report.explanations)
+    assert art.options.quantize.stem is False  # without CUTLASS's convs the stem stays float16
 
 
 @pytest.mark.slow
@@ -194,7 +198,8 @@ def _artifacts(resnet, tmp: Path, stem: bool):
 
 @pytest.fixture(scope="module")
 def fp8_artifacts(resnet, tmp_path_factory):
-    return _artifacts(resnet, tmp_path_factory.mktemp("fp8"), stem=False)
+    """The stem in FP8, as on Hopper by default (named: the CPU's default keeps it float16)."""
+    return _artifacts(resnet, tmp_path_factory.mktemp("fp8"), stem=True)
 
 
 def _run_gpu(fp8_artifacts, name, out, env) -> str:
@@ -217,10 +222,9 @@ def test_cutlass_fp8_matches_the_cpu_graph(resnet, fp8_artifacts):
 
 
 @pytest.mark.cuda
-def test_cutlass_fp8_stem_matches_the_cpu_graph(resnet, tmp_path):
-    """The stem in FP8 too: its space-to-depth kernel, its 4x1 conv and the max pool over E4M3
-    bits (HoistQuantizeOverMaxPool) on the GPU."""
-    artifacts = _artifacts(resnet, tmp_path, stem=True)
+def test_cutlass_fp8_with_a_float16_stem_matches_the_cpu_graph(resnet, tmp_path):
+    """``stem=False``: the stem in float16 on cuDNN, its max pool's quantization in the pool."""
+    artifacts = _artifacts(resnet, tmp_path, stem=False)
     want = artifacts[0]
     _run_gpu(artifacts, resnet[1], tmp_path / "out.npy", {})
     got = np.load(tmp_path / "out.npy")
