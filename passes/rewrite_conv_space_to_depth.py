@@ -13,15 +13,17 @@ column-shifted copies side by side and a t × 1 kernel over t·c channels (ResNe
 over 64, one FP8 K-block per tap, where 4×4 over 16 filled a quarter of each; 3.4× the bytes
 of the input in FP8). The numbers are the same products summed in another order. Convs whose
 bottom or right padding would have to be negative stay.
-Where: the quantize phase, before QuantizeFp8, with ``Fp8(convs="all", stem=True)``: FP8 convs
-need multiples of 16 channels, so a 3-channel stem stays in float16; rewritten, it is one more
-FP8 conv, whose epilogue writes the max pool's input in FP8 (HoistQuantizeOverMaxPool). Not
-the default, measured: on an H100, ResNet-50 at batch 32 took 0.868 ms with it and 0.843 with
-its float16 stem on cuDNN (0.062 ms, and 0.031 for the pool with its quantization). The
-rearranging kernel took 0.041 ms (26 MB written in 16-byte stores, but index arithmetic per
-element), the FP8 pool 0.023; the 4×1 conv, 4 K-blocks per output tile, spends as long in its
-epilogue as in its main loop (CUTLASS's conv has no persistent schedule to overlap them).
-A 4×4 conv over 16 channels was slower still (1.114 ms in all).
+Where: the quantize phase, before QuantizeFp8, with ``Fp8(convs="all", stem=True)``, which is
+what ``stem=None`` (the default) resolves to on Hopper with CUTLASS (the CUDA backend's
+``fp8_stem``): FP8 convs need multiples of 16 channels, so a 3-channel stem stays in float16;
+rewritten, it is one more FP8 conv, whose epilogue writes the max pool's input in FP8
+(HoistQuantizeOverMaxPool, which pools E4M3 bits after a ReLU). Measured on an H100, ResNet-50
+at batch 32 (the kernels in graph order, ``bench/gpu_kernels.py --sequence``): the float16 stem
+took 10.8 us for the input's layout, 61.3 on cuDNN and 30.8 for the pool with its quantization;
+the FP8 stem 37.8 for this rearranging (its index arithmetic, see ShortRows), 38.5 for the 4×1
+conv (a persistent CUTLASS kernel) and 13.6 for the pool. Before the persistent convs and the
+pool over bits it was slower (0.868 ms in all against 0.843); a 4×4 conv over 16 channels,
+filling a quarter of each K-block, slower still (1.114 ms).
 
 Space-to-depth is the stem of MLPerf's ResNet-50 submissions on TPUs and GPUs for the same
 reason: 3 channels fill no tensor-core K-block.
