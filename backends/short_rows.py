@@ -9,14 +9,8 @@ or up to 64 bytes in 16-byte pieces of 2 to 16 elements (an FP8 space-to-depth s
 Guarantees: the same function. Each thread computes one innermost row in registers, reading its
 elements where they are (for an NCHW source: one element of each channel plane, and neighbouring
 threads read neighbouring addresses of it), and stores it with one vector store per 16 bytes.
-Where the second innermost axis (a row of pixels) holds 32 to 1024 elements with few idle lanes,
-a thread block takes one such row, a thread each pixel; else the rows are split evenly over
-blocks of ``dividing_threads``. Why: the kernel is index arithmetic more than memory. Each
-element loads from an address and tests bounds that depend on its pixel's coordinates; from a
-thread's flat index those were divisions and remainders per element, from the block's and the
-thread's own index they are uniform or one addition. A space-to-depth FP8 stem's input (ResNet-50
-at batch 32: 26 MB, 64 elements a thread from 12 planes) compiled to 2100 instructions a thread,
-37.8 us on an H100, from a thread's flat index (41.0 us with a 16-byte piece per thread).
+A whole row per thread rather than a 16-byte piece: the row's index arithmetic (divisions,
+bounds) is computed once, where a space-to-depth stem's 4 pieces each computed it again.
 Why not dlight: its ``Fallback`` gives each thread one element, so a warp covers 8 pixels of
 4 channels: 32-byte pieces of three planes per load, 2-byte stores. On an H200, ResNet-50's
 input at batch 32 (fp32 NCHW -> fp16 NHWC padded to 4 channels) took 22 us, where its 32 MB
@@ -41,9 +35,6 @@ from .rule_blocks import VECTOR_BYTES, dividing_threads, one_spatial_block
 # Rows of up to this many bytes are taken, in 16-byte pieces: the input of a space-to-depth stem
 # (RewriteConvSpaceToDepth) in FP8 has rows of 64 channels.
 LONGEST_ROW_BYTES = 64
-# A thread block per output row of pixels (the second innermost axis) of this many, where the
-# last warp's idle lanes are at most 1/IDLE_LANES of them (112 pixels: 16 idle).
-MIN_ROW_THREADS, MAX_ROW_THREADS, IDLE_LANES = 32, 1024, 6
 
 
 class ShortRows(GPUScheduleRule):
@@ -65,16 +56,10 @@ class ShortRows(GPUScheduleRule):
         piece = shape[-1] if shape[-1] * bits <= VECTOR_BYTES * 8 else VECTOR_BYTES * 8 // bits
         if piece not in (2, 4, 8, 16) or shape[-1] % piece or shape[-1] * bits > LONGEST_ROW_BYTES * 8:
             return None
-        *outer, row = sch.get_loops(block)
-        pixels = shape[-2] if len(shape) >= 3 else 0
-        if MIN_ROW_THREADS <= pixels <= MAX_ROW_THREADS and -pixels % 32 * IDLE_LANES <= pixels:
-            # a thread block per row of pixels, a thread per pixel: the block's coordinates are
-            # uniform, and what the thread's own depend on is one index (see the docstring)
-            bx, tx = sch.fuse(*outer[:-1]), outer[-1]
-        elif (threads := dividing_threads(math.prod(shape[:-1]), self.threads)) is not None:
-            bx, tx = sch.split(sch.fuse(*outer), [None, threads])
-        else:
+        if (threads := dividing_threads(math.prod(shape[:-1]), self.threads)) is None:
             return None
+        *outer, row = sch.get_loops(block)
+        bx, tx = sch.split(sch.fuse(*outer), [None, threads])
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
         sch.unroll(row)
