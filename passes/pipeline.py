@@ -97,7 +97,7 @@ def quantize_passes(config: Int8 | Fp8 | WeightOnly | None, models: list[str], i
         return quantizer, [quantizer], []
     if isinstance(config, Fp8):
         quantizer = QuantizeFp8(config, models)
-        if config.convs != "all" or not config.stem:  # None: the compile resolved it to False
+        if config.convs != "all" or not config.stem:  # None: no compile resolved it for a target
             return quantizer, [quantizer], []
         # A few-channel strided stem becomes an FP8 conv over 16 or more channels.
         return quantizer, [RewriteConvSpaceToDepth(), quantizer], []
