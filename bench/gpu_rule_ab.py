@@ -4,11 +4,14 @@ Each model is compiled at fp16 with variants of the defaults (``VARIANTS``): ``o
 without vectors, no ShortRows), ``new`` (the defaults), ``hwio`` (depthwise weights HWIO, so their
 convs take vectors too), ``wide``/``narrow`` (hwio with no / a tighter register budget for windows),
 ``vec8`` (vectors whatever the thread count), ``occ8k`` (vectors down to 8192 threads), ``oldsr``
-(ShortRows only); the runtimes are
+(ShortRows only), ``pixrows`` (ShortRows with a thread block per row of pixels); with
+``--quantize fp8`` in FP8 (calibrated on 4 random batches; on Hopper the stem too, whose
+space-to-depth kernel ShortRows schedules); the runtimes are
 then timed in turns (7 rounds, median) and each output is compared with torch eager fp32.
 With ``--kernels N``, each variant also runs under CUPTI (bench/gpu_kernels.py) and the N kernels
 whose time moved most between the first variant and each other one are printed.
 Usage: python bench/gpu_rule_ab.py resnet50:32:old+new,mobilenetv3:1:old+new+vec8 [--kernels 15]
+       [--quantize fp8]
 """
 from __future__ import annotations
 
@@ -34,20 +37,25 @@ from smelt.passes.convert_conv_layout import ConvertConvLayout  # noqa: E402
 
 MODELS = {"resnet50": (torch_models.resnet50, (3, 224, 224)),
           "mobilenetv3": (torch_models.mobilenet_v3_large, (3, 224, 224))}
-# name: (SmallReduction's arguments, ShortRows on, depthwise weights HWIO)
-VARIANTS = {"old": (dict(min_vectors=1 << 62), False, False), "new": ({}, True, False),
-            "hwio": ({}, True, True), "wide": (dict(max_window_bytes=1 << 30), True, True),
-            "narrow": (dict(max_window_bytes=288), True, True), "vec8": (dict(min_vectors=0), True, False),
-            "occ8k": (dict(min_vectors=8192), True, False), "oldsr": (dict(min_vectors=1 << 62), True, False)}
+# name: (SmallReduction's arguments, ShortRows's (None: off), depthwise weights HWIO)
+VARIANTS = {"old": (dict(min_vectors=1 << 62), None, False), "new": ({}, {}, False),
+            "hwio": ({}, {}, True), "wide": (dict(max_window_bytes=1 << 30), {}, True),
+            "narrow": (dict(max_window_bytes=288), {}, True), "vec8": (dict(min_vectors=0), {}, False),
+            "occ8k": (dict(min_vectors=8192), {}, False), "oldsr": (dict(min_vectors=1 << 62), {}, False),
+            "pixrows": ({}, dict(pixel_rows=True), False)}
 orig = ads.default_rules
 orig_prelegalize = CUDABackend.prelegalize_passes
 
 
 def use(kw, short, hwio):
-    """Make the defaults the variant's: its SmallReduction, ShortRows or not, its depthwise weight layout."""
+    """Make the defaults the variant's: its SmallReduction, its ShortRows or none, its depthwise weight layout."""
+    def variant(rule):
+        if isinstance(rule, sr.SmallReduction):
+            return sr.SmallReduction(**kw)
+        return ShortRows(**short) if isinstance(rule, ShortRows) else rule
+
     def rules():
-        return [sr.SmallReduction(**kw) if isinstance(r, sr.SmallReduction) else r for r in orig()
-                if short or not isinstance(r, ShortRows)]
+        return [variant(r) for r in orig() if short is not None or not isinstance(r, ShortRows)]
 
     def prelegalize(self, target):
         passes = orig_prelegalize(self, target)
@@ -63,6 +71,7 @@ ap.add_argument("specs", help="comma-separated MODEL:BATCH:VARIANT+VARIANT...")
 ap.add_argument("--kernels", type=int, default=0, help="print the N kernels that moved most")
 ap.add_argument("--onnx", help="also export each model (float32, at its batch) to ONNX into this folder")
 ap.add_argument("--source", help="write each variant's CUDA source into this folder")
+ap.add_argument("--quantize", choices=["fp8"], help="compile in FP8 (float16 in between)")
 args = ap.parse_args()
 out = Path(tempfile.mkdtemp())
 if args.onnx:
@@ -78,9 +87,13 @@ for spec in args.specs.split(","):
     if args.onnx:
         torch.onnx.export(m.cpu(), (x,), f"{args.onnx}/{name}{b}.onnx", dynamo=False)
     rts = {}
+    quantize = None
+    if args.quantize:
+        inp = smelt.import_models([(m.cpu(), (x,))], [name]).models[name].inputs[0].name
+        quantize = smelt.Fp8(calib=[{inp: torch.randn_like(x).numpy()} for _ in range(4)])
     for v in vs.split("+"):
         use(*VARIANTS[v])
-        art = smelt.compile([(m.cpu(), (x,))], target="cuda", names=[name], precision="float16")
+        art = smelt.compile([(m.cpu(), (x,))], target="cuda", names=[name], precision="float16", quantize=quantize)
         art.save(out / f"{name}{b}{v}", force=True)
         rts[v] = smelt.load(out / f"{name}{b}{v}")
         if args.source:
