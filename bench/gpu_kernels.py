@@ -55,11 +55,16 @@ def kernels(fn, reps: int) -> dict:
             "launches": sum(r[2] for r in rows), "rows": rows, "sequence": sequence}
 
 
+def random_calib(name: str, module, x, batches: int = 4) -> list[dict]:
+    """Calibration data for ``module`` (one input ``x``): ``batches`` random batches of x's shape."""
+    input_name = smelt.import_models([(module, (x,))], [name]).models[name].inputs[0].name
+    return [{input_name: torch.randn_like(x).numpy()} for _ in range(batches)]
+
+
 def smelt_side(name: str, module, x, tmp: Path, graphs: bool, scheme: str | None = None) -> dict:
     quantize = None
     if scheme:
-        input_name = smelt.import_models([(module, (x,))], [name]).models[name].inputs[0].name
-        calib = [{input_name: torch.randn_like(x).numpy()} for _ in range(4)]
+        calib = random_calib(name, module, x)
         quantize = smelt.Int8(calib=calib) if scheme == "int8" else \
             smelt.Fp8(calib=calib, stem=False if scheme == "fp8-f16stem" else None)
     art = smelt.compile([(module, (x,))], target="cuda", names=[name], precision="float16", quantize=quantize,

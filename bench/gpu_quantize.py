@@ -4,7 +4,8 @@ torch eager fp32 and torch.compile fp16, one process, one run per model.
 Each smelt variant is compiled without tuning records (default schedules), checked
 against torch eager float32 on the GPU (largest deviation relative to the largest
 output) and timed (median ms); INT8 and FP8 are calibrated on 4 batches of random inputs of the
-model's own shape (minmax). Rows are printed as JSON lines as they finish, then as a table.
+model's own shape, the same for every variant (minmax). Rows are printed as JSON lines as they
+finish, then as a table.
 Usage: python bench/gpu_quantize.py [--models resnet50:1,bert:1] [--variants fp32,fp16,bf16,int8,fp8-fp16,w8,w4]
        [--json out.json] [--no-compile]
 """
@@ -23,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import torch_models  # noqa: E402
 from gpu_e2e import smelt_run, torch_ms  # noqa: E402
+from gpu_kernels import random_calib  # noqa: E402
 
 import smelt  # noqa: E402
 
@@ -68,13 +70,11 @@ def run(name: str, batch: int, variants: list[str], out_dir: Path, emit, compile
         emit({**base, "variant": "torch.compile reduce-overhead fp16",
               "ms": torch_ms(torch.compile(half, mode="reduce-overhead"), hx)})
     module.float().cpu()
-    input_name = None
+    calib = None  # the same batches for every quantized variant
     for v in variants:
         precision, make = VARIANTS[v]
-        calib = None
-        if make is not None:
-            input_name = input_name or smelt.import_models([(module, (x,))], [name]).models[name].inputs[0].name
-            calib = [{input_name: torch.randn_like(x).numpy()} for _ in range(4)]
+        if make is not None and calib is None:
+            calib = random_calib(name, module, x)
         try:
             r = smelt_run(name, module, x, out_dir, None, precision, make(calib) if make else None)
         except smelt.SmeltError as e:

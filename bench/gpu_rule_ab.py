@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import torch_models  # noqa: E402
-from gpu_kernels import kernels  # noqa: E402
+from gpu_kernels import kernels, random_calib  # noqa: E402
 
 import smelt  # noqa: E402
 from smelt.backends import apply_default_schedules as ads  # noqa: E402
@@ -87,10 +87,7 @@ for spec in args.specs.split(","):
     if args.onnx:
         torch.onnx.export(m.cpu(), (x,), f"{args.onnx}/{name}{b}.onnx", dynamo=False)
     rts = {}
-    quantize = None
-    if args.quantize:
-        inp = smelt.import_models([(m.cpu(), (x,))], [name]).models[name].inputs[0].name
-        quantize = smelt.Fp8(calib=[{inp: torch.randn_like(x).numpy()} for _ in range(4)])
+    quantize = smelt.Fp8(calib=random_calib(name, m.cpu(), x)) if args.quantize else None
     for v in vs.split("+"):
         use(*VARIANTS[v])
         art = smelt.compile([(m.cpu(), (x,))], target="cuda", names=[name], precision="float16", quantize=quantize)

@@ -133,7 +133,7 @@ def test_chains_write_fp8_and_read_fp8_shortcuts(resnet, requires_cuda_compiler)
                for line in art.report.explanations)
 
 
-def test_fp8_stem_by_default_writes_the_max_pools_fp8_input(resnet, requires_cuda_compiler, tmp_path):
+def test_fp8_stem_by_default_writes_the_max_pools_fp8_input(resnet, requires_cuda_compiler):
     """On Hopper ``Fp8()`` takes the stem too (``stem=None``: the CUDA backend's ``fp8_stem``)."""
     m, _, calib, _ = resnet
     art = smelt.compile([m], names=["m"], target="cuda", arch="sm_90", precision="float16",
