@@ -11,15 +11,14 @@ elements where they are (for an NCHW source: one element of each channel plane, 
 threads read neighbouring addresses of it), and stores it with one vector store per 16 bytes.
 A whole row per thread rather than a 16-byte piece: the row's index arithmetic (divisions,
 bounds) is computed once, where a space-to-depth stem's 4 pieces each computed it again.
-The rows are split evenly over blocks of ``dividing_threads``; with ``pixel_rows``, where the
-second innermost axis (a row of pixels) holds 32 to 1024 elements with few idle lanes, a thread
-block takes one such row instead, a thread each pixel. The kernel is index arithmetic more than
-memory: each element loads from an address and tests bounds that depend on its pixel's
-coordinates, which from a thread's flat index take divisions and remainders, and from the
-block's and the thread's own index are uniform or one addition. The FP8 space-to-depth stem's
-kernel (ResNet-50 at batch 32: 26 MB, 64 elements a thread from 12 planes) compiles to about
-2100 instructions a thread from the flat index (37.8 us on an H100, its issue rate alone 29 us)
-and to 36 % fewer with ``pixel_rows``, not yet timed: ``bench/gpu_rule_ab.py``'s ``pixrows``.
+The rows are split evenly over blocks of ``dividing_threads``. The kernel is index arithmetic
+more than memory: each element loads from an address and tests bounds that depend on its pixel's
+coordinates, which from a thread's flat index take divisions and remainders, computed once a
+row. The FP8 space-to-depth stem's kernel (ResNet-50 at batch 32: 26 MB, 64 elements a thread
+from 12 planes) compiled to about 2100 instructions a thread while each element's load was a
+branch (37.8 us on an H100, its issue rate alone 29 us); with the loads clamped into the image
+and masked (RewriteConvSpaceToDepth) its code is 2.2x smaller. A thread block per row of pixels
+(no division of the thread's index) then saved nothing more: the same code size.
 Why not dlight: its ``Fallback`` gives each thread one element, so a warp covers 8 pixels of
 4 channels: 32-byte pieces of three planes per load, 2-byte stores. On an H200, ResNet-50's
 input at batch 32 (fp32 NCHW -> fp16 NHWC padded to 4 channels) took 22 us, where its 32 MB
@@ -44,16 +43,13 @@ from .rule_blocks import VECTOR_BYTES, dividing_threads, one_spatial_block
 # Rows of up to this many bytes are taken, in 16-byte pieces: the input of a space-to-depth stem
 # (RewriteConvSpaceToDepth) in FP8 has rows of 64 channels.
 LONGEST_ROW_BYTES = 64
-# ``pixel_rows``: a thread block per output row of pixels (the second innermost axis) of this
-# many, where the last warp's idle lanes are at most 1/IDLE_LANES of them (112 pixels: 16 idle).
-MIN_ROW_THREADS, MAX_ROW_THREADS, IDLE_LANES = 32, 1024, 6
 
 
 class ShortRows(GPUScheduleRule):
     """See the module docstring."""
 
-    def __init__(self, threads: int = 256, pixel_rows: bool = False):
-        self.threads, self.pixel_rows = threads, pixel_rows
+    def __init__(self, threads: int = 256):
+        self.threads = threads
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         """The schedule of ``func`` for ``target``, or None where the rule does not apply."""
@@ -69,13 +65,9 @@ class ShortRows(GPUScheduleRule):
         if piece not in (2, 4, 8, 16) or shape[-1] % piece or shape[-1] * bits > LONGEST_ROW_BYTES * 8:
             return None
         *outer, row = sch.get_loops(block)
-        pixels = shape[-2] if len(shape) >= 3 and self.pixel_rows else 0
-        if MIN_ROW_THREADS <= pixels <= MAX_ROW_THREADS and -pixels % 32 * IDLE_LANES <= pixels:
-            bx, tx = sch.fuse(*outer[:-1]), outer[-1]  # a block per row of pixels, a thread per pixel
-        elif (threads := dividing_threads(math.prod(shape[:-1]), self.threads)) is not None:
-            bx, tx = sch.split(sch.fuse(*outer), [None, threads])
-        else:
+        if (threads := dividing_threads(math.prod(shape[:-1]), self.threads)) is None:
             return None
+        bx, tx = sch.split(sch.fuse(*outer), [None, threads])
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
         sch.unroll(row)

@@ -4,10 +4,8 @@ Each model is compiled at fp16 with variants of the defaults (``VARIANTS``): ``o
 without vectors, no ShortRows), ``new`` (the defaults), ``hwio`` (depthwise weights HWIO, so their
 convs take vectors too), ``wide``/``narrow`` (hwio with no / a tighter register budget for windows),
 ``vec8`` (vectors whatever the thread count), ``occ8k`` (vectors down to 8192 threads), ``oldsr``
-(ShortRows only), ``pixrows`` (ShortRows with a thread block per row of pixels); with
-``--quantize fp8`` in FP8 (calibrated on 4 random batches; on Hopper the stem too, whose
-space-to-depth kernel ShortRows schedules); the runtimes are
-then timed in turns (7 rounds, median) and each output is compared with torch eager fp32.
+(ShortRows only); with ``--quantize fp8`` in FP8 (calibrated on 4 random batches; on Hopper the
+stem too, whose space-to-depth kernel ShortRows schedules); the runtimes are then timed in turns (7 rounds, median) and each output is compared with torch eager fp32.
 With ``--kernels N``, each variant also runs under CUPTI (bench/gpu_kernels.py) and the N kernels
 whose time moved most between the first variant and each other one are printed.
 Usage: python bench/gpu_rule_ab.py resnet50:32:old+new,mobilenetv3:1:old+new+vec8 [--kernels 15]
@@ -41,8 +39,7 @@ MODELS = {"resnet50": (torch_models.resnet50, (3, 224, 224)),
 VARIANTS = {"old": (dict(min_vectors=1 << 62), None, False), "new": ({}, {}, False),
             "hwio": ({}, {}, True), "wide": (dict(max_window_bytes=1 << 30), {}, True),
             "narrow": (dict(max_window_bytes=288), {}, True), "vec8": (dict(min_vectors=0), {}, False),
-            "occ8k": (dict(min_vectors=8192), {}, False), "oldsr": (dict(min_vectors=1 << 62), {}, False),
-            "pixrows": ({}, dict(pixel_rows=True), False)}
+            "occ8k": (dict(min_vectors=8192), {}, False), "oldsr": (dict(min_vectors=1 << 62), {}, False)}
 orig = ads.default_rules
 orig_prelegalize = CUDABackend.prelegalize_passes
 

@@ -56,16 +56,6 @@ def test_rows_of_64_bytes_in_16_byte_pieces(requires_cuda_compiler):
     assert "for (" not in code
 
 
-def test_pixel_rows_give_a_block_each_row_of_pixels(requires_cuda_compiler):
-    """``pixel_rows``: 56 threads for a row of 56 pixels, no division of the thread's index."""
-    func = image_to_nhwc((32, 64, 56, 56), pad_to=64, dtype="float8_e4m3fn")
-    source = build(func, pixel_rows=True).mod.imports[0].inspect_source("cuda")
-    code = source.split("__global__", 2)[2]
-    assert "__launch_bounds__(56)" in source and "threadIdx.x) /" not in code and "threadIdx.x) %" not in code
-    assert code.count("*(uint4*)(T_transpose_intermediate_ptr") == 4 and "for (" not in code
-    assert "__launch_bounds__(56)" not in build(func).mod.imports[0].inspect_source("cuda")
-
-
 def test_takes_the_input_layout_change_before_fallback():
     sched = ApplyDefaultSchedules()
     with TARGET:
@@ -80,10 +70,9 @@ def test_declines_rows_that_are_no_vector_or_threads_that_do_not_divide(func):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("pixel_rows", [False, True], ids=["flat", "pixel_rows"])
-def test_matches_numpy_on_gpu(pixel_rows, rng):
-    x = rng.standard_normal((2, 3, 24, 56)).astype("float32")  # rows of 56 pixels: a block each
+def test_matches_numpy_on_gpu(rng):
+    x = rng.standard_normal((2, 3, 24, 56)).astype("float32")
     ref = np.zeros((2, 24, 56, 4))
     ref[..., :3] = x.astype("float16").astype("float64").transpose(0, 2, 3, 1)
-    y = run_on_gpu(build(image_to_nhwc(x.shape), pixel_rows=pixel_rows), [x], ref.shape)
+    y = run_on_gpu(build(image_to_nhwc(x.shape)), [x], ref.shape)
     assert np.abs(y - ref).max() <= REL_TOL * np.abs(ref).max()
