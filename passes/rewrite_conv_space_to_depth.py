@@ -20,10 +20,11 @@ rewritten, it is one more FP8 conv, whose epilogue writes the max pool's input i
 (HoistQuantizeOverMaxPool, which pools E4M3 bits after a ReLU). Measured on an H100, ResNet-50
 at batch 32 (the kernels in graph order, ``bench/gpu_kernels.py --sequence``): the float16 stem
 took 10.8 us for the input's layout, 61.3 on cuDNN and 30.8 for the pool with its quantization;
-the FP8 stem 37.8 for this rearranging (its index arithmetic, see ShortRows), 38.5 for the 4×1
-conv (a persistent CUTLASS kernel) and 13.6 for the pool. Before the persistent convs and the
-pool over bits it was slower (0.868 ms in all against 0.843); a 4×4 conv over 16 channels,
-filling a quarter of each K-block, slower still (1.114 ms).
+the FP8 stem 19.6 for this rearranging (37.8 while each load under its bounds test was a branch,
+see ``space_to_depth``), 38.5 for the 4×1 conv (a persistent CUTLASS kernel) and 13.6 for the
+pool: ResNet-50 0.725 ms against 0.757 with the float16 stem, 0.691 on an H200. Before the
+persistent convs and the pool over bits it was slower (0.868 ms in all against 0.843); a 4×4
+conv over 16 channels, filling a quarter of each K-block, slower still (1.114 ms).
 
 Space-to-depth is the stem of MLPerf's ResNet-50 submissions on TPUs and GPUs for the same
 reason: 3 channels fill no tensor-core K-block.
