@@ -67,7 +67,9 @@ def space_to_depth(x: te.Tensor, s: int, pad: tuple[int, int], depth: int, cols:
         # A load clamped into the image, times 0 or 1, rather than a load under a condition: the
         # GPU's code is then straight-line (each guarded load was a branch with its own index
         # arithmetic: 2100 instructions a thread for ResNet-50's stem). Not a select: TVM's
-        # simplifier assumes its condition inside the loaded value and drops the clamps. The
+        # simplifier assumes its condition inside the loaded value and drops the clamps. (A
+        # non-finite edge pixel makes the padding it stands in for NaN, not 0: every window over
+        # that padding covers the pixel too, so its output is not finite either way.) The
         # channels' condition stays one: unrolled, it is a constant.
         value = x[ni, ch, clamp(row, h), clamp(col, w)] * inside.astype(x.dtype)
         return tvm.tirx.if_then_else(ch < c, value, tvm.tirx.const(0, x.dtype))
