@@ -26,7 +26,8 @@
 // (pip install nvidia-cutlass; its wheel holds them under cutlass_library/source/):
 //   nvcc -std=c++17 -O3 -DNDEBUG -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
 //        -I$CUTLASS/include -I$CUTLASS/tools/util/include bench/cutlass_conv_probe.cu -o probe
-// Run: ./probe N,H,C,K,R,STRIDE [...]   (one layer each; R: kernel size, pad R/2)
+// Run: ./probe N,H[xW],C,K,R[xS],STRIDE[,PAD[xPAD_W]] [...]   (one layer each; R, S: kernel size,
+//      padding R/2 and S/2 unless given; ResNet-50's FP8 stem: 32,115x112,64,64,4x1,1,0)
 // bench/fp8_headroom.py --cutlass ./probe runs it on ResNet-50's layers beside cuDNN.
 // Output: one line per run: "layer variant tile ms rel_err" (ms -1 where CUTLASS declines).
 
@@ -56,9 +57,10 @@ using namespace cute;
   } while (0)
 
 struct Layer {
-  int n, h, c, k, r, stride;
-  __host__ __device__ int pad() const { return r / 2; }
-  __host__ __device__ int p() const { return (h + 2 * pad() - r) / stride + 1; }
+  int n, h, w, c, k, r, s, stride, pad_h, pad_w;
+  __host__ __device__ int p() const { return (h + 2 * pad_h - r) / stride + 1; }
+  __host__ __device__ int q() const { return (w + 2 * pad_w - s) / stride + 1; }
+  __host__ __device__ size_t pixels() const { return size_t(n) * p() * q(); }
 };
 
 constexpr int kRuns = 20;  // per timed round
@@ -97,17 +99,17 @@ template <class AB, class Out>
 __global__ void reference(const AB* x, const AB* w, const cutlass::half_t* bias, const Out* res, float alpha,
                           float beta, Layer l, float* out) {
   int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  int p = l.p();
-  int64_t total = int64_t(l.n) * p * p * l.k;
+  int p = l.p(), qn = l.q();
+  int64_t total = int64_t(l.pixels()) * l.k;
   if (i >= total) return;
-  int k = i % l.k, q = (i / l.k) % p, y = (i / l.k / p) % p, n = i / l.k / p / p;
+  int k = i % l.k, q = (i / l.k) % qn, y = (i / l.k / qn) % p, n = i / l.k / qn / p;
   float acc = 0.f;
   for (int r = 0; r < l.r; ++r) {
-    for (int s = 0; s < l.r; ++s) {
-      int hy = y * l.stride - l.pad() + r, wx = q * l.stride - l.pad() + s;
-      if (hy < 0 || hy >= l.h || wx < 0 || wx >= l.h) continue;
-      const AB* xp = x + ((int64_t(n) * l.h + hy) * l.h + wx) * l.c;
-      const AB* wp = w + ((int64_t(k) * l.r + r) * l.r + s) * l.c;
+    for (int s = 0; s < l.s; ++s) {
+      int hy = y * l.stride - l.pad_h + r, wx = q * l.stride - l.pad_w + s;
+      if (hy < 0 || hy >= l.h || wx < 0 || wx >= l.w) continue;
+      const AB* xp = x + ((int64_t(n) * l.h + hy) * l.w + wx) * l.c;
+      const AB* wp = w + ((int64_t(k) * l.r + r) * l.s + s) * l.c;
       for (int c = 0; c < l.c; ++c) acc += float(xp[c]) * float(wp[c]);
     }
   }
@@ -152,13 +154,13 @@ auto setup(const Layer& l, const AB* x, const AB* w, const cutlass::half_t* bias
     if constexpr (K::kGemm) {
       int sms = 0;
       CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-      return K::Arguments(l.n * l.p() * l.p(), l.k, l.c, x, w, res, d, sms);
+      return K::Arguments(int(l.pixels()), l.k, l.c, x, w, res, d, sms);
     } else if constexpr (K::kPersistent) {
       int sms = 0;
       CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-      return K::Arguments(l.n, l.h, l.h, l.c, l.k, l.r, l.r, l.pad(), l.pad(), l.stride, l.stride, x, w, res, d, sms);
+      return K::Arguments(l.n, l.h, l.w, l.c, l.k, l.r, l.s, l.pad_h, l.pad_w, l.stride, l.stride, x, w, res, d, sms);
     } else {
-      return K::Arguments(l.n, l.h, l.h, l.c, l.k, l.r, l.r, l.pad(), l.pad(), l.stride, l.stride, x, w, res, d);
+      return K::Arguments(l.n, l.h, l.w, l.c, l.k, l.r, l.s, l.pad_h, l.pad_w, l.stride, l.stride, x, w, res, d);
     }
   }();
   args.epilogue.thread.alpha = alpha;
@@ -173,11 +175,10 @@ struct Values {
   Values(const Layer& l, int index) {
     std::mt19937 gen(index);
     std::normal_distribution<float> normal;
-    const int p = l.p();
-    x.resize(size_t(l.n) * l.h * l.h * l.c);
-    w.resize(size_t(l.k) * l.r * l.r * l.c);
+    x.resize(size_t(l.n) * l.h * l.w * l.c);
+    w.resize(size_t(l.k) * l.r * l.s * l.c);
     bias.resize(l.k);
-    residual.resize(size_t(l.n) * p * p * l.k);
+    residual.resize(l.pixels() * l.k);
     for (auto& v : x) v = std::max(normal(gen), 0.f);  // post-ReLU activations
     for (auto& v : w) v = normal(gen);
     for (auto& v : bias) v = normal(gen);
@@ -187,8 +188,7 @@ struct Values {
 
 template <class AB, class Out, class K>
 void run(const Layer& l, const Values& values, int index, const char* variant, const char* tile) {
-  const int p = l.p();
-  const size_t nx = size_t(l.n) * l.h * l.h * l.c, nw = size_t(l.k) * l.r * l.r * l.c, nd = size_t(l.n) * p * p * l.k;
+  const size_t nx = size_t(l.n) * l.h * l.w * l.c, nw = size_t(l.k) * l.r * l.s * l.c, nd = l.pixels() * l.k;
   const bool is_int = std::is_same_v<AB, int8_t>;
   auto quantize = [&](float v) {
     if constexpr (std::is_same_v<AB, int8_t>) {
@@ -205,7 +205,7 @@ void run(const Layer& l, const Values& values, int index, const char* variant, c
   std::vector<Out> hr(nd);
   for (size_t i = 0; i < nd; ++i) hr[i] = Out(values.residual[i]);
   // alpha scales the sum of C*R*S products of unit scale back to about 1
-  const float alpha = 1.f / (std::sqrt(float(l.c * l.r * l.r)) * (is_int ? 32.f * 32.f : 1.f)), beta = 1.f;
+  const float alpha = 1.f / (std::sqrt(float(l.c * l.r * l.s)) * (is_int ? 32.f * 32.f : 1.f)), beta = 1.f;
   AB *dx = upload(hx), *dw = upload(hw);
   cutlass::half_t* db = upload(hb);
   Out* dr = upload(hr);
@@ -285,15 +285,45 @@ void run_gemm(const Layer& l, const Values& values, int index, const char* tile)
   run<E4M3, E4M3, GemmType<E4M3, E4M3, Tile, Cluster, kPingpong, Scheduler>>(l, values, index, "e4m3->e4m3", tile);
 }
 
+// "a" or "axb" into (a, a) or (a, b); false if neither.
+bool ParsePair(const std::string& text, int& a, int& b) {
+  char extra = 0;
+  if (std::sscanf(text.c_str(), "%dx%d%c", &a, &b, &extra) == 2) return true;
+  if (std::sscanf(text.c_str(), "%d%c", &a, &extra) != 1) return false;
+  b = a;
+  return true;
+}
+
+// N,H[xW],C,K,R[xS],STRIDE[,PAD[xPAD_W]]: square sizes where one number is given; the padding
+// R/2 and S/2 unless given.
+bool ParseLayer(const char* arg, Layer& l) {
+  std::vector<std::string> f;
+  std::string text(arg);
+  for (size_t at = 0;;) {
+    size_t comma = text.find(',', at);
+    f.push_back(text.substr(at, comma - at));
+    if (comma == std::string::npos) break;
+    at = comma + 1;
+  }
+  if (f.size() != 6 && f.size() != 7) return false;
+  if (!ParsePair(f[1], l.h, l.w) || !ParsePair(f[4], l.r, l.s)) return false;
+  if (std::sscanf(f[0].c_str(), "%d", &l.n) != 1 || std::sscanf(f[2].c_str(), "%d", &l.c) != 1 ||
+      std::sscanf(f[3].c_str(), "%d", &l.k) != 1 || std::sscanf(f[5].c_str(), "%d", &l.stride) != 1) {
+    return false;
+  }
+  l.pad_h = l.r / 2, l.pad_w = l.s / 2;
+  return f.size() == 6 || ParsePair(f[6], l.pad_h, l.pad_w);
+}
+
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: %s N,H,C,K,R,STRIDE [...]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s N,H[xW],C,K,R[xS],STRIDE[,PAD[xPAD_W]] [...]\n", argv[0]);
     return 2;
   }
   for (int i = 1; i < argc; ++i) {
     Layer l{};
-    if (std::sscanf(argv[i], "%d,%d,%d,%d,%d,%d", &l.n, &l.h, &l.c, &l.k, &l.r, &l.stride) != 6) {
-      std::fprintf(stderr, "bad layer '%s': expected N,H,C,K,R,STRIDE\n", argv[i]);
+    if (!ParseLayer(argv[i], l)) {
+      std::fprintf(stderr, "bad layer '%s': expected N,H[xW],C,K,R[xS],STRIDE[,PAD[xPAD_W]]\n", argv[i]);
       return 2;
     }
     const Values values(l, i - 1);
@@ -312,7 +342,7 @@ int main(int argc, char** argv) {
     run_persistent<Shape<_256, _64, Shape<_64>>, false>(l, values, i - 1, "persistent-cooperative-256x64x64");
     run_persistent<Shape<_128, _128, Shape<_128>>, false, cutlass::gemm::StreamKScheduler>(
         l, values, i - 1, "persistent-streamk-128x128x128");
-    if (l.r == 1 && l.stride == 1) {
+    if (l.r == 1 && l.s == 1 && l.stride == 1 && l.pad_h == 0 && l.pad_w == 0) {
       run_gemm<Shape<_128, _128, _128>, Shape<_1, _1, _1>, true>(l, values, i - 1, "gemm-pingpong-128x128x128");
       run_gemm<Shape<_128, _64, _128>, Shape<_1, _1, _1>, true>(l, values, i - 1, "gemm-pingpong-128x64x128");
       run_gemm<Shape<_128, _128, _64>, Shape<_1, _1, _1>, true>(l, values, i - 1, "gemm-pingpong-128x128x64");
