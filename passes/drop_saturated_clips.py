@@ -28,7 +28,7 @@ from .quantize_fp8 import E4M3_MAX, FP8
 
 def _bound(call: relax.Call, lookup) -> tuple[str, float] | None:
     """("min"/"max", bound) of a ``minimum``/``maximum`` with a scalar constant, else None."""
-    for x, c in (call.args, call.args[::-1]):
+    for _, c in (call.args, call.args[::-1]):
         c = lookup(c) if isinstance(c, relax.Var) else c
         if isinstance(c, tvm.ir.Constant) and c.value.numpy().size == 1:
             return call.op.name.removeprefix("relax."), float(c.value.numpy().reshape(()))
