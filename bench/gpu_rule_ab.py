@@ -5,7 +5,8 @@ without vectors, no ShortRows), ``new`` (the defaults), ``hwio`` (depthwise weig
 convs take vectors too), ``wide``/``narrow`` (hwio with no / a tighter register budget for windows),
 ``vec8`` (vectors whatever the thread count), ``occ8k`` (vectors down to 8192 threads), ``oldsr``
 (ShortRows only); with ``--quantize fp8`` in FP8 (calibrated on 4 random batches; on Hopper the
-stem too, whose space-to-depth kernel ShortRows schedules); the runtimes are then timed in turns (7 rounds, median) and each output is compared with torch eager fp32.
+stem too, whose space-to-depth kernel ShortRows schedules); the runtimes are then timed in turns
+(7 rounds, median) and each output is compared with torch eager fp32.
 With ``--kernels N``, each variant also runs under CUPTI (bench/gpu_kernels.py) and the N kernels
 whose time moved most between the first variant and each other one are printed.
 Usage: python bench/gpu_rule_ab.py resnet50:32:old+new,mobilenetv3:1:old+new+vec8 [--kernels 15]
