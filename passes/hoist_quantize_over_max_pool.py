@@ -29,7 +29,7 @@ from tvm import relax, topi
 from .epilogue_chains import op_is
 from .explain import Explainer
 from .mutate import mutate_functions
-from .quantize_fp8 import E4M3_MAX, FP8
+from .quantize_fp8 import FP8, e4m3_clip
 
 
 EPILOGUE_OPS = ("relax.multiply", "relax.astype", "relax.add", "relax.nn.relu")
@@ -83,16 +83,16 @@ class _Rewriter(relax.PyExprMutator):
 
     def _clip(self, e: relax.Expr):
         """(what is clipped, a function emitting the same clipping of another tensor) when ``e`` is
-        clipped to E4M3's range, by ``clip`` or by ``maximum`` then ``minimum``; else (None, None)."""
-        bb = self.builder_
-        clip = self._bound(e, "relax.clip")
-        if clip is not None and [float(v.value) for v in clip.args[1:]] == [-E4M3_MAX, E4M3_MAX]:
-            return clip.args[0], lambda t: bb.emit(relax.Call(clip.op, [t, *clip.args[1:]], clip.attrs))
-        lo = self._bound(e, "relax.minimum")
-        hi = self._bound(lo.args[0], "relax.maximum") if lo is not None and _scalar(lo) == E4M3_MAX else None
-        if hi is None or _scalar(hi) != -E4M3_MAX:
+        clipped to E4M3's range (``e4m3_clip``), each step its input's only user; else (None, None)."""
+        if (match := e4m3_clip(e, self._bound)) is None:
             return None, None
-        return hi.args[0], lambda t: bb.emit(relax.op.minimum(bb.emit(relax.op.maximum(t, hi.args[1])), lo.args[1]))
+        bb = self.builder_
+
+        def clip(t):
+            for call, i in reversed(match[1]):
+                t = bb.emit(relax.Call(call.op, [t if j == i else a for j, a in enumerate(call.args)], call.attrs))
+            return t
+        return match[0], clip
 
     def _from_fp8_conv(self, y: relax.Expr) -> bool:
         """Whether ``y`` is an FP8 conv's result, through the epilogue ops a library conv takes

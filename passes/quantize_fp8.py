@@ -96,6 +96,30 @@ def to_e4m3(x: np.ndarray, inv_scale: float) -> np.ndarray:
     return np.clip(np.asarray(x, np.float32) * np.float32(inv_scale), -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
 
 
+def e4m3_clip(e: relax.Expr, bound) -> tuple[relax.Expr, list[tuple[relax.Call, int]]] | None:
+    """QuantizeFp8's clip into E4M3's range: (what ``e`` clips, its calls outermost first, each
+    with the index of its tensor operand) when ``e`` is ``clip(x, -448, 448)`` or that clip as
+    ``minimum`` at 448 and ``maximum`` at -448 (in either order); else None. ``bound(e, op)``:
+    the call of ``op`` bound to ``e``, or None (a pass may ask that its result has one user)."""
+    if (clip := bound(e, "relax.clip")) is not None:
+        return (clip.args[0], [(clip, 0)]) if [float(v.value) for v in clip.args[1:]] == [-E4M3_MAX, E4M3_MAX] \
+            else None
+    calls, bounds = [], {}
+    while len(calls) < 2:
+        call = bound(e, "relax.minimum")
+        if call is None and (call := bound(e, "relax.maximum")) is None:
+            break
+        # i: the tensor operand's index, the other one a scalar constant
+        i = next((1 - j for j, c in enumerate(call.args)
+                  if isinstance(c, tvm.ir.Constant) and c.value.numpy().size == 1), None)
+        if i is None:
+            return None
+        bounds[call.op.name] = float(call.args[1 - i].value.numpy().reshape(()))
+        calls.append((call, i))
+        e = call.args[i]
+    return (e, calls) if bounds == {"relax.minimum": E4M3_MAX, "relax.maximum": -E4M3_MAX} else None
+
+
 CONVS = ("all", "gemm")
 _SAMPLE_ROWS = 8192  # output positions of a conv whose error the estimate computes
 
