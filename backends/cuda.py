@@ -46,7 +46,6 @@ from ..passes.convert_conv_layout import ConvertConvLayout
 from ..passes.dispatch_cublaslt import DispatchCublasLt
 from ..passes.dispatch_cudnn import DispatchCudnn
 from ..passes.dispatch_cutlass_conv import DispatchCutlassConv
-from ..passes.drop_saturated_clips import DropSaturatedClips
 from ..passes.fuse_norm_input_casts import FuseNormInputCasts
 from ..passes.fuse_operand_views import FuseOperandViews
 from ..passes.hoist_quantize_over_max_pool import HoistQuantizeOverMaxPool
@@ -132,13 +131,12 @@ class CUDABackend:
         # FP8 convs go to CUTLASS first (sm_90 only: its kernels are Hopper's), with their next
         # layer's quantization: cuBLASLt would take the 1x1 ones as GEMMs with 16-bit results. A max
         # pool's quantization moves before it first, into the epilogue of the conv feeding it.
-        # The quantizations left to TVM's kernels then lose their clip: CUDA's cast saturates.
         hopper = _hopper(target)
         return [LegalizeGroupedConv(), ConvertConvLayout("NHWC", "OHWI"), FuseNormInputCasts()] + \
             ([HoistQuantizeOverMaxPool(), DispatchCutlassConv()] if hopper and _uses(target, CUTLASS) else []) + \
             ([DispatchCublasLt()] if _uses(target, CUBLASLT) else []) + \
-            ([DispatchCudnn()] if _uses(target, CUDNN) else []) + [DropSaturatedClips(),
-            SplitKMatmul(min_tiles=FULL_WAVE // 2, tile=SMALL_TILE.block_m), FuseOperandViews()]
+            ([DispatchCudnn()] if _uses(target, CUDNN) else []) + \
+            [SplitKMatmul(min_tiles=FULL_WAVE // 2, tile=SMALL_TILE.block_m), FuseOperandViews()]
 
     def postfuse_passes(self, target):
         return []

@@ -39,6 +39,15 @@
 // they took 56x56 64->64 3x3 convs from 0.0284 to 0.0191 ms and the strided convs 1.2-1.6x
 // faster; ResNet-50 b32 in FP8 0.817 -> 0.759 ms (SMELT_CUTLASS_CANDIDATES=13, a second process).
 //
+// Ten more candidates are earlier ones with a wider epilogue sub-tile (cutlass_conv.h's EpiTile):
+// CUTLASS's default stores 8-bit D in 64x64 (ping-pong) or 128x32 (cooperative) TMA boxes, whose
+// rows are 64 or 32 contiguous bytes; a whole 128-byte row (64x128, 128x128), or the tile's width
+// at 64 channels (128x64), moves the same bytes in fewer, longer transfers. On an H100 (the probe,
+// bench/results/h100_fp8_persistent_conv.json's epilogue_tiles) 56x56 64->256 with its residual
+// took 0.0320 -> 0.0263 ms as a cooperative 256x128 GEMM, the stem's 4x1 conv 0.0472 -> 0.0403;
+// ResNet-50 b32 in FP8 0.726 -> 0.678 ms (SMELT_CUTLASS_CANDIDATES=17, a second process). Timing
+// picks them for 23 of ResNet's 29 conv problems (H100).
+//
 // Built by nvcc (sm_90a: wgmma needs the arch-specific target) with CUTLASS's headers and
 // TVM-FFI's (vendor_libs.py). The CUDA runtime functions the kernels' launch code calls come
 // from libcudart, which the artifact finds loaded: TVM's CUDA runtime links it, and smelt loads
@@ -71,10 +80,11 @@ using tvm::ffi::TensorView;
 using E4M3 = cutlass::float_e4m3_t;
 using F16 = cutlass::half_t;
 
-template <class Out, class Res, class Tile>
-using Kernel = smelt_cutlass::ConvKernel<E4M3, float, Out, Res, float, cutlass::epilogue::thread::Clamp, Tile>;
+template <class Out, class Res, class Tile, class EpiTile>
+using Kernel =
+    smelt_cutlass::ConvKernel<E4M3, float, Out, Res, float, cutlass::epilogue::thread::Clamp, Tile, EpiTile>;
 
-constexpr int kCandidates = 17;
+constexpr int kCandidates = 27;
 
 struct Call {
   const void *x, *w, *bias, *residual;
@@ -160,9 +170,9 @@ bool Launch(const typename Op::Arguments& args, const Call& call) {
 }
 
 // Runs the conv kernel of tile shape ``Tile`` for ``call``; returns whether CUTLASS could.
-template <class Out, class Res, class Tile>
+template <class Out, class Res, class Tile, class EpiTile = cutlass::epilogue::collective::EpilogueTileAuto>
 bool Run(const Call& call) {
-  using K = Kernel<Out, Res, Tile>;
+  using K = Kernel<Out, Res, Tile, EpiTile>;
   auto args = K::Arguments(call.n, call.h, call.w_in, call.c, call.k, call.r, call.s, call.pad_h, call.pad_w,
                            call.stride_h, call.stride_w, static_cast<const E4M3*>(call.x),
                            static_cast<const E4M3*>(call.w), static_cast<const Res*>(call.residual),
@@ -172,10 +182,11 @@ bool Run(const Call& call) {
 }
 
 // Runs the conv in a persistent kernel of tile shape ``Tile`` (cutlass_conv.h's PersistentConvKernel).
-template <class Out, class Res, class Tile, bool kPingpong = true>
+template <class Out, class Res, class Tile, bool kPingpong = true,
+          class EpiTile = cutlass::epilogue::collective::EpilogueTileAuto>
 bool RunPersistent(const Call& call) {
   using K = smelt_cutlass::PersistentConvKernel<E4M3, float, Out, Res, float, cutlass::epilogue::thread::Clamp, Tile,
-                                                kPingpong>;
+                                                kPingpong, void, EpiTile>;
   auto args = K::Arguments(call.n, call.h, call.w_in, call.c, call.k, call.r, call.s, call.pad_h, call.pad_w,
                            call.stride_h, call.stride_w, static_cast<const E4M3*>(call.x),
                            static_cast<const E4M3*>(call.w), static_cast<const Res*>(call.residual),
@@ -184,13 +195,14 @@ bool RunPersistent(const Call& call) {
   return Launch<typename K::Adapter>(args, call);
 }
 
-template <class Out, class Res, class Tile, bool kPingpong = true>
+template <class Out, class Res, class Tile, bool kPingpong = true,
+          class EpiTile = cutlass::epilogue::collective::EpilogueTileAuto>
 bool RunGemm(const Call& call) {
   if (call.r != 1 || call.s != 1 || call.stride_h != 1 || call.stride_w != 1 || call.pad_h != 0 || call.pad_w != 0) {
     return false;
   }
   using K = smelt_cutlass::GemmKernel<E4M3, float, Out, Res, float, cutlass::epilogue::thread::Clamp, Tile,
-                                      Shape<_1, _1, _1>, kPingpong>;
+                                      Shape<_1, _1, _1>, kPingpong, void, EpiTile>;
   auto args = K::Arguments(call.n * call.h * call.w_in, call.k, call.c, static_cast<const E4M3*>(call.x),
                            static_cast<const E4M3*>(call.w), static_cast<const Res*>(call.residual),
                            static_cast<Out*>(call.y), call.sm_count);
@@ -205,7 +217,12 @@ constexpr const char* kNames[kCandidates] = {
     "gemm-pingpong-128x128x128", "gemm-pingpong-128x64x128",  "gemm-pingpong-128x128x64",
     "gemm-pingpong-64x128x128",  "gemm-pingpong-64x64x128",   "gemm-cooperative-128x128x128",
     "gemm-cooperative-256x128x64", "persistent-128x64x64",    "persistent-128x128x128",
-    "persistent-64x128x128",     "persistent-cooperative-256x64x64"};
+    "persistent-64x128x128",     "persistent-cooperative-256x64x64",
+    "gemm-cooperative-256x128x64-epi-128x128", "gemm-cooperative-256x128x64-epi-128x64",
+    "gemm-pingpong-128x128x64-epi-64x128",     "persistent-cooperative-256x64x64-epi-128x64",
+    "gemm-pingpong-128x128x128-epi-64x128",    "gemm-pingpong-64x128x128-epi-64x128",
+    "persistent-128x128x128-epi-64x128",       "persistent-64x128x128-epi-64x128",
+    "conv-128x128x128-epi-64x128",             "conv-64x128x128-epi-64x128"};
 
 // Candidate ``i`` of kCandidates: conv kernels, then (1x1 stride-1 convs only) GEMMs. Tiles of 64
 // rows are for the deep layers: 7x7 512->512 at batch 32 has 13x4 tiles of 128x128 for 132 SMs.
@@ -215,7 +232,8 @@ constexpr const char* kNames[kCandidates] = {
 // persistent kernels, any conv: ping-pong 128x64 tiles of 64-byte K-blocks for the 64-channel 3x3
 // layers (one filter tap per K-block), 128x128 and 64x128 ones of 128 bytes for the deeper and
 // the strided layers, and cooperative 256x64 ones of 64 bytes (fastest at 56x56 64->64 3x3). A
-// stream-K kernel was never the fastest in the probe.
+// stream-K kernel was never the fastest in the probe. Last, candidates of those with a wider
+// epilogue sub-tile (see the top of this file).
 template <class Out, class Res>
 bool RunCandidate(const Call& call, int i) {
   switch (i) {
@@ -235,7 +253,17 @@ bool RunCandidate(const Call& call, int i) {
     case 13: return RunPersistent<Out, Res, Shape<_128, _64, Shape<_64>>>(call);
     case 14: return RunPersistent<Out, Res, Shape<_128, _128, Shape<_128>>>(call);
     case 15: return RunPersistent<Out, Res, Shape<_64, _128, Shape<_128>>>(call);
-    default: return RunPersistent<Out, Res, Shape<_256, _64, Shape<_64>>, /*kPingpong=*/false>(call);
+    case 16: return RunPersistent<Out, Res, Shape<_256, _64, Shape<_64>>, /*kPingpong=*/false>(call);
+    case 17: return RunGemm<Out, Res, Shape<_256, _128, _64>, /*kPingpong=*/false, Shape<_128, _128>>(call);
+    case 18: return RunGemm<Out, Res, Shape<_256, _128, _64>, /*kPingpong=*/false, Shape<_128, _64>>(call);
+    case 19: return RunGemm<Out, Res, Shape<_128, _128, _64>, /*kPingpong=*/true, Shape<_64, _128>>(call);
+    case 20: return RunPersistent<Out, Res, Shape<_256, _64, Shape<_64>>, /*kPingpong=*/false, Shape<_128, _64>>(call);
+    case 21: return RunGemm<Out, Res, Shape<_128, _128, _128>, /*kPingpong=*/true, Shape<_64, _128>>(call);
+    case 22: return RunGemm<Out, Res, Shape<_64, _128, _128>, /*kPingpong=*/true, Shape<_64, _128>>(call);
+    case 23: return RunPersistent<Out, Res, Shape<_128, _128, Shape<_128>>, /*kPingpong=*/true, Shape<_64, _128>>(call);
+    case 24: return RunPersistent<Out, Res, Shape<_64, _128, Shape<_128>>, /*kPingpong=*/true, Shape<_64, _128>>(call);
+    case 25: return Run<Out, Res, Shape<_128, _128, Shape<_128>>, Shape<_64, _128>>(call);
+    default: return Run<Out, Res, Shape<_64, _128, Shape<_128>>, Shape<_64, _128>>(call);
   }
 }
 

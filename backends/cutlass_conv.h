@@ -54,15 +54,17 @@ namespace smelt_cutlass {
 
 // AB: the operands' element type, Acc: the accumulator's, Out: D's, Res: C's (the residual),
 // Bias: the bias's, Act: the activation (ReLu, Clamp, ...), Tile: the CTA tile (M, N, K-block).
-template <class AB, class Acc, class Out, class Res, class Bias, template <class> class Act, class Tile>
+// EpiTile: as PersistentEpilogue's (64 rows: this epilogue's schedule is ping-pong's).
+template <class AB, class Acc, class Out, class Res, class Bias, template <class> class Act, class Tile,
+          class EpiTile = cutlass::epilogue::collective::EpilogueTileAuto>
 struct ConvKernel {
   static constexpr bool kGemm = false;
   static constexpr bool kPersistent = false;
   using Fusion = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<Act, Out, float, Bias, Res>;
   using Cluster = cute::Shape<cute::_1, cute::_1, cute::_1>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
-      cutlass::epilogue::collective::EpilogueTileAuto, Acc, float, Res, cutlass::layout::TensorNHWC,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster, EpiTile, Acc, float, Res,
+      cutlass::layout::TensorNHWC,
       16 / sizeof(Res), Out, cutlass::layout::TensorNHWC, 16 / sizeof(Out), cutlass::epilogue::TmaWarpSpecialized,
       Fusion>::CollectiveOp;
   using Mainloop = typename cutlass::conv::collective::CollectiveBuilder<
@@ -95,11 +97,14 @@ struct ConvKernel {
 };
 
 // The persistent kernels' epilogue (the ConvKernel's, over D and C as row-major [M, N] matrices:
-// NHWC, packed), for ping-pong or cooperative schedules.
+// NHWC, packed), for ping-pong or cooperative schedules. ``EpiTile``: the sub-tile of the output
+// tile it loads C, computes and stores D by (64 rows for ping-pong, 128 for cooperative); CUTLASS
+// picks 64x64 (ping-pong, 8-bit D) or 128x32 (cooperative) by default. Each sub-tile is a TMA box
+// whose rows are contiguous for only as many bytes as its columns are wide.
 template <class Acc, class Out, class Res, class Bias, template <class> class Act, class Tile, class Cluster,
-          bool kPingpong>
+          bool kPingpong, class EpiTile = cutlass::epilogue::collective::EpilogueTileAuto>
 using PersistentEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster, cutlass::epilogue::collective::EpilogueTileAuto,
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster, EpiTile,
     Acc, float, Res, cutlass::layout::RowMajor, 16 / sizeof(Res), Out, cutlass::layout::RowMajor, 16 / sizeof(Out),
     cute::conditional_t<kPingpong, cutlass::epilogue::TmaWarpSpecialized,
                         cutlass::epilogue::TmaWarpSpecializedCooperative>,
@@ -179,7 +184,8 @@ struct ConvAsGemmMainloop : Conv {
 // loop does) or cooperative (both on one tile), the producer warp loading the next tile meanwhile;
 // one CTA per SM. ``Scheduler`` as GemmKernel's (stream-K: cooperative only).
 template <class AB, class Acc, class Out, class Res, class Bias, template <class> class Act, class Tile,
-          bool kPingpong = true, class Scheduler = void>
+          bool kPingpong = true, class Scheduler = void,
+          class EpiTile = cutlass::epilogue::collective::EpilogueTileAuto>
 struct PersistentConvKernel {
   static constexpr bool kGemm = false;
   static constexpr bool kPersistent = true;
@@ -187,7 +193,7 @@ struct PersistentConvKernel {
   using FlatTile = cute::Shape<decltype(cute::get<0>(Tile{})), decltype(cute::get<1>(Tile{})),
                                decltype(cute::size<2>(Tile{}))>;
   // D and C as [N*P*Q, K] matrices
-  using Epilogue = PersistentEpilogue<Acc, Out, Res, Bias, Act, FlatTile, Cluster, kPingpong>;
+  using Epilogue = PersistentEpilogue<Acc, Out, Res, Bias, Act, FlatTile, Cluster, kPingpong, EpiTile>;
   // the persistent kernels' barriers and scheduler state besides the epilogue's
   static constexpr int kCarveout = static_cast<int>(sizeof(typename Epilogue::SharedStorage)) + 1024;
   // CUTLASS's builder makes the conv mainloop for its non-persistent kernel: one warp group per
@@ -245,7 +251,8 @@ struct PersistentConvKernel {
 // operands accumulate in the tensor cores' own precision (CUTLASS's FP8FastAccum), as the conv
 // kernel's do.
 template <class AB, class Acc, class Out, class Res, class Bias, template <class> class Act, class Tile,
-          class Cluster, bool kPingpong, class Scheduler = void>
+          class Cluster, bool kPingpong, class Scheduler = void,
+          class EpiTile = cutlass::epilogue::collective::EpilogueTileAuto>
 struct GemmKernel {
   static constexpr bool kGemm = true;
   static constexpr bool kPersistent = true;
@@ -256,7 +263,7 @@ struct GemmKernel {
                           cutlass::gemm::KernelTmaWarpSpecializedPingpong>,
       cute::conditional_t<kFp8, cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum,
                           cutlass::gemm::KernelTmaWarpSpecializedCooperative>>;
-  using Epilogue = PersistentEpilogue<Acc, Out, Res, Bias, Act, Tile, Cluster, kPingpong>;
+  using Epilogue = PersistentEpilogue<Acc, Out, Res, Bias, Act, Tile, Cluster, kPingpong, EpiTile>;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, AB, cutlass::layout::RowMajor, 16 / sizeof(AB), AB,
       cutlass::layout::ColumnMajor, 16 / sizeof(AB), Acc, Tile, Cluster,

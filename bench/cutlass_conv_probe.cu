@@ -26,6 +26,7 @@
 // (pip install nvidia-cutlass; its wheel holds them under cutlass_library/source/):
 //   nvcc -std=c++17 -O3 -DNDEBUG -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
 //        -I$CUTLASS/include -I$CUTLASS/tools/util/include bench/cutlass_conv_probe.cu -o probe
+// -DPROBE_EPILOGUE_TILES builds only run_epilogue_tiles's kernels (the epilogue's sub-tile).
 // Run: ./probe N,H[xW],C,K,R[xS],STRIDE[,PAD[xPAD_W]] [...]   (one layer each; R, S: kernel size,
 //      padding R/2 and S/2 unless given; ResNet-50's FP8 stem: 32,115x112,64,64,4x1,1,0)
 // bench/fp8_headroom.py --cutlass ./probe runs it on ResNet-50's layers beside cuDNN.
@@ -76,12 +77,14 @@ SMELT_STREAM_K_IS_LAST_TILE(128, 64, 128)
 
 template <class AB, class Acc, class Out, class Tile>
 using ConvType = smelt_cutlass::ConvKernel<AB, Acc, Out, Out, cutlass::half_t, cutlass::epilogue::thread::ReLu, Tile>;
-template <class AB, class Out, class Tile, bool kPingpong, class Scheduler = void>
+using EpiAuto = cutlass::epilogue::collective::EpilogueTileAuto;
+template <class AB, class Out, class Tile, bool kPingpong, class Scheduler = void, class EpiTile = EpiAuto>
 using PersistentConvType = smelt_cutlass::PersistentConvKernel<
-    AB, float, Out, Out, cutlass::half_t, cutlass::epilogue::thread::ReLu, Tile, kPingpong, Scheduler>;
-template <class AB, class Out, class Tile, class Cluster, bool kPingpong, class Scheduler = void>
+    AB, float, Out, Out, cutlass::half_t, cutlass::epilogue::thread::ReLu, Tile, kPingpong, Scheduler, EpiTile>;
+template <class AB, class Out, class Tile, class Cluster, bool kPingpong, class Scheduler = void,
+          class EpiTile = EpiAuto>
 using GemmType = smelt_cutlass::GemmKernel<AB, float, Out, Out, cutlass::half_t, cutlass::epilogue::thread::ReLu, Tile,
-                                           Cluster, kPingpong, Scheduler>;
+                                           Cluster, kPingpong, Scheduler, EpiTile>;
 
 // Whether kernel type ``K`` is a stream-K GEMM, whose workspace (its tiles' locks) must be cleared
 // before every launch, as the adapter's initialize() does.
@@ -285,6 +288,39 @@ void run_gemm(const Layer& l, const Values& values, int index, const char* tile)
   run<E4M3, E4M3, GemmType<E4M3, E4M3, Tile, Cluster, kPingpong, Scheduler>>(l, values, index, "e4m3->e4m3", tile);
 }
 
+// The epilogue's sub-tile (cutlass_conv.h's PersistentEpilogue) against CUTLASS's default, FP8 in
+// and out: for layers whose epilogue is most of the work (the expanding 1x1 convs, the stem).
+void run_epilogue_tiles(const Layer& l, const Values& values, int index) {
+  using One = Shape<_1, _1, _1>;
+  const char* v = "e4m3->e4m3";
+  if (l.r == 1 && l.s == 1 && l.stride == 1 && l.pad_h == 0 && l.pad_w == 0) {
+    run<E4M3, E4M3, GemmType<E4M3, E4M3, Shape<_256, _128, _64>, One, false>>(l, values, index, v,
+                                                                             "gemm-cooperative-256x128x64-epi-auto");
+    run<E4M3, E4M3, GemmType<E4M3, E4M3, Shape<_256, _128, _64>, One, false, void, Shape<_128, _64>>>(
+        l, values, index, v, "gemm-cooperative-256x128x64-epi-128x64");
+    run<E4M3, E4M3, GemmType<E4M3, E4M3, Shape<_256, _128, _64>, One, false, void, Shape<_128, _128>>>(
+        l, values, index, v, "gemm-cooperative-256x128x64-epi-128x128");
+    run<E4M3, E4M3, GemmType<E4M3, E4M3, Shape<_128, _128, _64>, One, false>>(l, values, index, v,
+                                                                             "gemm-cooperative-128x128x64-epi-auto");
+    run<E4M3, E4M3, GemmType<E4M3, E4M3, Shape<_128, _128, _64>, One, false, void, Shape<_128, _128>>>(
+        l, values, index, v, "gemm-cooperative-128x128x64-epi-128x128");
+    run<E4M3, E4M3, GemmType<E4M3, E4M3, Shape<_128, _128, _64>, One, true>>(l, values, index, v,
+                                                                            "gemm-pingpong-128x128x64-epi-auto");
+    run<E4M3, E4M3, GemmType<E4M3, E4M3, Shape<_128, _128, _64>, One, true, void, Shape<_64, _128>>>(
+        l, values, index, v, "gemm-pingpong-128x128x64-epi-64x128");
+    run<E4M3, E4M3, GemmType<E4M3, E4M3, Shape<_128, _128, _128>, One, true>>(l, values, index, v,
+                                                                             "gemm-pingpong-128x128x128-epi-auto");
+    run<E4M3, E4M3, GemmType<E4M3, E4M3, Shape<_128, _128, _128>, One, true, void, Shape<_64, _128>>>(
+        l, values, index, v, "gemm-pingpong-128x128x128-epi-64x128");
+  }
+  run<E4M3, E4M3, PersistentConvType<E4M3, E4M3, Shape<_256, _64, Shape<_64>>, false>>(
+      l, values, index, v, "persistent-cooperative-256x64x64-epi-auto");
+  run<E4M3, E4M3, PersistentConvType<E4M3, E4M3, Shape<_256, _64, Shape<_64>>, false, void, Shape<_128, _64>>>(
+      l, values, index, v, "persistent-cooperative-256x64x64-epi-128x64");
+  run<E4M3, E4M3, PersistentConvType<E4M3, E4M3, Shape<_128, _64, Shape<_64>>, true>>(
+      l, values, index, v, "persistent-128x64x64-epi-auto");
+}
+
 // "a" or "axb" into (a, a) or (a, b); false if neither.
 bool ParsePair(const std::string& text, int& a, int& b) {
   char extra = 0;
@@ -327,6 +363,10 @@ int main(int argc, char** argv) {
       return 2;
     }
     const Values values(l, i - 1);
+#ifdef PROBE_EPILOGUE_TILES
+    run_epilogue_tiles(l, values, i - 1);
+    continue;
+#endif
     run_all<Shape<_128, _128, Shape<_128>>>(l, values, i - 1, "128x128x128");
     run_all<Shape<_128, _64, Shape<_128>>>(l, values, i - 1, "128x64x128");
     run_all<Shape<_128, _128, Shape<_64>>>(l, values, i - 1, "128x128x64");
