@@ -235,12 +235,14 @@ def check_batch(func_name: str, specs: list[TensorSpec], batch: dict, what: str 
     return out
 
 
-def observed(mod: tvm.IRModule, funcs: dict[str, list[Site]]) -> tvm.IRModule:
-    """``mod`` whose functions in ``funcs`` return (their outputs, each site's activation input...)."""
+def observed(mod: tvm.IRModule, funcs: dict[str, list[Site]], tensors: dict | None = None) -> tvm.IRModule:
+    """``mod`` whose functions in ``funcs`` return (their outputs, each site's activation input...,
+    each variable of ``tensors[function]``'s (key, variable) pairs...)."""
     out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
     for name, ss in funcs.items():
         gv = mod.get_global_var(name)
-        out[gv] = rebind(name, mod[gv], taps=[s.binding.value.args[0] for s in ss])
+        extra = [v for _, v in (tensors or {}).get(name, [])]
+        out[gv] = rebind(name, mod[gv], taps=[s.binding.value.args[0] for s in ss] + extra)
     return out
 
 
@@ -278,14 +280,14 @@ def choose(funcs: dict[str, list[Site]], cal: Calibration, plan, max_error: floa
 def rewrite_sites(mod: tvm.IRModule, funcs: dict[str, list[Site]], plans: dict[str, dict], emit,
                   rest=None) -> tvm.IRModule:
     """``mod`` with each planned site's call replaced by ``emit(builder, call, plan)`` and, with
-    ``rest``, every other binding's value by ``rest(builder, value)``."""
+    ``rest``, every other binding's value by ``rest(builder, binding, value)``."""
     out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
     for m, ss in funcs.items():
         chosen = {s.binding.var: plans[s.key] for s in ss if s.key in plans}
         if chosen:
             out[mod.get_global_var(m)] = rebind(
                 m, mod[m], lambda bb, b, value, chosen=chosen: emit(bb, value, chosen[b.var]) if b.var in chosen
-                else rest(bb, value) if rest is not None else value)
+                else rest(bb, b, value) if rest is not None else value)
     return out
 
 
@@ -319,16 +321,19 @@ def _cpu_executable(mod: tvm.IRModule) -> relax.VMExecutable:
 
 
 def calibrate(mod: tvm.IRModule, funcs: dict[str, list[Site]], calib, bins: int = 2048,
-              alpha: float = 0.0) -> Calibration:
+              alpha: float = 0.0, tensors: dict[str, list[tuple[str, relax.Var]]] | None = None) -> Calibration:
     """Run ``calib`` through the float32 ``mod`` on this CPU and fold every site's activation
-    input into a histogram. With ``alpha`` > 0, a second pass over the data histograms each
-    matmul's activation divided by its smoothing scales (known only after the first pass).
+    input, and each variable of ``tensors`` (function -> [(key, variable)]), into a histogram
+    under its key. With ``alpha`` > 0, a second pass over the data histograms each matmul's
+    activation divided by its smoothing scales (known only after the first pass).
     An iterable serves every model: its batches are kept (inputs only) when read more than
     once, and keys may be ``model.input``."""
     if (len(funcs) > 1 or alpha > 0) and not isinstance(calib, (str, Path)) and isinstance(calib, Iterable):
         calib = list(calib)
-    vm = relax.VirtualMachine(_cpu_executable(observed(mod, funcs)), tvm.cpu())
-    cal = Calibration({s.key: Histogram(bins) for ss in funcs.values() for s in ss}, {}, 0, {}, {})
+    tensors = tensors or {}
+    vm = relax.VirtualMachine(_cpu_executable(observed(mod, funcs, tensors)), tvm.cpu())
+    keys = {name: [s.key for s in ss] + [k for k, _ in tensors.get(name, [])] for name, ss in funcs.items()}
+    cal = Calibration({k: Histogram(bins) for ks in keys.values() for k in ks}, {}, 0, {}, {})
     absmax: dict[str, np.ndarray] = {}
     for name, ss in funcs.items():
         specs = input_specs(mod[name])
@@ -348,12 +353,12 @@ def calibrate(mod: tvm.IRModule, funcs: dict[str, list[Site]], calib, bins: int 
         smoothing = {s.key for s in matmuls}
         batches = cal.batches
         for acts in taps():
-            for s, act in zip(ss, acts):
-                cal.hists[s.key].add(act)
-                cal.first.setdefault(s.key, act)
-                if s.key in smoothing:
+            for key, act in zip(keys[name], acts):
+                cal.hists[key].add(act)
+                cal.first.setdefault(key, act)
+                if key in smoothing:
                     m = np.abs(act).reshape(-1, act.shape[-1]).max(axis=0)
-                    absmax[s.key] = np.maximum(absmax[s.key], m) if s.key in absmax else m
+                    absmax[key] = np.maximum(absmax[key], m) if key in absmax else m
             cal.batches += 1
         if matmuls:
             for s in matmuls:

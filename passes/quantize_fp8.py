@@ -161,6 +161,57 @@ def _operands(s: Site, convs: str, x: np.ndarray | None = None) -> tuple[str, np
     return "", w2, win[ni, :, hi, wi].reshape(len(pick), -1)
 
 
+@dataclass(frozen=True)
+class Shortcut:
+    """A residual add of two conv sites' results (each plus a constant bias, each used once): the
+    ``index`` of its operand (the variable ``operand``) to hold in E4M3, calibrated under ``key``;
+    ``sites``: the two sites' keys."""
+
+    add: relax.Var
+    index: int
+    operand: relax.Var
+    key: str
+    sites: tuple[str, str]
+    name: str
+
+
+def conv_shortcuts(func_name: str, func: relax.Function, ss: Sequence[Site]) -> list[Shortcut]:
+    """The residual adds of ``func`` whose operands are both conv sites' results (a ResNet block
+    whose shortcut is a projection conv). The later conv's result is the one held in E4M3: its
+    conv then writes it in FP8 and the other conv's epilogue reads it as an FP8 residual, where
+    both would move it as float16."""
+    convs = {s.binding.var: s for s in ss if s.binding.value.op.name == "relax.nn.conv2d"}
+    if not convs:
+        return []
+    order = {s.binding.var: i for i, s in enumerate(ss)}
+    values = {b.var: b.value for b in func.body.blocks[0].bindings}
+    uses: dict = {}
+    for v in [*values.values(), func.body.body]:
+        relax.analysis.post_order_visit(v, lambda e: uses.__setitem__(e, uses.get(e, 0) + 1)
+                                        if isinstance(e, relax.Var) else None)
+
+    def site_of(e) -> Site | None:
+        """The conv site whose result ``e`` is (plus a constant), each used once."""
+        v = values.get(e)
+        if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.add" and \
+                uses.get(e) == 1:
+            e = next((a for a, b in (v.args, v.args[::-1]) if isinstance(b, tvm.ir.Constant)), None)
+        return convs.get(e) if uses.get(e) == 1 else None
+
+    out = []
+    for var, v in values.items():
+        if not (isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.add"):
+            continue
+        a, b = (site_of(e) for e in v.args)
+        if a is None or b is None or a is b or any(isinstance(e, tvm.ir.Constant) for e in v.args) or \
+                list(v.args[0].ty.shape.values) != list(v.args[1].ty.shape.values):
+            continue
+        index = int(order[b.binding.var] > order[a.binding.var])
+        out.append(Shortcut(var, index, v.args[index], f"{func_name}:shortcut:{var.name}", (a.key, b.key),
+                            f"{func_name}/add {var.name}"))
+    return out
+
+
 @tvm.transform.module_pass(opt_level=0, name="QuantizeFp8")
 class QuantizeFp8:
     """See the module docstring. ``report``: method, batches, quantized sites with their
@@ -189,25 +240,38 @@ class QuantizeFp8:
         if not funcs:
             log.warning("FP8: no GEMM with a constant weight to quantize")
             return mod
-        cal = calibrate(mod, funcs, self.config.calib, self.config.bins)
+        share = self.config.convs == "all"
+        shortcuts = {m: conv_shortcuts(m, mod[m], ss) for m, ss in funcs.items()} if share else {}
+        cal = calibrate(mod, funcs, self.config.calib, self.config.bins,
+                        tensors={m: [(r.key, r.operand) for r in rs] for m, rs in shortcuts.items()})
         rep["batches"] = cal.batches
         plans = choose(funcs, cal, self._plan, self.config.max_error, rep)
         if rep["fallback"]:
             log.info("FP8: %d GEMMs stay unquantized (estimated error over %g): %s", len(rep["fallback"]),
                      self.config.max_error, ", ".join(f"{k} {v:.3g}" for k, v in rep["fallback"].items()))
-        emitter = _Emitter(self.config.convs == "all")
+        emitter = _Emitter(share)
+        for r in (r for rs in shortcuts.values() for r in rs if all(k in plans for k in r.sites)):
+            if (inv := self._inverse_scale(cal, r.key)) is not None:
+                emitter.shortcuts[r.add] = (r.index, inv)
+                rep.setdefault("fp8_shortcuts", []).append(r.name)
         return rewrite_sites(mod, funcs, plans, emitter, emitter.rest)
 
-    def _plan(self, s: Site, cal: Calibration) -> tuple[dict | None, str]:
-        lo, hi = cal.hists[s.key].range(self.config.method, self.config.percentile)
+    def _inverse_scale(self, cal: Calibration, key: str) -> float | None:
+        """What the activation calibrated under ``key`` is multiplied by before its cast to E4M3
+        (a float16 number), or None where calibration saw no finite nonzero value."""
+        lo, hi = cal.hists[key].range(self.config.method, self.config.percentile)
         amax = max(abs(lo), abs(hi))
         if not math.isfinite(amax) or amax == 0:
+            return None
+        return float(np.float16(min(E4M3_MAX / amax, _MAX_INV_SCALE)))
+
+    def _plan(self, s: Site, cal: Calibration) -> tuple[dict | None, str]:
+        if (inv_x := self._inverse_scale(cal, s.key)) is None:
             return None, "no finite nonzero activation seen in calibration"
         _, w, x = _operands(s, self.config.convs, cal.first[s.key])
         wmax = float(np.abs(w).max())
         if wmax == 0:
             return None, "an all-zero weight"
-        inv_x = float(np.float16(min(E4M3_MAX / amax, _MAX_INV_SCALE)))
         inv_w = E4M3_MAX / wmax
         wq = to_e4m3(w, inv_w)
         approx = to_e4m3(x, inv_x).astype(np.float32) @ wq.astype(np.float32) / np.float32(inv_x * inv_w)
@@ -227,6 +291,7 @@ class _Emitter:
         self.share = share
         self.quantized: dict = {}  # (x, inverse scale) -> x in E4M3
         self.dequantized: dict = {}  # x -> its E4M3 value in float32
+        self.shortcuts: dict = {}  # residual add's variable -> (its operand to hold in E4M3, inverse scale)
 
     def __call__(self, bb: relax.BlockBuilder, call: relax.Call, plan: dict) -> relax.Expr:
         x, wq = call.args[0], plan["wq"]  # wq: [K, N]
@@ -247,13 +312,19 @@ class _Emitter:
             acc = bb.emit(relax.op.matmul(xq, w, out_dtype="float32"))
         return relax.op.multiply(acc, relax.const(np.float32(plan["alpha"])))
 
-    def rest(self, bb: relax.BlockBuilder, value: relax.Expr) -> relax.Expr:
-        """``value`` (no site) with its add operands that FP8 convs read replaced by their FP8 values."""
+    def rest(self, bb: relax.BlockBuilder, binding: relax.VarBinding, value: relax.Expr) -> relax.Expr:
+        """``value`` (no site) with its add operands that FP8 convs read replaced by their FP8
+        values, and a shortcut's (``conv_shortcuts``) by its value rounded to E4M3."""
         if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.add"):
             return value
+        index, inv = self.shortcuts.get(binding.var, (None, 0.0))
         args = []
-        for e in value.args:
-            if isinstance(e, relax.Var) and e in self.dequantized:
+        for i, e in enumerate(value.args):
+            if i == index:
+                xq = bb.emit(relax.op.astype(relax.op.clip(relax.op.multiply(e, relax.const(np.float32(inv))),
+                                                           -E4M3_MAX, E4M3_MAX), FP8))
+                e = bb.emit(relax.op.multiply(relax.op.astype(xq, "float32"), relax.const(np.float32(1.0 / inv))))
+            elif isinstance(e, relax.Var) and e in self.dequantized:
                 xq, scale = self.dequantized[e]
                 e = bb.emit(relax.op.multiply(relax.op.astype(xq, "float32"), relax.const(np.float32(scale))))
             args.append(e)

@@ -123,10 +123,12 @@ def test_chains_write_fp8_and_read_fp8_shortcuts(resnet, requires_cuda_compiler)
                         quantize=smelt.Fp8(calib=calib, stem=False), options=smelt.CompileOptions(tune_log_dir=None))
     lines = [line for line in art.report.explanations if line.startswith("DispatchCutlassConv: rewrote")]
     assert len(lines) == 52
-    # 3 convs and a ReLU per bottleneck; the shortcut's conv (4 of them) and the last conv write float16
-    assert sum("-> float8_e4m3fn" in line for line in lines) == 47, lines
+    # 3 convs and a ReLU per bottleneck; only the last conv writes float16 (the classifier's input)
+    assert sum("-> float8_e4m3fn" in line for line in lines) == 51, lines
     assert sum("conv2d + bias + residual + relu" in line for line in lines) == 16
-    assert sum("residual float8_e4m3fn" in line for line in lines) == 12  # identity shortcuts read FP8
+    # every shortcut reads FP8: 12 identities and the 4 projection convs' (QuantizeFp8's conv_shortcuts)
+    assert sum("residual float8_e4m3fn" in line for line in lines) == 16
+    assert len(art.report.quantization["fp8_shortcuts"]) == 4
     assert any("3x3 stride 2x2, 128->128 channels" in line for line in lines)
     # the classifier stays cuBLASLt's FP8 GEMM
     assert any(line.startswith("DispatchCublasLt: rewrote matmul") and "in FP8" in line
@@ -140,7 +142,7 @@ def test_fp8_stem_by_default_writes_the_max_pools_fp8_input(resnet, requires_cud
                         quantize=smelt.Fp8(calib=calib), options=smelt.CompileOptions(tune_log_dir=None))
     assert art.options.quantize.stem is True
     lines = [line for line in art.report.explanations if line.startswith("DispatchCutlassConv: rewrote")]
-    assert len(lines) == 53 and sum("-> float8_e4m3fn" in line for line in lines) == 48
+    assert len(lines) == 53 and sum("-> float8_e4m3fn" in line for line in lines) == 52
     assert any("4x1 stride 1x1, 64->64 channels" in line and "-> float8_e4m3fn" in line for line in lines)
     assert any(line.startswith("HoistQuantizeOverMaxPool: rewrote") for line in art.report.explanations)
 

@@ -127,6 +127,59 @@ def test_resnet50_fp8_with_float16_against_onnxruntime(tmp_path):
     assert np.abs(y - ref).max() <= 0.1 * np.abs(ref).max()
 
 
+class _Projection(torch.nn.Module):
+    """A ResNet block whose shortcut is a conv: relu(conv3x3(x) + conv1x1(x)), 16 -> 32 channels."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.body = torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.shortcut = torch.nn.Conv2d(16, 32, 1)
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def test_a_projection_shortcut_is_held_in_e4m3(tmp_path):
+    """The conv shortcut's result is rounded to E4M3 with its own calibrated scale (conv_shortcuts),
+    so that on Hopper its conv writes FP8 and the other conv reads it as an FP8 residual: the
+    output matches that arithmetic emulated in numpy."""
+    model = _Projection().eval()
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.standard_normal((2, 16, 8, 8)).astype(np.float32)} for _ in range(3)]
+    art = smelt.compile([(model, (torch.zeros(2, 16, 8, 8),))], names=["m"], quantize=smelt.Fp8(calib=calib),
+                        options=smelt.CompileOptions(tune_log_dir=None))
+    q = art.report.quantization
+    assert len(q["quantized"]) == 2 and len(q["fp8_shortcuts"]) == 1, q
+    x = rng.standard_normal((2, 16, 8, 8)).astype(np.float32)
+    y = np.asarray(smelt.load(art.save(tmp_path / "m")).run("m", x=x))
+
+    def conv(v, layer):
+        with torch.no_grad():
+            return torch.nn.functional.conv2d(torch.from_numpy(v), torch.from_numpy(layer.weight.numpy()), None,
+                                              padding=layer.padding).numpy()
+
+    def fp8_conv(v, layer, inv_x):
+        w = layer.weight.detach().numpy()
+        inv_w = E4M3_MAX / float(np.abs(w).max())
+        with torch.no_grad():
+            acc = torch.nn.functional.conv2d(torch.from_numpy(_e4m3(v, inv_x)), torch.from_numpy(_e4m3(w, inv_w)),
+                                             None, padding=layer.padding).numpy()
+        return acc * np.float32(1.0 / (inv_x * inv_w)) + layer.bias.detach().numpy()[:, None, None]
+
+    def inverse(amax):
+        return float(np.float16(E4M3_MAX / amax))
+
+    inv_x = inverse(max(float(np.abs(b["x"]).max()) for b in calib))
+    shortcut_amax = max(float(np.abs(conv(b["x"], model.shortcut) +
+                                     model.shortcut.bias.detach().numpy()[:, None, None]).max()) for b in calib)
+    inv_s = inverse(shortcut_amax)
+    ref = np.maximum(fp8_conv(x, model.body, inv_x) + _e4m3(fp8_conv(x, model.shortcut, inv_x), inv_s) / inv_s, 0)
+    assert np.abs(y - ref).max() <= 1e-3 * np.abs(ref).max()
+    with torch.no_grad():
+        assert _cos(y, model(torch.from_numpy(x)).numpy()) >= 0.998
+
+
 def test_float16_keeps_the_fp8_accumulator_in_float32():
     """E4M3 products summed over K outgrow float16 (448² per product) before their scale applies:
     ToMixedPrecision leaves the FP8 operands alone and rescales in float32."""
