@@ -18,6 +18,7 @@ from tvm.relax.backend.cpu_generic import pipeline as _cpu
 
 from ..errors import BackendError
 from ..passes.convert_conv_layout import ConvertConvLayout
+from ..passes.emulate_e4m3_round_trips import EmulateE4M3RoundTrips
 from ..passes.rewrite_conv_winograd import RewriteConvWinograd
 from . import cpu_int8_dot, cpu_schedule
 from .base import TargetOptions, check_libs, host_linker_options
@@ -72,7 +73,9 @@ class CPUBackend:
         # TVM's fast exp/erf/tanh (and softmax on fast exp) vectorize; LLVM lowers the plain
         # ones to scalar libm calls (erff: a GELU matmul spent 75 % of its time there).
         # Their largest relative error, measured over the float32 range: 3.7e-7.
-        return [ConvertConvLayout("NHWC", "HWIO"), RewriteConvWinograd(), relax.transform.FastMathTransform()]
+        # FP8 round trips inside a kernel would lose their rounding (EmulateE4M3RoundTrips).
+        return [ConvertConvLayout("NHWC", "HWIO"), RewriteConvWinograd(), EmulateE4M3RoundTrips(),
+                relax.transform.FastMathTransform()]
 
     def postfuse_passes(self, target):
         # Which kernel operands are weights: the default schedules repack those at compile time,
