@@ -23,8 +23,8 @@ sites the pass does not handle, with the reason.
 
 Per-tensor scales for both operands: cuBLASLt's FP8 GEMMs on Hopper take one scalar per operand,
 and on all-MiniLM-L6-v2's real weights per-tensor E4M3 kept the embeddings' cosine to float32 at
-0.99777 (per channel: 0.99798; bench/results/cpu_fp8_accuracy_minilm.json). E4M3's exponent
-covers activation outliers that symmetric INT8 loses (0.95613 per tensor there), so no smoothing,
+0.99777 (per channel: 0.99798; bench/results/cpu_quantize_runs.json's fp8_accuracy_minilm).
+E4M3's exponent covers activation outliers that symmetric INT8 loses (0.95613 per tensor there), so no smoothing,
 and no clipping either: smelt's FP8 MiniLM kept 0.99782 mean / 0.99737 worst with ``minmax``
 ranges, 0.96454 / 0.95155 with ``percentile`` (99.99) ones, which cut the outliers off.
 

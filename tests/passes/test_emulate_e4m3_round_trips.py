@@ -1,7 +1,7 @@
 """EmulateE4M3RoundTrips: a round trip to E4M3 inside one CPU kernel keeps its rounding. Checked
 against ml_dtypes (which rounds as the GPU does) on every E4M3 value, the midpoints between
 neighbours (ties to even), subnormals and values past ±448; and that without the pass TVM's CPU
-code loses the rounding (what the pass exists for)."""
+code loses the rounding."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _round_trip(n: int, dtype: str, also_fp8: bool = False) -> tvm.IRModule:
 
 
 def _run(mod: tvm.IRModule, x: np.ndarray):
-    """``mod`` fused and built for the CPU, run on ``x``."""
+    """``mod`` fused, built for the CPU and run on ``x``."""
     mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                                     relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
     vm = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
@@ -58,7 +58,7 @@ def test_a_round_trip_in_one_kernel_rounds_as_ml_dtypes(dtype):
 
 
 def test_without_it_the_cpu_loses_the_rounding():
-    """The premise: TVM's FP8ComputeLegalize drops a round trip within one kernel."""
+    """TVM's FP8ComputeLegalize drops a round trip within one kernel."""
     x = np.array([0.3, 1.1, 17.0, 300.0], np.float32)
     got = _run(_round_trip(x.size, "float32"), x).numpy()
     assert not np.array_equal(got, x.astype(ml_dtypes.float8_e4m3fn).astype(np.float32))
