@@ -211,7 +211,7 @@ bool RunGemm(const Call& call) {
 }
 
 // The candidates' names, in RunCandidate's order (what SMELT_CUTLASS_VERBOSE=1 prints).
-constexpr const char* kNames[kCandidates] = {
+constexpr const char* kNames[] = {
     "conv-128x128x128",          "conv-128x64x128",           "conv-128x128x64",
     "conv-128x64x64",            "conv-64x128x128",           "conv-64x64x128",
     "gemm-pingpong-128x128x128", "gemm-pingpong-128x64x128",  "gemm-pingpong-128x128x64",
@@ -223,6 +223,7 @@ constexpr const char* kNames[kCandidates] = {
     "gemm-pingpong-128x128x128-epi-64x128",    "gemm-pingpong-64x128x128-epi-64x128",
     "persistent-128x128x128-epi-64x128",       "persistent-64x128x128-epi-64x128",
     "conv-128x128x128-epi-64x128",             "conv-64x128x128-epi-64x128"};
+static_assert(sizeof(kNames) / sizeof(kNames[0]) == kCandidates, "a name for each candidate");
 
 // Candidate ``i`` of kCandidates: conv kernels, then (1x1 stride-1 convs only) GEMMs. Tiles of 64
 // rows are for the deep layers: 7x7 512->512 at batch 32 has 13x4 tiles of 128x128 for 132 SMs.
