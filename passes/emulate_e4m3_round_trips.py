@@ -5,7 +5,7 @@ Requires: a Relax module before ``LegalizeOps``.
 Guarantees: ``astype(v, t)``, where ``v`` is bound to ``astype(x, "float8_e4m3fn")`` and ``t``
 is no FP8 type, becomes one ``call_te`` kernel computing ``x`` rounded to E4M3 in float32 (round
 to nearest even, E4M3's subnormals, saturating at ±448), cast to ``t``: the value the two casts
-give where the cast rounds (bit-identical to ml_dtypes' and CUDA's for finite inputs). ``v``
+give where the cast rounds (ml_dtypes' values within ±448, where QuantizeFp8 clips). ``v``
 stays for its other users (an FP8 conv reading it), and dies if the widening was its only one.
 Why: TVM's ``FP8ComputeLegalize``, which targets without FP8 arithmetic run on every kernel,
 computes each expression of an FP8 type in float32 and converts only what is stored: a round
