@@ -290,35 +290,38 @@ void run_gemm(const Layer& l, const Values& values, int index, const char* tile)
 
 // The epilogue's sub-tile (cutlass_conv.h's PersistentEpilogue) against CUTLASS's default, FP8 in
 // and out: for layers whose epilogue is most of the work (the expanding 1x1 convs, the stem).
-void run_epilogue_tiles(const Layer& l, const Values& values, int index) {
-  using One = Shape<_1, _1, _1>;
-  const char* v = "e4m3->e4m3";
+template <class Tile, bool kPingpong, class EpiTile = EpiAuto>
+void run_gemm_e4m3(const Layer& l, const Values& values, int index, const char* tile) {
+  using K = GemmType<E4M3, E4M3, Tile, Shape<_1, _1, _1>, kPingpong, void, EpiTile>;
+  run<E4M3, E4M3, K>(l, values, index, "e4m3->e4m3", tile);
+}
+
+template <class Tile, bool kPingpong, class EpiTile = EpiAuto>
+void run_persistent_e4m3(const Layer& l, const Values& values, int index, const char* tile) {
+  run<E4M3, E4M3, PersistentConvType<E4M3, E4M3, Tile, kPingpong, void, EpiTile>>(l, values, index, "e4m3->e4m3",
+                                                                                  tile);
+}
+
+void run_epilogue_tiles(const Layer& l, const Values& values, int i) {
   if (l.r == 1 && l.s == 1 && l.stride == 1 && l.pad_h == 0 && l.pad_w == 0) {
-    run<E4M3, E4M3, GemmType<E4M3, E4M3, Shape<_256, _128, _64>, One, false>>(l, values, index, v,
-                                                                             "gemm-cooperative-256x128x64-epi-auto");
-    run<E4M3, E4M3, GemmType<E4M3, E4M3, Shape<_256, _128, _64>, One, false, void, Shape<_128, _64>>>(
-        l, values, index, v, "gemm-cooperative-256x128x64-epi-128x64");
-    run<E4M3, E4M3, GemmType<E4M3, E4M3, Shape<_256, _128, _64>, One, false, void, Shape<_128, _128>>>(
-        l, values, index, v, "gemm-cooperative-256x128x64-epi-128x128");
-    run<E4M3, E4M3, GemmType<E4M3, E4M3, Shape<_128, _128, _64>, One, false>>(l, values, index, v,
-                                                                             "gemm-cooperative-128x128x64-epi-auto");
-    run<E4M3, E4M3, GemmType<E4M3, E4M3, Shape<_128, _128, _64>, One, false, void, Shape<_128, _128>>>(
-        l, values, index, v, "gemm-cooperative-128x128x64-epi-128x128");
-    run<E4M3, E4M3, GemmType<E4M3, E4M3, Shape<_128, _128, _64>, One, true>>(l, values, index, v,
-                                                                            "gemm-pingpong-128x128x64-epi-auto");
-    run<E4M3, E4M3, GemmType<E4M3, E4M3, Shape<_128, _128, _64>, One, true, void, Shape<_64, _128>>>(
-        l, values, index, v, "gemm-pingpong-128x128x64-epi-64x128");
-    run<E4M3, E4M3, GemmType<E4M3, E4M3, Shape<_128, _128, _128>, One, true>>(l, values, index, v,
-                                                                             "gemm-pingpong-128x128x128-epi-auto");
-    run<E4M3, E4M3, GemmType<E4M3, E4M3, Shape<_128, _128, _128>, One, true, void, Shape<_64, _128>>>(
-        l, values, index, v, "gemm-pingpong-128x128x128-epi-64x128");
+    run_gemm_e4m3<Shape<_256, _128, _64>, false>(l, values, i, "gemm-cooperative-256x128x64-epi-auto");
+    run_gemm_e4m3<Shape<_256, _128, _64>, false, Shape<_128, _64>>(l, values, i,
+                                                                    "gemm-cooperative-256x128x64-epi-128x64");
+    run_gemm_e4m3<Shape<_256, _128, _64>, false, Shape<_128, _128>>(l, values, i,
+                                                                     "gemm-cooperative-256x128x64-epi-128x128");
+    run_gemm_e4m3<Shape<_128, _128, _64>, false>(l, values, i, "gemm-cooperative-128x128x64-epi-auto");
+    run_gemm_e4m3<Shape<_128, _128, _64>, false, Shape<_128, _128>>(l, values, i,
+                                                                     "gemm-cooperative-128x128x64-epi-128x128");
+    run_gemm_e4m3<Shape<_128, _128, _64>, true>(l, values, i, "gemm-pingpong-128x128x64-epi-auto");
+    run_gemm_e4m3<Shape<_128, _128, _64>, true, Shape<_64, _128>>(l, values, i, "gemm-pingpong-128x128x64-epi-64x128");
+    run_gemm_e4m3<Shape<_128, _128, _128>, true>(l, values, i, "gemm-pingpong-128x128x128-epi-auto");
+    run_gemm_e4m3<Shape<_128, _128, _128>, true, Shape<_64, _128>>(l, values, i,
+                                                                    "gemm-pingpong-128x128x128-epi-64x128");
   }
-  run<E4M3, E4M3, PersistentConvType<E4M3, E4M3, Shape<_256, _64, Shape<_64>>, false>>(
-      l, values, index, v, "persistent-cooperative-256x64x64-epi-auto");
-  run<E4M3, E4M3, PersistentConvType<E4M3, E4M3, Shape<_256, _64, Shape<_64>>, false, void, Shape<_128, _64>>>(
-      l, values, index, v, "persistent-cooperative-256x64x64-epi-128x64");
-  run<E4M3, E4M3, PersistentConvType<E4M3, E4M3, Shape<_128, _64, Shape<_64>>, true>>(
-      l, values, index, v, "persistent-128x64x64-epi-auto");
+  run_persistent_e4m3<Shape<_256, _64, Shape<_64>>, false>(l, values, i, "persistent-cooperative-256x64x64-epi-auto");
+  run_persistent_e4m3<Shape<_256, _64, Shape<_64>>, false, Shape<_128, _64>>(
+      l, values, i, "persistent-cooperative-256x64x64-epi-128x64");
+  run_persistent_e4m3<Shape<_128, _64, Shape<_64>>, true>(l, values, i, "persistent-128x64x64-epi-auto");
 }
 
 // "a" or "axb" into (a, a) or (a, b); false if neither.

@@ -24,8 +24,8 @@ sites the pass does not handle, with the reason.
 Per-tensor scales for both operands: cuBLASLt's FP8 GEMMs on Hopper take one scalar per operand,
 and on all-MiniLM-L6-v2's real weights per-tensor E4M3 kept the embeddings' cosine to float32 at
 0.99777 (per channel: 0.99798; bench/results/cpu_quantize_runs.json's fp8_accuracy_minilm).
-E4M3's exponent covers activation outliers that symmetric INT8 loses (0.95613 per tensor there), so no smoothing,
-and no clipping either: smelt's FP8 MiniLM kept 0.99782 mean / 0.99737 worst with ``minmax``
+E4M3's exponent covers activation outliers that symmetric INT8 loses (0.95613 per tensor
+there), so no smoothing, and no clipping either: smelt's FP8 MiniLM kept 0.99782 mean / 0.99737 worst with ``minmax``
 ranges, 0.96454 / 0.95155 with ``percentile`` (99.99) ones, which cut the outliers off.
 
 The error estimate, per site, on the first calibration batch: the relative error of the GEMM's
@@ -159,6 +159,17 @@ def _operands(s: Site, convs: str, x: np.ndarray | None = None) -> tuple[str, np
     pick = np.random.default_rng(0).choice(nb * ho * wo, min(_SAMPLE_ROWS, nb * ho * wo), replace=False)
     ni, hi, wi = np.unravel_index(pick, (nb, ho, wo))
     return "", w2, win[ni, :, hi, wi].reshape(len(pick), -1)
+
+
+def _quantize(x: relax.Expr, inv_scale: float) -> relax.Expr:
+    """``x * inv_scale`` clipped to ±448 and cast to E4M3 (``to_e4m3`` in Relax)."""
+    return relax.op.astype(relax.op.clip(relax.op.multiply(x, relax.const(np.float32(inv_scale))),
+                                         -E4M3_MAX, E4M3_MAX), FP8)
+
+
+def _dequantize(xq: relax.Expr, scale: float) -> relax.Expr:
+    """E4M3 ``xq`` widened to float32 and multiplied by ``scale``."""
+    return relax.op.multiply(relax.op.astype(xq, "float32"), relax.const(np.float32(scale)))
 
 
 @dataclass(frozen=True)
@@ -297,8 +308,7 @@ class _Emitter:
         x, wq = call.args[0], plan["wq"]  # wq: [K, N]
         key = (x, plan["inv_x"])
         if (xq := self.quantized.get(key)) is None:
-            xq = relax.op.multiply(x, relax.const(np.float32(plan["inv_x"])))
-            xq = self.quantized[key] = bb.emit(relax.op.astype(relax.op.clip(xq, -E4M3_MAX, E4M3_MAX), FP8))
+            xq = self.quantized[key] = bb.emit(_quantize(x, plan["inv_x"]))
             if self.share and call.op.name == "relax.nn.conv2d":
                 self.dequantized[x] = (xq, 1.0 / plan["inv_x"])
         if call.op.name == "relax.nn.conv2d":
@@ -321,11 +331,8 @@ class _Emitter:
         args = []
         for i, e in enumerate(value.args):
             if i == index:
-                xq = bb.emit(relax.op.astype(relax.op.clip(relax.op.multiply(e, relax.const(np.float32(inv))),
-                                                           -E4M3_MAX, E4M3_MAX), FP8))
-                e = bb.emit(relax.op.multiply(relax.op.astype(xq, "float32"), relax.const(np.float32(1.0 / inv))))
+                e = bb.emit(_dequantize(bb.emit(_quantize(e, inv)), 1.0 / inv))
             elif isinstance(e, relax.Var) and e in self.dequantized:
-                xq, scale = self.dequantized[e]
-                e = bb.emit(relax.op.multiply(relax.op.astype(xq, "float32"), relax.const(np.float32(scale))))
+                e = bb.emit(_dequantize(*self.dequantized[e]))
             args.append(e)
         return relax.op.add(*args)
