@@ -24,7 +24,10 @@ the FP8 stem 19.6 for this rearranging (37.8 while each load under its bounds te
 see ``space_to_depth``), 38.5 for the 4×1 conv (a persistent CUTLASS kernel) and 13.6 for the
 pool: ResNet-50 0.725 ms against 0.757 with the float16 stem, 0.691 on an H200. Before the
 persistent convs and the pool over bits it was slower (0.868 ms in all against 0.843); a 4×4
-conv over 16 channels, filling a quarter of each K-block, slower still (1.114 ms).
+conv over 16 channels, filling a quarter of each K-block, slower still (1.114 ms). The 4 copies
+packed in 48 channels rather than 64: the rearranging took 17.4 us against 19.5, but CUTLASS's
+conv, whose 64-channel loads then run past the tensor's channels, 73.6 against 37.6 (ResNet-50
+0.704 ms against 0.667).
 
 Space-to-depth is the stem of MLPerf's ResNet-50 submissions on TPUs and GPUs for the same
 reason: 3 channels fill no tensor-core K-block.
