@@ -6,12 +6,15 @@ Guarantees: ``op(reshape(x, B), ...)`` becomes ``reshape(op(x, ...), B)`` for el
 axis when the reshape keeps that axis. The other operand of a binary op is reshaped the
 same way when it has the output's shape, and kept when it broadcasts over trailing axes
 the reshape keeps (a bias). Reshapes that meet cancel (TVM's ``RemoveRedundantReshape``
-runs after). Numbers do not change: each rewrite only renames elements.
+runs after). A ``permute_dims`` that moves only axes of extent 1 becomes the reshape it is
+first. Numbers do not change: each rewrite only renames elements.
 Why: ``torch.export`` writes ``nn.Linear`` on a [batch, seq, d] tensor as
 ``view -> addmm -> view``; the view between the matmul and its GELU or residual add is
 an injective op, which TVM's ``FuseOps`` does not fuse into a matmul's epilogue. A BERT
 layer then ran its GELU, its two residual adds and its attention scaling as four kernels
-of their own, each a round trip through memory.
+of their own, each a round trip through memory. Likewise a CNN's head in NHWC: its pooled
+[N, 1, 1, C] went through a ``permute_dims`` to NCHW before the quantize or cast that the
+pooling's kernel now computes.
 Where: fuse phase, before ``LegalizeOps`` (after ``ToMixedPrecision``, whose casts it moves too).
 """
 
@@ -46,19 +49,22 @@ class _Sinker(relax.PyExprMutator):
         self.explain = explain
 
     def _reshaped(self, e: relax.Expr):
-        """(source, its shape) when ``e`` is a variable bound to a static reshape, else None."""
-        if not isinstance(e, relax.Var):
-            return None
-        bound = self.lookup_binding(e)
-        if not isinstance(bound, relax.Call) or not isinstance(bound.op, tvm.ir.Op) or \
-                bound.op.name != "relax.reshape":
-            return None
-        src = bound.args[0]
-        shape = _shape(src)
-        return (src, shape) if shape is not None else None
+        """(source, its shape) when ``e`` is a variable bound to a static reshape (of a reshape...:
+        the first source), else None."""
+        found = None
+        while isinstance(e, relax.Var):
+            bound = self.lookup_binding(e)
+            if not isinstance(bound, relax.Call) or not isinstance(bound.op, tvm.ir.Op) or \
+                    bound.op.name != "relax.reshape" or _shape(bound.args[0]) is None:
+                break
+            e = bound.args[0]
+            found = (e, _shape(e))
+        return found
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.permute_dims":
+            return self._as_reshape(call)
         if not isinstance(call.op, tvm.ir.Op) or call.op.name not in _UNARY | _BINARY | _LAST_AXIS:
             return call
         out = _shape(call)
@@ -85,6 +91,18 @@ class _Sinker(relax.PyExprMutator):
         inner = self.builder_.emit(relax.Call(call.op, args, attrs, call.ty_args))
         self.explain.fired(call, f"reshape {src_shape} -> {out} moved below {name.removeprefix('relax.')}")
         return relax.op.reshape(inner, out)
+
+    def _as_reshape(self, call: relax.Call) -> relax.Expr:
+        """A ``permute_dims`` that moves only axes of extent 1 (a CNN's pooled [N, 1, 1, C] to
+        NCHW) as the reshape it is, which then sinks like any other."""
+        src, out = _shape(call.args[0]), _shape(call)
+        if src is None or out is None:
+            return call
+        axes = [int(a) for a in call.attrs.axes] if call.attrs.axes is not None else list(range(len(src)))[::-1]
+        if [a for a in axes if src[a] != 1] != [a for a in range(len(src)) if src[a] != 1]:
+            return call
+        self.explain.fired(call, f"permute_dims of {src} moves only axes of extent 1: a reshape to {out}")
+        return relax.op.reshape(call.args[0], out)
 
     def _binary(self, args: list, out: list[int]):
         """The binary op's operands on the reshape's source shape, and that shape; None if not possible."""

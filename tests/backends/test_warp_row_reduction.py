@@ -2,7 +2,7 @@
 
 Compile-only tests need nvcc, not a GPU: which kernels the rule takes, that the reductions are
 warp shuffles with each warp on its own row. Tests marked ``cuda`` compare with numpy in
-float64; tolerance: max |y - ref| at most 1e-2 * max |ref| (float16 output rounding is 2^-11
+float64; tolerance: max |y - ref| <= 1e-2 * max |ref| (float16 output rounding is 2^-11
 relative; a row reduced by the wrong warp gives errors of order 1).
 """
 

@@ -1,6 +1,6 @@
 """ConvertConvLayout: convolutions in the backend's layout, pads carried along, numbers unchanged.
 
-Numerics run on the CPU (LLVM) against the module before the pass, exactly (integer convolutions).
+Numerics: on the CPU against the module before the pass, exact (integer convs).
 """
 
 from __future__ import annotations
