@@ -33,9 +33,8 @@ import tvm
 from tvm import relax
 
 from ..ir.weights import exact_const
-from .epilogue_chains import (DTYPES, FP8, Chain, ChainRewriter, chain_pass, constant, last_dim, op_is, permutation,
-                              result_dtype)
-from .mutate import static_shape
+from .epilogue_chains import DTYPES, FP8, Chain, ChainRewriter, chain_pass, constant, last_dim, op_is, result_dtype
+from .mutate import permutation, static_shape
 
 FUNCTION = "smelt_cublaslt_matmul"  # + "_bias" and/or "_residual"
 

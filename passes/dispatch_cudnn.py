@@ -31,8 +31,8 @@ import tvm
 from tvm import relax
 
 from ..ir.weights import exact_const
-from .epilogue_chains import DTYPES, Chain, ChainRewriter, chain_pass, op_is, permutation, result_dtype
-from .mutate import static_shape
+from .epilogue_chains import DTYPES, Chain, ChainRewriter, chain_pass, op_is, result_dtype
+from .mutate import permutation, static_shape
 
 FUNCTION = "smelt_cudnn_conv2d"  # + "_residual"
 

@@ -21,7 +21,7 @@ import tvm_ffi
 from tvm import relax
 
 from .explain import Explainer
-from .mutate import map_vars, static_shape
+from .mutate import map_vars, moves_only_unit_axes, static_shape
 from .quantize_fp8 import E4M3_MAX, FP8  # QuantizeFp8's operands, which the libraries multiply into float32
 
 EPILOGUE_NONE, EPILOGUE_RELU = 0, 1
@@ -83,18 +83,9 @@ def constant(e: relax.Expr, values: dict) -> tvm.ir.Constant | None:
     e = values.get(e, e)
     if isinstance(e, tvm.ir.Constant):
         return e
-    if op_is(e, "relax.permute_dims") and isinstance(e.args[0], tvm.ir.Constant):
-        shape = static_shape(e.args[0]) or []
-        moved = [a for a in permutation(e) if shape[a] != 1]
-        if moved == sorted(moved):
-            return e.args[0]
+    if op_is(e, "relax.permute_dims") and isinstance(e.args[0], tvm.ir.Constant) and moves_only_unit_axes(e):
+        return e.args[0]
     return None
-
-
-def permutation(e: relax.Call) -> list[int]:
-    """The axes of a ``permute_dims`` call (reversed when it names none)."""
-    rank = len(static_shape(e.args[0]) or [])
-    return [int(a) for a in e.attrs.axes] if e.attrs.axes is not None else list(range(rank))[::-1]
 
 
 def extend(chain: Chain, value: relax.Expr, values: dict, quantized_outputs: bool = False) -> bool:

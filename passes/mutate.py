@@ -105,6 +105,22 @@ def _emit_again(bb: relax.BlockBuilder, name: str, func: relax.Function, rewrite
         bb.emit_func_output(relax.Tuple([result] + [sub(t) for t in taps]) if taps else result)
 
 
+def permutation(e: relax.Call) -> list[int]:
+    """The axes of a ``permute_dims`` call (reversed when it names none)."""
+    rank = len(static_shape(e.args[0]) or [])
+    return [int(a) for a in e.attrs.axes] if e.attrs.axes is not None else list(range(rank))[::-1]
+
+
+def moves_only_unit_axes(e: relax.Call) -> bool:
+    """Whether a ``permute_dims`` call with a static input shape keeps the order of its axes
+    of extent > 1: the elements stay in memory order, so it is a reshape."""
+    shape = static_shape(e.args[0])
+    if shape is None:
+        return False
+    moved = [a for a in permutation(e) if shape[a] != 1]
+    return moved == sorted(moved)
+
+
 def static_shape(e: relax.Expr) -> list[int] | None:
     """The static shape of a tensor expression, else None (not a tensor, unknown or symbolic dims)."""
     ty = e.ty

@@ -25,7 +25,7 @@ from tvm import relax
 
 from .canonicalize_ops import with_attr_field
 from .explain import Explainer
-from .mutate import mutate_functions, static_shape as _shape
+from .mutate import moves_only_unit_axes, mutate_functions, static_shape as _shape
 
 _UNARY = {"relax.astype", "relax.nn.gelu", "relax.nn.gelu_tanh", "relax.nn.relu", "relax.nn.silu", "relax.sigmoid",
           "relax.tanh", "relax.exp", "relax.erf", "relax.sqrt", "relax.rsqrt", "relax.negative", "relax.clip",
@@ -55,10 +55,13 @@ class _Sinker(relax.PyExprMutator):
         while isinstance(e, relax.Var):
             bound = self.lookup_binding(e)
             if not isinstance(bound, relax.Call) or not isinstance(bound.op, tvm.ir.Op) or \
-                    bound.op.name != "relax.reshape" or _shape(bound.args[0]) is None:
+                    bound.op.name != "relax.reshape":
+                break
+            shape = _shape(bound.args[0])
+            if shape is None:
                 break
             e = bound.args[0]
-            found = (e, _shape(e))
+            found = (e, shape)
         return found
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
@@ -95,13 +98,11 @@ class _Sinker(relax.PyExprMutator):
     def _as_reshape(self, call: relax.Call) -> relax.Expr:
         """A ``permute_dims`` that moves only axes of extent 1 (a CNN's pooled [N, 1, 1, C] to
         NCHW) as the reshape it is, which then sinks like any other."""
-        src, out = _shape(call.args[0]), _shape(call)
-        if src is None or out is None:
+        out = _shape(call)
+        if out is None or not moves_only_unit_axes(call):
             return call
-        axes = [int(a) for a in call.attrs.axes] if call.attrs.axes is not None else list(range(len(src)))[::-1]
-        if [a for a in axes if src[a] != 1] != [a for a in range(len(src)) if src[a] != 1]:
-            return call
-        self.explain.fired(call, f"permute_dims of {src} moves only axes of extent 1: a reshape to {out}")
+        self.explain.fired(call, f"permute_dims of {_shape(call.args[0])} moves only axes of extent 1: a reshape "
+                                 f"to {out}")
         return relax.op.reshape(call.args[0], out)
 
     def _binary(self, args: list, out: list[int]):
