@@ -8,10 +8,9 @@ inputs (fixed seed), then ``repeat`` timed calls, the runners taking turns in bl
 milliseconds. Each output is checked against the reference (onnxruntime for
 ONNX, torch eager for PyTorch): the largest deviation relative to the reference's largest
 magnitude. ``profile=True`` adds smelt's time per kernel (a run's kernel calls recorded by
-the VM's instrumentation, CUDA graphs off for that build so every kernel is seen, then each
-replayed on its arguments: ``_profile``), the top kernels with their share of the total, how
-often a run calls each (one kernel serves every layer of its shape) and the shapes it is
-called with.
+the VM's instrumentation, CUDA graphs off so every kernel is seen, each replayed on its
+arguments: ``_profile``): the top kernels, their share, how often a run calls each (one
+kernel serves every layer of its shape) and their shapes.
 """
 
 from __future__ import annotations
@@ -69,7 +68,7 @@ class BenchResult:
 
     model: str
     target: str
-    build: str = "float32"  # smelt's precision, and its quantization scheme if any ("float16, fp8")
+    build: str = "float32"  # smelt's precision and quantization scheme, if any ("float16, fp8")
     timings: list[Timing] = field(default_factory=list)
     profile: list[KernelTime] = field(default_factory=list)  # slowest first
     tuned_kernels: int = 0
@@ -201,7 +200,7 @@ def bench(model, target: str = "cpu", *, name: str = "model", tune_log_dir: str 
         if peers:
             runners += _peers(model, feeds, target, ref, opts.pipeline.precision)
         result.timings = _interleaved(runners, repeat)
-        if profile:  # every kernel must be a VM call: build again only if CUDA graphs would hide them
+        if profile:  # every kernel must be a VM call: rebuild if CUDA graphs would hide them
             backend = backends.get(target)
             graphs = backend.pass_config(untuned.options.target) != \
                 backend.pass_config(replace(untuned.options.target, cuda_graph=False))
@@ -283,7 +282,7 @@ def _peers(model, feeds, target, ref, precision: str = "float32") -> list[_Runne
     module, _ = _torch_module(model)
     device = "cuda" if target == "cuda" and torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, precision)
-    module = copy.deepcopy(module).to(device=device, dtype=dtype)  # the caller's module stays as it was
+    module = copy.deepcopy(module).to(device=device, dtype=dtype)  # the caller's module stays
     args = [torch.from_numpy(v).to(device=device, dtype=dtype if v.dtype.kind == "f" else None) for v in feeds.values()]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     modes = [("torch eager", None), ("torch.compile", "default")] + \

@@ -1,19 +1,19 @@
-"""Compile-time weight repacking around the default CPU schedules, with kernel names kept.
+"""Compile-time weight repacking around the default CPU schedules; kernel names kept.
 
-Two passes bracket the schedules (tuning records, then ``ApplyDefaultSchedules``) on CPUs:
+Two passes frame the schedules (tuning records, then ``ApplyDefaultSchedules``) on CPUs:
 
-- ``MarkWeightOperands`` (last in the fuse phase, so that tuning's tasks carry it too): TVM's
-  ``AttachAttrLayoutFreeBuffers`` records on every kernel which parameters are constants
-  (``layout_free_buffers``), so a schedule rule, or MetaSchedule's ``RewriteLayout``, may
-  choose their layout.
+- ``MarkWeightOperands`` (last in the fuse phase, so tuning's tasks carry it too): TVM's
+  ``AttachAttrLayoutFreeBuffers`` records on each kernel which parameters are constants
+  (``layout_free_buffers``), so a schedule rule or MetaSchedule's ``RewriteLayout`` may pick
+  their layout.
 - ``FoldWeightPrepack`` (after): TVM's ``SplitLayoutRewritePreproc`` moves the repacking a
   rule marked (``meta_schedule.layout_rewrite_preproc``) into its own function and
   ``FoldConstant`` runs it on the weights, once, at compile time.
 
 Requires: fused PrimFuncs called from Relax with the weights still bound as constants
-(before ``LiftWeights``). Guarantees: numbers do not change; each kernel keeps the name
-it had (TVM's passes copy kernels as ``<name>1`` and ``<name>1_prepacked``, which would
-reach the schedule report and ``smelt bench --profile``); no unused function remains.
+(before ``LiftWeights``). Guarantees: numbers do not change; each kernel keeps its name
+(TVM's copies, ``<name>1_prepacked``, would reach reports and ``--profile``); no unused
+function remains.
 """
 
 from __future__ import annotations

@@ -3,11 +3,10 @@
 What a batch must take at best, from shapes alone (no weights, no GPU): each conv, the pooling
 and the classifier read their input and weights and write their output once (a residual add
 reads the shortcut once more, inside the conv that takes it), at ``--bytes`` per element. Per
-layer the floor is max(FLOPs / peak, bytes / bandwidth), as a layer cannot overlap with the next
-one; the sum of those is what perfect kernels, one per layer, would take. The defaults are the
-H200's measured fp16 dense peak (``bench/gemm.py``: ~790 TFLOP/s) and its 4.8 TB/s.
-The network is ResNet-50 v1.5 (torchvision's: stride on the 3x3 conv), written here from its
-shapes so that the script needs no torchvision.
+layer the floor is max(FLOPs / peak, bytes / bandwidth); their sum is what perfect kernels, one
+per layer, would take. Defaults: the H200's measured fp16 dense peak (``bench/gemm.py``: ~790
+TFLOP/s) and its 4.8 TB/s.
+Network: ResNet-50 v1.5 (stride on the 3x3 conv), written out here.
 Usage: python bench/roofline.py [--batch 32] [--tflops 790] [--tbps 4.8] [--bytes 2]
 """
 

@@ -1,8 +1,8 @@
-"""VectorizedElementwise: which kernels it takes, that they move 16 bytes at a time, numerics on a GPU.
+"""VectorizedElementwise: the kernels it takes, 16-byte moves, numerics on a GPU.
 
-Compile-only tests need nvcc, not a GPU. Tests marked ``cuda`` run the kernels and compare with
-numpy in float64; tolerance: max |y - ref| at most 1e-2 * max |ref| (float16 output rounding is
-2^-11 relative; an element read from the wrong place gives errors of order 1).
+Compile-only tests need nvcc, not a GPU. Tests marked ``cuda`` compare with numpy in float64:
+max |y - ref| at most 1e-2 * max |ref| (float16 rounding is 2^-11 relative; an element read
+from the wrong place errs by order 1).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _kernel(shape, body, dtype="float16", shape2=None):
     return _one_kernel(bb.get())
 
 
-def gelu_reshape():  # BERT's GELU, fused with the reshape before the next GEMM
+def gelu_reshape():  # BERT's GELU, fused with the reshape before a GEMM
     return _kernel((2, 8, 256), lambda x: relax.op.reshape(relax.op.nn.gelu(x), (16, 256)))
 
 
@@ -72,7 +72,7 @@ def test_threads_divide_the_vectors(shape, threads, requires_cuda_compiler):
     _kernel((4, 64), lambda x, y: relax.op.add(x, y), shape2=(64,)),  # broadcast
     _kernel((4, 64), lambda x: relax.op.permute_dims(x)),  # transpose
     _kernel((4, 6), lambda x: relax.op.nn.relu(x)),  # rows shorter than a vector
-    _kernel((526, 8), lambda x: relax.op.nn.relu(x)),  # 526 vectors: no block of 64 to 256 threads divides them
+    _kernel((526, 8), lambda x: relax.op.nn.relu(x)),  # 526 vectors: no 64-256 thread block divides them
 ], ids=["broadcast", "transpose", "short_rows", "no_thread_count"])
 def test_declines_what_is_not_a_straight_copy(func):
     assert VectorizedElementwise().apply(func, TARGET, False) is None

@@ -1,9 +1,8 @@
-"""ToMixedPrecision: float16/bfloat16 compute with float32 statistics, against onnxruntime float32.
+"""ToMixedPrecision: float16/bfloat16 compute, float32 statistics, against onnxruntime.
 
-Tolerance: the largest deviation relative to the largest reference output. float16 keeps
-10 mantissa bits (unit roundoff 4.9e-4), bfloat16 7 (3.9e-3). Measured on these models:
-float16 4.4e-4 to 1.2e-3, bfloat16 3.5e-3 to 5.9e-3; the bounds leave about 4x margin.
-Weights are random (fixed seeds).
+Tolerance: the largest deviation over the largest reference output. float16 keeps
+10 mantissa bits (roundoff 4.9e-4), bfloat16 7 (3.9e-3). Measured here: float16
+4.4e-4 to 1.2e-3, bfloat16 3.5e-3 to 5.9e-3; bounds: ~4x that.
 """
 
 from __future__ import annotations
