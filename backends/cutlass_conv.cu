@@ -48,6 +48,12 @@
 // ResNet-50 b32 in FP8 0.726 -> 0.678 ms (SMELT_CUTLASS_CANDIDATES=17, a second process). Timing
 // picks them for 23 of ResNet's 29 conv problems (H100).
 //
+// Two more candidates are smelt's own halo-tile kernel (halo_conv.h), for stride-1 convs of 64
+// input and 64 output channels: it loads each input pixel once per tile where CUTLASS's loads it
+// once per filter tap, which is what bounds CUTLASS's kernels on those layers (bench/
+// halo_conv_probe.cu: 56x56 3x3 64->64 15.1 us against 17.7, the stem's 4x1 conv 28.6 against
+// 36.7 on an H100). Tiles of 128 and 64 output pixels.
+//
 // Built by nvcc (sm_90a: wgmma needs the arch-specific target) with CUTLASS's headers and
 // TVM-FFI's (vendor_libs.py). The CUDA runtime functions the kernels' launch code calls come
 // from libcudart, which the artifact finds loaded: TVM's CUDA runtime links it, and smelt loads
@@ -68,9 +74,11 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 
 #include "cutlass_conv.h"
 #include "cuda_timer.h"
+#include "halo_conv.h"
 
 namespace {
 
@@ -84,7 +92,7 @@ template <class Out, class Res, class Tile, class EpiTile>
 using Kernel =
     smelt_cutlass::ConvKernel<E4M3, float, Out, Res, float, cutlass::epilogue::thread::Clamp, Tile, EpiTile>;
 
-constexpr int kCandidates = 27;
+constexpr int kCandidates = 29;
 
 struct Call {
   const void *x, *w, *bias, *residual;
@@ -210,6 +218,17 @@ bool RunGemm(const Call& call) {
   return Launch<typename K::Adapter>(args, call);
 }
 
+// The halo-tile kernel (halo_conv.h) of tiles of MT output pixels, where it takes the problem.
+template <class Out, class Res, int MT>
+bool RunHalo(const Call& call) {
+  if (call.c != smelt_halo::kC || call.k != smelt_halo::kK || call.stride_h != 1 || call.stride_w != 1) return false;
+  const float lower = call.relu ? 0.f : -std::numeric_limits<float>::infinity();
+  return smelt_halo::Run<std::is_same_v<Out, E4M3>, std::is_same_v<Res, E4M3>, MT>(
+      smelt_halo::MakePlan(call.n, call.h, call.w_in, call.r, call.s, call.pad_h, call.pad_w, MT), call.x,
+      static_cast<const uint8_t*>(call.w), static_cast<const float*>(call.bias), call.residual, call.y, call.alpha,
+      call.beta, lower, call.sm_count, call.stream, Pdl());
+}
+
 // The candidates' names, in RunCandidate's order (what SMELT_CUTLASS_VERBOSE=1 prints).
 constexpr const char* kNames[] = {
     "conv-128x128x128",          "conv-128x64x128",           "conv-128x128x64",
@@ -222,7 +241,8 @@ constexpr const char* kNames[] = {
     "gemm-pingpong-128x128x64-epi-64x128",     "persistent-cooperative-256x64x64-epi-128x64",
     "gemm-pingpong-128x128x128-epi-64x128",    "gemm-pingpong-64x128x128-epi-64x128",
     "persistent-128x128x128-epi-64x128",       "persistent-64x128x128-epi-64x128",
-    "conv-128x128x128-epi-64x128",             "conv-64x128x128-epi-64x128"};
+    "conv-128x128x128-epi-64x128",             "conv-64x128x128-epi-64x128",
+    "halo-128",                                "halo-64"};
 static_assert(sizeof(kNames) / sizeof(kNames[0]) == kCandidates, "a name for each candidate");
 
 // Candidate ``i`` of kCandidates: conv kernels, then (1x1 stride-1 convs only) GEMMs. Tiles of 64
@@ -233,8 +253,8 @@ static_assert(sizeof(kNames) / sizeof(kNames[0]) == kCandidates, "a name for eac
 // persistent kernels, any conv: ping-pong 128x64 tiles of 64-byte K-blocks for the 64-channel 3x3
 // layers (one filter tap per K-block), 128x128 and 64x128 ones of 128 bytes for the deeper and
 // the strided layers, and cooperative 256x64 ones of 64 bytes (fastest at 56x56 64->64 3x3). A
-// stream-K kernel was never the fastest in the probe. Last, candidates of those with a wider
-// epilogue sub-tile (see the top of this file).
+// stream-K kernel was never the fastest in the probe. Then candidates of those with a wider
+// epilogue sub-tile, and last the halo-tile kernels (see the top of this file).
 template <class Out, class Res>
 bool RunCandidate(const Call& call, int i) {
   switch (i) {
@@ -264,7 +284,9 @@ bool RunCandidate(const Call& call, int i) {
     case 23: return RunPersistent<Out, Res, Shape<_128, _128, Shape<_128>>, /*kPingpong=*/true, Shape<_64, _128>>(call);
     case 24: return RunPersistent<Out, Res, Shape<_64, _128, Shape<_128>>, /*kPingpong=*/true, Shape<_64, _128>>(call);
     case 25: return Run<Out, Res, Shape<_128, _128, Shape<_128>>, Shape<_64, _128>>(call);
-    default: return Run<Out, Res, Shape<_64, _128, Shape<_128>>, Shape<_64, _128>>(call);
+    case 26: return Run<Out, Res, Shape<_64, _128, Shape<_128>>, Shape<_64, _128>>(call);
+    case 27: return RunHalo<Out, Res, 128>(call);
+    default: return RunHalo<Out, Res, 64>(call);
   }
 }
 

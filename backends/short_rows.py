@@ -2,29 +2,28 @@
 
 Requires: a GPU target; a PrimFunc that, after inlining its producers and consumers, is one
 spatial block with static extents whose innermost output axis holds 2, 4 or 8 elements of at
-most 16 bytes in all (the channels of a network's input, padded to 4 for cuDNN's stem kernel),
+most 16 bytes in all (a network input's channels, padded to 4 for cuDNN's stem),
 or up to 64 bytes in 16-byte pieces of 2 to 16 elements (an FP8 space-to-depth stem's input,
 64 channels), and a number of rows with a divisor of 64 to 256 (the threads of a block,
-``dividing_threads``). Declines (``apply`` returns None) anything else.
-Guarantees: the same function. Each thread computes one innermost row in registers, reading its
-elements where they are (for an NCHW source: one element of each channel plane, and neighbouring
-threads read neighbouring addresses of it), and stores it with one vector store per 16 bytes.
-A whole row per thread rather than a 16-byte piece: the row's index arithmetic (divisions,
-bounds) is computed once, where a space-to-depth stem's 4 pieces each computed it again.
-The rows are split evenly over blocks of ``dividing_threads``. The kernel is index arithmetic
-more than memory: each element loads from an address and tests bounds that depend on its pixel's
-coordinates, which from a thread's flat index take divisions and remainders, computed once a
-row. The FP8 space-to-depth stem's kernel (ResNet-50 at batch 32: 26 MB, 64 elements a thread
+``dividing_threads``). Declines the rest (``apply``: None).
+Guarantees: the same function. A thread computes one innermost row in registers, reading its
+elements where they are (from NCHW: one element of each channel plane, neighbouring threads at
+neighbouring addresses), and stores it with one vector store per 16 bytes.
+A whole row per thread, not a 16-byte piece: the row's index arithmetic (divisions, bounds) is
+computed once, where a space-to-depth stem's 4 pieces each computed it.
+Rows split evenly over blocks of ``dividing_threads``. The kernel is index arithmetic
+more than memory: each element's address and bounds depend on its pixel's coordinates, which
+take divisions and remainders of a thread's flat index, computed once a row. The FP8 space-to-depth stem's kernel (ResNet-50 at batch 32: 26 MB, 64 elements a thread
 from 12 planes) compiled to about 2100 instructions a thread while each element's load was a
 branch (37.8 us on an H100, its issue rate alone 29 us); with the loads clamped into the image
 and masked (RewriteConvSpaceToDepth) its code is 2.2x smaller. A thread block per row of pixels
 (no division of the thread's index) then saved nothing more: the same code size.
-Why not dlight: its ``Fallback`` gives each thread one element, so a warp covers 8 pixels of
-4 channels: 32-byte pieces of three planes per load, 2-byte stores. On an H200, ResNet-50's
+Why not dlight: its ``Fallback`` gives a thread one element, a warp 8 pixels of 4 channels:
+32-byte pieces of three planes per load, 2-byte stores. On an H200, ResNet-50's
 input at batch 32 (fp32 NCHW -> fp16 NHWC padded to 4 channels) took 22 us, where its 32 MB
 take 7 us at the memory's speed.
-Where: ``apply_default_schedules.default_rules()``, after ``VectorizedElementwise`` (which
-takes the kernels that read and write the same layout) and before ``Fallback``.
+Where: ``apply_default_schedules.default_rules()``, after ``VectorizedElementwise`` (kernels
+reading and writing one layout), before ``Fallback``.
 """
 
 from __future__ import annotations
