@@ -1,10 +1,11 @@
-"""Vendor-algorithm timing on and off (``SMELT_VENDOR_TIMING``), same artifacts, on a CUDA GPU.
+"""Vendor routines with and without an environment setting (``--env``), on a GPU.
 
-smelt's cuBLASLt and cuDNN routines time the heuristic's candidate algorithms on a problem's
-first call (backends/cuda_timer.h); ``SMELT_VENDOR_TIMING=0`` keeps the heuristic's first. This
-compiles ResNet-50, MobileNetV3-Large and BERT-base (float16) once, then times each artifact in fresh processes
-that alternate off and on, ``--rounds`` times, and prints the medians side by side.
-Usage: python bench/vendor_timing.py [--models resnet50:32,bert:16,resnet50:1,bert:1] [--rounds 2] [--json out.json]
+Routines time their candidates on a problem's first call (backends/cuda_timer.h);
+``SMELT_VENDOR_TIMING=0`` (default) keeps the heuristic's first, ``SMELT_CUTLASS_*`` pick
+the FP8 conv's kernels. Models compile once (float16, ``--quantize fp8``), then run in fresh
+processes, with and without in turn: median ms, error vs torch float32.
+Usage: python bench/vendor_timing.py [--models resnet50:32,bert:16] [--rounds 2] [--quantize fp8]
+       [--env SMELT_CUTLASS_CANDIDATES=27] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,22 +24,27 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def build(models: str, out: Path) -> None:
+def build(models: str, out: Path, fp8: bool) -> None:
     import torch
     import torch_models
+    from gpu_kernels import random_calib
 
     import smelt
 
     for item in models.split(","):
         name, _, batch = item.partition(":")
-        batch = int(batch or 1)
-        m = {"resnet50": torch_models.resnet50, "mobilenetv3": torch_models.mobilenet_v3_large,
-             "bert": torch_models.bert_base}[name]()
-        x = torch.randn(batch, 128, 768) if name == "bert" else torch.randn(batch, 3, 224, 224)
-        art = smelt.compile([(m, (x,))], target="cuda", names=[name], precision="float16",
+        m = getattr(torch_models, {"mobilenetv3": "mobilenet_v3_large", "bert": "bert_base"}.get(name, name))()
+        x = torch.randn(int(batch or 1), *((128, 768) if name == "bert" else (3, 224, 224)))
+        stem = out / item.replace(":", "_")
+        torch.backends.cudnn.allow_tf32 = False
+        with torch.no_grad():
+            np.save(f"{stem}.ref.npy", m.cuda().eval()(x.cuda()).float().cpu().numpy())
+        m.cpu()
+        quantize = smelt.Fp8(calib=random_calib(name, m, x), method="minmax") if fp8 else None
+        art = smelt.compile([(m, (x,))], target="cuda", names=[name], precision="float16", quantize=quantize,
                             options=smelt.CompileOptions(smelt.TargetOptions("cuda"), tune_log_dir=None))
-        art.save(out / item.replace(":", "_"), force=True)
-        np.save(out / f"{item.replace(':', '_')}.npy", x.numpy())
+        art.save(stem, force=True)
+        np.save(f"{stem}.npy", x.numpy())
 
 
 def time_all(out: Path) -> dict:
@@ -49,8 +55,9 @@ def time_all(out: Path) -> dict:
         rt = smelt.load(d)
         name = d.name.split("_")[0]
         feeds = {rt.models[name].inputs[0].name: np.load(f"{d}.npy")}
-        rt.run(name, **feeds)  # plans (and timing) happen here, before any capture
-        res[d.name.replace("_", ":")] = 1e3 * statistics.median(rt.time(name, number=50, repeat=7, **feeds))
+        y, ref = np.asarray(rt.run(name, **feeds)), np.load(f"{d}.ref.npy")  # plans, timing happen here
+        ms = 1e3 * statistics.median(rt.time(name, number=50, repeat=7, **feeds))
+        res[d.name.replace("_", ":")] = ms, float(np.abs(y - ref).max() / np.abs(ref).max())
     return res
 
 
@@ -58,28 +65,30 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="resnet50:32,bert:16,resnet50:1,bert:1")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--quantize", choices=["fp8"])
+    ap.add_argument("--env", default="SMELT_VENDOR_TIMING=0", help="NAME=VALUE[,NAME=VALUE]")
     ap.add_argument("--json")
-    ap.add_argument("--time", help=argparse.SUPPRESS)  # the child: time the artifacts in this folder
+    ap.add_argument("--time", help=argparse.SUPPRESS)  # the child: runs the artifacts there
     args = ap.parse_args()
     if args.time:
         print(json.dumps(time_all(Path(args.time))))
         return
-    runs: dict[str, dict[str, list[float]]] = {"0": {}, "1": {}}
+    env = dict(kv.split("=", 1) for kv in args.env.split(","))
+    runs = {"env": {}, "plain": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        build(args.models, Path(tmp))
+        build(args.models, Path(tmp), args.quantize == "fp8")
         for _ in range(args.rounds):
-            for flag in ("0", "1"):
+            for side in runs:
                 proc = subprocess.run([sys.executable, __file__, "--time", tmp], capture_output=True, text=True,
-                                      check=True, env={**os.environ, "SMELT_VENDOR_TIMING": flag})
+                                      check=True, env={**os.environ, **(env if side == "env" else {})})
                 for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items():
-                    runs[flag].setdefault(k, []).append(v)
-    rows = [{"model": k, "heuristic_ms": statistics.median(runs["0"][k]), "timed_ms": statistics.median(runs["1"][k])}
-            for k in runs["0"]]
-    print(f"{'model':<14}{'heuristic ms':>14}{'timed ms':>10}{'ratio':>8}")
-    for r in rows:
-        print(f"{r['model']:<14}{r['heuristic_ms']:>14.3f}{r['timed_ms']:>10.3f}{r['heuristic_ms'] / r['timed_ms']:>8.3f}")
+                    runs[side].setdefault(k, []).append(v)
+    rows = {k: {s: [statistics.median(c) for c in zip(*runs[s][k])] for s in runs} for k in runs["env"]}
+    print(f"model, then ms and error with {args.env}, and without")
+    for k, r in rows.items():
+        print(f"{k:<14}{r['env'][0]:>8.3f}{r['env'][1]:>8.4f}{r['plain'][0]:>8.3f}{r['plain'][1]:>8.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps({"env": args.env, "ms_err": rows}, indent=1))
 
 
 if __name__ == "__main__":
