@@ -106,12 +106,15 @@ struct Call {
   int sm_count;  // the persistent GEMMs' grid
 };
 
+// ReLU is a clamp from 0; no activation, from -inf.
+float LowerBound(const Call& call) { return call.relu ? 0.f : -std::numeric_limits<float>::infinity(); }
+
 template <class Thread>
 void SetEpilogue(Thread& thread, const Call& call) {
   thread.alpha = call.alpha;
   thread.beta = call.beta;
   thread.bias_ptr = static_cast<const float*>(call.bias);
-  thread.activation.lower_bound = call.relu ? 0.f : -std::numeric_limits<float>::infinity();
+  thread.activation.lower_bound = LowerBound(call);
   thread.activation.upper_bound = std::numeric_limits<float>::infinity();
 }
 
@@ -222,11 +225,10 @@ bool RunGemm(const Call& call) {
 template <class Out, class Res, int MT>
 bool RunHalo(const Call& call) {
   if (call.c != smelt_halo::kC || call.k != smelt_halo::kK || call.stride_h != 1 || call.stride_w != 1) return false;
-  const float lower = call.relu ? 0.f : -std::numeric_limits<float>::infinity();
   return smelt_halo::Run<std::is_same_v<Out, E4M3>, std::is_same_v<Res, E4M3>, MT>(
       smelt_halo::MakePlan(call.n, call.h, call.w_in, call.r, call.s, call.pad_h, call.pad_w, MT), call.x,
       static_cast<const uint8_t*>(call.w), static_cast<const float*>(call.bias), call.residual, call.y, call.alpha,
-      call.beta, lower, call.sm_count, call.stream, Pdl());
+      call.beta, LowerBound(call), call.sm_count, call.stream, Pdl());
 }
 
 // The candidates' names, in RunCandidate's order (what SMELT_CUTLASS_VERBOSE=1 prints).

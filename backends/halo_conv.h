@@ -40,8 +40,8 @@ struct Plan {
   int wp, p, pimg, tiles, rows, box, buf, wbytes, stage_bytes, stages, smem;
 };
 
-// The plan for x [n, h, w, 64], w [64, r, s, 64], padding (pad_h, pad_w); stages 0 where the
-// kernel does not take the problem.
+// The plan for x [n, h, w, 64], w [64, r, s, 64] (3x3 or 4x1), padding (pad_h, pad_w); stages 0
+// where the kernel does not take the problem.
 inline Plan MakePlan(int n, int h, int w, int r, int s, int pad_h, int pad_w, int mt) {
   Plan p = {};
   p.n = n, p.h = h, p.w = w, p.r = r, p.s = s, p.pad_h = pad_h, p.pad_w = pad_w;
@@ -56,7 +56,7 @@ inline Plan MakePlan(int n, int h, int w, int r, int s, int pad_h, int pad_w, in
   p.wbytes = r * s * kC * kK;
   p.stage_bytes = mt * (kK * 4 + 16);  // float32 rows, padded against bank conflicts
   const int fixed = 1024 + 128 + p.wbytes + 2 * p.stage_bytes;  // alignment, barriers, weights, stages
-  if (s != 2 * pad_w + 1 || p.p <= 0 || p.wp > 256 || p.rows > 256 || n <= 0) return p;
+  if (s != 2 * pad_w + 1 || (r * s != 9 && r * s != 4) || p.p <= 0 || p.wp > 256 || p.rows > 256 || n <= 0) return p;
   for (int k = kMaxStages; k >= 2 && !p.stages; --k) {
     if (fixed + k * p.buf <= kMaxSmem) p.stages = k;
   }
@@ -305,7 +305,7 @@ template <bool kOutFp8, bool kResFp8, int MT>
 bool Run(const Plan& p, const void* x, const uint8_t* w, const float* bias, const void* res, void* out, float alpha,
          float beta, float lower, int sm_count, cudaStream_t stream, bool pdl) {
   CUtensorMap map;
-  if (p.stages == 0 || (p.r * p.s != 9 && p.r * p.s != 4) || !InputMap(x, p, &map)) return false;
+  if (p.stages == 0 || !InputMap(x, p, &map)) return false;
   // 3x3 (ResNet's) and 4x1 (the FP8 stem after space-to-depth) filters
   auto kernel = p.r * p.s == 9 ? HaloConv<kOutFp8, kResFp8, MT, 9> : HaloConv<kOutFp8, kResFp8, MT, 4>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem) != cudaSuccess) return false;

@@ -48,11 +48,9 @@ def test_linear_gelu_residual_stays_two_dimensional():
                 R.output(gv)
             return gv
 
-    explain = Explainer("SinkReshapes")
-    after = SinkReshapes(explain)(Before)
-    tvm.ir.assert_structural_equal(relax.transform.CanonicalizeBindings()(after), Expected, map_free_vars=True)
-    assert len(explain.lines()) == 4
-    assert "SinkReshapes: rewrote nn.gelu: reshape [4, 8] -> [1, 4, 8] moved below nn.gelu" in explain.lines()
+    after, lines = _sunk(Before, Expected)
+    assert len(lines) == 4
+    assert "SinkReshapes: rewrote nn.gelu: reshape [4, 8] -> [1, 4, 8] moved below nn.gelu" in lines
     rng = np.random.default_rng(0)
     args = [rng.standard_normal(s).astype("float32") for s in ((1, 4, 8), (8, 8), (8,), (8,))]
     np.testing.assert_allclose(_run(after, args), _run(Before, args), rtol=1e-6, atol=1e-6)
@@ -88,11 +86,9 @@ def test_pooled_nhwc_head_quantizes_in_the_pooling():
                 R.output(gv)
             return gv
 
-    explain = Explainer("SinkReshapes")
-    after = SinkReshapes(explain)(Before)
-    tvm.ir.assert_structural_equal(relax.transform.CanonicalizeBindings()(after), Expected, map_free_vars=True)
+    after, lines = _sunk(Before, Expected)
     assert "SinkReshapes: rewrote permute_dims: permute_dims of [2, 1, 1, 8] moves only axes of extent 1: " \
-        "a reshape to [2, 8, 1, 1]" in explain.lines()
+        "a reshape to [2, 8, 1, 1]" in lines
     x = np.random.default_rng(0).standard_normal((2, 3, 3, 8)).astype("float32") * 100
     np.testing.assert_array_equal(_run(after, [x]), _run(Before, [x]))
 
@@ -122,6 +118,15 @@ def test_what_cannot_move_stays():
     explain = Explainer("SinkReshapes")
     tvm.ir.assert_structural_equal(SinkReshapes(explain)(Before), Before)
     assert explain.num_fired == 0
+
+
+def _sunk(before, expected):
+    """SinkReshapes on ``before``, checked against ``expected`` (after CanonicalizeBindings):
+    the module it made and its explanation's lines."""
+    explain = Explainer("SinkReshapes")
+    after = SinkReshapes(explain)(before)
+    tvm.ir.assert_structural_equal(relax.transform.CanonicalizeBindings()(after), expected, map_free_vars=True)
+    return after, explain.lines()
 
 
 def _run(mod, args):
