@@ -8,7 +8,8 @@
 // hot loop, BERT-base's batch-1 GEMMs chose algorithms 10 % slower in the model on an H200).
 // It times only outside stream capture (a CUDA graph's capture run must not synchronize): the
 // first call of a problem, the VM's warm-up run, times; a problem first seen during a capture
-// keeps the heuristic's choice. SMELT_VENDOR_TIMING=0 turns timing off.
+// keeps the heuristic's choice. SMELT_VENDOR_TIMING=0 turns timing off; =2 prints each candidate's
+// median to stderr (the routines' verbose settings name the one chosen).
 //
 // The CUDA driver (libcuda.so.1, present wherever a GPU is) is opened with dlopen, as the
 // libraries are: the object builds with a plain C++ compiler and no CUDA toolkit.
@@ -19,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -73,6 +75,11 @@ inline bool Enabled() {
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
+inline bool Verbose() {
+  const char* v = std::getenv("SMELT_VENDOR_TIMING");
+  return v != nullptr && std::strcmp(v, "2") == 0;
+}
+
 // The index of the fastest of ``count`` candidates (median of 5 runs, each after an L2 flush),
 // where ``run(i)`` launches candidate i on ``stream`` and returns whether it could; 0 when there
 // is one candidate or timing is off or impossible (no driver, a capture in progress, a driver
@@ -107,6 +114,7 @@ int Fastest(void* stream, int count, Run run) {
       }
       if (times.size() != kRepeat) continue;
       std::sort(times.begin(), times.end());
+      if (Verbose()) std::fprintf(stderr, "smelt timing: candidate %d: %.2f us\n", i, 1000.0f * times[kRepeat / 2]);
       if (best_ms < 0.0f || times[kRepeat / 2] < best_ms) {
         best = i;
         best_ms = times[kRepeat / 2];

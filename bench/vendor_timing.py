@@ -3,7 +3,9 @@
 Routines time their candidates on a problem's first call (backends/cuda_timer.h);
 ``SMELT_VENDOR_TIMING=0`` (default) keeps the heuristic's first, ``SMELT_CUTLASS_*`` pick
 the FP8 conv's kernels. Models compile once (float16, ``--quantize fp8``), then run in fresh
-processes, with and without in turn: median ms, error vs torch float32.
+processes, with and without in turn: median ms, error vs torch float32. What the children print to
+stderr passes through (SMELT_VENDOR_TIMING=2 and SMELT_CUTLASS_VERBOSE=1 in the environment: each
+problem's candidate times and choice).
 Usage: python bench/vendor_timing.py [--models resnet50:32,bert:16] [--rounds 2] [--quantize fp8]
        [--env SMELT_CUTLASS_CANDIDATES=27] [--json out.json]
 """
@@ -81,6 +83,7 @@ def main() -> None:
             for side in runs:
                 proc = subprocess.run([sys.executable, __file__, "--time", tmp], capture_output=True, text=True,
                                       check=True, env={**os.environ, **(env if side == "env" else {})})
+                print(f"{side}:\n{proc.stderr}" if proc.stderr else "", end="", file=sys.stderr)  # routines' verbose lines
                 for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items():
                     runs[side].setdefault(k, []).append(v)
     rows = {k: {s: [statistics.median(c) for c in zip(*runs[s][k])] for s in runs} for k in runs["env"]}
