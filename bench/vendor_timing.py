@@ -1,13 +1,10 @@
-"""Vendor routines with and without an environment setting (``--env``), on a GPU.
-
-Routines time their candidates on a problem's first call (backends/cuda_timer.h);
-``SMELT_VENDOR_TIMING=0`` (default) keeps the heuristic's first, ``SMELT_CUTLASS_*`` pick
-the FP8 conv's kernels. Models compile once (float16, ``--quantize fp8``), then run in fresh
-processes, with and without in turn: median ms, error vs torch float32. What the children print to
-stderr passes through (SMELT_VENDOR_TIMING=2 and SMELT_CUTLASS_VERBOSE=1 in the environment: each
-problem's candidate times and choice).
+"""Vendor routines with and without a setting (``--env``) on a GPU. Routines time candidates
+on a problem's first call (backends/cuda_timer.h); the default ``SMELT_VENDOR_TIMING=0`` turns
+that off. Models compile once (float16, ``--quantize fp8``), then run in fresh processes, each
+side in turn: median ms, error vs torch fp32; stderr passes through
+(SMELT_VENDOR_TIMING=2 SMELT_CUTLASS_VERBOSE=1: times, choices).
 Usage: python bench/vendor_timing.py [--models resnet50:32,bert:16] [--rounds 2] [--quantize fp8]
-       [--env SMELT_CUTLASS_CANDIDATES=27] [--json out.json]
+       [--env SMELT_CUTLASS_CANDIDATES=27] [--json F]
 """
 
 from __future__ import annotations
@@ -57,7 +54,7 @@ def time_all(out: Path) -> dict:
         rt = smelt.load(d)
         name = d.name.split("_")[0]
         feeds = {rt.models[name].inputs[0].name: np.load(f"{d}.npy")}
-        y, ref = np.asarray(rt.run(name, **feeds)), np.load(f"{d}.ref.npy")  # plans, timing happen here
+        y, ref = np.asarray(rt.run(name, **feeds)), np.load(f"{d}.ref.npy")  # timing happens here
         ms = 1e3 * statistics.median(rt.time(name, number=50, repeat=7, **feeds))
         res[d.name.replace("_", ":")] = ms, float(np.abs(y - ref).max() / np.abs(ref).max())
     return res
@@ -70,7 +67,7 @@ def main() -> None:
     ap.add_argument("--quantize", choices=["fp8"])
     ap.add_argument("--env", default="SMELT_VENDOR_TIMING=0", help="NAME=VALUE[,NAME=VALUE]")
     ap.add_argument("--json")
-    ap.add_argument("--time", help=argparse.SUPPRESS)  # the child: runs the artifacts there
+    ap.add_argument("--time", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.time:
         print(json.dumps(time_all(Path(args.time))))
@@ -83,11 +80,11 @@ def main() -> None:
             for side in runs:
                 proc = subprocess.run([sys.executable, __file__, "--time", tmp], capture_output=True, text=True,
                                       check=True, env={**os.environ, **(env if side == "env" else {})})
-                print(f"{side}:\n{proc.stderr}" if proc.stderr else "", end="", file=sys.stderr)  # routines' verbose lines
+                sys.stderr.write(f"{side}:\n{proc.stderr}")
                 for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items():
                     runs[side].setdefault(k, []).append(v)
     rows = {k: {s: [statistics.median(c) for c in zip(*runs[s][k])] for s in runs} for k in runs["env"]}
-    print(f"model, then ms and error with {args.env}, and without")
+    print(f"model, ms and error with {args.env}, and without")
     for k, r in rows.items():
         print(f"{k:<14}{r['env'][0]:>8.3f}{r['env'][1]:>8.4f}{r['plain'][0]:>8.3f}{r['plain'][1]:>8.4f}")
     if args.json:
