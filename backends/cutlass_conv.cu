@@ -48,11 +48,11 @@
 // ResNet-50 b32 in FP8 0.726 -> 0.678 ms (SMELT_CUTLASS_CANDIDATES=17, a second process). Timing
 // picks them for 23 of ResNet's 29 conv problems (H100).
 //
-// Two more candidates are smelt's own halo-tile kernel (halo_conv.h), for stride-1 convs of 64
-// input and 64 output channels: it loads each input pixel once per tile where CUTLASS's loads it
-// once per filter tap, which is what bounds CUTLASS's kernels on those layers (bench/
-// halo_conv_probe.cu: 56x56 3x3 64->64 15.1 us against 17.7, the stem's 4x1 conv 28.6 against
-// 36.7 on an H100). Tiles of 128 and 64 output pixels.
+// Two more candidates are smelt's own halo-tile kernel (halo_conv.h), for stride-1 3x3 and 4x1
+// convs of 64 or 128 input and output channels: it loads each input pixel once per tile where
+// CUTLASS's loads it once per filter tap, which is what bounds CUTLASS's kernels on those layers.
+// Tiles of 128 and 64 output pixels. Timing picks it for the FP8 stem's 4x1 conv (H100: 36.7-36.9
+// us against 37.2-37.3); on the 3x3 layers it is still slower (bench/halo_conv_probe.cu).
 //
 // Built by nvcc (sm_90a: wgmma needs the arch-specific target) with CUTLASS's headers and
 // TVM-FFI's (vendor_libs.py). The CUDA runtime functions the kernels' launch code calls come
@@ -224,11 +224,11 @@ bool RunGemm(const Call& call) {
 // The halo-tile kernel (halo_conv.h) of tiles of MT output pixels, where it takes the problem.
 template <class Out, class Res, int MT>
 bool RunHalo(const Call& call) {
-  if (call.c != smelt_halo::kC || call.k != smelt_halo::kK || call.stride_h != 1 || call.stride_w != 1) return false;
+  if (call.stride_h != 1 || call.stride_w != 1) return false;
   return smelt_halo::Run<std::is_same_v<Out, E4M3>, std::is_same_v<Res, E4M3>, MT>(
-      smelt_halo::MakePlan(call.n, call.h, call.w_in, call.r, call.s, call.pad_h, call.pad_w, MT), call.x,
-      static_cast<const uint8_t*>(call.w), static_cast<const float*>(call.bias), call.residual, call.y, call.alpha,
-      call.beta, LowerBound(call), call.sm_count, call.stream, Pdl());
+      smelt_halo::MakePlan(call.n, call.h, call.w_in, call.c, call.k, call.r, call.s, call.pad_h, call.pad_w, MT),
+      call.x, static_cast<const uint8_t*>(call.w), static_cast<const float*>(call.bias), call.residual, call.y,
+      call.alpha, call.beta, LowerBound(call), call.sm_count, call.stream, Pdl());
 }
 
 // The candidates' names, in RunCandidate's order (what SMELT_CUTLASS_VERBOSE=1 prints).

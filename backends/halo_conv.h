@@ -1,24 +1,27 @@
-// smelt's halo-tile FP8 convolution for Hopper: stride-1 convs of 64 input and 64 output channels
-// that load each input pixel into shared memory once per tile, where CUTLASS's implicit GEMM
-// (cutlass_conv.h) loads it once per filter tap (measurements: bench/halo_conv_probe.cu).
+// smelt's halo-tile FP8 convolution for Hopper: stride-1 convs of 64 or 128 input and output
+// channels that load each input pixel into shared memory once per tile, where CUTLASS's implicit
+// GEMM (cutlass_conv.h) loads it once per filter tap (measurements: bench/halo_conv_probe.cu).
 //
 // Output pixels are numbered along padded rows of WP = W + PW columns (the last PW of each row are
-// computed and dropped), and shared memory holds the tile's input rows in the same numbering: one
-// TMA box of 64 channels x WP columns (from column -PW) x ROWS rows, out-of-range pixels zero, in
-// TMA's 64-byte swizzle. Tap (dr, dc) of output pixel m then reads input pixel m + dr * WP + dc, a
-// wgmma descriptor that starts dr * WP + dc rows later: wgmma applies the swizzle to absolute
-// addresses as TMA wrote it, so the descriptor's base offset stays 0 at any row.
+// computed and dropped), and shared memory holds the tile's input rows in the same numbering: a
+// TMA box of 64 channels (a plane; 128 channels are two) x WP columns (from column -PW) x ROWS
+// rows, out-of-range pixels zero, in TMA's 64-byte swizzle. Tap (dr, dc) of output pixel m then
+// reads input pixel m + dr * WP + dc, a wgmma descriptor that starts dr * WP + dc rows later:
+// wgmma applies the swizzle to absolute addresses as TMA wrote it, so the descriptor's base
+// offset stays 0 at any row.
 //
-// 384 threads: warpgroup 0 gathers the OHWI weights into shared memory as the wgmmas read them
-// ([tap][16-channel chunk][k][16 B]), then one of its threads issues a TMA load per tile into a
-// ring of buffers; warpgroups 1 and 2 compute alternate tiles (wgmma m64n64k32 e4m3 -> f32), one's
-// epilogue overlapping the other's wgmmas. Epilogue: y = max(alpha * acc + bias + beta * residual,
-// lower) through a float32 stage, 8 channels a thread, to float16 or E4M3 (saturating). The kernel
-// waits on the previous grid (griddepcontrol.wait) before reading global memory: it may be
-// launched with programmatic dependent launch.
+// 384 threads: warpgroup 0 gathers the OHWI weights of the CTA's 64 output channels (128 are two
+// halves, each CTA one) into shared memory as the wgmmas read them ([tap][16-channel chunk][k]
+// [16 B]), then one of its threads issues a TMA load per tile into a ring of buffers; warpgroups
+// 1 and 2 compute alternate tiles (wgmma m64n64k32 e4m3 -> f32), one's epilogue overlapping the
+// other's wgmmas. Epilogue: y = max(alpha * acc + bias + beta * residual, lower) through a
+// float16 stage, 8 channels a thread, to float16 or E4M3 (saturating). The kernel waits on the
+// previous grid (griddepcontrol.wait) before it reads activations or writes: it may be launched
+// with programmatic dependent launch (the weights start loading before the wait).
 //
-// Requires: x [N, H, W, 64] float8_e4m3fn (NHWC), w [64, R, S, 64] (OHWI), S = 2 * PW + 1, stride
-// 1, WP <= 256, two input buffers in shared memory at least (MakePlan).
+// Requires: x [N, H, W, C] float8_e4m3fn (NHWC), w [K, R, S, C] (OHWI), C and K 64 or 128, 3x3
+// or 4x1 filters, S = 2 * PW + 1, stride 1, WP <= 256, two input buffers in shared memory at least
+// (MakePlan).
 
 #pragma once
 
@@ -31,32 +34,39 @@
 
 namespace smelt_halo {
 
-constexpr int kC = 64, kK = 64, kChunks = kC / 16, kMaxStages = 4;
+// kRow: channels of an input plane (one 64-byte swizzled row a pixel); kN: output channels a CTA
+// computes (a 128-channel output is two halves, each CTA keeping one half's weights).
+constexpr int kRow = 64, kN = 64, kMaxStages = 4;
 constexpr int kMaxSmem = 227 * 1024;
 
 // A problem's tiling for tiles of MT padded output pixels.
 struct Plan {
-  int n, h, w, r, s, pad_h, pad_w;
-  int wp, p, pimg, tiles, rows, box, buf, wbytes, stage_bytes, stages, smem;
+  int n, h, w, c, k, r, s, pad_h, pad_w;
+  int planes, halves, wp, p, pimg, tiles, rows, box, plane, buf, wbytes, stage_bytes, stages, smem;
 };
 
-// The plan for x [n, h, w, 64], w [64, r, s, 64] (3x3 or 4x1), padding (pad_h, pad_w); stages 0
-// where the kernel does not take the problem.
-inline Plan MakePlan(int n, int h, int w, int r, int s, int pad_h, int pad_w, int mt) {
+// The plan for x [n, h, w, c], w [k, r, s, c] (c, k 64 or 128; 3x3 or 4x1), padding (pad_h,
+// pad_w); stages 0 where the kernel does not take the problem.
+inline Plan MakePlan(int n, int h, int w, int c, int k, int r, int s, int pad_h, int pad_w, int mt) {
   Plan p = {};
-  p.n = n, p.h = h, p.w = w, p.r = r, p.s = s, p.pad_h = pad_h, p.pad_w = pad_w;
+  p.n = n, p.h = h, p.w = w, p.c = c, p.k = k, p.r = r, p.s = s, p.pad_h = pad_h, p.pad_w = pad_w;
+  p.planes = c / kRow, p.halves = k / kN;
   p.wp = w + pad_w;
   p.p = h + 2 * pad_h - r + 1;
   p.pimg = p.p * p.wp;
   p.tiles = (p.pimg + mt - 1) / mt;
   const int span = mt + (r - 1) * p.wp + s - 1;  // input pixels a tile reads
   p.rows = (p.wp - 1 + span + p.wp - 1) / p.wp;  // padded rows its box spans
-  p.box = p.rows * p.wp * kC;
-  p.buf = (p.box + 1023) / 1024 * 1024;
-  p.wbytes = r * s * kC * kK;
-  p.stage_bytes = mt * (kK * 4 + 16);  // float32 rows, padded against bank conflicts
+  p.box = p.rows * p.wp * kRow;  // one plane's
+  p.plane = (p.box + 1023) / 1024 * 1024;
+  p.buf = p.planes * p.plane;
+  p.wbytes = r * s * c * kN;  // one half's
+  p.stage_bytes = mt * (kN * 2 + 16);  // float16 rows, padded against bank conflicts
   const int fixed = 1024 + 128 + p.wbytes + 2 * p.stage_bytes;  // alignment, barriers, weights, stages
-  if (s != 2 * pad_w + 1 || (r * s != 9 && r * s != 4) || p.p <= 0 || p.wp > 256 || p.rows > 256 || n <= 0) return p;
+  if ((c != 64 && c != 128) || (k != 64 && k != 128) || s != 2 * pad_w + 1 || (r * s != 9 && r * s != 4) ||
+      p.p <= 0 || p.wp > 256 || p.rows > 256 || n <= 0) {
+    return p;
+  }
   for (int k = kMaxStages; k >= 2 && !p.stages; --k) {
     if (fixed + k * p.buf <= kMaxSmem) p.stages = k;
   }
@@ -64,8 +74,8 @@ inline Plan MakePlan(int n, int h, int w, int r, int s, int pad_h, int pad_w, in
   return p;
 }
 
-// The TMA map of x [n, h, w, 64] that the kernel loads its tiles through: boxes of 64 channels x
-// WP columns x ROWS rows in the 64-byte swizzle; false where the driver cannot make it.
+// The TMA map of x [n, h, w, c] that the kernel loads its tiles through: boxes of 64 channels (a
+// plane) x WP columns x ROWS rows in the 64-byte swizzle; false where the driver cannot make it.
 inline bool InputMap(const void* x, const Plan& p, CUtensorMap* map) {
   using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                               const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
@@ -77,9 +87,9 @@ inline bool InputMap(const void* x, const Plan& p, CUtensorMap* map) {
                                                      &found) == cudaSuccess;
     return ok && found == cudaDriverEntryPointSuccess ? reinterpret_cast<Encode>(fn) : nullptr;
   }();
-  const cuuint64_t dims[4] = {kC, cuuint64_t(p.w), cuuint64_t(p.h), cuuint64_t(p.n)};
-  const cuuint64_t strides[3] = {kC, cuuint64_t(p.w) * kC, cuuint64_t(p.h) * p.w * kC};
-  const cuuint32_t box[4] = {kC, cuuint32_t(p.wp), cuuint32_t(p.rows), 1}, ones[4] = {1, 1, 1, 1};
+  const cuuint64_t dims[4] = {cuuint64_t(p.c), cuuint64_t(p.w), cuuint64_t(p.h), cuuint64_t(p.n)};
+  const cuuint64_t strides[3] = {cuuint64_t(p.c), cuuint64_t(p.w) * p.c, cuuint64_t(p.h) * p.w * p.c};
+  const cuuint32_t box[4] = {kRow, cuuint32_t(p.wp), cuuint32_t(p.rows), 1}, ones[4] = {1, 1, 1, 1};
   return encode != nullptr &&
          encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 4, const_cast<void*>(x), dims, strides, box, ones,
                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_64B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
@@ -162,11 +172,20 @@ __device__ __forceinline__ void Store8(void* dst, const float (&f)[8]) {
   }
 }
 
-// f += beta * 8 residual values, float16 or E4M3.
+// 8 residual values, float16 or E4M3, as they sit in memory (E4M3 in the low 8 bytes).
 template <bool kFp8>
-__device__ __forceinline__ void AddResidual8(const void* src, float beta, float (&f)[8]) {
-  uint4 v = kFp8 ? make_uint4(0, 0, 0, 0) : *reinterpret_cast<const uint4*>(src);
-  if (kFp8) *reinterpret_cast<uint2*>(&v) = *reinterpret_cast<const uint2*>(src);
+__device__ __forceinline__ uint4 LoadResidual8(const void* src) {
+  if constexpr (kFp8) {
+    const uint2 v = *reinterpret_cast<const uint2*>(src);
+    return make_uint4(v.x, v.y, 0, 0);
+  } else {
+    return *reinterpret_cast<const uint4*>(src);
+  }
+}
+
+// f += beta * LoadResidual8's values.
+template <bool kFp8>
+__device__ __forceinline__ void AddResidual8(const uint4& v, float beta, float (&f)[8]) {
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const float2 t = kFp8 ? __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(
@@ -179,9 +198,10 @@ __device__ __forceinline__ void AddResidual8(const void* src, float beta, float 
 
 }  // namespace detail
 
-// The kernel for tiles of MT output pixels and kTaps = R * S taps (unrolled: a loop of wgmmas gets
-// warpgroup arrives between them); res is read only where beta != 0.
-template <bool kOutFp8, bool kResFp8, int MT, int kTaps>
+// The kernel for tiles of MT output pixels, kTaps = R * S taps (unrolled: a loop of wgmmas gets
+// warpgroup arrives between them) and kPlanes 64-channel input planes; res is read only where
+// beta != 0. CTA b computes output half b % halves of tiles b / halves, + ctas, + 2 ctas, ...
+template <bool kOutFp8, bool kResFp8, int MT, int kTaps, int kPlanes>
 __global__ void __launch_bounds__(384, 1)
     HaloConv(const __grid_constant__ CUtensorMap xmap, const uint8_t* __restrict__ w, const float* __restrict__ bias,
              const void* __restrict__ res, void* __restrict__ out, float alpha, float beta, float lower, Plan pl) {
@@ -192,7 +212,9 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t base = SmemAddr(smem), bars = (base + 7) & ~7u;
   const uint32_t ws = (bars + 8 * (2 * kMaxStages + 1) + 1023) & ~1023u, bufs = ws + pl.wbytes;
   const uint32_t full = bars, empty = bars + 8 * kMaxStages, wbar = bars + 16 * kMaxStages;
+  constexpr int kChunks = kPlanes * kRow / 16;  // 16-channel chunks of the input channels
   const int tid = threadIdx.x, wg = tid / 128, t = tid % 128, total = pl.n * pl.tiles;
+  const int half = blockIdx.x % pl.halves, cta = blockIdx.x / pl.halves, ctas = gridDim.x / pl.halves;
   if (tid == 0) {
     for (int s = 0; s < stages; ++s) {
       MbarInit(full + 8 * s, 1);
@@ -202,48 +224,58 @@ __global__ void __launch_bounds__(384, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::);
   }
   __syncthreads();
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");  // the previous kernel's results visible
-  const int tiles = total > int(blockIdx.x) ? (total - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+  const int tiles = total > cta ? (total - 1 - cta) / ctas + 1 : 0;
 
   if (wg == 0) {  // producer
-    for (int i = t; i < kK * kTaps * kChunks; i += 128) {  // 16 bytes of OHWI at a time
+    // The weights are constants: their gather starts before the previous grid is waited on, and the
+    // first tiles' loads are in flight before it lands (else two memory latencies before a wgmma).
+    const uint8_t* wh = w + size_t(half) * kN * kTaps * kChunks * 16;  // this half's OHWI rows
+    for (int i = t; i < kN * kTaps * kChunks; i += 128) {  // 16 bytes at a time
       const int ch = i % kChunks, tap = (i / kChunks) % kTaps, k = i / (kChunks * kTaps);
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(ws + ((tap * kChunks + ch) * kK + k) * 16),
-                   "l"(w + size_t(i) * 16)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(ws + ((tap * kChunks + ch) * kN + k) * 16),
+                   "l"(wh + size_t(i) * 16)
                    : "memory");
     }
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");  // the previous kernel's results visible
+    auto load = [&](int j) {
+      const int s = j % stages, tile = cta + j * ctas, m0 = (tile % pl.tiles) * MT;
+      if (j >= stages) MbarWait(empty + 8 * s, (j / stages - 1) & 1);
+      MbarExpect(full + 8 * s, kPlanes * pl.box);
+      // each plane from the tile's first padded row, column -PW
+#pragma unroll
+      for (int c0 = 0; c0 < kPlanes; ++c0)
+        TmaLoad4(bufs + s * pl.buf + c0 * pl.plane, &xmap, c0 * kRow, -pl.pad_w, m0 / pl.wp - pl.pad_h,
+                 tile / pl.tiles, full + 8 * s);
+    };
+    const int first = tiles < stages ? tiles : stages;
+    if (t == 0)
+      for (int j = 0; j < first; ++j) load(j);
     asm volatile("cp.async.wait_all;\n" ::: "memory");
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // wgmma reads through the async proxy
     MbarArrive(wbar);
-    if (t == 0) {
-      for (int j = 0; j < tiles; ++j) {
-        const int s = j % stages, tile = blockIdx.x + j * gridDim.x, m0 = (tile % pl.tiles) * MT;
-        if (j >= stages) MbarWait(empty + 8 * s, (j / stages - 1) & 1);
-        MbarExpect(full + 8 * s, pl.box);
-        // from the tile's first padded row, column -PW
-        TmaLoad4(bufs + s * pl.buf, &xmap, 0, -pl.pad_w, m0 / pl.wp - pl.pad_h, tile / pl.tiles, full + 8 * s);
-      }
-    }
+    if (t == 0)
+      for (int j = first; j < tiles; ++j) load(j);
     return;
   }
 
   const int c = wg - 1, warp = t / 32, lane = t % 32;
-  float* stage = reinterpret_cast<float*>(smem + (bufs - base) + stages * pl.buf + c * pl.stage_bytes);
-  constexpr int kPitch = kK + 4;  // floats per stage row
+  __half* stage = reinterpret_cast<__half*>(smem + (bufs - base) + stages * pl.buf + c * pl.stage_bytes);
+  constexpr int kPitch = kN + 8;  // halves per stage row: 144 bytes, conflict-free writes and reads
   float bias_r[16];               // this thread's accumulator columns: 8j + 2(lane % 4) + {0, 1}
 #pragma unroll
-  for (int i = 0; i < 16; ++i) bias_r[i] = bias[8 * (i / 2) + 2 * (lane % 4) + i % 2];
+  for (int i = 0; i < 16; ++i) bias_r[i] = bias[half * kN + 8 * (i / 2) + 2 * (lane % 4) + i % 2];
   int shifts[kTaps];  // tap (dr, dc) reads dr * WP + dc rows later
 #pragma unroll
   for (int tap = 0; tap < kTaps; ++tap) shifts[tap] = (tap / pl.s) * pl.wp + tap % pl.s;
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");  // the residual visible, the output free to write
   MbarWait(wbar, 0);
   constexpr int MB = MT / 64;
   float acc[MB][32];
   for (int j = c; j < tiles; j += 2) {
-    const int s = j % stages, tile = blockIdx.x + j * gridDim.x;
+    const int s = j % stages, tile = cta + j * ctas;
     const int img = tile / pl.tiles, m0 = (tile % pl.tiles) * MT;
     MbarWait(full + 8 * s, (j / stages) & 1);
-    const uint32_t a0 = bufs + s * pl.buf + (m0 % pl.wp) * kC;  // the tile's first pixel in the box
+    const uint32_t a0 = bufs + s * pl.buf + (m0 % pl.wp) * kRow;  // the tile's first pixel in the box
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) FenceAcc(acc[mb]);
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -252,10 +284,10 @@ __global__ void __launch_bounds__(384, 1)
       const int shift = shifts[tap];
 #pragma unroll
       for (int kk = 0; kk < kChunks / 2; ++kk) {
-        const uint64_t b = Desc(ws + (tap * kChunks + 2 * kk) * kK * 16, kK * 16);
+        const uint64_t b = Desc(ws + (tap * kChunks + 2 * kk) * kN * 16, kN * 16);
+        const uint32_t a = a0 + (kk / 2) * pl.plane + shift * kRow + 32 * (kk % 2);  // plane kk / 2
 #pragma unroll
-        for (int mb = 0; mb < MB; ++mb)
-          Wgmma(acc[mb], DescSwizzled(a0 + (mb * 64 + shift) * kC + 32 * kk), b, (tap | kk) != 0);
+        for (int mb = 0; mb < MB; ++mb) Wgmma(acc[mb], DescSwizzled(a + mb * 64 * kRow), b, (tap | kk) != 0);
       }
     }
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
@@ -264,7 +296,25 @@ __global__ void __launch_bounds__(384, 1)
     for (int mb = 0; mb < MB; ++mb) FenceAcc(acc[mb]);
     if (t == 0) MbarArrive(empty + 8 * s);  // the wgmmas have read the buffer
 
-    // accumulators -> alpha * acc + bias in the stage
+    // This thread's outputs: rows r0 + 16u of the tile, channels k0..k0+7; their residual loads
+    // are issued first, so that their latency overlaps the stage's writes. Row u + 1 is 16 padded
+    // pixels on (one division a tile, not one an output).
+    constexpr int kPer = MT * kN / 8 / 128, kRowStep = 128 / (kN / 8);
+    const int r0 = t / (kN / 8), k0 = (t % (kN / 8)) * 8;
+    int p = (m0 + r0) / pl.wp, q = (m0 + r0) % pl.wp;
+    size_t o[kPer];
+    bool keep[kPer];
+    uint4 rv[kPer];
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      keep[u] = m0 + r0 + kRowStep * u < pl.pimg && q < pl.w;
+      o[u] = ((size_t(img) * pl.p + p) * pl.w + q) * pl.k + half * kN + k0;
+      rv[u] = keep[u] && beta != 0.f
+                  ? LoadResidual8<kResFp8>(static_cast<const uint8_t*>(res) + o[u] * (kResFp8 ? 1 : 2))
+                  : make_uint4(0, 0, 0, 0);
+      for (q += kRowStep; q >= pl.wp; q -= pl.wp) ++p;
+    }
+    // accumulators -> alpha * acc + bias in the float16 stage
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) {
 #pragma unroll
@@ -272,28 +322,27 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int row = mb * 64 + warp * 16 + lane / 4 + 8 * h, col = 8 * jj + 2 * (lane % 4);
-          *reinterpret_cast<float2*>(stage + row * kPitch + col) =
-              make_float2(alpha * acc[mb][4 * jj + 2 * h] + bias_r[2 * jj],
-                          alpha * acc[mb][4 * jj + 2 * h + 1] + bias_r[2 * jj + 1]);
+          *reinterpret_cast<__half2*>(stage + row * kPitch + col) =
+              __floats2half2_rn(alpha * acc[mb][4 * jj + 2 * h] + bias_r[2 * jj],
+                                alpha * acc[mb][4 * jj + 2 * h + 1] + bias_r[2 * jj + 1]);
         }
       }
     }
     asm volatile("bar.sync %0, 128;\n" ::"r"(1 + c) : "memory");
-    // stage -> clamp(. + beta * residual) -> y, 8 channels a thread, padding columns dropped
-    constexpr int kPer = MT * kK / 8 / 128;
+    // stage -> clamp(. + beta * residual) -> y, padding columns dropped
 #pragma unroll
     for (int u = 0; u < kPer; ++u) {
-      const int i = t + 128 * u, row = i / (kK / 8), k0 = (i % (kK / 8)) * 8, m = m0 + row;
-      const int p = m / pl.wp, q = m % pl.wp;
-      if (m >= pl.pimg || q >= pl.w) continue;
-      const size_t o = ((size_t(img) * pl.p + p) * pl.w + q) * kK + k0;
-      const float4* sv = reinterpret_cast<const float4*>(stage + row * kPitch + k0);
-      const float4 lo = sv[0], hi = sv[1];
-      float f[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-      if (beta != 0.f) AddResidual8<kResFp8>(static_cast<const uint8_t*>(res) + o * (kResFp8 ? 1 : 2), beta, f);
+      const uint4 sv = *reinterpret_cast<const uint4*>(stage + (r0 + kRowStep * u) * kPitch + k0);
+      float f[8];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 v = __half22float2(reinterpret_cast<const __half2*>(&sv)[e]);
+        f[2 * e] = v.x, f[2 * e + 1] = v.y;
+      }
+      if (beta != 0.f) AddResidual8<kResFp8>(rv[u], beta, f);
 #pragma unroll
       for (int e = 0; e < 8; ++e) f[e] = fmaxf(f[e], lower);
-      Store8<kOutFp8>(static_cast<uint8_t*>(out) + o * (kOutFp8 ? 1 : 2), f);
+      if (keep[u]) Store8<kOutFp8>(static_cast<uint8_t*>(out) + o[u] * (kOutFp8 ? 1 : 2), f);
     }
     asm volatile("bar.sync %0, 128;\n" ::"r"(1 + c) : "memory");  // the stage is free again
   }
@@ -307,13 +356,16 @@ bool Run(const Plan& p, const void* x, const uint8_t* w, const float* bias, cons
   CUtensorMap map;
   if (p.stages == 0 || !InputMap(x, p, &map)) return false;
   // 3x3 (ResNet's) and 4x1 (the FP8 stem after space-to-depth) filters
-  auto kernel = p.r * p.s == 9 ? HaloConv<kOutFp8, kResFp8, MT, 9> : HaloConv<kOutFp8, kResFp8, MT, 4>;
+  auto kernel = p.planes == 1 ? HaloConv<kOutFp8, kResFp8, MT, 9, 1> : HaloConv<kOutFp8, kResFp8, MT, 9, 2>;
+  if (p.r * p.s == 4) {
+    kernel = p.planes == 1 ? HaloConv<kOutFp8, kResFp8, MT, 4, 1> : HaloConv<kOutFp8, kResFp8, MT, 4, 2>;
+  }
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem) != cudaSuccess) return false;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = pdl;
-  cudaLaunchConfig_t config = {dim3(p.n * p.tiles < sm_count ? p.n * p.tiles : sm_count), dim3(384),
-                               size_t(p.smem), stream, attr, 1};
+  const int ctas = p.n * p.tiles < sm_count / p.halves ? p.n * p.tiles : sm_count / p.halves;  // per half
+  cudaLaunchConfig_t config = {dim3(ctas * p.halves), dim3(384), size_t(p.smem), stream, attr, 1};
   return cudaLaunchKernelEx(&config, kernel, map, w, bias, res, out, alpha, beta, lower, p) == cudaSuccess;
 }
 

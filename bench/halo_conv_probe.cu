@@ -1,26 +1,20 @@
-// How fast smelt's halo-tile FP8 conv (backends/halo_conv.h, one of the CUTLASS routine's
-// candidates) runs ResNet-50's stride-1 64->64 layers, outside the routine: random E4M3 inputs,
-// checked against an fp32 reference kernel from the same values (max |y - ref| / max |ref|),
-// timed with CUDA events (20 launches back to back behind a spinning kernel, median of 5 rounds).
+// How fast smelt's halo-tile FP8 conv (backends/halo_conv.h, candidates of the CUTLASS routine)
+// runs ResNet-50's stride-1 layers outside the routine: random E4M3 inputs, checked against an
+// fp32 reference (max |y - ref| / max |ref|); timed warm (20 launches back to back behind a
+// spinning kernel, median of 5) and cold (as the routine times: a launch after an L2 flush).
 //
-// Why a halo tile: bench/cutlass_conv_probe.cu on an H100 times ResNet-50's 3x3 convs at the rate
-// of their im2col loads (56x56 64->64: 17.7 us; 128->64: 26.9; 64->128: 30.4; 28x28 128->128: 17.3;
-// e4m3, with residual), 3.3-4.3 TB/s of tap loads with the tensor cores at a quarter of their rate.
-//
-// Measured on an H100 by the kernel's first form (this probe with compile-time shapes, weights laid
-// out on the host, a float16 stage; max error 4.65e-2 as CUTLASS's): 56x56 3x3 64->64 15.1 us with
-// residual (CUTLASS 17.7), 13.1 without (64-pixel tiles 12.1); the stem's 4x1 conv 28.6 (CUTLASS
-// 36.7). Earlier forms: 16-byte channel planes unswizzled (four boxes of 16-byte rows per tile)
-// 17.4 us, stem 75; per-thread loads instead of TMA 19.2 (a tile's 15.6 KB took 3.5-4.4 us to
-// arrive); one warpgroup with cp.async double buffering 25.2-36.7. wgmma m64n64k32 took 34 cycles
-// from swizzled and unswizzled operands alike. The routine's form (runtime shapes, a float32
-// stage, weights gathered from OHWI) matched CUTLASS's ResNet-50 b32 output when forced, but
-// timing (cold L2, one launch at a time) picked CUTLASS for every conv: this probe is where to
-// find out why.
+// Why: bench/cutlass_conv_probe.cu times CUTLASS's 3x3 convs at the rate of their im2col loads
+// (H100, e4m3 with residual: 56x56 64->64 17.7 us, 28x28 128->128 17.3). The kernel's first form
+// (0ae1f87: compile-time shapes, weights laid out on the host) ran 56x56 64->64 in 15.1 us with
+// residual, 13.1 without, the stem's 4x1 conv in 28.6 (CUTLASS 36.7). The routine's form (H100,
+// warm/cold): 56x56 64->64 21.2/24.8 us with residual, 20.2/22.5 without; stem 35.8/36.4; 28x28
+// 128->128 20.8/22.6 (CUTLASS cold in the routine: 20.2-20.4, 37.2-37.3, 13.6-14.1). A float32
+// stage (2-way bank conflicts, a division per output row) had cost 25.3 with residual and 39.0 on
+// the stem; what separates 20 from 13 us is still open.
 //
 // Build: nvcc -std=c++17 -O3 -DNDEBUG -gencode=arch=compute_90a,code=sm_90a \
 //        bench/halo_conv_probe.cu -o halo
-// Run:   ./halo   (prints "layer variant ms rel_err" for ResNet-50's 56x56 3x3 conv and its stem)
+// Run:   ./halo
 
 #include <algorithm>
 #include <cmath>
@@ -39,24 +33,22 @@
     }                                                                                             \
   } while (0)
 
-using smelt_halo::kC;
-using smelt_halo::kK;
-
 __device__ float F8(uint8_t v) { return float(__half(__nv_cvt_fp8_to_halfraw(v, __NV_E4M3))); }
 
 // The fp32 reference, one thread per output element: relu(alpha * conv + bias + beta * res).
 __global__ void Reference(const uint8_t* x, const uint8_t* w, const float* bias, const uint8_t* res, float alpha,
                           float beta, smelt_halo::Plan pl, float* out) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i >= int64_t(pl.n) * pl.p * pl.w * kK) return;
-  const int k = i % kK, q = (i / kK) % pl.w, p = (i / kK / pl.w) % pl.p, n = i / kK / pl.w / pl.p;
+  if (i >= int64_t(pl.n) * pl.p * pl.w * pl.k) return;
+  const int k = i % pl.k, q = (i / pl.k) % pl.w, p = (i / pl.k / pl.w) % pl.p, n = i / pl.k / pl.w / pl.p;
   float acc = 0.f;
   for (int r = 0; r < pl.r; ++r)
     for (int s = 0; s < pl.s; ++s) {
       const int hy = p - pl.pad_h + r, wx = q - pl.pad_w + s;
       if (hy < 0 || hy >= pl.h || wx < 0 || wx >= pl.w) continue;
-      for (int c = 0; c < kC; ++c)
-        acc += F8(x[((int64_t(n) * pl.h + hy) * pl.w + wx) * kC + c]) * F8(w[((k * pl.r + r) * pl.s + s) * kC + c]);
+      for (int c = 0; c < pl.c; ++c)
+        acc += F8(x[((int64_t(n) * pl.h + hy) * pl.w + wx) * pl.c + c]) *
+               F8(w[((k * pl.r + r) * pl.s + s) * pl.c + c]);
     }
   out[i] = fmaxf(alpha * acc + bias[k] + beta * F8(res[i]), 0.f);
 }
@@ -77,20 +69,20 @@ T* Upload(const std::vector<T>& host) {
 
 uint8_t E4m3(float v) { return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3); }
 
-// Layer n x h x w, r x s filter, padding (ph, pw), tiles of MT pixels; beta 0: no residual.
+// Layer n x h x w x c -> k, r x s filter, padding (ph, pw), tiles of MT pixels; beta 0: no residual.
 template <int MT>
-void Layer(const char* name, int n, int h, int w, int r, int s, int ph, int pw, float beta) {
-  const smelt_halo::Plan pl = smelt_halo::MakePlan(n, h, w, r, s, ph, pw, MT);
+void Layer(const char* name, int n, int h, int w, int c, int k, int r, int s, int ph, int pw, float beta) {
+  const smelt_halo::Plan pl = smelt_halo::MakePlan(n, h, w, c, k, r, s, ph, pw, MT);
   std::mt19937 gen(0);
   std::normal_distribution<float> normal;
-  const size_t nd = size_t(n) * pl.p * w * kK;
-  std::vector<uint8_t> hx(size_t(n) * h * w * kC), hw(size_t(kK) * r * s * kC), hr(nd);
-  std::vector<float> hb(kK);
+  const size_t nd = size_t(n) * pl.p * w * k;
+  std::vector<uint8_t> hx(size_t(n) * h * w * c), hw(size_t(k) * r * s * c), hr(nd);
+  std::vector<float> hb(k);
   for (auto& v : hx) v = E4m3(std::max(normal(gen), 0.f));
   for (auto& v : hw) v = E4m3(normal(gen));
   for (auto& v : hb) v = normal(gen);
   for (auto& v : hr) v = E4m3(std::max(normal(gen), 0.f));
-  const float alpha = 1.f / std::sqrt(float(kC * r * s));
+  const float alpha = 1.f / std::sqrt(float(c * r * s));
   uint8_t *dx = Upload(hx), *dw = Upload(hw), *dr = Upload(hr), *dd = nullptr;
   float *db = Upload(hb), *dref = nullptr;
   CHECK_CUDA(cudaMalloc(&dd, nd));
@@ -134,17 +126,41 @@ void Layer(const char* name, int n, int h, int w, int r, int s, int ph, int pw, 
     times.push_back(t / 20);
   }
   std::nth_element(times.begin(), times.begin() + 2, times.end());
-  std::printf("%s halo-%d-%s %.5f %.2e (%d stages, smem %d B, %d tiles)\n", name, MT, beta != 0.f ? "res" : "nores",
-              times[2], worst / std::max(scale, 1e-30f), pl.stages, pl.smem, n * pl.tiles);
+  const float warm = times[2];
+  // as the routine times candidates: one launch at a time, each after a write of twice the L2
+  int l2 = 0;
+  CHECK_CUDA(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
+  void* flush = nullptr;
+  CHECK_CUDA(cudaMalloc(&flush, 2 * size_t(l2)));
+  times.clear();
+  for (int round = 0; round < 5; ++round) {
+    CHECK_CUDA(cudaMemsetAsync(flush, round, 2 * size_t(l2)));
+    CHECK_CUDA(cudaEventRecord(start));
+    launch();
+    CHECK_CUDA(cudaEventRecord(end));
+    CHECK_CUDA(cudaEventSynchronize(end));
+    float t = 0.f;
+    CHECK_CUDA(cudaEventElapsedTime(&t, start, end));
+    times.push_back(t);
+  }
+  CHECK_CUDA(cudaFree(flush));
+  std::nth_element(times.begin(), times.begin() + 2, times.end());
+  std::printf("%s halo-%d-%s warm %.5f cold %.5f ms, err %.2e (%d stages, smem %d B, %d tiles)\n", name, MT,
+              beta != 0.f ? "res" : "nores", warm, times[2], worst / std::max(scale, 1e-30f), pl.stages, pl.smem,
+              n * pl.tiles * pl.halves);
   std::fflush(stdout);
   for (void* p : {(void*)dx, (void*)dw, (void*)dr, (void*)dd, (void*)db, (void*)dref}) CHECK_CUDA(cudaFree(p));
 }
 
 int main() {
-  Layer<128>("32,56,64,64,3,1", 32, 56, 56, 3, 3, 1, 1, 1.f);  // ResNet-50's 56x56 3x3, batch 32
-  Layer<128>("32,56,64,64,3,1", 32, 56, 56, 3, 3, 1, 1, 0.f);
-  Layer<64>("32,56,64,64,3,1", 32, 56, 56, 3, 3, 1, 1, 0.f);
-  Layer<128>("32,115x112,64,64,4x1,1,0", 32, 115, 112, 4, 1, 0, 0, 0.f);  // the FP8 stem after space-to-depth
-  Layer<64>("32,115x112,64,64,4x1,1,0", 32, 115, 112, 4, 1, 0, 0, 0.f);
+  Layer<128>("32,56,64,64,3,1", 32, 56, 56, 64, 64, 3, 3, 1, 1, 1.f);  // ResNet-50's 56x56 3x3, batch 32
+  Layer<128>("32,56,64,64,3,1", 32, 56, 56, 64, 64, 3, 3, 1, 1, 0.f);
+  Layer<64>("32,56,64,64,3,1", 32, 56, 56, 64, 64, 3, 3, 1, 1, 0.f);
+  Layer<128>("32,115x112,64,64,4x1,1,0", 32, 115, 112, 64, 64, 4, 1, 0, 0, 0.f);  // the FP8 stem
+  Layer<64>("32,115x112,64,64,4x1,1,0", 32, 115, 112, 64, 64, 4, 1, 0, 0, 0.f);
+  Layer<128>("32,28,128,128,3,1", 32, 28, 28, 128, 128, 3, 3, 1, 1, 0.f);  // ResNet-50's 28x28 3x3
+  Layer<64>("32,28,128,128,3,1", 32, 28, 28, 128, 128, 3, 3, 1, 1, 0.f);
+  Layer<128>("32,56,64,128,3,1", 32, 56, 56, 64, 128, 3, 3, 1, 1, 0.f);  // mixed planes and halves
+  Layer<64>("32,28,128,64,3,1", 32, 28, 28, 128, 64, 3, 3, 1, 1, 1.f);
   return 0;
 }

@@ -1,14 +1,13 @@
-"""Small PyTorch example models built in code, with fixed seeds (nothing is downloaded).
+"""Small PyTorch example models built in code with fixed seeds (nothing is downloaded).
 
 Requires: ``torch`` (the ``torch`` extra). Guarantees: every builder returns
 ``(module.eval(), example_args)``; weights come from ``torch.manual_seed(seed)``
-inside the builder, so two calls with the same arguments give identical modules
-and inputs. BatchNorm layers carry non-trivial running statistics (a few
-training-mode passes on random data), so folding them is a real test.
+inside the builder: the same arguments give identical modules and inputs.
+BatchNorm layers carry non-trivial running statistics (a few training-mode
+passes on random data), so folding them is a real test.
 
-These are the torch counterparts of ``smelt.examples.zoo``: the same op mix
-(conv + BatchNorm + residual, attention + LayerNorm + GELU, Linear + BatchNorm1d)
-at sizes that compile in seconds on a CPU.
+The torch counterparts of ``smelt.examples.zoo``: its op mix (conv + BatchNorm +
+residual, attention + LayerNorm + GELU, Linear + BatchNorm1d), compiling in seconds.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from torch import nn
 
 
 def _warm_batch_norm(module: nn.Module, make_input, steps: int = 4) -> None:
-    """Give every BatchNorm running statistics far from (0, 1) by training-mode passes."""
+    """Give every BatchNorm running statistics far from (0, 1): training-mode passes."""
     module.train()
     with torch.no_grad():
         for _ in range(steps):
@@ -31,13 +30,13 @@ def _warm_batch_norm(module: nn.Module, make_input, steps: int = 4) -> None:
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block: two 3×3 conv+BN, a 1×1 conv+BN shortcut when the shape changes."""
+    """ResNet basic block: two 3x3 conv+BN, a 1x1 conv+BN shortcut where the shape changes."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
-        # A conv with bias before BN: the fold must absorb the bias too.
+        # with a bias: the fold absorbs it
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=True)
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
@@ -51,7 +50,7 @@ class BasicBlock(nn.Module):
 
 class SmallResNet(nn.Module):
     """Stem conv+BN+ReLU, max-pool, three basic-block stages, a BatchNorm after the last ReLU
-    (no conv before it: the fold becomes a multiply and an add), global pool, classifier."""
+    (no conv before it: the fold is a multiply-add), global pool, classifier."""
 
     def __init__(self, width: int = 16, classes: int = 10):
         super().__init__()
@@ -70,7 +69,7 @@ class SmallResNet(nn.Module):
 
 
 def resnet(batch: int = 2, size: int = 32, width: int = 16, classes: int = 10, seed: int = 0):
-    """A ResNet-style CNN with BatchNorm2d after convs with and without bias; input ``image``."""
+    """A ResNet-style CNN, BatchNorm2d after convs with and without bias; input ``image``."""
     torch.manual_seed(seed)
     model = SmallResNet(width, classes)
     _warm_batch_norm(model, lambda: (torch.randn(8, 3, size, size) * 2 + 0.5,))
@@ -78,7 +77,7 @@ def resnet(batch: int = 2, size: int = 32, width: int = 16, classes: int = 10, s
 
 
 class SmallCNN(nn.Module):
-    """Two conv+BN+ReLU stages and a classifier: the smallest CNN worth compiling."""
+    """Two conv+BN+ReLU stages, a classifier: the smallest CNN worth compiling."""
 
     def __init__(self, width: int = 8, classes: int = 10):
         super().__init__()
@@ -92,7 +91,7 @@ class SmallCNN(nn.Module):
 
 
 def small_cnn(batch: int = 1, size: int = 16, width: int = 8, classes: int = 10, seed: int = 0):
-    """A two-stage conv+BatchNorm CNN (what ``examples/demo.py`` exports to a .pt2); input ``image``."""
+    """A two-stage conv+BatchNorm CNN (``examples/demo.py`` exports it); input ``image``."""
     torch.manual_seed(seed)
     model = SmallCNN(width, classes)
     _warm_batch_norm(model, lambda: (torch.randn(8, 3, size, size) * 2 + 0.5,))
@@ -100,7 +99,7 @@ def small_cnn(batch: int = 1, size: int = 16, width: int = 8, classes: int = 10,
 
 
 class EncoderLayer(nn.Module):
-    """Post-LayerNorm transformer encoder layer: multi-head self-attention, GELU feed-forward."""
+    """Post-LayerNorm encoder layer: multi-head self-attention, GELU feed-forward."""
 
     def __init__(self, d_model: int, heads: int, ffn: int, dropout: float = 0.1):
         super().__init__()
@@ -117,7 +116,7 @@ class EncoderLayer(nn.Module):
 
 
 class TinyEncoder(nn.Module):
-    """Token embedding by a Linear, learned positions, ``layers`` encoder layers, a GELU head."""
+    """A Linear token embedding, learned positions, ``layers`` encoders, a GELU head."""
 
     def __init__(self, d_in: int, seq: int, d_model: int, heads: int, ffn: int, layers: int):
         super().__init__()
@@ -142,7 +141,7 @@ def transformer(batch: int = 2, seq: int = 16, d_in: int = 24, d_model: int = 32
 
 
 class BNMLP(nn.Module):
-    """Linear → BatchNorm1d → ReLU, twice, then a Linear classifier."""
+    """Linear → BatchNorm1d → ReLU, twice, and a Linear classifier."""
 
     def __init__(self, dims=(32, 64, 48, 10)):
         super().__init__()
@@ -157,7 +156,7 @@ class BNMLP(nn.Module):
 
 
 def mlp(batch: int = 4, dims=(32, 64, 48, 10), seed: int = 0):
-    """An MLP with BatchNorm1d after each hidden Linear; input ``features``."""
+    """An MLP, BatchNorm1d after each hidden Linear; input ``features``."""
     torch.manual_seed(seed)
     model = BNMLP(dims)
     _warm_batch_norm(model, lambda: (torch.randn(16, dims[0]) * 3 - 1,))
@@ -165,7 +164,7 @@ def mlp(batch: int = 4, dims=(32, 64, 48, 10), seed: int = 0):
 
 
 class TwoHeads(nn.Module):
-    """Two inputs, two outputs: class logits and an L2-normalized embedding."""
+    """Two inputs, two outputs: class logits, an L2-normalized embedding."""
 
     def __init__(self, d_in: int, d_ctx: int, hidden: int, classes: int, d_emb: int):
         super().__init__()

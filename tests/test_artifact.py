@@ -16,7 +16,7 @@ from smelt.examples.reference import ort_outputs
 
 @pytest.fixture(scope="module")
 def three(tmp_path_factory):
-    """ResNet-style (symbolic batch), MLP and a transformer block compiled together and saved."""
+    """A ResNet (symbolic batch), an MLP and a transformer block compiled together, saved."""
     models = [zoo.resnet(18, batch="N", size=32, classes=10, width=16),
               zoo.mlp(batch=2),
               zoo.transformer_encoder(layers=1, seq=8, d_model=32, heads=2, ffn=64)]
@@ -58,7 +58,7 @@ def test_artifact_is_weights_plus_code(three):
     lib = (path / "model.so").stat().st_size
     weights = (path / "weights.bin").stat().st_size
     assert weights <= art.weights.nbytes + 64 * len(art.weights)
-    # the library holds code only: far smaller than the weights it does not contain
+    # code only: far smaller than the weights
     assert lib < 2_000_000, lib
 
 
@@ -189,7 +189,7 @@ def test_input_shape_keys(tmp_path):
 
 @pytest.mark.parametrize("env, want", [({}, None), ({"TVM_NUM_THREADS": "1"}, 1)])
 def test_cpu_thread_pool_takes_every_physical_core_unless_told(env, want):
-    """TVM alone sizes its pool as half the logical CPUs (one thread on a 2-core machine without SMT)."""
+    """TVM alone sizes its pool as half the logical CPUs (one thread on 2 cores, no SMT)."""
     import os
     import subprocess
     import sys
