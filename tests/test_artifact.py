@@ -1,8 +1,11 @@
-"""Artifacts: several models in one, save/load round trip, integrity and input checks."""
+"""Artifacts: several models in one, save/load round trip, integrity, input checks."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,7 @@ from smelt.examples.reference import ort_outputs
 
 @pytest.fixture(scope="module")
 def three(tmp_path_factory):
-    """A ResNet (symbolic batch), an MLP and a transformer block compiled together, saved."""
+    """A ResNet (symbolic batch), an MLP, a transformer block: compiled together, saved."""
     models = [zoo.resnet(18, batch="N", size=32, classes=10, width=16),
               zoo.mlp(batch=2),
               zoo.transformer_encoder(layers=1, seq=8, d_model=32, heads=2, ffn=64)]
@@ -35,7 +38,7 @@ def test_each_model_callable_by_name_matches_onnxruntime(three, rng):
     for model, name in zip(models, ["cnn", "mlp", "enc"]):
         ref = ort_outputs(model, feeds[name])[0]
         got = rt.run(name, **feeds[name])
-        # fp32 through different kernels: relative to the output's scale
+        # fp32, other kernels: relative to the output's scale
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
 
 
@@ -58,7 +61,7 @@ def test_artifact_is_weights_plus_code(three):
     lib = (path / "model.so").stat().st_size
     weights = (path / "weights.bin").stat().st_size
     assert weights <= art.weights.nbytes + 64 * len(art.weights)
-    # code only: far smaller than the weights
+    # code only, far below the weights
     assert lib < 2_000_000, lib
 
 
@@ -189,11 +192,7 @@ def test_input_shape_keys(tmp_path):
 
 @pytest.mark.parametrize("env, want", [({}, None), ({"TVM_NUM_THREADS": "1"}, 1)])
 def test_cpu_thread_pool_takes_every_physical_core_unless_told(env, want):
-    """TVM alone sizes its pool as half the logical CPUs (one thread on 2 cores, no SMT)."""
-    import os
-    import subprocess
-    import sys
-
+    """TVM alone sizes its pool as half the logical CPUs (1 thread on 2 cores, no SMT)."""
     from smelt.artifact import cpu_threads
 
     clean = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
