@@ -70,14 +70,10 @@ inline const Driver& GetDriver() {
 
 constexpr int kL2CacheSize = 38;  // CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE
 
-inline bool Enabled() {
+// SMELT_VENDOR_TIMING: 0 off, 2 on and printing each candidate's time, anything else on.
+inline int Level() {
   const char* v = std::getenv("SMELT_VENDOR_TIMING");
-  return v == nullptr || std::strcmp(v, "0") != 0;
-}
-
-inline bool Verbose() {
-  const char* v = std::getenv("SMELT_VENDOR_TIMING");
-  return v != nullptr && std::strcmp(v, "2") == 0;
+  return v == nullptr ? 1 : std::strcmp(v, "0") == 0 ? 0 : std::strcmp(v, "2") == 0 ? 2 : 1;
 }
 
 // The index of the fastest of ``count`` candidates (median of 5 runs, each after an L2 flush),
@@ -86,7 +82,8 @@ inline bool Verbose() {
 // error). A candidate that cannot launch is never chosen unless none can.
 template <typename Run>
 int Fastest(void* stream, int count, Run run) {
-  if (count <= 1 || !Enabled()) return 0;
+  const int level = Level();
+  if (count <= 1 || level == 0) return 0;
   const Driver& d = GetDriver();
   int capturing = 0, device = 0, l2 = 0;
   if (!d.ok || d.is_capturing(stream, &capturing) != 0 || capturing != 0 || d.ctx_device(&device) != 0 ||
@@ -114,7 +111,7 @@ int Fastest(void* stream, int count, Run run) {
       }
       if (times.size() != kRepeat) continue;
       std::sort(times.begin(), times.end());
-      if (Verbose()) std::fprintf(stderr, "smelt timing: candidate %d: %.2f us\n", i, 1000.0f * times[kRepeat / 2]);
+      if (level == 2) std::fprintf(stderr, "smelt timing: candidate %d: %.2f us\n", i, 1e3f * times[kRepeat / 2]);
       if (best_ms < 0.0f || times[kRepeat / 2] < best_ms) {
         best = i;
         best_ms = times[kRepeat / 2];
