@@ -10,9 +10,9 @@
 // wgmma applies the swizzle to absolute addresses as TMA wrote it, so the descriptor's base
 // offset stays 0 at any row.
 //
-// 384 threads: warpgroup 0 gathers the OHWI weights of the CTA's 64 output channels (128 are two
-// halves, each CTA one) into shared memory as the wgmmas read them ([tap][16-channel chunk][k]
-// [16 B]), then one of its threads issues a TMA load per tile into a ring of buffers; warpgroups
+// 384 threads: one thread of warpgroup 0 loads the OHWI weights of the CTA's 64 output channels
+// (128 are two halves, each CTA one) into shared memory as the wgmmas read them ([tap][16-channel
+// chunk][k][16 B], one TMA copy), then a TMA load per tile into a ring of buffers; warpgroups
 // 1 and 2 compute alternate tiles (wgmma m64n64k32 e4m3 -> f32), one's epilogue overlapping the
 // other's wgmmas. Epilogue: y = max(alpha * acc + bias + beta * residual, lower) through a
 // float16 stage, 8 channels a thread, to float16 or E4M3 (saturating). The kernel waits on the
@@ -74,9 +74,12 @@ inline Plan MakePlan(int n, int h, int w, int c, int k, int r, int s, int pad_h,
   return p;
 }
 
-// The TMA map of x [n, h, w, c] that the kernel loads its tiles through: boxes of 64 channels (a
-// plane) x WP columns x ROWS rows in the 64-byte swizzle; false where the driver cannot make it.
-inline bool InputMap(const void* x, const Plan& p, CUtensorMap* map) {
+namespace detail {
+
+// A 4-d TMA map of uint8 data (dims innermost first, byte strides of dims 1-3); false where the
+// driver cannot make it.
+inline bool Map4(const void* data, const cuuint64_t (&dims)[4], const cuuint64_t (&strides)[3],
+                 const cuuint32_t (&box)[4], CUtensorMapSwizzle swizzle, CUtensorMap* map) {
   using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                               const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                               CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
@@ -87,16 +90,12 @@ inline bool InputMap(const void* x, const Plan& p, CUtensorMap* map) {
                                                      &found) == cudaSuccess;
     return ok && found == cudaDriverEntryPointSuccess ? reinterpret_cast<Encode>(fn) : nullptr;
   }();
-  const cuuint64_t dims[4] = {cuuint64_t(p.c), cuuint64_t(p.w), cuuint64_t(p.h), cuuint64_t(p.n)};
-  const cuuint64_t strides[3] = {cuuint64_t(p.c), cuuint64_t(p.w) * p.c, cuuint64_t(p.h) * p.w * p.c};
-  const cuuint32_t box[4] = {kRow, cuuint32_t(p.wp), cuuint32_t(p.rows), 1}, ones[4] = {1, 1, 1, 1};
+  const cuuint32_t ones[4] = {1, 1, 1, 1};
   return encode != nullptr &&
-         encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 4, const_cast<void*>(x), dims, strides, box, ones,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_64B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+         encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 4, const_cast<void*>(data), dims, strides, box, ones,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
-
-namespace detail {
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -198,12 +197,30 @@ __device__ __forceinline__ void AddResidual8(const uint4& v, float beta, float (
 
 }  // namespace detail
 
+// The TMA map of x [n, h, w, c] that the kernel loads its tiles through: boxes of 64 channels (a
+// plane) x WP columns x ROWS rows in the 64-byte swizzle.
+inline bool InputMap(const void* x, const Plan& p, CUtensorMap* map) {
+  return detail::Map4(x, {cuuint64_t(p.c), cuuint64_t(p.w), cuuint64_t(p.h), cuuint64_t(p.n)},
+                      {cuuint64_t(p.c), cuuint64_t(p.w) * p.c, cuuint64_t(p.h) * p.w * p.c},
+                      {kRow, cuuint32_t(p.wp), cuuint32_t(p.rows), 1}, CU_TENSOR_MAP_SWIZZLE_64B, map);
+}
+
+// The TMA map of w [k, r, s, c] that reads one half's weights in the order the wgmmas read them:
+// dims (16 bytes, k, 16-channel chunk, tap), one box a half ([tap][chunk][k][16 B] in shared
+// memory, the strides out of order: TMA walks them as given).
+inline bool WeightMap(const uint8_t* w, const Plan& p, CUtensorMap* map) {
+  const int taps = p.r * p.s;
+  return detail::Map4(w, {16, cuuint64_t(p.k), cuuint64_t(p.c / 16), cuuint64_t(taps)},
+                      {cuuint64_t(taps) * p.c, 16, cuuint64_t(p.c)},
+                      {16, kN, cuuint32_t(p.c / 16), cuuint32_t(taps)}, CU_TENSOR_MAP_SWIZZLE_NONE, map);
+}
+
 // The kernel for tiles of MT output pixels, kTaps = R * S taps (unrolled: a loop of wgmmas gets
 // warpgroup arrives between them) and kPlanes 64-channel input planes; res is read only where
 // beta != 0. CTA b computes output half b % halves of tiles b / halves, + ctas, + 2 ctas, ...
 template <bool kOutFp8, bool kResFp8, int MT, int kTaps, int kPlanes>
 __global__ void __launch_bounds__(384, 1)
-    HaloConv(const __grid_constant__ CUtensorMap xmap, const uint8_t* __restrict__ w, const float* __restrict__ bias,
+    HaloConv(const __grid_constant__ CUtensorMap xmap, const __grid_constant__ CUtensorMap wmap, const float* __restrict__ bias,
              const void* __restrict__ res, void* __restrict__ out, float alpha, float beta, float lower, Plan pl) {
   using namespace detail;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -220,24 +237,20 @@ __global__ void __launch_bounds__(384, 1)
       MbarInit(full + 8 * s, 1);
       MbarInit(empty + 8 * s, 1);
     }
-    MbarInit(wbar, 128);
+    MbarInit(wbar, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::);
   }
   __syncthreads();
   const int tiles = total > cta ? (total - 1 - cta) / ctas + 1 : 0;
 
   if (wg == 0) {  // producer
-    // The weights are constants: their gather starts before the previous grid is waited on, and the
+    // The weights are constants: their load starts before the previous grid is waited on, and the
     // first tiles' loads are in flight before it lands (else two memory latencies before a wgmma).
-    // Consecutive threads write consecutive 16 bytes of shared memory. In OHWI order a warp's 32
-    // writes fell in one bank group, and without any gather the kernel ran 15.1 us, not 20.0 (56x56
-    // 64->64, H100); this order is not timed yet.
-    const uint8_t* wh = w + size_t(half) * kN * kTaps * kChunks * 16;  // this half's OHWI rows
-    for (int i = t; i < kN * kTaps * kChunks; i += 128) {  // 16 bytes at a time, [tap][chunk][k]
-      const int k = i % kN, ch = (i / kN) % kChunks, tap = i / (kN * kChunks);
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(ws + i * 16),
-                   "l"(wh + size_t((k * kTaps + tap) * kChunks + ch) * 16)
-                   : "memory");
+    // One TMA copy (H100, 56x56 64->64: 18.0 us; a gather of 16-byte pieces by the warpgroup ran
+    // 18.4 in shared memory's order, 19.9 in OHWI order).
+    if (t == 0) {
+      MbarExpect(wbar, pl.wbytes);
+      TmaLoad4(ws, &wmap, 0, half * kN, 0, 0, wbar);
     }
     asm volatile("griddepcontrol.wait;\n" ::: "memory");  // the previous kernel's results visible
     auto load = [&](int j) {
@@ -250,14 +263,8 @@ __global__ void __launch_bounds__(384, 1)
         TmaLoad4(bufs + s * pl.buf + c0 * pl.plane, &xmap, c0 * kRow, -pl.pad_w, m0 / pl.wp - pl.pad_h,
                  tile / pl.tiles, full + 8 * s);
     };
-    const int first = tiles < stages ? tiles : stages;
     if (t == 0)
-      for (int j = 0; j < first; ++j) load(j);
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // wgmma reads through the async proxy
-    MbarArrive(wbar);
-    if (t == 0)
-      for (int j = first; j < tiles; ++j) load(j);
+      for (int j = 0; j < tiles; ++j) load(j);
     return;
   }
 
@@ -356,8 +363,8 @@ __global__ void __launch_bounds__(384, 1)
 template <bool kOutFp8, bool kResFp8, int MT>
 bool Run(const Plan& p, const void* x, const uint8_t* w, const float* bias, const void* res, void* out, float alpha,
          float beta, float lower, int sm_count, cudaStream_t stream, bool pdl) {
-  CUtensorMap map;
-  if (p.stages == 0 || !InputMap(x, p, &map)) return false;
+  CUtensorMap xmap, wmap;
+  if (p.stages == 0 || !InputMap(x, p, &xmap) || !WeightMap(w, p, &wmap)) return false;
   // 3x3 (ResNet's) and 4x1 (the FP8 stem after space-to-depth) filters
   auto kernel = p.planes == 1 ? HaloConv<kOutFp8, kResFp8, MT, 9, 1> : HaloConv<kOutFp8, kResFp8, MT, 9, 2>;
   if (p.r * p.s == 4) {
@@ -369,7 +376,7 @@ bool Run(const Plan& p, const void* x, const uint8_t* w, const float* bias, cons
   attr[0].val.programmaticStreamSerializationAllowed = pdl;
   const int ctas = p.n * p.tiles < sm_count / p.halves ? p.n * p.tiles : sm_count / p.halves;  // per half
   cudaLaunchConfig_t config = {dim3(ctas * p.halves), dim3(384), size_t(p.smem), stream, attr, 1};
-  return cudaLaunchKernelEx(&config, kernel, map, w, bias, res, out, alpha, beta, lower, p) == cudaSuccess;
+  return cudaLaunchKernelEx(&config, kernel, xmap, wmap, bias, res, out, alpha, beta, lower, p) == cudaSuccess;
 }
 
 }  // namespace smelt_halo
