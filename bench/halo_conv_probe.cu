@@ -9,9 +9,8 @@
 // residual, 13.1 without, the stem's 4x1 conv in 28.6 (CUTLASS 36.7). The routine's form (H100,
 // warm/cold): 56x56 64->64 21.2/24.8 us with residual, 20.2/22.5 without; stem 35.8/36.4; 28x28
 // 128->128 20.8/22.6 (CUTLASS cold in the routine: 20.2-20.4, 37.2-37.3, 13.6-14.1). What
-// separated 20.0 from 13 us (56x56, no residual, warm): the OHWI weight gather and runtime shapes.
-// Weights by one TMA copy: 18.0/19.4 us; shapes as constants as well: 15.6/18.1
-// (bench/results/h100_fp8_persistent_conv.json).
+// separated 20.0 from 13 us (56x56, no residual, warm): weight gather and runtime shapes.
+// Weights by one TMA copy: 18.0/19.4 us; shapes as constants too: 15.6/18.1 (bench/results/).
 //
 // Build: nvcc -std=c++17 -O3 -DNDEBUG -gencode=arch=compute_90a,code=sm_90a \
 //        bench/halo_conv_probe.cu -o halo
