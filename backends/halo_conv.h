@@ -220,8 +220,9 @@ inline bool WeightMap(const uint8_t* w, const Plan& p, CUtensorMap* map) {
 // beta != 0. CTA b computes output half b % halves of tiles b / halves, + ctas, + 2 ctas, ...
 template <bool kOutFp8, bool kResFp8, int MT, int kTaps, int kPlanes>
 __global__ void __launch_bounds__(384, 1)
-    HaloConv(const __grid_constant__ CUtensorMap xmap, const __grid_constant__ CUtensorMap wmap, const float* __restrict__ bias,
-             const void* __restrict__ res, void* __restrict__ out, float alpha, float beta, float lower, Plan pl) {
+    HaloConv(const __grid_constant__ CUtensorMap xmap, const __grid_constant__ CUtensorMap wmap,
+             const float* __restrict__ bias, const void* __restrict__ res, void* __restrict__ out, float alpha,
+             float beta, float lower, Plan pl) {
   using namespace detail;
   extern __shared__ __align__(128) uint8_t smem[];
   const int stages = pl.stages;
