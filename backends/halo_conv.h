@@ -32,6 +32,8 @@
 
 #include <cstdint>
 
+#include "cutlass/fast_math.h"
+
 namespace smelt_halo {
 
 // kRow: channels of an input plane (one 64-byte swizzled row a pixel); kN: output channels a CTA
@@ -43,6 +45,9 @@ constexpr int kMaxSmem = 227 * 1024;
 struct Plan {
   int n, h, w, c, k, r, s, pad_h, pad_w;
   int planes, halves, wp, p, pimg, tiles, rows, box, plane, buf, wbytes, stage_bytes, stages, smem;
+  // A tile's image and first pixel, a pixel's row and column, by multiply-high: a division by a
+  // runtime divisor is a loop of some 20 instructions, and each tile needs about five of them.
+  cutlass::FastDivmod by_tiles, by_wp;
 };
 
 // The plan for x [n, h, w, c], w [k, r, s, c] (c, k 64 or 128; 3x3 or 4x1), padding (pad_h,
@@ -55,6 +60,7 @@ inline Plan MakePlan(int n, int h, int w, int c, int k, int r, int s, int pad_h,
   p.p = h + 2 * pad_h - r + 1;
   p.pimg = p.p * p.wp;
   p.tiles = (p.pimg + mt - 1) / mt;
+  p.by_tiles = cutlass::FastDivmod(p.tiles), p.by_wp = cutlass::FastDivmod(p.wp);
   const int span = mt + (r - 1) * p.wp + s - 1;  // input pixels a tile reads
   p.rows = (p.wp - 1 + span + p.wp - 1) / p.wp;  // padded rows its box spans
   p.box = p.rows * p.wp * kRow;  // one plane's
@@ -254,18 +260,20 @@ __global__ void __launch_bounds__(384, 1)
       TmaLoad4(ws, &wmap, 0, half * kN, 0, 0, wbar);
     }
     asm volatile("griddepcontrol.wait;\n" ::: "memory");  // the previous kernel's results visible
-    auto load = [&](int j) {
-      const int s = j % stages, tile = cta + j * ctas, m0 = (tile % pl.tiles) * MT;
-      if (j >= stages) MbarWait(empty + 8 * s, (j / stages - 1) & 1);
+    // tile j in stage s; the stage's previous tile freed it when `empty` completed phase `phase`
+    for (int j = 0, s = 0, phase = 1; t == 0 && j < tiles; ++j) {
+      int img, m0;
+      pl.by_tiles(img, m0, cta + j * ctas);
+      m0 *= MT;
+      if (j >= stages) MbarWait(empty + 8 * s, phase);
       MbarExpect(full + 8 * s, kPlanes * pl.box);
       // each plane from the tile's first padded row, column -PW
 #pragma unroll
       for (int c0 = 0; c0 < kPlanes; ++c0)
-        TmaLoad4(bufs + s * pl.buf + c0 * pl.plane, &xmap, c0 * kRow, -pl.pad_w, m0 / pl.wp - pl.pad_h,
-                 tile / pl.tiles, full + 8 * s);
-    };
-    if (t == 0)
-      for (int j = 0; j < tiles; ++j) load(j);
+        TmaLoad4(bufs + s * pl.buf + c0 * pl.plane, &xmap, c0 * kRow, -pl.pad_w, pl.by_wp.div(m0) - pl.pad_h, img,
+                 full + 8 * s);
+      if (++s == stages) s = 0, phase ^= 1;
+    }
     return;
   }
 
@@ -277,16 +285,22 @@ __global__ void __launch_bounds__(384, 1)
   for (int i = 0; i < 16; ++i) bias_r[i] = bias[half * kN + 8 * (i / 2) + 2 * (lane % 4) + i % 2];
   int shifts[kTaps];  // tap (dr, dc) reads dr * WP + dc rows later
 #pragma unroll
-  for (int tap = 0; tap < kTaps; ++tap) shifts[tap] = (tap / pl.s) * pl.wp + tap % pl.s;
+  for (int tap = 0, dr = 0, dc = 0; tap < kTaps; ++tap) {
+    shifts[tap] = dr * pl.wp + dc;
+    if (++dc == pl.s) dc = 0, ++dr;
+  }
   asm volatile("griddepcontrol.wait;\n" ::: "memory");  // the residual visible, the output free to write
   MbarWait(wbar, 0);
   constexpr int MB = MT / 64;
   float acc[MB][32];
+  // tile j (this warpgroup's: every second) in stage s, loaded when `full` completes phase `phase`
+  int s = c % stages, phase = c / stages;
   for (int j = c; j < tiles; j += 2) {
-    const int s = j % stages, tile = cta + j * ctas;
-    const int img = tile / pl.tiles, m0 = (tile % pl.tiles) * MT;
-    MbarWait(full + 8 * s, (j / stages) & 1);
-    const uint32_t a0 = bufs + s * pl.buf + (m0 % pl.wp) * kRow;  // the tile's first pixel in the box
+    int img, m0;
+    pl.by_tiles(img, m0, cta + j * ctas);
+    m0 *= MT;
+    MbarWait(full + 8 * s, phase);
+    const uint32_t a0 = bufs + s * pl.buf + pl.by_wp.rem(m0) * kRow;  // the tile's first pixel in the box
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) FenceAcc(acc[mb]);
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -306,13 +320,15 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) FenceAcc(acc[mb]);
     if (t == 0) MbarArrive(empty + 8 * s);  // the wgmmas have read the buffer
+    for (s += 2; s >= stages; s -= stages) phase ^= 1;
 
     // This thread's outputs: rows r0 + 16u of the tile, channels k0..k0+7; their residual loads
     // are issued first, so that their latency overlaps the stage's writes. Row u + 1 is 16 padded
     // pixels on (one division a tile, not one an output).
     constexpr int kPer = MT * kN / 8 / 128, kRowStep = 128 / (kN / 8);
     const int r0 = t / (kN / 8), k0 = (t % (kN / 8)) * 8;
-    int p = (m0 + r0) / pl.wp, q = (m0 + r0) % pl.wp;
+    int p, q;
+    pl.by_wp(p, q, m0 + r0);
     size_t o[kPer];
     bool keep[kPer];
     uint4 rv[kPer];

@@ -7,12 +7,12 @@
 // (H100, e4m3 with residual: 56x56 64->64 17.7 us, 28x28 128->128 17.3). The kernel's first form
 // (0ae1f87: compile-time shapes, weights laid out on the host) ran 56x56 64->64 in 15.1 us with
 // residual, 13.1 without, the stem's 4x1 conv in 28.6 (CUTLASS 36.7). The routine's form (H100,
-// warm/cold): 56x56 64->64 21.2/24.8 us with residual, 20.2/22.5 without; stem 35.8/36.4; 28x28
-// 128->128 20.8/22.6 (CUTLASS cold in the routine: 20.2-20.4, 37.2-37.3, 13.6-14.1). What
-// separated 20.0 from 13 us (56x56, no residual, warm): weight gather and runtime shapes.
-// Weights by one TMA copy: 18.0/19.4 us; shapes as constants too: 15.6/18.1 (bench/results/).
+// warm/cold, no residual): 56x56 64->64 20.2/22.5 us; stem 35.8/36.4 (CUTLASS cold in the
+// routine: 20.2-20.4, 37.2-37.3). Weights by one TMA copy: 18.0/19.4 us; tile and pixel indices
+// by FastDivmod: 17.4/18.7, stem 32.4/33.1; constant shapes: 15.6/18.1 (bench/results).
 //
-// Build: nvcc -std=c++17 -O3 -DNDEBUG -gencode=arch=compute_90a,code=sm_90a \
+// Build, with CUTLASS 4.2's headers (PyPI's nvidia-cutlass wheel) in $CUTLASS:
+//   nvcc -std=c++17 -O3 -DNDEBUG -gencode=arch=compute_90a,code=sm_90a -I$CUTLASS/include \
 //        bench/halo_conv_probe.cu -o halo
 // Run:   ./halo
 
