@@ -52,7 +52,7 @@
 // convs of 64 or 128 input and output channels: it loads each input pixel once per tile where
 // CUTLASS's loads it once per filter tap, which is what bounds CUTLASS's kernels on those layers.
 // Tiles of 128 and 64 output pixels. With them ResNet-50 b32 in FP8 runs 0.648 ms, without 0.657
-// (H100; the stem's 4x1 conv: 34.4 us against CUTLASS's 37.2; bench/halo_conv_probe.cu).
+// (H100; the stem's 4x1 conv: 33.1 us against CUTLASS's 37.2; bench/halo_conv_probe.cu).
 //
 // Built by nvcc (sm_90a: wgmma needs the arch-specific target) with CUTLASS's headers and
 // TVM-FFI's (vendor_libs.py). The CUDA runtime functions the kernels' launch code calls come

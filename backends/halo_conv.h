@@ -48,6 +48,12 @@ struct Plan {
   // A tile's image and first pixel, a pixel's row and column, by multiply-high: a division by a
   // runtime divisor is a loop of some 20 instructions, and each tile needs about five of them.
   cutlass::FastDivmod by_tiles, by_wp;
+
+  // Tile t's image and first padded output pixel, for tiles of mt pixels.
+  CUTLASS_HOST_DEVICE void Tile(int t, int mt, int& img, int& m0) const {
+    by_tiles(img, m0, t);
+    m0 *= mt;
+  }
 };
 
 // The plan for x [n, h, w, c], w [k, r, s, c] (c, k 64 or 128; 3x3 or 4x1), padding (pad_h,
@@ -263,8 +269,7 @@ __global__ void __launch_bounds__(384, 1)
     // tile j in stage s; the stage's previous tile freed it when `empty` completed phase `phase`
     for (int j = 0, s = 0, phase = 1; t == 0 && j < tiles; ++j) {
       int img, m0;
-      pl.by_tiles(img, m0, cta + j * ctas);
-      m0 *= MT;
+      pl.Tile(cta + j * ctas, MT, img, m0);
       if (j >= stages) MbarWait(empty + 8 * s, phase);
       MbarExpect(full + 8 * s, kPlanes * pl.box);
       // each plane from the tile's first padded row, column -PW
@@ -293,12 +298,12 @@ __global__ void __launch_bounds__(384, 1)
   MbarWait(wbar, 0);
   constexpr int MB = MT / 64;
   float acc[MB][32];
-  // tile j (this warpgroup's: every second) in stage s, loaded when `full` completes phase `phase`
-  int s = c % stages, phase = c / stages;
+  // tile j (this warpgroup's: every second) in stage s, loaded when `full` completes phase `phase`;
+  // tile c in stage c, phase 0, as MakePlan gives at least two stages
+  int s = c, phase = 0;
   for (int j = c; j < tiles; j += 2) {
     int img, m0;
-    pl.by_tiles(img, m0, cta + j * ctas);
-    m0 *= MT;
+    pl.Tile(cta + j * ctas, MT, img, m0);
     MbarWait(full + 8 * s, phase);
     const uint32_t a0 = bufs + s * pl.buf + pl.by_wp.rem(m0) * kRow;  // the tile's first pixel in the box
 #pragma unroll
